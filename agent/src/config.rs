@@ -1,0 +1,473 @@
+//! Configuration: `/etc/outpost/outpost.toml` plus `config.d/*.toml` beside it.
+//!
+//! Files are read in order (the main file, then `config.d/` sorted by name); a later file
+//! overrides the keys it sets, table by table. Each file is first checked on its own against
+//! the same types, so an unknown key or a wrong type is reported with the file and line that
+//! hold it; the merged result is then validated (device id syntax, …), naming the file that
+//! set the offending key. The daemon and `outpost config check` share these types.
+//! Flags and environment (`--data-dir`, `OUTPOST_DATA_DIR`) override the files, in `main`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the configuration lives when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/outpost/outpost.toml";
+/// Where the data lives when neither flag, environment nor config says.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/outpost";
+/// Largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub device: DeviceConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
+}
+
+/// `[device]`: who this device is and where its data lives.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The device's identity in the fleet: `[A-Za-z0-9._-]{1,64}`.
+    pub id: Option<String>,
+    /// Fleet groups this device belongs to (same syntax as the id).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The data directory (registry, blobs, audit log, outbox).
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `[engine]`: how models run.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Threads per generation; default: the number of cores.
+    pub threads: Option<usize>,
+    /// Refuse models whose estimated footprint exceeds this (`"1.5GiB"`, `"800MB"`, or bytes).
+    pub memory_budget: Option<ByteSize>,
+    /// Context window to allocate; default: the model's own.
+    pub context_length: Option<u32>,
+}
+
+/// A byte count written as an integer or with a unit (`KB`, `MiB`, `GiB`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "u64")]
+pub struct ByteSize(pub u64);
+
+impl From<ByteSize> for u64 {
+    fn from(b: ByteSize) -> u64 {
+        b.0
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("'{s}' is not a size like 512MiB or 2GB"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            u => {
+                return Err(format!(
+                    "unknown unit '{u}' in '{s}' (use B, KB, KiB, MB, MiB, GB, GiB)"
+                ));
+            }
+        };
+        let bytes = n * mult as f64;
+        if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+            return Err(format!("'{s}' is out of range"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(0) => Err(serde::de::Error::custom("a size must be above 0")),
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A configuration error: which file, where, what. Exits 78 (EX_CONFIG).
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line) {
+            (Some(p), Some(l)) => write!(f, "config {}:{l}: {}", p.display(), self.message),
+            (Some(p), None) => write!(f, "config {}: {}", p.display(), self.message),
+            (None, _) => write!(f, "config: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A validated configuration and the files it came from.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    pub config: Config,
+    pub files: Vec<PathBuf>,
+}
+
+struct Source {
+    path: PathBuf,
+    table: toml::Table,
+}
+
+/// Reads and validates the configuration. `explicit` is the `--config` path; when it is
+/// `None`, a missing default file simply means "all defaults".
+pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let main = explicit.map_or_else(|| PathBuf::from(DEFAULT_CONFIG), Path::to_path_buf);
+    let mut paths = Vec::new();
+    match std::fs::metadata(&main) {
+        Ok(_) => paths.push(main.clone()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {}
+        Err(e) => {
+            return Err(ConfigError {
+                file: Some(main),
+                line: None,
+                message: format!("cannot read: {e}"),
+            });
+        }
+    }
+    let dropins = main
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("config.d");
+    if let Ok(entries) = std::fs::read_dir(&dropins) {
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+            .collect();
+        found.sort();
+        paths.extend(found);
+    }
+
+    let mut sources = Vec::new();
+    for path in paths {
+        sources.push(read_source(path)?);
+    }
+    let mut merged = toml::Table::new();
+    for s in &sources {
+        merge(&mut merged, s.table.clone());
+    }
+    let config: Config = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError {
+            file: None,
+            line: None,
+            message: e.message().to_string(),
+        })?;
+    validate(&config, &sources)?;
+    Ok(Loaded {
+        config,
+        files: sources.into_iter().map(|s| s.path).collect(),
+    })
+}
+
+fn read_source(path: PathBuf) -> Result<Source, ConfigError> {
+    let err = |line, message| ConfigError {
+        file: Some(path.clone()),
+        line,
+        message,
+    };
+    let meta = std::fs::metadata(&path).map_err(|e| err(None, format!("cannot read: {e}")))?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(err(
+            None,
+            format!(
+                "file is {} bytes, above the limit of {MAX_CONFIG_BYTES}",
+                meta.len()
+            ),
+        ));
+    }
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| err(None, format!("cannot read: {e}")))?;
+    let located = |e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let key = e
+            .span()
+            .and_then(|s| key_at(&text, s.start))
+            .map(|k| format!("key `{k}`: "))
+            .unwrap_or_default();
+        err(line, format!("{key}{}", e.message().trim()))
+    };
+    let table: toml::Table = text.parse().map_err(located)?;
+    // Check this file alone against the types, so errors point into it.
+    toml::from_str::<Config>(&text).map_err(located)?;
+    Ok(Source { path, table })
+}
+
+/// The dotted key of the line holding byte `at`: the nearest `[section]` above plus the
+/// name left of `=` on that line.
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    if line.starts_with('[') && line.ends_with(']') {
+        return Some(
+            line.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    }
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let name = line.split_once('=').map(|(k, _)| k.trim().to_string());
+    match (section, name) {
+        (Some(s), Some(n)) => Some(format!("{s}.{n}")),
+        (None, Some(n)) => Some(n),
+        (Some(s), None) => Some(s),
+        (None, None) => None,
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// The last file that sets `section.key`.
+fn origin(sources: &[Source], section: &str, key: &str) -> Option<PathBuf> {
+    sources
+        .iter()
+        .rev()
+        .find(|s| {
+            s.table
+                .get(section)
+                .and_then(toml::Value::as_table)
+                .is_some_and(|t| t.contains_key(key))
+        })
+        .map(|s| s.path.clone())
+}
+
+/// Whether `s` is a valid device id or group name: `[A-Za-z0-9._-]{1,64}`.
+pub fn valid_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn validate(c: &Config, sources: &[Source]) -> Result<(), ConfigError> {
+    let fail = |section: &str, key: &str, message: String| ConfigError {
+        file: origin(sources, section, key),
+        line: None,
+        message: format!("key `{section}.{key}`: {message}"),
+    };
+    if let Some(id) = &c.device.id
+        && !valid_id(id)
+    {
+        return Err(fail(
+            "device",
+            "id",
+            format!("'{id}' is not a valid device id (1 to 64 of A-Z a-z 0-9 . _ -)"),
+        ));
+    }
+    for g in &c.device.groups {
+        if !valid_id(g) {
+            return Err(fail(
+                "device",
+                "groups",
+                format!("'{g}' is not a valid group name (1 to 64 of A-Z a-z 0-9 . _ -)"),
+            ));
+        }
+    }
+    if let Some(d) = &c.device.data_dir
+        && !d.is_absolute()
+    {
+        return Err(fail(
+            "device",
+            "data_dir",
+            format!("'{}' must be an absolute path", d.display()),
+        ));
+    }
+    if c.engine.threads == Some(0) || c.engine.threads.is_some_and(|t| t > 1024) {
+        return Err(fail(
+            "engine",
+            "threads",
+            "must be between 1 and 1024".into(),
+        ));
+    }
+    if c.engine.context_length == Some(0) {
+        return Err(fail("engine", "context_length", "must be above 0".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one helper: write `files` (name, text) into a temp dir, load `outpost.toml` from it
+    /// and compare `Ok(debug of the config)` or the error text with `expect` (substring).
+    fn check(files: &[(&str, &str)], expect: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("config.d")).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let main = dir.path().join("outpost.toml");
+        let got = match load(Some(&main)) {
+            Ok(l) => format!("{:?}", l.config),
+            Err(e) => e
+                .to_string()
+                .replace(&dir.path().display().to_string(), "DIR"),
+        };
+        assert!(got.contains(expect), "expected {expect:?} in {got:?}");
+    }
+
+    #[test]
+    fn a_full_config_loads() {
+        check(
+            &[(
+                "outpost.toml",
+                "[device]\nid = \"edge-7\"\ngroups = [\"lab\", \"eu-west\"]\n\
+                 data_dir = \"/srv/outpost\"\n[engine]\nthreads = 2\nmemory_budget = \"1.5GiB\"\n",
+            )],
+            "id: Some(\"edge-7\"), groups: [\"lab\", \"eu-west\"], data_dir: Some(\"/srv/outpost\")",
+        );
+        check(
+            &[("outpost.toml", "[engine]\nmemory_budget = \"1.5GiB\"\n")],
+            "memory_budget: Some(ByteSize(1610612736))",
+        );
+        check(&[("outpost.toml", "")], "id: None");
+    }
+
+    #[test]
+    fn dropins_override_in_name_order() {
+        check(
+            &[
+                ("outpost.toml", "[device]\nid = \"a\"\ngroups = [\"g\"]\n"),
+                ("config.d/20-id.toml", "[device]\nid = \"c\"\n"),
+                ("config.d/10-id.toml", "[device]\nid = \"b\"\n"),
+                ("config.d/ignored.txt", "this is not toml"),
+            ],
+            "id: Some(\"c\"), groups: [\"g\"]",
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_the_file_and_the_line() {
+        check(
+            &[("outpost.toml", "[device]\nid = \"a\"\nidd = \"b\"\n")],
+            "config DIR/outpost.toml:3: key `device.idd`: unknown field `idd`",
+        );
+        check(
+            &[
+                ("outpost.toml", "[device]\nid = \"a\"\n"),
+                ("config.d/x.toml", "[telemetry]\non = true\n"),
+            ],
+            "config DIR/config.d/x.toml:1: key `telemetry`: unknown field `telemetry`",
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_syntax_are_located() {
+        check(
+            &[("outpost.toml", "[device]\ngroups = \"lab\"\n")],
+            "outpost.toml:2: key `device.groups`: invalid type: string \"lab\", expected a sequence",
+        );
+        check(&[("outpost.toml", "[device\n")], "outpost.toml:1:");
+        check(
+            &[("outpost.toml", "[engine]\nmemory_budget = \"lots\"\n")],
+            "key `engine.memory_budget`: 'lots' is not a size",
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_the_file_that_set_them() {
+        check(
+            &[
+                ("outpost.toml", "[device]\nid = \"ok\"\n"),
+                ("config.d/50.toml", "[device]\nid = \"no spaces\"\n"),
+            ],
+            "config DIR/config.d/50.toml: key `device.id`: 'no spaces' is not a valid device id",
+        );
+        check(
+            &[(
+                "outpost.toml",
+                &format!("[device]\nid = \"{}\"\n", "x".repeat(65)),
+            )],
+            "is not a valid device id",
+        );
+        check(
+            &[("outpost.toml", "[device]\ngroups = [\"a/b\"]\n")],
+            "key `device.groups`: 'a/b' is not a valid group name",
+        );
+        check(
+            &[("outpost.toml", "[device]\ndata_dir = \"relative\"\n")],
+            "must be an absolute path",
+        );
+        check(
+            &[("outpost.toml", "[engine]\nthreads = 0\n")],
+            "key `engine.threads`",
+        );
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        check(&[], "config DIR/outpost.toml: cannot read: No such file");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        for (s, n) in [
+            ("512", 512),
+            ("1KB", 1000),
+            ("2 MiB", 2 << 20),
+            ("1.5GiB", 3 << 29),
+        ] {
+            assert_eq!(s.parse::<ByteSize>(), Ok(ByteSize(n)), "{s}");
+        }
+        for s in ["", "GB", "-1", "12XB", "1e999"] {
+            assert!(s.parse::<ByteSize>().is_err(), "{s}");
+        }
+    }
+}
