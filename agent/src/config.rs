@@ -452,6 +452,22 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let example = include_str!("../../deploy/config/outpost.toml");
+        let uncommented: String = example
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| r.contains(" = "))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        check(&[("outpost.toml", example)], "id: None");
+        check(&[("outpost.toml", &uncommented)], "id: Some(\"edge-0042\")");
+    }
+
+    #[test]
     fn an_explicit_missing_file_is_an_error() {
         check(&[], "config DIR/outpost.toml: cannot read: No such file");
     }

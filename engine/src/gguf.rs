@@ -220,31 +220,40 @@ impl GgufInfo {
         self.tensors.iter().map(|t| t.elements).sum()
     }
 
-    /// The quantization that holds most of the weights, by element count over matrices
-    /// (norms and biases are f32 in every file and would only add noise). When the file's
-    /// `general.file_type` names a mix of that type (`q4_k_m` for q4_k), the mix is reported.
+    /// The model's quantization as llama.cpp names it: the file's declared
+    /// `general.file_type` (`q4_1`, `q4_k_m`, …) when the type it names is really among the
+    /// tensors; otherwise the type holding most elements of the layers' matrices (the
+    /// embedding is often kept wider, and norms are f32 in every file).
     pub fn quantization(&self) -> String {
-        let mut by_type: BTreeMap<GgmlType, u64> = BTreeMap::new();
-        for t in self.tensors.iter().filter(|t| t.dims.len() >= 2) {
-            *by_type.entry(t.ggml_type).or_default() += t.elements;
-        }
-        let dominant = by_type
-            .iter()
-            .max_by_key(|(ty, n)| (**n, std::cmp::Reverse(**ty)))
-            .map(|(ty, _)| *ty)
-            .or_else(|| self.tensors.first().map(|t| t.ggml_type));
-        let Some(dominant) = dominant else {
-            return "none".to_string();
-        };
+        let present = |name: &str| self.tensors.iter().any(|t| t.ggml_type.name() == name);
         let declared = self
             .metadata
             .get("general.file_type")
             .and_then(MetaValue::as_u64)
             .and_then(file_type_name);
-        match declared {
-            Some(mix) if mix.starts_with(dominant.name()) => mix.to_string(),
-            _ => dominant.name().to_string(),
+        if let Some(mix) = declared {
+            let base = mix
+                .strip_suffix("_s")
+                .or_else(|| mix.strip_suffix("_m"))
+                .or_else(|| mix.strip_suffix("_l"))
+                .unwrap_or(mix);
+            if present(base) {
+                return mix.to_string();
+            }
         }
+        let in_blocks = self.tensors.iter().any(|t| t.name.starts_with("blk."));
+        let mut by_type: BTreeMap<GgmlType, u64> = BTreeMap::new();
+        for t in &self.tensors {
+            if t.dims.len() >= 2 && (!in_blocks || t.name.starts_with("blk.")) {
+                *by_type.entry(t.ggml_type).or_default() += t.elements;
+            }
+        }
+        by_type
+            .iter()
+            .max_by_key(|(ty, n)| (**n, std::cmp::Reverse(**ty)))
+            .map(|(ty, _)| *ty)
+            .or_else(|| self.tensors.first().map(|t| t.ggml_type))
+            .map_or_else(|| "none".to_string(), |t| t.name().to_string())
     }
 }
 
@@ -371,7 +380,7 @@ fn check_tensor_layout(
     let mut prev_name = "";
     for &i in &order {
         let t = &tensors[i];
-        if t.offset % alignment != 0 {
+        if !t.offset.is_multiple_of(alignment) {
             return Err(GgufError::Malformed(format!(
                 "tensor '{}' offset {} is not a multiple of the alignment {alignment}",
                 t.name, t.offset
@@ -561,7 +570,7 @@ impl<R: Read + Seek> Reader<R> {
             name: name.clone(),
             type_id,
         })?;
-        if dims[0] % ggml_type.block_size() != 0 {
+        if !dims[0].is_multiple_of(ggml_type.block_size()) {
             return Err(GgufError::Malformed(format!(
                 "tensor '{name}' row of {} is not a multiple of the {ggml_type} block of {}",
                 dims[0],
@@ -634,11 +643,12 @@ mod tests {
     }
 
     #[test]
-    fn dominant_quantization_counts_elements_of_matrices() {
+    fn quantization_is_the_declared_mix_or_the_dominant_layer_type() {
         let mut b = GgufBuilder::new("llama");
-        b.tensor("norm", &[4096], 0);
-        b.tensor("big", &[256, 64], 12);
-        b.tensor("small", &[256, 8], 14);
+        b.tensor("token_embd.weight", &[256, 4096], 8);
+        b.tensor("blk.0.norm", &[4096], 0);
+        b.tensor("blk.0.big", &[256, 64], 12);
+        b.tensor("blk.0.small", &[256, 8], 14);
         check(b.build(), "quant=q4_k ");
         b.kv_u32("general.file_type", 15);
         check(b.build(), "quant=q4_k_m ");

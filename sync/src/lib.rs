@@ -1,1 +1,8 @@
-//! p
+//! `outpost-sync`: the device's link to the cloud over MQTT.
+//!
+//! Owns (as the sync issue lands): the versioned protocol (`protocol`, the only place topic
+//! strings are built), the connection (only `conn.rs` knows rumqttc), the durable outbox in
+//! `outbox.db`, chunked blob transfer with resume, the device sync loop and the `outpost-hub`.
+//!
+//! Invariant: this crate never depends on `outpost-engine`; it installs models through a
+//! small trait that the agent implements over the registry.

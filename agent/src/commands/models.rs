@@ -11,8 +11,13 @@ use crate::cli::ModelsCommand;
 
 pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     let data_dir = ctx.data_dir();
-    let mut reg = Registry::open(&data_dir)
-        .with_context(|| format!("cannot open the registry in {}", data_dir.display()))?;
+    let read_only = matches!(cmd, ModelsCommand::List | ModelsCommand::Show { .. });
+    let mut reg = if read_only {
+        Registry::open_read_only(&data_dir)
+    } else {
+        Registry::open(&data_dir)
+    }
+    .with_context(|| format!("cannot open the registry in {}", data_dir.display()))?;
     match cmd {
         ModelsCommand::Import(args) => {
             let total = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);

@@ -71,6 +71,11 @@ impl BlobStore {
         Ok(Self { dir })
     }
 
+    /// The store under `dir`, without touching the disk (for read-only use).
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
     pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.dir.join(sha256)
     }

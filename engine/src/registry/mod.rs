@@ -21,7 +21,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use crate::gguf::{self, GgufError};
@@ -83,10 +83,10 @@ pub enum RegistryError {
         source: rusqlite::Error,
     },
     #[error(
-        "registry database {} has schema version {found}, newer than this outpost understands ({known})",
+        "registry database {} has schema version {found}, but this outpost understands {known} (a newer one must be read by a newer outpost; an older one is upgraded by any write command)",
         path.display()
     )]
-    SchemaTooNew {
+    SchemaMismatch {
         path: PathBuf,
         found: i64,
         known: usize,
@@ -289,11 +289,14 @@ const MODEL_COLUMNS: &str = "id, name, version, sha256, size_bytes, architecture
      parameters, context_length, imported_at";
 
 impl Registry {
-    /// Opens the registry in `data_dir`, creating the folder, the blob store and the database
-    /// (and migrating it) as needed.
+    /// Opens the registry in `data_dir` for reading and writing, creating the folder, the
+    /// blob store and the database (and migrating it) as needed.
     pub fn open(data_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(data_dir)
             .map_err(io_err(data_dir, "creating the data directory"))?;
+        // SQLite reports a read-only disk as "unable to open database file"; say what it is.
+        tempfile::tempfile_in(data_dir)
+            .map_err(io_err(data_dir, "writing to the data directory"))?;
         let blobs = BlobStore::open(data_dir.join("blobs").join("sha256"))?;
         let db_path = data_dir.join("registry.db");
         let conn = Connection::open(&db_path).map_err(db_err(&db_path))?;
@@ -304,6 +307,41 @@ impl Registry {
         };
         registry.init()?;
         Ok(registry)
+    }
+
+    /// Opens the registry for reading only: nothing is created or migrated, and it works on a
+    /// read-only disk. A data directory without a registry reads as an empty one.
+    pub fn open_read_only(data_dir: &Path) -> Result<Self> {
+        let blobs = BlobStore::at(data_dir.join("blobs").join("sha256"));
+        let db_path = data_dir.join("registry.db");
+        let conn = if db_path.exists() {
+            // On a read-only disk SQLite cannot create the WAL index; `immutable` tells it no
+            // one can write there, which is then true.
+            open_read_only_db(&db_path, false).or_else(|_| open_read_only_db(&db_path, true))?
+        } else {
+            let mut empty = Self {
+                db_path: db_path.clone(),
+                conn: Connection::open_in_memory().map_err(db_err(&db_path))?,
+                blobs,
+            };
+            empty.init()?;
+            return Ok(empty);
+        };
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(db_err(&db_path))?;
+        if version as usize != MIGRATIONS.len() {
+            return Err(RegistryError::SchemaMismatch {
+                path: db_path,
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        Ok(Self {
+            db_path,
+            conn,
+            blobs,
+        })
     }
 
     fn init(&mut self) -> Result<()> {
@@ -328,7 +366,7 @@ impl Registry {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(db_err(&path))?;
         if version as usize > MIGRATIONS.len() || version < 0 {
-            return Err(RegistryError::SchemaTooNew {
+            return Err(RegistryError::SchemaMismatch {
                 path,
                 found: version,
                 known: MIGRATIONS.len(),
@@ -787,6 +825,33 @@ fn log_event(
     )
     .map(drop)
     .map_err(db_err(path))
+}
+
+fn open_read_only_db(path: &Path, immutable: bool) -> Result<Connection> {
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    if immutable {
+        uri.push_str("?immutable=1");
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(&uri, flags).map_err(db_err(path))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(db_err(path))?;
+    // Opening is lazy: read something to learn whether it worked.
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(db_err(path))?;
+    Ok(conn)
 }
 
 fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> RegistryError {

@@ -313,7 +313,34 @@ fn a_newer_schema_is_refused_not_downgraded() {
     conn.pragma_update(None, "user_version", 99).unwrap();
     drop(conn);
     let err = Registry::open(f.dir.path()).unwrap_err().to_string();
-    assert!(err.contains("schema version 99, newer than"), "{err}");
+    assert!(
+        err.contains("schema version 99, but this outpost understands 1"),
+        "{err}"
+    );
+    assert!(Registry::open_read_only(f.dir.path()).is_err());
+}
+
+#[test]
+fn reading_creates_nothing_and_sees_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("never-written");
+    assert!(
+        Registry::open_read_only(&absent)
+            .unwrap()
+            .list()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !absent.exists(),
+        "a read must not create the data directory"
+    );
+    let mut f = Fixture::new();
+    f.import(&Fixture::salted(0), "m", None).unwrap();
+    f.reg.activate(&r("m"), "default").unwrap();
+    let ro = Registry::open_read_only(f.dir.path()).unwrap();
+    assert_eq!(ro.list().unwrap(), f.reg.list().unwrap());
+    assert_eq!(ro.alias("default").unwrap().unwrap().label(), "m:1");
 }
 
 #[test]

@@ -1,1 +1,10 @@
-fn main() {}
+//! End-to-end tests: one binary, one `support` harness. See the crate docs.
+
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod architecture;
+mod cli;
+mod faults;
+mod models;
+mod support;

@@ -1,0 +1,233 @@
+//! The harness: run `outpost` as a process against a temp data directory, find the demo
+//! models, mount small or read-only filesystems.
+//!
+//! Tests that need something the machine may lack (root for mounts, the demo models) skip
+//! with a printed reason locally, and fail under `CI=true`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// Whether we run under CI, where nothing may be skipped.
+pub fn is_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skips the calling test (returns `None`) with a reason, or panics under CI.
+pub fn skip<T>(reason: &str) -> Option<T> {
+    assert!(!is_ci(), "cannot skip under CI=true: {reason}");
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
+/// The `outpost` binary of this build (target/<profile>/outpost).
+pub fn outpost_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let bin = dir.join("outpost");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build --bins`, or run scripts/test)",
+        bin.display()
+    );
+    bin
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts success and returns stdout.
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, Some(0), "expected success, got {self:#?}");
+        &self.stdout
+    }
+
+    /// Asserts a failure with exit `code` and exactly one line on stderr containing `expect`.
+    pub fn fails(&self, code: i32, expect: &str) {
+        assert_eq!(self.code, Some(code), "expected exit {code}, got {self:#?}");
+        let err = self.stderr.trim_end();
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "expected one line on stderr: {err:?}"
+        );
+        assert!(err.starts_with("error: "), "{err:?}");
+        assert!(err.contains(expect), "expected {expect:?} in {err:?}");
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.ok()).unwrap_or_else(|e| panic!("not JSON ({e}): {self:#?}"))
+    }
+}
+
+/// One device: a temp folder holding an (empty) config and a data directory.
+pub struct Device {
+    pub root: tempfile::TempDir,
+    pub data: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Device {
+    pub fn new() -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        let data = root.path().join("data");
+        let config = root.path().join("etc").join("outpost.toml");
+        std::fs::create_dir_all(config.parent().expect("has a parent")).expect("mkdir");
+        std::fs::write(&config, "").expect("write config");
+        Self { root, data, config }
+    }
+
+    /// A device whose data directory is `data` (e.g. a mount point).
+    pub fn with_data(data: PathBuf) -> Self {
+        Self {
+            data,
+            ..Self::new()
+        }
+    }
+
+    /// A command with this device's config and data dir, isolated from the caller's
+    /// environment.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(outpost_bin());
+        c.env_remove("OUTPOST_DATA_DIR")
+            .env_remove("OUTPOST_CONFIG")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--data-dir")
+            .arg(&self.data);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.command().args(args).output().expect("run outpost"))
+    }
+
+    /// Writes `bytes` to a file in the device's temp folder and returns its path.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.root.path().join(name);
+        std::fs::write(&p, bytes).expect("write file");
+        p
+    }
+
+    /// `models list --json`, as (label, aliases) pairs.
+    pub fn models(&self) -> Vec<(String, Vec<String>)> {
+        let v = self.run(&["models", "list", "--json"]).json();
+        v.as_array()
+            .expect("a JSON array")
+            .iter()
+            .map(|m| {
+                let label = format!(
+                    "{}:{}",
+                    m["name"].as_str().unwrap(),
+                    m["version"].as_str().unwrap()
+                );
+                let aliases = m["aliases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .collect();
+                (label, aliases)
+            })
+            .collect()
+    }
+
+    /// Names in the blob folder (temp files included).
+    pub fn blob_files(&self) -> Vec<String> {
+        let dir = self.data.join("blobs/sha256");
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path).expect("open");
+    std::io::copy(&mut f, &mut h).expect("read");
+    hex::encode(h.finalize())
+}
+
+/// A demo model from the cache `scripts/fetch-models.py` fills, or a skip.
+pub fn demo_model(file: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("OUTPOST_MODEL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/outpost/models"))
+        })?;
+    let p = cache.join(file);
+    if p.is_file() {
+        Some(p)
+    } else {
+        skip(&format!(
+            "{} is missing: run scripts/fetch-models.py",
+            p.display()
+        ))
+    }
+}
+
+/// A tmpfs mounted on a temp folder, unmounted on drop.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` bytes, or skips when mounting is not allowed here.
+    pub fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Self { dir }),
+            Ok(o) => skip(&format!(
+                "cannot mount a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => skip(&format!("cannot run mount: {e}")),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn remount_read_only(&self) {
+        let ok = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(self.path())
+            .status()
+            .expect("run mount");
+        assert!(ok.success(), "remount read-only failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
