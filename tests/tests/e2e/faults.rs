@@ -22,17 +22,10 @@ fn a_full_disk_fails_the_import_cleanly() {
     };
     let d = Device::with_data(fs.path().join("data"));
     let small = d.file("small.gguf", &GgufBuilder::llama_like().build());
-    d.run(&[
-        "models",
-        "import",
-        small.to_str().unwrap(),
-        "--name",
-        "small",
-    ])
-    .ok();
+    d.import(&small, "small", &[]).ok();
     let blobs = d.blob_files();
     let big = d.file("big.gguf", &big_model(8, 1));
-    let out = d.run(&["models", "import", big.to_str().unwrap(), "--name", "big"]);
+    let out = d.import(&big, "big", &[]);
     out.fails(1, "No space left on device");
     assert_eq!(d.models().len(), 1);
     assert_eq!(
@@ -46,14 +39,7 @@ fn a_full_disk_fails_the_import_cleanly() {
         b.salt = 9;
         d.file("other.gguf", &b.build())
     };
-    d.run(&[
-        "models",
-        "import",
-        other.to_str().unwrap(),
-        "--name",
-        "other",
-    ])
-    .ok();
+    d.import(&other, "other", &[]).ok();
 }
 
 #[test]
@@ -63,11 +49,10 @@ fn a_read_only_data_dir_refuses_changes_and_still_lists() {
     };
     let d = Device::with_data(fs.path().join("data"));
     let m = d.file("m.gguf", &GgufBuilder::llama_like().build());
-    d.run(&["models", "import", m.to_str().unwrap(), "--name", "m"])
-        .ok();
+    d.import(&m, "m", &[]).ok();
     fs.remount_read_only();
     let before = d.blob_files();
-    let out = d.run(&["models", "import", m.to_str().unwrap(), "--name", "n"]);
+    let out = d.import(&m, "n", &[]);
     out.fails(1, "Read-only file system");
     d.run(&["models", "activate", "m"])
         .fails(1, "Read-only file system");
@@ -92,14 +77,7 @@ fn kill_9_at_any_moment_of_an_import_leaves_a_consistent_registry() {
 
     // How long an import takes here, to spread the kills over all of it.
     let start = Instant::now();
-    d.run(&[
-        "models",
-        "import",
-        files[0].to_str().unwrap(),
-        "--name",
-        "warmup",
-    ])
-    .ok();
+    d.import(&files[0], "warmup", &[]).ok();
     let full = start.elapsed();
 
     let iterations = 30;

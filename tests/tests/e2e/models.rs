@@ -28,16 +28,7 @@ fn a_model_lifecycle_from_import_to_gc() {
     let d = Device::new();
     let one = d.file("one.gguf", &salted(1));
     let two = d.file("two.gguf", &salted(2));
-    let imported = d
-        .run(&[
-            "models",
-            "import",
-            one.to_str().unwrap(),
-            "--name",
-            "tiny",
-            "--json",
-        ])
-        .json();
+    let imported = d.import(&one, "tiny", &["--json"]).json();
     for key in [
         "name",
         "version",
@@ -55,15 +46,13 @@ fn a_model_lifecycle_from_import_to_gc() {
     }
     assert_eq!(imported["version"], "1");
     assert_eq!(imported["sha256"], sha256_file(&one));
-    let out = d.run(&["models", "import", one.to_str().unwrap(), "--name", "tiny"]);
+    let out = d.import(&one, "tiny", &[]);
     assert!(
         out.ok().starts_with("Already imported as tiny:1"),
         "{out:?}"
     );
-    d.run(&["models", "import", two.to_str().unwrap(), "--name", "tiny"])
-        .ok();
-    d.run(&["models", "import", one.to_str().unwrap(), "--name", "copy"])
-        .ok();
+    d.import(&two, "tiny", &[]).ok();
+    d.import(&one, "copy", &[]).ok();
     assert_eq!(labels(&d), ["copy:1", "tiny:1", "tiny:2"]);
     assert_eq!(d.blob_files().len(), 2, "same bytes are one blob");
 
@@ -136,8 +125,7 @@ fn unknown_and_malformed_references_are_clear_errors() {
 fn hostile_files_change_nothing() {
     let d = Device::new();
     let good = d.file("good.gguf", &salted(0));
-    d.run(&["models", "import", good.to_str().unwrap(), "--name", "good"])
-        .ok();
+    d.import(&good, "good", &[]).ok();
     let before_blobs = d.blob_files();
 
     let mut truncated = GgufBuilder::llama_like();
@@ -183,7 +171,7 @@ fn hostile_files_change_nothing() {
     ];
     for (name, bytes, expect) in cases {
         let path = d.file(name, &bytes);
-        let out = d.run(&["models", "import", path.to_str().unwrap(), "--name", "bad"]);
+        let out = d.import(&path, "bad", &[]);
         out.fails(1, expect);
         assert!(
             out.stderr.contains(name),
@@ -193,14 +181,8 @@ fn hostile_files_change_nothing() {
         assert_eq!(d.blob_files(), before_blobs, "{name} left something behind");
     }
     let missing = d.root.path().join("missing.gguf");
-    d.run(&[
-        "models",
-        "import",
-        missing.to_str().unwrap(),
-        "--name",
-        "bad",
-    ])
-    .fails(1, "No such file or directory");
+    d.import(&missing, "bad", &[])
+        .fails(1, "No such file or directory");
     assert_eq!(labels(&d), ["good:1"]);
 }
 
@@ -210,16 +192,7 @@ fn the_real_smollm2_file_reads_as_llama_q4_1_with_135m_parameters() {
         return;
     };
     let d = Device::new();
-    let m = d
-        .run(&[
-            "models",
-            "import",
-            path.to_str().unwrap(),
-            "--name",
-            "smollm2",
-            "--json",
-        ])
-        .json();
+    let m = d.import(&path, "smollm2", &["--json"]).json();
     assert_eq!(m["architecture"], "llama");
     assert_eq!(m["quantization"], "q4_1");
     assert_eq!(m["class"], "micro");
@@ -244,16 +217,7 @@ fn the_real_gemma3_file_reads_as_gemma3_q4_k_m() {
         return;
     };
     let d = Device::new();
-    let m = d
-        .run(&[
-            "models",
-            "import",
-            path.to_str().unwrap(),
-            "--name",
-            "gemma3",
-            "--json",
-        ])
-        .json();
+    let m = d.import(&path, "gemma3", &["--json"]).json();
     assert_eq!(m["architecture"], "gemma3");
     assert_eq!(m["quantization"], "q4_k_m");
     assert_eq!(m["class"], "micro");

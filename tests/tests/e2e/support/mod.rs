@@ -120,6 +120,14 @@ impl Device {
         Run::from(self.command().args(args).output().expect("run outpost"))
     }
 
+    /// `models import PATH --name NAME [extra…]`.
+    pub fn import(&self, path: &Path, name: &str, extra: &[&str]) -> Run {
+        let path = path.to_str().expect("a UTF-8 path");
+        let mut args = vec!["models", "import", path, "--name", name];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
     /// Writes `bytes` to a file in the device's temp folder and returns its path.
     pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.root.path().join(name);
