@@ -1,0 +1,257 @@
+//! Verification of the chain and its checkpoints, from `audit.db` or from a JSONL export.
+//!
+//! Reports the first bad seq and why: a record missing (deleted), a record whose `prev_hash`
+//! does not link (reordered or inserted), a record whose contents do not give its hash
+//! (edited), the log ending before a signed checkpoint (truncated), a checkpoint that does not
+//! match its record (history rewritten) or whose signature fails (forged).
+
+use std::collections::HashMap;
+use std::io::BufRead;
+
+use serde::Serialize;
+
+use super::{AuditError, AuditReader, Checkpoint, GENESIS, Record};
+use crate::signing::PublicKey;
+
+/// Longest JSONL line read from an export.
+const MAX_LINE: usize = 1 << 20;
+
+/// What verification found.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub records: u64,
+    pub checkpoints: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    /// The first bad seq, when not ok.
+    pub bad_seq: Option<u64>,
+    pub reason: Option<String>,
+    /// `pinned` (a key given by the verifier) or `log` (the key stored with the checkpoints).
+    pub key: &'static str,
+}
+
+struct Chain {
+    /// Whether the first record must be seq 1 (a whole log) or may start anywhere (an export
+    /// of a time range).
+    from_genesis: bool,
+    next_seq: Option<u64>,
+    prev_hash: String,
+    records: u64,
+    first_seq: Option<u64>,
+    error: Option<(u64, String)>,
+    wanted: HashMap<u64, Option<String>>,
+}
+
+impl Chain {
+    fn new(from_genesis: bool, checkpoints: &[Checkpoint]) -> Self {
+        Self {
+            from_genesis,
+            next_seq: None,
+            prev_hash: GENESIS.to_string(),
+            records: 0,
+            first_seq: None,
+            error: None,
+            wanted: checkpoints.iter().map(|c| (c.seq, None)).collect(),
+        }
+    }
+
+    fn fail(&mut self, seq: u64, why: String) {
+        if self.error.is_none() {
+            self.error = Some((seq, why));
+        }
+    }
+
+    fn feed(&mut self, seq: i64, prev_hash: &str, hash: &str, computed: Result<String, String>) {
+        if self.error.is_some() {
+            return;
+        }
+        self.records += 1;
+        let Ok(seq) = u64::try_from(seq) else {
+            self.fail(0, format!("record with negative seq {seq}"));
+            return;
+        };
+        let expected = match self.next_seq {
+            Some(n) => n,
+            None if self.from_genesis => 1,
+            None => {
+                // A partial export: its first record's link is outside the export.
+                self.prev_hash = prev_hash.to_string();
+                seq
+            }
+        };
+        self.first_seq.get_or_insert(seq);
+        if seq > expected {
+            let what = if expected == seq - 1 {
+                format!("record {expected} is missing (deleted)")
+            } else {
+                format!("records {expected} to {} are missing (deleted)", seq - 1)
+            };
+            return self.fail(expected, what);
+        }
+        if seq < expected {
+            return self.fail(seq, format!("record {seq} appears out of order"));
+        }
+        if prev_hash != self.prev_hash {
+            return self.fail(
+                seq,
+                format!(
+                    "record {seq} does not link to record {} (reordered, inserted or rewritten)",
+                    seq.saturating_sub(1)
+                ),
+            );
+        }
+        match computed {
+            Err(e) => return self.fail(seq, format!("record {seq} is malformed: {e}")),
+            Ok(h) if h != hash => {
+                return self.fail(
+                    seq,
+                    format!("record {seq} does not match its hash (edited)"),
+                );
+            }
+            Ok(_) => {}
+        }
+        if let Some(slot) = self.wanted.get_mut(&seq) {
+            *slot = Some(hash.to_string());
+        }
+        self.prev_hash = hash.to_string();
+        self.next_seq = Some(seq + 1);
+    }
+
+    fn finish(mut self, checkpoints: &[Checkpoint], pinned: Option<&PublicKey>) -> VerifyReport {
+        let last_seq = self.next_seq.map(|n| n - 1);
+        for cp in checkpoints {
+            if self.error.as_ref().is_some_and(|(s, _)| *s <= cp.seq) {
+                break;
+            }
+            let seq = cp.seq;
+            let at = |s: &Self| s.wanted.get(&seq).cloned().flatten();
+            if last_seq.is_none_or(|l| seq > l) {
+                let end = last_seq.unwrap_or(0);
+                self.fail(
+                    end + 1,
+                    format!(
+                        "records end at seq {end}, but checkpoint {seq} was signed over more \
+                         (truncated)"
+                    ),
+                );
+                break;
+            }
+            let key = match pinned {
+                Some(k) if k.to_hex() != cp.public_key => {
+                    self.fail(seq, format!("checkpoint {seq} is signed by another key"));
+                    break;
+                }
+                Some(k) => Some(k.clone()),
+                None => PublicKey::from_hex(&cp.public_key),
+            };
+            if !key.is_some_and(|k| k.verify_hex(cp.signed_message().as_bytes(), &cp.signature)) {
+                self.fail(
+                    seq,
+                    format!("checkpoint {seq} has a bad signature (forged)"),
+                );
+                break;
+            }
+            match at(&self) {
+                Some(h) if h == cp.hash => {}
+                _ if self.first_seq.is_some_and(|f| seq < f) => {}
+                _ => {
+                    self.fail(
+                        seq,
+                        format!("record {seq} differs from its signed checkpoint (rewritten)"),
+                    );
+                    break;
+                }
+            }
+        }
+        let (bad_seq, reason) = match self.error {
+            Some((s, r)) => (Some(s), Some(r)),
+            None => (None, None),
+        };
+        VerifyReport {
+            ok: bad_seq.is_none(),
+            records: self.records,
+            checkpoints: checkpoints.len() as u64,
+            first_seq: self.first_seq,
+            last_seq,
+            bad_seq,
+            reason,
+            key: if pinned.is_some() { "pinned" } else { "log" },
+        }
+    }
+}
+
+/// Verifies the whole log. `pinned`: the device public key the auditor trusts; without it,
+/// the key stored with the checkpoints is used (and the report says so).
+pub fn verify_log(
+    reader: &AuditReader,
+    pinned: Option<&PublicKey>,
+) -> Result<VerifyReport, AuditError> {
+    let checkpoints = reader.checkpoints()?;
+    let mut chain = Chain::new(true, &checkpoints);
+    reader.for_each_raw(|raw| {
+        let computed = raw.compute_hash();
+        chain.feed(raw.seq, &raw.prev_hash, &raw.hash, computed);
+        Ok(())
+    })?;
+    Ok(chain.finish(&checkpoints, pinned))
+}
+
+/// Verifies a JSONL export (see `export`): its records may start anywhere, but must be
+/// contiguous from there, and its checkpoints must hold.
+pub fn verify_export(
+    mut input: impl BufRead,
+    pinned: Option<&PublicKey>,
+) -> Result<VerifyReport, AuditError> {
+    let mut records: Vec<Record> = Vec::new();
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    let mut exported_key: Option<PublicKey> = None;
+    let mut line = String::new();
+    let mut n = 0usize;
+    loop {
+        line.clear();
+        let read = std::io::Read::take(&mut input, MAX_LINE as u64 + 1)
+            .read_line(&mut line)
+            .map_err(|e| AuditError::Export(format!("reading the export: {e}")))?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if line.len() > MAX_LINE {
+            return Err(AuditError::Export(format!(
+                "line {n} is longer than {MAX_LINE} bytes"
+            )));
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| AuditError::Export(format!("line {n} is not JSON: {e}")))?;
+        let bad = |e: serde_json::Error| AuditError::Export(format!("line {n}: {e}"));
+        if let Some(r) = v.get("record") {
+            records.push(serde_json::from_value(r.clone()).map_err(bad)?);
+        } else if let Some(c) = v.get("checkpoint") {
+            checkpoints.push(serde_json::from_value(c.clone()).map_err(bad)?);
+        } else if let Some(d) = v.get("device") {
+            exported_key = d
+                .get("public_key")
+                .and_then(|k| k.as_str())
+                .and_then(PublicKey::from_hex);
+        } else {
+            return Err(AuditError::Export(format!(
+                "line {n} is neither a record, a checkpoint nor the device header"
+            )));
+        }
+    }
+    checkpoints.sort_by_key(|c| c.seq);
+    let mut chain = Chain::new(false, &checkpoints);
+    for r in &records {
+        chain.feed(r.seq as i64, &r.prev_hash, &r.hash, Ok(r.compute_hash()));
+    }
+    let key = pinned.cloned().or(exported_key);
+    let mut report = chain.finish(&checkpoints, key.as_ref());
+    if pinned.is_none() {
+        report.key = "log";
+    }
+    Ok(report)
+}
