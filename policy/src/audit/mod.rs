@@ -349,9 +349,7 @@ pub struct Pending {
 
 impl Pending {
     pub fn wait(self) -> Result<Record, AuditError> {
-        self.rx
-            .recv()
-            .unwrap_or_else(|_| Err(AuditError::Closed(self.path)))
+        self.rx.recv().unwrap_or(Err(AuditError::Closed(self.path)))
     }
 }
 

@@ -143,7 +143,7 @@ fn many_waiting_appends_share_commits_and_stay_contiguous() {
     assert!(all.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
     let cps = reader.checkpoints().unwrap();
     assert_eq!(
-        cps.iter().map(|c| c.seq).last(),
+        cps.iter().map(|c| c.seq).next_back(),
         Some(5000),
         "close signs the tail"
     );
