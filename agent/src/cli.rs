@@ -32,6 +32,137 @@ pub enum Command {
     /// Manage the local model registry.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Ed25519 key pairs for token issuers and devices.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Issue tokens (for administrators and tests).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Check what a token may do.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Read, export and verify the audit log (changes nothing).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write DIR/NAME.key.pem (PKCS#8, mode 0600) and DIR/NAME.pub.pem (SPKI).
+    Generate {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value = "outpost")]
+        name: String,
+    },
+    /// Print this device's public key (PEM), which signs its audit checkpoints; the key
+    /// pair is created on first use.
+    Device,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a signed EdDSA token.
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// The issuer's private key (PKCS#8 PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    #[arg(long)]
+    pub kid: String,
+    #[arg(long)]
+    pub iss: String,
+    #[arg(long)]
+    pub sub: String,
+    /// Roles, comma-separated (admin, operator, auditor, app, or custom).
+    #[arg(long = "role", value_delimiter = ',', required = true)]
+    pub roles: Vec<String>,
+    /// Audience: a device id or group; default this device's id.
+    #[arg(long)]
+    pub aud: Option<String>,
+    /// Lifetime: 90s, 30m, 1h, 7d.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    /// Models an `app` may run (glob patterns), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Decide whether a token may do an action; exit 0 allowed, 1 refused or denied.
+    Check {
+        #[arg(long, env = "OUTPOST_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long)]
+        action: String,
+        /// The model the action concerns.
+        #[arg(long)]
+        resource: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TimeRange {
+    /// From this time: RFC 3339 (2026-11-26T10:00:00Z) or an age (90s, 30m, 2h, 7d).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before this time (same forms).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Records matching filters, oldest first.
+    Query {
+        #[command(flatten)]
+        range: TimeRange,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        /// allowed, denied, success or failure.
+        #[arg(long)]
+        outcome: Option<String>,
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// The newest records; with -f, keep printing new ones.
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: u64,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Write records with the checkpoints and the device public key.
+    Export {
+        #[command(flatten)]
+        range: TimeRange,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Write here instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Check the chain and every checkpoint signature; exit 1 naming the first bad seq.
+    Verify {
+        /// Verify this JSONL export instead of the local log.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// The device public key to trust (PEM); default this device's own key.
+        #[arg(long, value_name = "FILE")]
+        public_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]

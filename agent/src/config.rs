@@ -27,6 +27,10 @@ pub struct Config {
     pub device: DeviceConfig,
     #[serde(default)]
     pub engine: EngineConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// `[device]`: who this device is and where its data lives.
@@ -40,6 +44,61 @@ pub struct DeviceConfig {
     pub groups: Vec<String>,
     /// The data directory (registry, blobs, audit log, outbox).
     pub data_dir: Option<PathBuf>,
+    /// The device's Ed25519 key (PKCS#8 PEM) that signs audit checkpoints; default
+    /// `<data>/device.key`, generated on first use with mode 0600.
+    pub key: Option<PathBuf>,
+}
+
+/// `[auth]`: who may call this device.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds (at most 3600).
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Revoked token ids and subjects: `{"jti": [...], "sub": [...]}`.
+    pub revoked: Option<PathBuf>,
+    /// Custom roles (a versioned TOML policy document).
+    pub policy: Option<PathBuf>,
+    /// The keys tokens may be signed with, each pinned to one issuer and algorithm.
+    #[serde(default)]
+    pub issuers: Vec<IssuerConfig>,
+}
+
+fn default_leeway() -> u64 {
+    60
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            leeway_secs: default_leeway(),
+            revoked: None,
+            policy: None,
+            issuers: Vec::new(),
+        }
+    }
+}
+
+/// `[[auth.issuers]]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    pub iss: String,
+    pub kid: String,
+    pub algorithm: outpost_policy::identity::KeyAlgorithm,
+    /// PEM public key (SPKI).
+    pub public_key: PathBuf,
+}
+
+/// `[audit]`: when checkpoints are signed.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Sign a checkpoint every this many records (default 1000).
+    pub checkpoint_every: Option<u64>,
+    /// …and at least this often while records arrive, in seconds (default 300).
+    pub checkpoint_interval_secs: Option<u64>,
 }
 
 /// `[engine]`: how models run.
@@ -338,6 +397,43 @@ fn validate(c: &Config, sources: &[Source]) -> Result<(), ConfigError> {
     if c.engine.context_length == Some(0) {
         return Err(fail("engine", "context_length", "must be above 0".into()));
     }
+    if c.auth.leeway_secs > 3600 {
+        return Err(fail("auth", "leeway_secs", "must be at most 3600".into()));
+    }
+    let mut kids = std::collections::HashSet::new();
+    for i in &c.auth.issuers {
+        if !valid_id(&i.kid) {
+            return Err(fail(
+                "auth",
+                "issuers",
+                format!("kid '{}' must be 1 to 64 of A-Z a-z 0-9 . _ -", i.kid),
+            ));
+        }
+        if i.iss.is_empty() || i.iss.len() > 256 {
+            return Err(fail(
+                "auth",
+                "issuers",
+                format!("kid '{}': iss must be 1 to 256 characters", i.kid),
+            ));
+        }
+        if !kids.insert(&i.kid) {
+            return Err(fail(
+                "auth",
+                "issuers",
+                format!("kid '{}' is configured twice", i.kid),
+            ));
+        }
+    }
+    if c.audit.checkpoint_every == Some(0) {
+        return Err(fail("audit", "checkpoint_every", "must be above 0".into()));
+    }
+    if c.audit.checkpoint_interval_secs == Some(0) {
+        return Err(fail(
+            "audit",
+            "checkpoint_interval_secs",
+            "must be above 0".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -458,13 +554,42 @@ mod tests {
             .lines()
             .map(|l| {
                 l.strip_prefix("# ")
-                    .filter(|r| r.contains(" = "))
+                    .filter(|r| r.contains(" = ") || r.starts_with("[["))
                     .unwrap_or(l)
             })
             .collect::<Vec<_>>()
             .join("\n");
         check(&[("outpost.toml", example)], "id: None");
         check(&[("outpost.toml", &uncommented)], "id: Some(\"edge-0042\")");
+        check(&[("outpost.toml", &uncommented)], "kid: \"admin-1\"");
+    }
+
+    #[test]
+    fn auth_issuers_are_checked() {
+        let issuer = |kid: &str, alg: &str| {
+            format!(
+                "[[auth.issuers]]\niss = \"https://admin.example\"\nkid = \"{kid}\"\n\
+                 algorithm = \"{alg}\"\npublic_key = \"/etc/outpost/keys/{kid}.pub.pem\"\n"
+            )
+        };
+        check(
+            &[("outpost.toml", &issuer("admin-1", "EdDSA"))],
+            "algorithm: EdDSA",
+        );
+        check(
+            &[("outpost.toml", &issuer("admin-1", "HS256"))],
+            "unknown variant `HS256`, expected `EdDSA` or `ES256`",
+        );
+        check(
+            &[("outpost.toml", &issuer("a/b", "EdDSA"))],
+            "kid 'a/b' must be",
+        );
+        let twice = format!("{}{}", issuer("k", "EdDSA"), issuer("k", "ES256"));
+        check(&[("outpost.toml", &twice)], "kid 'k' is configured twice");
+        check(
+            &[("outpost.toml", "[auth]\nleeway_secs = 86400\n")],
+            "key `auth.leeway_secs`",
+        );
     }
 
     #[test]

@@ -6,33 +6,38 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use outpost_engine::registry::{ImportOutcome, ModelRecord, ModelRef, Registry};
 
-use super::{Context, print_json};
+use super::{Context, audited, print_json};
 use crate::cli::ModelsCommand;
 
 pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     let data_dir = ctx.data_dir();
-    let read_only = matches!(cmd, ModelsCommand::List | ModelsCommand::Show { .. });
-    let mut reg = if read_only {
-        Registry::open_read_only(&data_dir)
-    } else {
-        Registry::open(&data_dir)
+    let open_err = || format!("cannot open the registry in {}", data_dir.display());
+    if let ModelsCommand::List | ModelsCommand::Show { .. } = cmd {
+        let reg = Registry::open_read_only(&data_dir).with_context(open_err)?;
+        read(ctx, &reg, cmd)?;
+        return Ok(ExitCode::SUCCESS);
     }
-    .with_context(|| format!("cannot open the registry in {}", data_dir.display()))?;
+    let mut reg = Registry::open(&data_dir).with_context(open_err)?;
+    // Every change is recorded before it happens; no record, no change.
+    let audit = ctx.open_audit()?;
     match cmd {
         ModelsCommand::Import(args) => {
-            let total = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
-            let bar = progress_bar(ctx, total);
-            let outcome = reg
-                .import(&args.file, &args.name, args.version.as_deref(), &mut |n| {
-                    if let Some(b) = &bar {
-                        b.set_position(n);
-                    }
-                })
-                .with_context(|| format!("cannot import {}", args.file.display()));
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            let outcome = outcome?;
+            let details = serde_json::json!({"file": args.file, "version": args.version});
+            let outcome = audited(&audit, "models:write", Some(&args.name), details, || {
+                let total = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
+                let bar = progress_bar(ctx, total);
+                let outcome = reg
+                    .import(&args.file, &args.name, args.version.as_deref(), &mut |n| {
+                        if let Some(b) = &bar {
+                            b.set_position(n);
+                        }
+                    })
+                    .with_context(|| format!("cannot import {}", args.file.display()));
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                outcome
+            })?;
             if ctx.json {
                 print_json(outcome.record())?;
             } else {
@@ -55,29 +60,17 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        ModelsCommand::List => {
-            let models = reg.list()?;
-            if ctx.json {
-                print_json(&models)?;
-            } else {
-                print_table(&models);
-            }
-        }
-        ModelsCommand::Show { reference } => {
-            let m = reg.resolve(&parse_ref(&reference)?)?;
-            if ctx.json {
-                print_json(&m)?;
-            } else {
-                print_details(&reg, &m);
-            }
-        }
         ModelsCommand::Activate { reference, alias } => {
-            let a = reg.activate(&parse_ref(&reference)?, &alias)?;
+            let r = parse_ref(&reference)?;
+            let details = serde_json::json!({"alias": alias});
+            let a = audited(&audit, "models:activate", Some(&reference), details, || {
+                Ok(reg.activate(&r, &alias)?)
+            })?;
             if ctx.json {
                 print_json(&a)?;
             } else {
                 match &a.previous {
-                    Some(p) if p.sha256 == a.model.sha256 && p.label() == a.model.label() => {
+                    Some(p) if p.label() == a.model.label() => {
                         println!("{} is already active as '{alias}'.", a.model.label());
                     }
                     Some(p) => println!(
@@ -90,7 +83,10 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         ModelsCommand::Rollback { alias } => {
-            let a = reg.rollback(&alias)?;
+            let details = serde_json::json!({"alias": alias});
+            let a = audited(&audit, "models:activate", None, details, || {
+                Ok(reg.rollback(&alias)?)
+            })?;
             if ctx.json {
                 print_json(&a)?;
             } else {
@@ -102,24 +98,34 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         ModelsCommand::Remove { reference, force } => {
-            let r = reg.remove(&parse_ref(&reference)?, force)?;
+            let r = parse_ref(&reference)?;
+            let details = serde_json::json!({"force": force});
+            let removed = audited(&audit, "models:write", Some(&reference), details, || {
+                Ok(reg.remove(&r, force)?)
+            })?;
             if ctx.json {
-                print_json(&r)?;
-            } else if r.blob_deleted {
+                print_json(&removed)?;
+            } else if removed.blob_deleted {
                 println!(
                     "Removed {} and its blob ({} freed).",
-                    r.model.label(),
-                    human_bytes(r.model.size_bytes)
+                    removed.model.label(),
+                    human_bytes(removed.model.size_bytes)
                 );
             } else {
                 println!(
                     "Removed {}; its blob stays (shared with another entry or in use).",
-                    r.model.label()
+                    removed.model.label()
                 );
             }
         }
         ModelsCommand::Gc => {
-            let g = reg.gc()?;
+            let g = audited(
+                &audit,
+                "models:write",
+                None,
+                serde_json::json!({"gc": true}),
+                || Ok(reg.gc()?),
+            )?;
             if ctx.json {
                 print_json(&g)?;
             } else {
@@ -134,8 +140,34 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        // Reads returned above, without opening the audit log.
+        ModelsCommand::List | ModelsCommand::Show { .. } => {}
     }
+    audit.close()?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn read(ctx: &Context, reg: &Registry, cmd: ModelsCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelsCommand::List => {
+            let models = reg.list()?;
+            if ctx.json {
+                print_json(&models)?;
+            } else {
+                print_table(&models);
+            }
+        }
+        ModelsCommand::Show { reference } => {
+            let m = reg.resolve(&parse_ref(&reference)?)?;
+            if ctx.json {
+                print_json(&m)?;
+            } else {
+                print_details(reg, &m);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn parse_ref(s: &str) -> anyhow::Result<ModelRef> {

@@ -1,0 +1,235 @@
+//! `outpost audit …`: query, tail, export and verify the audit log. Nothing here writes:
+//! the log is opened read-only and no key is generated.
+
+use std::io::{BufReader, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use outpost_policy::audit::{
+    self, AuditReader, Format, Outcome, Query, Record, VerifyReport, verify_export, verify_log,
+};
+use outpost_policy::signing::{KeyPair, PublicKey};
+
+use super::{Context, parse_duration, print_json};
+use crate::cli::{AuditCommand, ExportFormat, TimeRange};
+
+pub fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Query {
+            range,
+            actor,
+            action,
+            outcome,
+            limit,
+        } => {
+            let outcome = outcome
+                .map(|o| {
+                    Outcome::parse(&o).ok_or_else(|| {
+                        anyhow::anyhow!("--outcome must be allowed, denied, success or failure")
+                    })
+                })
+                .transpose()?;
+            let q = Query {
+                actor,
+                action,
+                outcome,
+                limit,
+                ..time_range(&range)?
+            };
+            let records = reader(ctx)?.query(&q)?;
+            if ctx.json {
+                print_json(&records)?;
+            } else {
+                records.iter().for_each(print_record);
+            }
+        }
+        AuditCommand::Tail { lines, follow } => {
+            let r = reader(ctx)?;
+            let mut last = 0;
+            let q = Query {
+                limit: Some(lines),
+                newest: true,
+                ..Query::default()
+            };
+            for rec in r.query(&q)? {
+                last = rec.seq;
+                emit(ctx, &rec)?;
+            }
+            if follow {
+                // Until interrupted (Ctrl-C): nothing here writes, so stopping is always safe.
+                loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let q = Query {
+                        after_seq: Some(last),
+                        ..Query::default()
+                    };
+                    for rec in r.query(&q)? {
+                        last = rec.seq;
+                        emit(ctx, &rec)?;
+                    }
+                }
+            }
+        }
+        AuditCommand::Export {
+            range,
+            format,
+            output,
+        } => {
+            let r = reader(ctx)?;
+            let format = match format {
+                ExportFormat::Jsonl => Format::Jsonl,
+                ExportFormat::Csv => Format::Csv,
+            };
+            let key = device_public_key(ctx, &r)?;
+            let q = time_range(&range)?;
+            let n = match &output {
+                Some(path) => {
+                    let mut tmp = tempfile::NamedTempFile::new_in(
+                        path.parent()
+                            .filter(|p| !p.as_os_str().is_empty())
+                            .unwrap_or(".".as_ref()),
+                    )
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                    let n = {
+                        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+                        audit::export(&r, &q, format, &ctx.device_id(), key.as_ref(), &mut w)?
+                    };
+                    tmp.persist(path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    n
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut w = std::io::BufWriter::new(stdout.lock());
+                    audit::export(&r, &q, format, &ctx.device_id(), key.as_ref(), &mut w)?
+                }
+            };
+            if let Some(path) = output {
+                eprintln!("Exported {n} records to {}.", path.display());
+            }
+        }
+        AuditCommand::Verify { export, public_key } => {
+            let pinned = match &public_key {
+                Some(p) => Some(PublicKey::load(p)?),
+                None => None,
+            };
+            let report = match &export {
+                Some(path) => {
+                    let f = std::fs::File::open(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    verify_export(BufReader::new(f), pinned.as_ref())?
+                }
+                None => {
+                    let r = reader(ctx)?;
+                    let pinned = match pinned {
+                        Some(k) => Some(k),
+                        None => own_key(ctx)?,
+                    };
+                    verify_log(&r, pinned.as_ref())?
+                }
+            };
+            print_report(ctx, &report)?;
+            return Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reader(ctx: &Context) -> anyhow::Result<AuditReader> {
+    Ok(AuditReader::open(&ctx.audit_path())?)
+}
+
+/// This device's public key, when its key file exists (never generated here).
+fn own_key(ctx: &Context) -> anyhow::Result<Option<PublicKey>> {
+    let path = ctx.device_key_path();
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(KeyPair::load(&path)?.public()))
+}
+
+/// The key exports carry: the device's own, else the one its checkpoints name.
+fn device_public_key(ctx: &Context, r: &AuditReader) -> anyhow::Result<Option<PublicKey>> {
+    if let Some(k) = own_key(ctx)? {
+        return Ok(Some(k));
+    }
+    Ok(r.checkpoints()?
+        .last()
+        .and_then(|c| PublicKey::from_hex(&c.public_key)))
+}
+
+fn time_range(r: &TimeRange) -> anyhow::Result<Query> {
+    Ok(Query {
+        since: r.since.as_deref().map(parse_time).transpose()?,
+        until: r.until.as_deref().map(parse_time).transpose()?,
+        ..Query::default()
+    })
+}
+
+/// RFC 3339 (any offset) or an age before now, as the log's own timestamp format.
+fn parse_time(s: &str) -> anyhow::Result<String> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(audit::format_ts(t));
+    }
+    let secs = parse_duration(s).map_err(|_| {
+        anyhow::anyhow!("'{s}' is neither an RFC 3339 time nor an age like 30m, 2h or 7d")
+    })?;
+    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(i64::try_from(secs)?);
+    Ok(audit::format_ts(t))
+}
+
+fn emit(ctx: &Context, r: &Record) -> anyhow::Result<()> {
+    if ctx.json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        print_record(r);
+    }
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+fn print_record(r: &Record) {
+    println!(
+        "{:>6} {} {:<8} {:<20} {:<16} {:<16} {}",
+        r.seq,
+        r.ts,
+        r.outcome.as_str(),
+        r.actor,
+        r.action,
+        r.resource.as_deref().unwrap_or("-"),
+        r.reason
+    );
+}
+
+fn print_report(ctx: &Context, r: &VerifyReport) -> anyhow::Result<()> {
+    if ctx.json {
+        return print_json(r);
+    }
+    let range = match (r.first_seq, r.last_seq) {
+        (Some(a), Some(b)) => format!("seq {a} to {b}"),
+        _ => "no records".into(),
+    };
+    let key = if r.key == "pinned" {
+        "against the pinned device key"
+    } else {
+        "against the key stored in the log (pass --public-key to pin one)"
+    };
+    if r.ok {
+        println!(
+            "Audit log OK: {} records ({range}), {} checkpoint signatures checked {key}.",
+            r.records, r.checkpoints
+        );
+    } else {
+        println!(
+            "Audit log FAILED at seq {}: {}",
+            r.bad_seq.unwrap_or(0),
+            r.reason.as_deref().unwrap_or("unknown")
+        );
+    }
+    Ok(())
+}
