@@ -82,10 +82,18 @@ impl Context {
     }
 
     /// The audit log, for appending (creates the data dir, the log and the device key).
+    /// Fails early, and clearly, when the data directory cannot take a write: every
+    /// privileged action needs its record, so none happens then.
     pub fn open_audit(&self) -> anyhow::Result<AuditLog> {
         let data = self.data_dir();
         std::fs::create_dir_all(&data)
             .with_context(|| format!("cannot create the data directory {}", data.display()))?;
+        probe_writable(&data).with_context(|| {
+            format!(
+                "refusing to act: the data directory {} cannot take a write",
+                data.display()
+            )
+        })?;
         let key_path = self.device_key_path();
         let key = KeyPair::load_or_generate(&key_path)?;
         let mut settings = AuditSettings::new(&self.device_id());
@@ -130,6 +138,15 @@ impl Context {
     pub fn clock(&self) -> TrustedClock {
         TrustedClock::open(&self.data_dir().join("trusted-time"))
     }
+}
+
+/// Writes (and removes) 64 KiB in `dir`: a read-only or full disk shows here, with its own
+/// error, instead of as a SQLite I/O error halfway through an action.
+fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = tempfile::tempfile_in(dir)?;
+    f.write_all(&[0u8; 64 * 1024])?;
+    f.flush()
 }
 
 /// `local:<user>` for whoever runs the CLI.

@@ -17,9 +17,9 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
         read(ctx, &reg, cmd)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut reg = Registry::open(&data_dir).with_context(open_err)?;
     // Every change is recorded before it happens; no record, no change.
     let audit = ctx.open_audit()?;
+    let mut reg = Registry::open(&data_dir).with_context(open_err)?;
     match cmd {
         ModelsCommand::Import(args) => {
             let details = serde_json::json!({"file": args.file, "version": args.version});

@@ -7,4 +7,5 @@ mod architecture;
 mod cli;
 mod faults;
 mod models;
+mod policy;
 mod support;

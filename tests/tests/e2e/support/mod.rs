@@ -23,12 +23,17 @@ pub fn skip<T>(reason: &str) -> Option<T> {
 
 /// The `outpost` binary of this build (target/<profile>/outpost).
 pub fn outpost_bin() -> PathBuf {
+    workspace_bin("outpost")
+}
+
+/// A binary of this workspace's build (target/<profile>/NAME).
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("the test binary lives in target/<profile>/deps");
-    let bin = dir.join("outpost");
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
         "{} is missing: build it first (`cargo build --bins`, or run scripts/test)",
