@@ -10,6 +10,12 @@ pub fn to_string<T: Serialize>(value: &T) -> Result<String, serde_json::Error> {
 /// Appends `s` as a JCS string literal (quotes included) to `out`.
 pub fn push_str(out: &mut String, s: &str) {
     out.push('"');
+    // Most strings need no escaping: copy them whole.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),

@@ -23,6 +23,7 @@
 mod export;
 mod verify;
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
@@ -186,55 +187,59 @@ pub struct Record {
 /// and verifying fast; a test holds this equal to the generic canonicalizer.
 fn canonical_body(r: &RowRef<'_>) -> String {
     let mut s = String::with_capacity(512 + r.details.len());
+    write_canonical_body(&mut s, r);
+    s
+}
+
+/// [`canonical_body`] into `s` (cleared first), so hot loops reuse one buffer.
+fn write_canonical_body(s: &mut String, r: &RowRef<'_>) {
+    s.clear();
+    let s = &mut *s;
     let opt = |s: &mut String, v: Option<&str>| match v {
         Some(v) => jcs::push_str(s, v),
         None => s.push_str("null"),
     };
     s.push_str("{\"action\":");
-    jcs::push_str(&mut s, r.action);
+    jcs::push_str(s, r.action);
     s.push_str(",\"actor\":");
-    jcs::push_str(&mut s, r.actor);
+    jcs::push_str(s, r.actor);
     s.push_str(",\"details\":");
     s.push_str(r.details);
     s.push_str(",\"device_id\":");
-    jcs::push_str(&mut s, r.device_id);
+    jcs::push_str(s, r.device_id);
     s.push_str(",\"outcome\":");
-    jcs::push_str(&mut s, r.outcome);
+    jcs::push_str(s, r.outcome);
     s.push_str(",\"policy_version\":");
     match r.policy_version {
-        Some(v) => s.push_str(&v.to_string()),
+        Some(v) => {
+            let _ = write!(s, "{v}");
+        }
         None => s.push_str("null"),
     }
     s.push_str(",\"prev_hash\":");
-    jcs::push_str(&mut s, r.prev_hash);
+    jcs::push_str(s, r.prev_hash);
     s.push_str(",\"reason\":");
-    jcs::push_str(&mut s, r.reason);
+    jcs::push_str(s, r.reason);
     s.push_str(",\"request_id\":");
-    opt(&mut s, r.request_id);
+    opt(s, r.request_id);
     s.push_str(",\"resource\":");
-    opt(&mut s, r.resource);
-    s.push_str(",\"roles\":[");
-    for (i, role) in r.roles.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        jcs::push_str(&mut s, role);
-    }
-    s.push_str("],\"seq\":");
-    s.push_str(&r.seq.to_string());
+    opt(s, r.resource);
+    s.push_str(",\"roles\":");
+    s.push_str(r.roles);
+    s.push_str(",\"seq\":");
+    let _ = write!(s, "{}", r.seq);
     s.push_str(",\"ts\":");
-    jcs::push_str(&mut s, r.ts);
+    jcs::push_str(s, r.ts);
     s.push('}');
-    s
 }
 
-/// Borrowed view of a record's fields, `details` as canonical JSON text.
+/// Borrowed view of a record's fields, `roles` and `details` as canonical JSON text.
 struct RowRef<'a> {
     seq: u64,
     ts: &'a str,
     device_id: &'a str,
     actor: &'a str,
-    roles: &'a [String],
+    roles: &'a str,
     action: &'a str,
     resource: Option<&'a str>,
     outcome: &'a str,
@@ -253,16 +258,17 @@ impl Record {
     /// The hash this record's contents give (what `hash` must be).
     pub fn compute_hash(&self) -> String {
         let details = jcs::to_string(&self.details).unwrap_or_default();
-        hash_hex(&canonical_body(&self.as_row(&details)))
+        let roles = jcs::to_string(&self.roles).unwrap_or_default();
+        hash_hex(&canonical_body(&self.as_row(&roles, &details)))
     }
 
-    fn as_row<'a>(&'a self, details: &'a str) -> RowRef<'a> {
+    fn as_row<'a>(&'a self, roles: &'a str, details: &'a str) -> RowRef<'a> {
         RowRef {
             seq: self.seq,
             ts: &self.ts,
             device_id: &self.device_id,
             actor: &self.actor,
-            roles: &self.roles,
+            roles,
             action: &self.action,
             resource: self.resource.as_deref(),
             outcome: self.outcome.as_str(),
@@ -336,8 +342,29 @@ impl AuditSettings {
 
 type Reply<T> = SyncSender<Result<T, AuditError>>;
 
+/// An entry with its canonical parts computed on the caller's thread, so the single writer
+/// thread only chains, hashes and inserts.
+struct Prepared {
+    entry: Entry,
+    roles: String,
+    details: String,
+}
+
+impl Prepared {
+    fn new(mut entry: Entry) -> Self {
+        let (value, details) = capped_details(std::mem::take(&mut entry.details));
+        entry.details = value;
+        let roles = jcs::to_string(&entry.roles).unwrap_or_else(|_| "[]".into());
+        Self {
+            entry,
+            roles,
+            details,
+        }
+    }
+}
+
 enum Msg {
-    Append(Box<Entry>, Reply<Record>),
+    Append(Box<Prepared>, Reply<Record>),
     Checkpoint(Reply<Option<Checkpoint>>),
 }
 
@@ -424,7 +451,7 @@ impl AuditLog {
         let (reply, rx) = mpsc::sync_channel(1);
         if let Some(tx) = &self.tx {
             // A send error means the writer is gone; `wait` then reports it.
-            let _ = tx.send(Msg::Append(Box::new(entry), reply));
+            let _ = tx.send(Msg::Append(Box::new(Prepared::new(entry)), reply));
         }
         Pending {
             rx,
@@ -514,7 +541,7 @@ impl Writer {
             let mut next = Some(first);
             while let Some(m) = next.take() {
                 match m {
-                    Msg::Append(e, r) => appends.push((e, r)),
+                    Msg::Append(e, r) => appends.push((*e, r)),
                     Msg::Checkpoint(r) => controls.push(r),
                 }
                 if appends.len() < room {
@@ -523,7 +550,7 @@ impl Writer {
             }
             if !appends.is_empty() {
                 let (entries, replies): (Vec<_>, Vec<_>) = appends.into_iter().unzip();
-                match self.write_batch(&entries) {
+                match self.write_batch(entries) {
                     Ok(records) => {
                         self.since_checkpoint += records.len() as u64;
                         for (r, reply) in records.into_iter().zip(replies) {
@@ -546,7 +573,7 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, entries: &[Box<Entry>]) -> Result<Vec<Record>, AuditError> {
+    fn write_batch(&mut self, entries: Vec<Prepared>) -> Result<Vec<Record>, AuditError> {
         let err = store_err(&self.path);
         let tx = self
             .conn
@@ -571,15 +598,20 @@ impl Writer {
                 )
                 .map_err(&err)?;
             let ts = now_rfc3339();
-            for e in entries {
+            let mut body = String::with_capacity(1024);
+            for p in entries {
+                let Prepared {
+                    entry: e,
+                    roles,
+                    details,
+                } = p;
                 seq += 1;
-                let (details_value, details) = capped_details(&e.details);
                 let row = RowRef {
                     seq,
                     ts: &ts,
                     device_id: &self.settings.device_id,
                     actor: &e.actor,
-                    roles: &e.roles,
+                    roles: &roles,
                     action: &e.action,
                     resource: e.resource.as_deref(),
                     outcome: e.outcome.as_str(),
@@ -589,8 +621,8 @@ impl Writer {
                     details: &details,
                     prev_hash: &prev,
                 };
-                let hash = hash_hex(&canonical_body(&row));
-                let roles = serde_json::to_string(&e.roles).unwrap_or_else(|_| "[]".into());
+                write_canonical_body(&mut body, &row);
+                let hash = hash_hex(&body);
                 stmt.execute(params![
                     seq as i64,
                     ts,
@@ -612,15 +644,15 @@ impl Writer {
                     seq,
                     ts: ts.clone(),
                     device_id: self.settings.device_id.clone(),
-                    actor: e.actor.clone(),
-                    roles: e.roles.clone(),
-                    action: e.action.clone(),
-                    resource: e.resource.clone(),
+                    actor: e.actor,
+                    roles: e.roles,
+                    action: e.action,
+                    resource: e.resource,
                     outcome: e.outcome,
-                    reason: e.reason.clone(),
-                    request_id: e.request_id.clone(),
+                    reason: e.reason,
+                    request_id: e.request_id,
                     policy_version: e.policy_version,
-                    details: details_value,
+                    details: e.details,
                     prev_hash: std::mem::replace(&mut prev, hash.clone()),
                     hash,
                 });
@@ -669,10 +701,10 @@ impl Writer {
 
 /// Details as a value and as canonical text, replaced by a digest when over [`MAX_DETAILS`]
 /// or not an object.
-fn capped_details(details: &serde_json::Value) -> (serde_json::Value, String) {
-    let text = jcs::to_string(details).unwrap_or_else(|_| "{}".into());
+fn capped_details(details: serde_json::Value) -> (serde_json::Value, String) {
+    let text = jcs::to_string(&details).unwrap_or_else(|_| "{}".into());
     if details.is_object() && text.len() <= MAX_DETAILS {
-        return (details.clone(), text);
+        return (details, text);
     }
     let v = serde_json::json!({
         "truncated": true,
@@ -826,61 +858,69 @@ impl AuditReader {
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
 
-    /// Raw rows for verification: (record fields, details as stored text).
+    /// Every row as stored, borrowed from SQLite (no copies), for verification.
     fn for_each_raw(
         &self,
-        mut f: impl FnMut(RawRecord) -> Result<(), AuditError>,
+        mut f: impl FnMut(&RawRecord<'_>) -> Result<(), AuditError>,
     ) -> Result<(), AuditError> {
         let err = store_err(&self.path);
         let sql = format!("SELECT {RECORD_COLUMNS} FROM records ORDER BY seq");
         let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
         let mut rows = stmt.query([]).map_err(&err)?;
         while let Some(row) = rows.next().map_err(&err)? {
+            let text = |i: usize| -> Result<&str, AuditError> {
+                row.get_ref(i)
+                    .and_then(|v| v.as_str().map_err(Into::into))
+                    .map_err(&err)
+            };
+            let opt_text = |i: usize| -> Result<Option<&str>, AuditError> {
+                row.get_ref(i)
+                    .and_then(|v| v.as_str_or_null().map_err(Into::into))
+                    .map_err(&err)
+            };
             let raw = RawRecord {
                 seq: row.get::<_, i64>(0).map_err(&err)?,
-                ts: row.get(1).map_err(&err)?,
-                device_id: row.get(2).map_err(&err)?,
-                actor: row.get(3).map_err(&err)?,
-                roles: row.get(4).map_err(&err)?,
-                action: row.get(5).map_err(&err)?,
-                resource: row.get(6).map_err(&err)?,
-                outcome: row.get(7).map_err(&err)?,
-                reason: row.get(8).map_err(&err)?,
-                request_id: row.get(9).map_err(&err)?,
+                ts: text(1)?,
+                device_id: text(2)?,
+                actor: text(3)?,
+                roles: text(4)?,
+                action: text(5)?,
+                resource: opt_text(6)?,
+                outcome: text(7)?,
+                reason: text(8)?,
+                request_id: opt_text(9)?,
                 policy_version: row.get(10).map_err(&err)?,
-                details: row.get(11).map_err(&err)?,
-                prev_hash: row.get(12).map_err(&err)?,
-                hash: row.get(13).map_err(&err)?,
+                details: text(11)?,
+                prev_hash: text(12)?,
+                hash: text(13)?,
             };
-            f(raw)?;
+            f(&raw)?;
         }
         Ok(())
     }
 }
 
 /// A row as stored, before any interpretation (verification must not trust types).
-struct RawRecord {
+struct RawRecord<'a> {
     seq: i64,
-    ts: String,
-    device_id: String,
-    actor: String,
-    roles: String,
-    action: String,
-    resource: Option<String>,
-    outcome: String,
-    reason: String,
-    request_id: Option<String>,
+    ts: &'a str,
+    device_id: &'a str,
+    actor: &'a str,
+    roles: &'a str,
+    action: &'a str,
+    resource: Option<&'a str>,
+    outcome: &'a str,
+    reason: &'a str,
+    request_id: Option<&'a str>,
     policy_version: Option<i64>,
-    details: String,
-    prev_hash: String,
-    hash: String,
+    details: &'a str,
+    prev_hash: &'a str,
+    hash: &'a str,
 }
 
-impl RawRecord {
-    /// The hash of this row's contents, or why it cannot be computed.
-    fn compute_hash(&self) -> Result<String, String> {
-        let roles: Vec<String> =
-            serde_json::from_str(&self.roles).map_err(|e| format!("roles are not a list: {e}"))?;
+impl RawRecord<'_> {
+    /// Whether this row's contents give its stored hash; `buf` is scratch space.
+    fn hash_matches(&self, buf: &mut String) -> Result<bool, String> {
         let seq = u64::try_from(self.seq).map_err(|_| "negative seq".to_string())?;
         let policy_version = self
             .policy_version
@@ -889,30 +929,43 @@ impl RawRecord {
             .map_err(|_| "negative policy_version".to_string())?;
         let mut row = RowRef {
             seq,
-            ts: &self.ts,
-            device_id: &self.device_id,
-            actor: &self.actor,
-            roles: &roles,
-            action: &self.action,
-            resource: self.resource.as_deref(),
-            outcome: &self.outcome,
-            reason: &self.reason,
-            request_id: self.request_id.as_deref(),
+            ts: self.ts,
+            device_id: self.device_id,
+            actor: self.actor,
+            roles: self.roles,
+            action: self.action,
+            resource: self.resource,
+            outcome: self.outcome,
+            reason: self.reason,
+            request_id: self.request_id,
             policy_version,
-            details: &self.details,
-            prev_hash: &self.prev_hash,
+            details: self.details,
+            prev_hash: self.prev_hash,
         };
-        let fast = hash_hex(&canonical_body(&row));
-        if fast == self.hash {
-            return Ok(fast);
+        // Fast path: the stored roles and details are the canonical text the writer hashed.
+        write_canonical_body(buf, &row);
+        if hash_equals(buf, self.hash) {
+            return Ok(true);
         }
-        // Stored details may be equivalent JSON in another spelling: canonicalize and retry.
-        let value: serde_json::Value = serde_json::from_str(&self.details)
-            .map_err(|e| format!("details are not JSON: {e}"))?;
-        let canonical = jcs::to_string(&value).map_err(|e| e.to_string())?;
-        row.details = &canonical;
-        Ok(hash_hex(&canonical_body(&row)))
+        // They may be equivalent JSON spelt differently: canonicalize and retry.
+        let roles: Vec<String> =
+            serde_json::from_str(self.roles).map_err(|e| format!("roles are not a list: {e}"))?;
+        let details: serde_json::Value =
+            serde_json::from_str(self.details).map_err(|e| format!("details are not JSON: {e}"))?;
+        let roles = jcs::to_string(&roles).map_err(|e| e.to_string())?;
+        let details = jcs::to_string(&details).map_err(|e| e.to_string())?;
+        row.roles = &roles;
+        row.details = &details;
+        write_canonical_body(buf, &row);
+        Ok(hash_equals(buf, self.hash))
     }
+}
+
+/// Whether SHA-256 of `body` is the lowercase hex `expected`, without allocating.
+fn hash_equals(body: &str, expected: &str) -> bool {
+    let mut hex_buf = [0u8; 64];
+    let digest = Sha256::digest(body.as_bytes());
+    hex::encode_to_slice(digest, &mut hex_buf).is_ok() && hex_buf == expected.as_bytes()
 }
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
