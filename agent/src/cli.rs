@@ -29,6 +29,10 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Generate text with a local model, offline.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode speed (llama-bench style).
+    Bench(BenchArgs),
     /// Manage the local model registry.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -44,6 +48,80 @@ pub enum Command {
     /// Read, export and verify the audit log (changes nothing).
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat"])))]
+pub struct GenerateArgs {
+    /// Model REF or alias; default the alias `default`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// A raw prompt: special tokens such as <|im_start|> are recognized, as llama.cpp does.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A user message, through the model's chat template (special tokens in it stay text).
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// A system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// 1.0 is off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Makes sampling reproducible.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Compute threads; default `[engine] threads`, else the number of cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Report the N most likely tokens at each step (with --json).
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: usize,
+    /// Context window; default `[engine] context_length`, else the model's (at most 8192).
+    #[arg(long)]
+    pub context: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model REF or alias; default the alias `default`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Prompt lengths to prefill, comma-separated.
+    #[arg(
+        short = 'p',
+        long = "prompt",
+        value_delimiter = ',',
+        default_value = "128,512"
+    )]
+    pub prompt: Vec<usize>,
+    /// Tokens to decode.
+    #[arg(short = 'n', long = "gen", default_value_t = 128)]
+    pub generate: usize,
+    /// Thread counts, comma-separated; default the number of cores.
+    #[arg(short = 't', long = "threads", value_delimiter = ',')]
+    pub threads: Option<Vec<usize>>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "reps", default_value_t = 5)]
+    pub reps: usize,
+    /// Internal: run one thread count in this process.
+    #[arg(long, hide = true)]
+    pub worker: bool,
 }
 
 #[derive(Debug, Subcommand)]

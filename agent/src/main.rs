@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod config;
+mod threads;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    // Before any thread exists: the compute pool reads its size once, from the environment.
+    let wanted = match &cli.command {
+        cli::Command::Generate(g) => g.threads.or(loaded.config.engine.threads),
+        _ => loaded.config.engine.threads,
+    };
+    if let Some(n) = wanted {
+        threads::set_compute_threads(n);
+    }
     match commands::run(cli, loaded) {
         Ok(code) => code,
         Err(e) => {

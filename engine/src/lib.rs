@@ -6,10 +6,56 @@
 //!
 //! - [`gguf`]: reading and validating the GGUF container (untrusted input, capped).
 //! - [`registry`]: the content-addressed blob store and `registry.db`.
+//! - [`arch`]: the architectures (the only home of `candle-transformers`).
+//! - [`tokenizer`]: tokenizers built from the GGUF metadata; streaming detokenization.
+//! - [`chat`]: chat templates from the file, with untrusted contents kept out of specials.
+//! - [`generate`]: loading, sampling, generation, timings.
 //! - [`testing`]: GGUF files built in code, for tests in this and other crates.
 
+pub mod arch;
+pub mod chat;
+pub mod generate;
 pub mod gguf;
 pub mod registry;
 pub mod testing;
+pub mod tokenizer;
 
+use std::path::PathBuf;
+
+pub use generate::{GenerateParams, Generation, LoadOptions, LoadedModel, SamplingParams};
 pub use registry::{ModelRecord, ModelRef, Registry, RegistryError};
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{} is not a valid GGUF model: {source}", path.display())]
+    Gguf {
+        path: PathBuf,
+        source: gguf::GgufError,
+    },
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unsupported architecture '{0}' (supported: llama, gemma3, qwen2, qwen3, phi3)")]
+    UnsupportedArchitecture(String),
+    #[error("unsupported {0}")]
+    Unsupported(String),
+    #[error(
+        "the model needs an estimated {} MiB, above the memory budget of {} MiB",
+        needed / (1 << 20),
+        budget / (1 << 20)
+    )]
+    OverBudget { needed: u64, budget: u64 },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("the prompt is {prompt} tokens, but the context window is {context}")]
+    ContextOverflow { prompt: usize, context: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+}

@@ -16,6 +16,8 @@ pub struct GgufBuilder {
     pub salt: u8,
     kvs: Vec<(String, Vec<u8>)>,
     tensors: Vec<(String, Vec<u64>, u32)>,
+    /// Explicit data for some tensors (by index); the others get the byte pattern.
+    data: std::collections::HashMap<usize, Vec<u8>>,
 }
 
 const ALIGN: u64 = 32;
@@ -30,6 +32,7 @@ impl GgufBuilder {
             salt: 0,
             kvs: Vec::new(),
             tensors: Vec::new(),
+            data: Default::default(),
         };
         b.kv_str("general.architecture", arch);
         b
@@ -119,6 +122,126 @@ impl GgufBuilder {
         self
     }
 
+    /// An f32 tensor with the given values (row-major, `dims[0]` fastest).
+    pub fn tensor_f32(&mut self, name: &str, dims: &[u64], values: &[f32]) -> &mut Self {
+        self.data.insert(
+            self.tensors.len(),
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        );
+        self.tensors.push((name.to_string(), dims.to_vec(), 0));
+        self
+    }
+
+    pub fn kv_f32(&mut self, key: &str, value: f32) -> &mut Self {
+        let mut v = 6u32.to_le_bytes().to_vec();
+        v.extend_from_slice(&value.to_le_bytes());
+        self.set_kv(key, v);
+        self
+    }
+
+    pub fn kv_bool(&mut self, key: &str, value: bool) -> &mut Self {
+        let mut v = 7u32.to_le_bytes().to_vec();
+        v.push(u8::from(value));
+        self.set_kv(key, v);
+        self
+    }
+
+    pub fn kv_i32_array(&mut self, key: &str, values: &[i32]) -> &mut Self {
+        let mut v = 9u32.to_le_bytes().to_vec();
+        v.extend_from_slice(&5u32.to_le_bytes());
+        v.extend_from_slice(&(values.len() as u64).to_le_bytes());
+        for x in values {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        self.set_kv(key, v);
+        self
+    }
+
+    /// A tiny but runnable llama model: 2 layers, hidden 64, 4 heads (2 KV heads), a
+    /// byte-level BPE vocabulary of the 256 bytes, two merges and the ChatML control tokens
+    /// `<|im_start|>` (256) and `<|im_end|>` (257, also EOS). Weights are deterministic.
+    pub fn tiny_llama() -> Self {
+        let (hidden, heads, kv_heads, ffn, layers) = (64u64, 4u64, 2u64, 128u64, 2u64);
+        let head_dim = hidden / heads;
+        let mut b = Self::new("llama");
+        b.kv_str("general.name", "tiny-llama");
+        b.kv_u32("llama.context_length", 64);
+        b.kv_u32("llama.embedding_length", hidden as u32);
+        b.kv_u32("llama.block_count", layers as u32);
+        b.kv_u32("llama.feed_forward_length", ffn as u32);
+        b.kv_u32("llama.attention.head_count", heads as u32);
+        b.kv_u32("llama.attention.head_count_kv", kv_heads as u32);
+        b.kv_u32("llama.rope.dimension_count", head_dim as u32);
+        b.kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
+        b.kv_f32("llama.rope.freq_base", 10_000.0);
+        let mut tokens: Vec<String> = (0..=255u8).map(byte_level_char).map(String::from).collect();
+        let merges = ["h e", "l l"];
+        tokens.extend(["<|im_start|>", "<|im_end|>", "he", "ll"].map(String::from));
+        let types: Vec<i32> = (0..tokens.len())
+            .map(|i| if i == 256 || i == 257 { 3 } else { 1 })
+            .collect();
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        b.kv_str("tokenizer.ggml.model", "gpt2");
+        b.kv_str("tokenizer.ggml.pre", "default");
+        b.kv_string_array("tokenizer.ggml.tokens", &refs);
+        b.kv_string_array("tokenizer.ggml.merges", &merges);
+        b.kv_i32_array("tokenizer.ggml.token_type", &types);
+        b.kv_u32("tokenizer.ggml.eos_token_id", 257);
+        b.kv_u32("tokenizer.ggml.bos_token_id", 256);
+        b.kv_bool("tokenizer.ggml.add_bos_token", false);
+        b.kv_str(
+            "tokenizer.chat_template",
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+             {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        );
+        let vocab = tokens.len() as u64;
+        let mut seed = 1u32;
+        let mut weights = |n: u64, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        b.tensor_f32(
+            "token_embd.weight",
+            &[hidden, vocab],
+            &weights(hidden * vocab, 1.0),
+        );
+        b.tensor_f32("output_norm.weight", &[hidden], &vec![1.0; hidden as usize]);
+        for l in 0..layers {
+            let name = |n: &str| format!("blk.{l}.{n}.weight");
+            b.tensor_f32(&name("attn_norm"), &[hidden], &vec![1.0; hidden as usize]);
+            b.tensor_f32(&name("ffn_norm"), &[hidden], &vec![1.0; hidden as usize]);
+            b.tensor_f32(
+                &name("attn_q"),
+                &[hidden, hidden],
+                &weights(hidden * hidden, 0.3),
+            );
+            let kv = kv_heads * head_dim;
+            b.tensor_f32(&name("attn_k"), &[hidden, kv], &weights(hidden * kv, 0.3));
+            b.tensor_f32(&name("attn_v"), &[hidden, kv], &weights(hidden * kv, 0.3));
+            b.tensor_f32(
+                &name("attn_output"),
+                &[hidden, hidden],
+                &weights(hidden * hidden, 0.3),
+            );
+            b.tensor_f32(
+                &name("ffn_gate"),
+                &[hidden, ffn],
+                &weights(hidden * ffn, 0.3),
+            );
+            b.tensor_f32(&name("ffn_up"), &[hidden, ffn], &weights(hidden * ffn, 0.3));
+            b.tensor_f32(
+                &name("ffn_down"),
+                &[ffn, hidden],
+                &weights(hidden * ffn, 0.3),
+            );
+        }
+        b
+    }
+
     /// The file's bytes.
     pub fn build(&self) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
@@ -150,10 +273,30 @@ impl GgufBuilder {
         let data_start = (out.len() as u64).div_ceil(ALIGN) * ALIGN;
         out.resize(data_start as usize, 0);
         let salt = self.salt;
+        let start = out.len();
         out.extend((0..data_len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)));
+        let mut offset = 0u64;
+        for (i, (_, dims, ty)) in self.tensors.iter().enumerate() {
+            if let Some(bytes) = self.data.get(&i) {
+                let at = start + offset as usize;
+                out[at..at + bytes.len()].copy_from_slice(bytes);
+            }
+            offset = (offset + tensor_bytes(dims, *ty)).div_ceil(ALIGN) * ALIGN;
+        }
         out.truncate(out.len().saturating_sub(self.truncate_data_by));
         out
     }
+}
+
+/// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are moved
+/// to U+0100 and up.
+pub fn byte_level_char(b: u8) -> char {
+    let printable = |x: u8| (b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || x >= 0xAE;
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + rank).unwrap_or('?')
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {

@@ -2,6 +2,8 @@
 
 mod audit;
 mod auth;
+mod bench;
+mod generate;
 mod models;
 
 use std::path::PathBuf;
@@ -24,6 +26,7 @@ pub struct Context {
     pub loaded: Loaded,
     pub json: bool,
     data_dir_flag: Option<PathBuf>,
+    config_flag: Option<PathBuf>,
 }
 
 impl Context {
@@ -33,6 +36,11 @@ impl Context {
             .clone()
             .or_else(|| self.loaded.config.device.data_dir.clone())
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR))
+    }
+
+    /// The `--config` given, for child processes.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_flag.as_deref()
     }
 
     /// `[device] id`, else the host name (made a valid id), else `unknown-device`.
@@ -207,10 +215,13 @@ pub fn run(cli: Cli, loaded: Loaded) -> anyhow::Result<ExitCode> {
         loaded,
         json: cli.json,
         data_dir_flag: cli.data_dir,
+        config_flag: cli.config,
     };
     match cli.command {
         Command::Config(ConfigCommand::Check) => config_check(&ctx),
         Command::Models(cmd) => models::run(&ctx, cmd),
+        Command::Generate(args) => generate::run(&ctx, args),
+        Command::Bench(args) => bench::run(&ctx, args),
         Command::Keys(cmd) => auth::keys(&ctx, cmd),
         Command::Token(cmd) => auth::token(&ctx, cmd),
         Command::Auth(cmd) => auth::check(&ctx, cmd),

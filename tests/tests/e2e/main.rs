@@ -6,6 +6,8 @@
 mod architecture;
 mod cli;
 mod faults;
+mod golden;
+mod inference;
 mod models;
 mod policy;
 mod support;

@@ -1,0 +1,298 @@
+//! Gemma 3, written here rather than taken from `candle-transformers`, whose quantized Gemma 3
+//! (0.11.1) gates the MLP with SiLU where Gemma uses GELU (tanh approximation), and allocates
+//! rotary tables for 131,072 positions in every layer (~2.4 GB for the 270M model).
+//!
+//! Per layer: RMSNorm → attention (q/k RMSNorm, RoPE with base 10,000 on sliding-window
+//! layers and `rope.freq_base` on every sixth, global, layer; grouped-query attention) →
+//! RMSNorm → residual; RMSNorm → GELU-gated MLP → RMSNorm → residual. Embeddings are scaled
+//! by √hidden; the output head is tied to the embedding unless `output.weight` exists.
+//! Sliding-window layers keep only the last `window` positions in their KV cache.
+
+use std::collections::HashMap;
+use std::fs::File;
+
+use candle_core::quantized::QMatMul;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+/// Every `GLOBAL_EVERY`-th layer attends globally; the others use the sliding window.
+const GLOBAL_EVERY: usize = 6;
+const LOCAL_ROPE_BASE: f32 = 10_000.0;
+
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(head_dim: usize, base: f32, positions: usize, dev: &Device) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| base.powf(-(i as f32) / head_dim as f32))
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), dev)?.reshape((1, head_dim / 2))?;
+        let pos = Tensor::arange(0u32, positions as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((positions, 1))?;
+        let angles = pos.matmul(&inv)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let len = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, len)?;
+        let sin = self.sin.narrow(0, pos, len)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    post_attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    post_ffn_norm: RmsNorm,
+    /// `Some(window)` on sliding-window layers.
+    window: Option<usize>,
+    global_rope: bool,
+    cache: Option<(Tensor, Tensor)>,
+}
+
+pub struct Gemma3 {
+    embed: Tensor,
+    hidden: usize,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    local_rope: Rope,
+    global_rope: Rope,
+}
+
+impl Gemma3 {
+    pub fn load(ct: &Content, file: &mut File, max_positions: usize) -> Result<Self> {
+        let dev = Device::Cpu;
+        let md = |k: &str| {
+            ct.metadata
+                .get(&format!("gemma3.{k}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing gemma3.{k}")))
+        };
+        let heads = md("attention.head_count")?.to_u32()? as usize;
+        let kv_heads = md("attention.head_count_kv")?.to_u32()? as usize;
+        let layers_n = md("block_count")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let head_dim = md("attention.key_length")?.to_u32()? as usize;
+        let eps = f64::from(md("attention.layer_norm_rms_epsilon")?.to_f32()?);
+        let window = md("attention.sliding_window")?.to_u32()? as usize;
+        let global_base = md("rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(1_000_000.0);
+        let local_base = md("rope.local_freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(LOCAL_ROPE_BASE);
+        let mut tensor = |name: &str| ct.tensor(file, name, &dev);
+        let embed = tensor("token_embd.weight")?.dequantize(&dev)?;
+        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
+        let output = match tensor("output.weight") {
+            Ok(t) => QMatMul::from_qtensor(t)?,
+            Err(_) => QMatMul::from_qtensor(tensor("token_embd.weight")?)?,
+        };
+        let mut layers = Vec::with_capacity(layers_n);
+        for i in 0..layers_n {
+            let mut t = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
+            let global = (i + 1) % GLOBAL_EVERY == 0;
+            layers.push(Layer {
+                attn_norm: RmsNorm::from_qtensor(t("attn_norm")?, eps)?,
+                q: QMatMul::from_qtensor(t("attn_q")?)?,
+                k: QMatMul::from_qtensor(t("attn_k")?)?,
+                v: QMatMul::from_qtensor(t("attn_v")?)?,
+                o: QMatMul::from_qtensor(t("attn_output")?)?,
+                q_norm: RmsNorm::from_qtensor(t("attn_q_norm")?, eps)?,
+                k_norm: RmsNorm::from_qtensor(t("attn_k_norm")?, eps)?,
+                post_attn_norm: RmsNorm::from_qtensor(t("post_attention_norm")?, eps)?,
+                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, eps)?,
+                gate: QMatMul::from_qtensor(t("ffn_gate")?)?,
+                up: QMatMul::from_qtensor(t("ffn_up")?)?,
+                down: QMatMul::from_qtensor(t("ffn_down")?)?,
+                post_ffn_norm: RmsNorm::from_qtensor(t("post_ffw_norm")?, eps)?,
+                window: (!global).then_some(window),
+                global_rope: global,
+                cache: None,
+            });
+        }
+        Ok(Self {
+            embed,
+            hidden,
+            layers,
+            norm,
+            output,
+            heads,
+            kv_heads,
+            head_dim,
+            local_rope: Rope::new(head_dim, local_base, max_positions, &dev)?,
+            global_rope: Rope::new(head_dim, global_base, max_positions, &dev)?,
+        })
+    }
+
+    /// Logits after the last of `tokens`, placed at positions `pos..`.
+    pub fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {
+        let (b, len) = tokens.dims2()?;
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, len, self.hidden))?;
+        x = (x * (self.hidden as f64).sqrt())?;
+        let mut masks: HashMap<Option<usize>, Tensor> = HashMap::new();
+        for layer in &mut self.layers {
+            if pos == 0 {
+                layer.cache = None;
+            }
+            let rope = if layer.global_rope {
+                &self.global_rope
+            } else {
+                &self.local_rope
+            };
+            let h = layer.attn_norm.forward(&x)?;
+            let q = layer
+                .q
+                .forward(&h)?
+                .reshape((b, len, self.heads, self.head_dim))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward(&h)?
+                .reshape((b, len, self.kv_heads, self.head_dim))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward(&h)?
+                .reshape((b, len, self.kv_heads, self.head_dim))?
+                .transpose(1, 2)?;
+            let q = rope.apply(&layer.q_norm.forward(&q.contiguous()?)?, pos)?;
+            let k = rope.apply(&layer.k_norm.forward(&k.contiguous()?)?, pos)?;
+            let (k, v) = match &layer.cache {
+                Some((kc, vc)) => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+                None => (k, v.contiguous()?),
+            };
+            let total = k.dim(2)?;
+            // Key j (of `total`, the last `len` being new) is at position pos + len - total + j.
+            let first_key = pos + len - total;
+            let mask = match masks.get(&layer.window) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = attention_mask(len, total, pos, first_key, layer.window)?;
+                    masks.insert(layer.window, m.clone());
+                    m
+                }
+            };
+            // Sliding layers never need more than the window.
+            layer.cache = Some(match layer.window {
+                Some(w) if total > w => (
+                    k.narrow(2, total - w, w)?.contiguous()?,
+                    v.narrow(2, total - w, w)?.contiguous()?,
+                ),
+                _ => (k.clone(), v.clone()),
+            });
+            let rep = self.heads / self.kv_heads;
+            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+            let scores = (q.contiguous()?.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+            let scores = scores.broadcast_add(&mask)?;
+            let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+            let attn = attn
+                .transpose(1, 2)?
+                .reshape((b, len, self.heads * self.head_dim))?;
+            let attn = layer.post_attn_norm.forward(&layer.o.forward(&attn)?)?;
+            x = (x + attn)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let gated = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
+            let ffn = layer.post_ffn_norm.forward(&layer.down.forward(&gated)?)?;
+            x = (x + ffn)?;
+        }
+        let last = x.i((.., len - 1, ..))?;
+        self.output.forward(&self.norm.forward(&last)?)
+    }
+}
+
+/// Additive mask (0 or -inf) of shape (len, total): query i (at pos + i) may see key j (at
+/// first_key + j) when the key is not in its future and, on sliding layers, within the window.
+fn attention_mask(
+    len: usize,
+    total: usize,
+    pos: usize,
+    first_key: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let mut m = vec![0f32; len * total];
+    for i in 0..len {
+        let qp = pos + i;
+        for j in 0..total {
+            let kp = first_key + j;
+            let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
+            if !visible {
+                m[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(m, (len, total), &Device::Cpu)?.reshape((1, 1, len, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_are_causal_and_windowed() {
+        let m = attention_mask(3, 3, 0, 0, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let v = m.to_vec1::<f32>().unwrap();
+        let seen: Vec<bool> = v.iter().map(|x| x.is_finite()).collect();
+        assert_eq!(
+            seen,
+            [true, false, false, true, true, false, true, true, true]
+        );
+        // Window of 2: query at 2 no longer sees key 0.
+        let w = attention_mask(3, 3, 0, 0, Some(2))
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let seen: Vec<bool> = w
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.is_finite())
+            .collect();
+        assert_eq!(
+            seen,
+            [true, false, false, true, true, false, false, true, true]
+        );
+        // Decoding one token at position 10 with 4 cached keys (positions 7..=10).
+        let d = attention_mask(1, 4, 10, 7, Some(3))
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let seen: Vec<bool> = d
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.is_finite())
+            .collect();
+        assert_eq!(seen, [false, true, true, true]);
+    }
+}

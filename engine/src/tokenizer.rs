@@ -1,0 +1,424 @@
+//! Tokenizers built from the GGUF metadata (`tokenizer.ggml.*`), as `tokenizers::Tokenizer`s.
+//!
+//! - `gpt2` (byte-level BPE: SmolLM2, Qwen, Llama 3): vocabulary and merges from the file, the
+//!   pre-tokenizer chosen by `tokenizer.ggml.pre` (the same regexes as llama.cpp).
+//! - `llama` (SentencePiece-style: Gemma, Llama 2): a BPE over the whole text whose merges are
+//!   derived from the token scores (a pair merges with the priority of the token it makes,
+//!   which is what SentencePiece's bigram search does), byte fallback to `<0xXX>` tokens, and
+//!   spaces as `▁`.
+//!
+//! Control (type 3) and user-defined (type 4) tokens are added tokens: recognized in raw text
+//! when `parse_special` is on, as llama.cpp does for prompts. A second tokenizer without them
+//! encodes text that must never produce them (chat message contents), so a user cannot forge
+//! a turn. BOS is added by us, per `add_bos_token`.
+
+use std::collections::{HashMap, HashSet};
+
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Prepend, Replace};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
+
+use crate::EngineError;
+use crate::arch::Metadata;
+use candle_core::quantized::gguf_file::Value;
+
+/// llama.cpp token types.
+const TYPE_NORMAL: u32 = 1;
+const TYPE_CONTROL: u32 = 3;
+const TYPE_USER_DEFINED: u32 = 4;
+
+/// Pre-tokenizer regexes by `tokenizer.ggml.pre`, as llama.cpp has them.
+const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn tok_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+struct Meta<'a>(&'a Metadata);
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        self.get(key).and_then(|v| v.to_string().ok()).cloned()
+    }
+
+    fn u32(&self, key: &str) -> Option<u32> {
+        self.get(key).and_then(|v| match v {
+            Value::U8(x) => Some(u32::from(*x)),
+            Value::U16(x) => Some(u32::from(*x)),
+            Value::U32(x) => Some(*x),
+            Value::U64(x) => u32::try_from(*x).ok(),
+            Value::I32(x) => u32::try_from(*x).ok(),
+            Value::I64(x) => u32::try_from(*x).ok(),
+            _ => None,
+        })
+    }
+
+    fn bool(&self, key: &str) -> Option<bool> {
+        self.get(key).and_then(|v| v.to_bool().ok())
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, EngineError> {
+        let arr = self
+            .get(key)
+            .ok_or_else(|| tok_err(format!("missing {key}")))?
+            .to_vec()
+            .map_err(|_| tok_err(format!("{key} is not an array")))?;
+        arr.iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| tok_err(format!("{key} holds a non-string")))
+            })
+            .collect()
+    }
+
+    fn numbers<T>(
+        &self,
+        key: &str,
+        f: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Vec<T>, EngineError> {
+        let Some(v) = self.get(key) else {
+            return Ok(Vec::new());
+        };
+        let arr = v
+            .to_vec()
+            .map_err(|_| tok_err(format!("{key} is not an array")))?;
+        arr.iter()
+            .map(|v| f(v).ok_or_else(|| tok_err(format!("{key} holds a non-number"))))
+            .collect()
+    }
+}
+
+/// A model's tokenizer.
+pub struct TextTokenizer {
+    /// Recognizes control and user-defined tokens in the text.
+    with_specials: Tokenizer,
+    /// Never produces them: for untrusted text inside a template.
+    plain: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_bos: bool,
+    /// Token ids that end a generation (EOS, and end-of-turn tokens such as `<|im_end|>`).
+    pub end_ids: HashSet<u32>,
+    control: HashSet<u32>,
+    pub kind: String,
+    pub vocab_size: usize,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TextTokenizer({}, {} tokens)",
+            self.kind, self.vocab_size
+        )
+    }
+}
+
+impl TextTokenizer {
+    pub fn from_metadata(md: &Metadata) -> Result<Self, EngineError> {
+        let m = Meta(md);
+        let kind = m
+            .string("tokenizer.ggml.model")
+            .ok_or_else(|| tok_err("the file has no tokenizer (tokenizer.ggml.model)"))?;
+        let tokens = m.strings("tokenizer.ggml.tokens")?;
+        let types: Vec<u32> = m.numbers("tokenizer.ggml.token_type", |v| match v {
+            Value::I32(x) => u32::try_from(*x).ok(),
+            Value::U32(x) => Some(*x),
+            _ => None,
+        })?;
+        let type_of = |i: usize| types.get(i).copied().unwrap_or(TYPE_NORMAL);
+        let vocab: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let add_space_prefix = m
+            .bool("tokenizer.ggml.add_space_prefix")
+            .unwrap_or(kind == "llama");
+        let mut tokenizer = match kind.as_str() {
+            "gpt2" => {
+                let merges: Vec<(String, String)> = m
+                    .strings("tokenizer.ggml.merges")?
+                    .into_iter()
+                    .map(|s| {
+                        s.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .ok_or_else(|| tok_err(format!("bad merge '{s}'")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let bpe = BPE::builder()
+                    .vocab_and_merges(
+                        vocab
+                            .iter()
+                            .map(|(k, v)| (k.clone(), *v))
+                            .collect::<tokenizers::models::bpe::Vocab>(),
+                        merges,
+                    )
+                    .build()
+                    .map_err(tok_err)?;
+                let mut t = Tokenizer::new(bpe);
+                let pre = m
+                    .string("tokenizer.ggml.pre")
+                    .unwrap_or_else(|| "default".into());
+                let split = |re: &str| {
+                    Split::new(
+                        SplitPattern::Regex(re.into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .map_err(tok_err)
+                };
+                let bytes = ByteLevel::new(false, false, false);
+                let pre_tok: tokenizers::PreTokenizerWrapper = match pre.as_str() {
+                    "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" => {
+                        Sequence::new(vec![
+                            split(r"\p{N}")?.into(),
+                            split(RE_GPT2)?.into(),
+                            bytes.into(),
+                        ])
+                        .into()
+                    }
+                    "llama3" | "llama-bpe" | "smaug-bpe" => {
+                        Sequence::new(vec![split(RE_LLAMA3)?.into(), bytes.into()]).into()
+                    }
+                    "qwen2" => Sequence::new(vec![split(RE_QWEN2)?.into(), bytes.into()]).into(),
+                    _ => Sequence::new(vec![split(RE_GPT2)?.into(), bytes.into()]).into(),
+                };
+                t.with_pre_tokenizer(Some(pre_tok));
+                t.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+                t
+            }
+            "llama" => {
+                let scores: Vec<f32> = m.numbers("tokenizer.ggml.scores", |v| v.to_f32().ok())?;
+                let score = |i: u32| scores.get(i as usize).copied().unwrap_or(0.0);
+                // Every split of a normal token into two tokens is a merge with that token's score.
+                let mut merges: Vec<(f32, u32, String, String)> = Vec::new();
+                for (i, t) in tokens.iter().enumerate() {
+                    if type_of(i) != TYPE_NORMAL || t.chars().count() < 2 {
+                        continue;
+                    }
+                    for (at, _) in t.char_indices().skip(1) {
+                        let (l, r) = t.split_at(at);
+                        if vocab.contains_key(l) && vocab.contains_key(r) {
+                            merges.push((score(i as u32), i as u32, l.to_string(), r.to_string()));
+                        }
+                    }
+                }
+                merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let merges = merges.into_iter().map(|(_, _, l, r)| (l, r)).collect();
+                let unk = m
+                    .u32("tokenizer.ggml.unknown_token_id")
+                    .and_then(|i| tokens.get(i as usize).cloned());
+                let mut b = BPE::builder()
+                    .vocab_and_merges(
+                        vocab
+                            .iter()
+                            .map(|(k, v)| (k.clone(), *v))
+                            .collect::<tokenizers::models::bpe::Vocab>(),
+                        merges,
+                    )
+                    .byte_fallback(true);
+                if let Some(u) = unk {
+                    b = b.unk_token(u);
+                }
+                let mut t = Tokenizer::new(b.build().map_err(tok_err)?);
+                let mut norms: Vec<NormalizerWrapper> = Vec::new();
+                if add_space_prefix {
+                    norms.push(Prepend::new("▁".into()).into());
+                }
+                norms.push(Replace::new(" ", "▁").map_err(tok_err)?.into());
+                t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)));
+                let mut decoders: Vec<DecoderWrapper> = vec![
+                    tokenizers::decoders::DecoderWrapper::Replace(
+                        tokenizers::normalizers::Replace::new("▁", " ").map_err(tok_err)?,
+                    ),
+                    ByteFallback::new().into(),
+                    Fuse::new().into(),
+                ];
+                if add_space_prefix {
+                    decoders.push(Strip::new(' ', 1, 0).into());
+                }
+                t.with_decoder(Some(DecoderSequence::new(decoders)));
+                t
+            }
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "tokenizer type '{other}'"
+                )));
+            }
+        };
+        let plain = tokenizer.clone();
+        let mut control = HashSet::new();
+        let mut added = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            match type_of(i) {
+                TYPE_CONTROL => {
+                    control.insert(i as u32);
+                    added.push(AddedToken::from(t.clone(), true));
+                }
+                TYPE_USER_DEFINED => added.push(AddedToken::from(t.clone(), false)),
+                _ => {}
+            }
+        }
+        tokenizer.add_special_tokens(&added);
+        let bos = m.u32("tokenizer.ggml.bos_token_id");
+        let eos = m.u32("tokenizer.ggml.eos_token_id");
+        let mut end_ids: HashSet<u32> = eos.into_iter().collect();
+        for name in [
+            "<|im_end|>",
+            "<end_of_turn>",
+            "<|eot_id|>",
+            "<|end|>",
+            "<|endoftext|>",
+        ] {
+            if let Some(&id) = vocab.get(name) {
+                end_ids.insert(id);
+            }
+        }
+        Ok(Self {
+            with_specials: tokenizer,
+            plain,
+            bos,
+            eos,
+            add_bos: m
+                .bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(kind == "llama"),
+            end_ids,
+            control,
+            vocab_size: tokens.len(),
+            kind,
+        })
+    }
+
+    /// Token ids of `text`, without BOS. With `parse_special`, control and user-defined
+    /// tokens written in the text become those tokens; without, they are plain text.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
+        let t = if parse_special {
+            &self.with_specials
+        } else {
+            &self.plain
+        };
+        Ok(t.encode_fast(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// BOS (when the model wants it) followed by `ids`.
+    pub fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
+        if self.add_bos
+            && let Some(b) = self.bos
+        {
+            ids.insert(0, b);
+        }
+        ids
+    }
+
+    /// Text of `ids`; control tokens are left out when `skip_control`.
+    pub fn decode(&self, ids: &[u32], skip_control: bool) -> Result<String, EngineError> {
+        let kept: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|i| !(skip_control && self.control.contains(i)))
+            .collect();
+        self.with_specials.decode(&kept, false).map_err(tok_err)
+    }
+
+    /// The text of one token as the vocabulary spells it.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.with_specials.id_to_token(id)
+    }
+}
+
+/// Turns a growing list of token ids into text, emitting only complete UTF-8 characters:
+/// a character split across byte tokens comes out once all its bytes are there.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl StreamDecoder {
+    /// Adds a token; returns the new text it completes, if any.
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>, EngineError> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+            return Ok(None);
+        }
+        let new = text
+            .get(self.emitted..)
+            .map(str::to_string)
+            .unwrap_or_default();
+        self.emitted = text.len();
+        Ok(Some(new))
+    }
+
+    /// Whatever is left at the end (an incomplete character comes out as U+FFFD).
+    pub fn finish(&mut self, tok: &TextTokenizer) -> Result<String, EngineError> {
+        let text = tok.decode(&self.ids, true)?;
+        let rest = text
+            .get(self.emitted..)
+            .map(str::to_string)
+            .unwrap_or_default();
+        self.emitted = text.len();
+        Ok(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::GgufBuilder;
+
+    fn tiny() -> TextTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        std::fs::write(&path, GgufBuilder::tiny_llama().build()).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let content = crate::arch::read_content(&mut f).unwrap();
+        TextTokenizer::from_metadata(&content.metadata).unwrap()
+    }
+
+    #[test]
+    fn text_round_trips_and_merges_apply() {
+        let t = tiny();
+        let ids = t.encode("hello, wörld 🚀", false).unwrap();
+        assert_eq!(&ids[..3], [258, 259, 111]);
+        assert_eq!(t.decode(&ids, true).unwrap(), "hello, wörld 🚀");
+        assert_eq!(t.end_ids, HashSet::from([257]));
+    }
+
+    #[test]
+    fn streaming_never_emits_half_a_character() {
+        let t = tiny();
+        let ids = t.encode("é🚀", false).unwrap();
+        assert_eq!(ids.len(), 6, "2 + 4 bytes");
+        let mut s = StreamDecoder::default();
+        let pieces: Vec<Option<String>> = ids.iter().map(|&i| s.push(&t, i).unwrap()).collect();
+        assert_eq!(
+            pieces,
+            [None, Some("é".into()), None, None, None, Some("🚀".into())]
+        );
+        let mut cut = StreamDecoder::default();
+        assert_eq!(cut.push(&t, ids[2]).unwrap(), None);
+        assert_eq!(cut.finish(&t).unwrap(), "\u{FFFD}");
+    }
+}
