@@ -280,6 +280,16 @@ pub enum ModelsCommand {
     },
     /// Delete unreferenced blobs and leftovers of interrupted imports.
     Gc,
+    /// Write a model in another quantization into the registry.
+    Quantize {
+        reference: String,
+        /// q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k or q6_k.
+        #[arg(long)]
+        to: String,
+        /// Name in the registry; default NAME-TYPE.
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -10,12 +10,14 @@
 //! - [`tokenizer`]: tokenizers built from the GGUF metadata; streaming detokenization.
 //! - [`chat`]: chat templates from the file, with untrusted contents kept out of specials.
 //! - [`generate`]: loading, sampling, generation, timings.
+//! - [`quantize`]: writing a model in another quantization.
 //! - [`testing`]: GGUF files built in code, for tests in this and other crates.
 
 pub mod arch;
 pub mod chat;
 pub mod generate;
 pub mod gguf;
+pub mod quantize;
 pub mod registry;
 pub mod testing;
 pub mod tokenizer;

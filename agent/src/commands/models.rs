@@ -140,6 +140,48 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        ModelsCommand::Quantize {
+            reference,
+            to,
+            name,
+        } => {
+            let source = reg.resolve(&parse_ref(&reference)?)?;
+            let name = name.unwrap_or_else(|| format!("{}-{to}", source.name));
+            let details = serde_json::json!({"from": source.label(), "to": to});
+            let (report, m) = audited(&audit, "models:write", Some(&name), details, || {
+                let _held = reg.blobs().open_shared(&source.sha256)?;
+                let tmp = tempfile::Builder::new()
+                    .prefix(".quantize-")
+                    .tempfile_in(&data_dir)
+                    .with_context(|| format!("cannot write in {}", data_dir.display()))?;
+                let report =
+                    outpost_engine::quantize::quantize(&reg.model_path(&source), tmp.path(), &to)?;
+                let m = reg.import(tmp.path(), &name, None, &mut |_| {})?;
+                Ok((report, m.record().clone()))
+            })?;
+            if report.requantized {
+                eprintln!(
+                    "warning: {} was already quantized ({}); requantizing compounds the error",
+                    source.label(),
+                    source.quantization
+                );
+            }
+            if ctx.json {
+                print_json(&serde_json::json!({"model": m, "report": report,
+                    "size_before": source.size_bytes, "size_after": m.size_bytes}))?;
+            } else {
+                println!(
+                    "Wrote {} ({}): {} -> {} ({} matrices quantized, {} fell back, {} kept).",
+                    m.label(),
+                    m.quantization,
+                    human_bytes(source.size_bytes),
+                    human_bytes(m.size_bytes),
+                    report.tensors_quantized,
+                    report.fallbacks.len(),
+                    report.kept
+                );
+            }
+        }
         // Reads returned above, without opening the audit log.
         ModelsCommand::List | ModelsCommand::Show { .. } => {}
     }

@@ -196,3 +196,36 @@ fn bench_reports_prefill_and_decode_per_thread_count() {
         ]
     );
 }
+
+#[test]
+fn quantize_writes_a_new_model_into_the_registry() {
+    let Some(d) = device_with("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2") else {
+        return;
+    };
+    let out = d.run(&["models", "quantize", "smollm2", "--to", "q8_0", "--json"]);
+    let v = out.json();
+    assert!(
+        out.stderr.contains("requantizing compounds the error"),
+        "{out:?}"
+    );
+    assert_eq!(v["model"]["name"], "smollm2-q8_0");
+    assert_eq!(v["model"]["quantization"], "q8_0");
+    assert!(v["size_after"].as_u64() > v["size_before"].as_u64(), "{v}");
+    let g = d
+        .run(&[
+            "generate",
+            "--model",
+            "smollm2-q8_0",
+            "--prompt",
+            "The capital of France is",
+            "-n",
+            "3",
+            "--temperature",
+            "0",
+            "--json",
+        ])
+        .json();
+    assert!(g["text"].as_str().unwrap().contains("Paris"), "{g}");
+    d.run(&["models", "quantize", "smollm2", "--to", "q9_9"])
+        .fails(1, "unsupported quantization 'q9_9'");
+}
