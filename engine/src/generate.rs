@@ -51,7 +51,8 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 /// Estimated resident bytes: the file (weights are read into memory), the embedding
-/// dequantized to f32 where the implementation does so, and an f32 KV cache for `ctx`.
+/// dequantized to f32 where the implementation does so (all but our Gemma 3), and an f32
+/// KV cache for `ctx`.
 pub fn estimate_footprint(info: &GgufInfo, ctx: usize) -> u64 {
     let md = |k: &str| {
         info.architecture()
@@ -64,11 +65,14 @@ pub fn estimate_footprint(info: &GgufInfo, ctx: usize) -> u64 {
     let kv_heads = md("attention.head_count_kv").unwrap_or(heads);
     let head_dim = md("attention.key_length").unwrap_or(embd / heads);
     let kv = 2 * layers * ctx as u64 * kv_heads * head_dim * 4;
-    let embedding = info
-        .tensors
-        .iter()
-        .find(|t| t.name == "token_embd.weight")
-        .map_or(0, |t| t.elements * 4);
+    let embedding = match info.architecture() {
+        Some("gemma3") => 0,
+        _ => info
+            .tensors
+            .iter()
+            .find(|t| t.name == "token_embd.weight")
+            .map_or(0, |t| t.elements * 4),
+    };
     info.file_len + embedding + kv
 }
 

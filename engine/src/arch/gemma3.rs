@@ -6,13 +6,16 @@
 //! layers and `rope.freq_base` on every sixth, global, layer; grouped-query attention) →
 //! RMSNorm → residual; RMSNorm → GELU-gated MLP → RMSNorm → residual. Embeddings are scaled
 //! by √hidden; the output head is tied to the embedding unless `output.weight` exists.
-//! Sliding-window layers keep only the last `window` positions in their KV cache.
+//! Sliding-window layers keep only the last `window` positions in their KV cache. The token
+//! embedding stays in its file type (Q8_0: 170 MiB for the 262k vocabulary, instead of
+//! 640 MiB as f32) and is shared with the tied output head; rows are dequantized on lookup.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::{Arc, OnceLock};
 
-use candle_core::quantized::QMatMul;
 use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
@@ -70,8 +73,50 @@ struct Layer {
     cache: Option<(Tensor, Tensor)>,
 }
 
+/// The token embedding table, kept quantized.
+struct Embeddings {
+    table: Arc<QTensor>,
+    hidden: usize,
+    /// For types without a row decoder here: the whole table as f32, made on first use.
+    dense: OnceLock<Tensor>,
+}
+
+impl Embeddings {
+    fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.table.shape().dims().first().copied().unwrap_or(0);
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        if self.table.dtype() == GgmlDType::Q8_0 && self.hidden.is_multiple_of(32) {
+            let data = self.table.data()?;
+            let row_bytes = self.hidden / 32 * 34;
+            let mut out = Vec::with_capacity(ids.len() * self.hidden);
+            for &id in ids {
+                let start = id as usize * row_bytes;
+                let row = data
+                    .get(start..start + row_bytes)
+                    .ok_or_else(|| candle_core::Error::Msg("embedding row out of range".into()))?;
+                for block in row.chunks_exact(34) {
+                    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    out.extend(block[2..].iter().map(|&q| d * f32::from(q as i8)));
+                }
+            }
+            return Tensor::from_vec(out, (ids.len(), self.hidden), &Device::Cpu);
+        }
+        let dense = match self.dense.get() {
+            Some(t) => t,
+            None => {
+                let t = self.table.dequantize(&Device::Cpu)?;
+                self.dense.get_or_init(|| t)
+            }
+        };
+        let idx = Tensor::new(ids, &Device::Cpu)?;
+        dense.index_select(&idx, 0)
+    }
+}
+
 pub struct Gemma3 {
-    embed: Tensor,
+    embed: Embeddings,
     hidden: usize,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -105,11 +150,16 @@ impl Gemma3 {
             .and_then(|v| v.to_f32())
             .unwrap_or(LOCAL_ROPE_BASE);
         let mut tensor = |name: &str| ct.tensor(file, name, &dev);
-        let embed = tensor("token_embd.weight")?.dequantize(&dev)?;
+        let table = Arc::new(tensor("token_embd.weight")?);
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
         let output = match tensor("output.weight") {
             Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(tensor("token_embd.weight")?)?,
+            Err(_) => QMatMul::from_arc(table.clone())?,
+        };
+        let embed = Embeddings {
+            table,
+            hidden,
+            dense: OnceLock::new(),
         };
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
@@ -151,10 +201,8 @@ impl Gemma3 {
     /// Logits after the last of `tokens`, placed at positions `pos..`.
     pub fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {
         let (b, len) = tokens.dims2()?;
-        let mut x = self
-            .embed
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, len, self.hidden))?;
+        let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
+        let mut x = self.embed.lookup(&ids)?.reshape((b, len, self.hidden))?;
         x = (x * (self.hidden as f64).sqrt())?;
         let mut masks: HashMap<Option<usize>, Tensor> = HashMap::new();
         for layer in &mut self.layers {
