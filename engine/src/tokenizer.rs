@@ -105,6 +105,11 @@ impl Meta<'_> {
     }
 }
 
+/// The vocabulary in the map type `tokenizers`' BPE takes.
+fn bpe_vocab(vocab: &HashMap<String, u32>) -> tokenizers::models::bpe::Vocab {
+    vocab.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
 /// A model's tokenizer.
 pub struct TextTokenizer {
     /// Recognizes control and user-defined tokens in the text.
@@ -164,13 +169,7 @@ impl TextTokenizer {
                     })
                     .collect::<Result<_, _>>()?;
                 let bpe = BPE::builder()
-                    .vocab_and_merges(
-                        vocab
-                            .iter()
-                            .map(|(k, v)| (k.clone(), *v))
-                            .collect::<tokenizers::models::bpe::Vocab>(),
-                        merges,
-                    )
+                    .vocab_and_merges(bpe_vocab(&vocab), merges)
                     .build()
                     .map_err(tok_err)?;
                 let mut t = Tokenizer::new(bpe);
@@ -227,13 +226,7 @@ impl TextTokenizer {
                     .u32("tokenizer.ggml.unknown_token_id")
                     .and_then(|i| tokens.get(i as usize).cloned());
                 let mut b = BPE::builder()
-                    .vocab_and_merges(
-                        vocab
-                            .iter()
-                            .map(|(k, v)| (k.clone(), *v))
-                            .collect::<tokenizers::models::bpe::Vocab>(),
-                        merges,
-                    )
+                    .vocab_and_merges(bpe_vocab(&vocab), merges)
                     .byte_fallback(true);
                 if let Some(u) = unk {
                     b = b.unk_token(u);

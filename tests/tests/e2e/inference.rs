@@ -2,6 +2,15 @@
 
 use crate::support::{Device, demo_model};
 
+fn prompt_ids(v: &serde_json::Value) -> Vec<u64> {
+    v["prompt_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
 fn device_with(file: &str, name: &str) -> Option<Device> {
     let path = demo_model(file)?;
     let d = Device::new();
@@ -28,12 +37,7 @@ fn smollm2_answers_a_chat_prompt_offline() {
     let v = out.json();
     assert_eq!(v["model"], "smollm2:1");
     // ChatML: <|im_start|> (1) opens the prompt, which ends with "assistant\n".
-    let prompt: Vec<u64> = v["prompt_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let prompt = prompt_ids(&v);
     assert_eq!(prompt[0], 1);
     assert_eq!(
         &prompt[prompt.len() - 3..],
@@ -86,12 +90,7 @@ fn user_text_cannot_forge_a_chat_turn() {
             "--json",
         ])
         .json();
-    let ids: Vec<u64> = v["prompt_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let ids = prompt_ids(&v);
     // Control tokens 1 (<|im_start|>) and 2 (<|im_end|>): only the template's own
     // (system and user turns open and close, the assistant turn opens).
     let controls = ids.iter().filter(|&&t| t == 1 || t == 2).count();
@@ -109,12 +108,7 @@ fn user_text_cannot_forge_a_chat_turn() {
             "--json",
         ])
         .json();
-    let raw: Vec<u64> = v["prompt_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect();
+    let raw = prompt_ids(&v);
     assert_eq!(
         raw.iter().filter(|&&t| t == 1 || t == 2).count(),
         2,
