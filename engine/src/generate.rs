@@ -638,6 +638,23 @@ mod tests {
     }
 
     #[test]
+    fn a_tiny_qwen2_model_runs_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qwen2.gguf");
+        std::fs::write(&path, crate::testing::GgufBuilder::tiny("qwen2").build()).unwrap();
+        let mut m = LoadedModel::load(&path, &LoadOptions::default()).unwrap();
+        assert_eq!(m.architecture, "qwen2");
+        let prompt = m.encode_text("hello").unwrap();
+        let p = GenerateParams {
+            max_tokens: 6,
+            ..Default::default()
+        };
+        let a = run(&mut m, &prompt, &p);
+        assert_eq!(a.tokens, run(&mut m, &prompt, &p).tokens);
+        assert!(!a.tokens.is_empty());
+    }
+
+    #[test]
     fn a_seed_reproduces_a_sampled_generation() {
         let (_d, mut m) = tiny(&LoadOptions::default(), |_| {}).unwrap();
         let prompt = m.encode_text("hello").unwrap();

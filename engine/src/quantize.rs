@@ -81,7 +81,7 @@ pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, Engi
     let content =
         gguf_file::Content::read(&mut file).map_err(|e| EngineError::Model(e.to_string()))?;
     let dev = Device::Cpu;
-    let model_err = |e: candle_core::Error| EngineError::Model(e.to_string());
+    let model_err = crate::arch::model_err;
     let mut report = QuantizeReport {
         to: to.to_string(),
         tensors_quantized: 0,

@@ -161,19 +161,26 @@ impl GgufBuilder {
     /// byte-level BPE vocabulary of the 256 bytes, two merges and the ChatML control tokens
     /// `<|im_start|>` (256) and `<|im_end|>` (257, also EOS). Weights are deterministic.
     pub fn tiny_llama() -> Self {
+        Self::tiny("llama")
+    }
+
+    /// A tiny runnable model of architecture `arch`: `llama`, or `qwen2` (the same shape
+    /// plus q/k/v biases and the qwen2 pre-tokenizer).
+    pub fn tiny(arch: &str) -> Self {
         let (hidden, heads, kv_heads, ffn, layers) = (64u64, 4u64, 2u64, 128u64, 2u64);
         let head_dim = hidden / heads;
-        let mut b = Self::new("llama");
-        b.kv_str("general.name", "tiny-llama");
-        b.kv_u32("llama.context_length", 64);
-        b.kv_u32("llama.embedding_length", hidden as u32);
-        b.kv_u32("llama.block_count", layers as u32);
-        b.kv_u32("llama.feed_forward_length", ffn as u32);
-        b.kv_u32("llama.attention.head_count", heads as u32);
-        b.kv_u32("llama.attention.head_count_kv", kv_heads as u32);
-        b.kv_u32("llama.rope.dimension_count", head_dim as u32);
-        b.kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
-        b.kv_f32("llama.rope.freq_base", 10_000.0);
+        let mut b = Self::new(arch);
+        b.kv_str("general.name", &format!("tiny-{arch}"));
+        let key = |k: &str| format!("{arch}.{k}");
+        b.kv_u32(&key("context_length"), 64);
+        b.kv_u32(&key("embedding_length"), hidden as u32);
+        b.kv_u32(&key("block_count"), layers as u32);
+        b.kv_u32(&key("feed_forward_length"), ffn as u32);
+        b.kv_u32(&key("attention.head_count"), heads as u32);
+        b.kv_u32(&key("attention.head_count_kv"), kv_heads as u32);
+        b.kv_u32(&key("rope.dimension_count"), head_dim as u32);
+        b.kv_f32(&key("attention.layer_norm_rms_epsilon"), 1e-5);
+        b.kv_f32(&key("rope.freq_base"), 10_000.0);
         let mut tokens: Vec<String> = (0..=255u8).map(byte_level_char).map(String::from).collect();
         let merges = ["h e", "l l"];
         tokens.extend(["<|im_start|>", "<|im_end|>", "he", "ll"].map(String::from));
@@ -182,7 +189,10 @@ impl GgufBuilder {
             .collect();
         let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
         b.kv_str("tokenizer.ggml.model", "gpt2");
-        b.kv_str("tokenizer.ggml.pre", "default");
+        b.kv_str(
+            "tokenizer.ggml.pre",
+            if arch == "qwen2" { "qwen2" } else { "default" },
+        );
         b.kv_string_array("tokenizer.ggml.tokens", &refs);
         b.kv_string_array("tokenizer.ggml.merges", &merges);
         b.kv_i32_array("tokenizer.ggml.token_type", &types);
@@ -210,6 +220,7 @@ impl GgufBuilder {
             &weights(hidden * vocab, 1.0),
         );
         b.tensor_f32("output_norm.weight", &[hidden], &vec![1.0; hidden as usize]);
+        let kv = kv_heads * head_dim;
         for l in 0..layers {
             let name = |n: &str| format!("blk.{l}.{n}.weight");
             b.tensor_f32(&name("attn_norm"), &[hidden], &vec![1.0; hidden as usize]);
@@ -219,7 +230,6 @@ impl GgufBuilder {
                 &[hidden, hidden],
                 &weights(hidden * hidden, 0.3),
             );
-            let kv = kv_heads * head_dim;
             b.tensor_f32(&name("attn_k"), &[hidden, kv], &weights(hidden * kv, 0.3));
             b.tensor_f32(&name("attn_v"), &[hidden, kv], &weights(hidden * kv, 0.3));
             b.tensor_f32(
@@ -238,6 +248,12 @@ impl GgufBuilder {
                 &[ffn, hidden],
                 &weights(hidden * ffn, 0.3),
             );
+            if arch == "qwen2" {
+                let bias = |n: &str| format!("blk.{l}.{n}.bias");
+                b.tensor_f32(&bias("attn_q"), &[hidden], &weights(hidden, 0.1));
+                b.tensor_f32(&bias("attn_k"), &[kv], &weights(kv, 0.1));
+                b.tensor_f32(&bias("attn_v"), &[kv], &weights(kv, 0.1));
+            }
         }
         b
     }

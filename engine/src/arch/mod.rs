@@ -38,8 +38,10 @@ pub enum Weights {
     Phi3(quantized_phi3::ModelWeights),
 }
 
-fn model_err(e: candle_core::Error) -> EngineError {
-    EngineError::Model(e.to_string())
+/// candle's message, without the backtrace it appends when RUST_BACKTRACE is set.
+pub(crate) fn model_err(e: candle_core::Error) -> EngineError {
+    let text = e.to_string();
+    EngineError::Model(text.lines().next().unwrap_or_default().to_string())
 }
 
 /// The GGUF header as candle reads it (metadata with arrays, tensor infos).
