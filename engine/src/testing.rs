@@ -164,8 +164,8 @@ impl GgufBuilder {
         Self::tiny("llama")
     }
 
-    /// A tiny runnable model of architecture `arch`: `llama`, or `qwen2` (the same shape
-    /// plus q/k/v biases and the qwen2 pre-tokenizer).
+    /// A tiny runnable model of architecture `arch`: `llama`; `qwen2` (the same shape plus
+    /// q/k/v biases and the qwen2 pre-tokenizer); `qwen3` (plus q/k norms instead).
     pub fn tiny(arch: &str) -> Self {
         let (hidden, heads, kv_heads, ffn, layers) = (64u64, 4u64, 2u64, 128u64, 2u64);
         let head_dim = hidden / heads;
@@ -181,6 +181,8 @@ impl GgufBuilder {
         b.kv_u32(&key("rope.dimension_count"), head_dim as u32);
         b.kv_f32(&key("attention.layer_norm_rms_epsilon"), 1e-5);
         b.kv_f32(&key("rope.freq_base"), 10_000.0);
+        b.kv_u32(&key("attention.key_length"), head_dim as u32);
+        b.kv_u32(&key("attention.value_length"), head_dim as u32);
         let mut tokens: Vec<String> = (0..=255u8).map(byte_level_char).map(String::from).collect();
         let merges = ["h e", "l l"];
         tokens.extend(["<|im_start|>", "<|im_end|>", "he", "ll"].map(String::from));
@@ -253,6 +255,18 @@ impl GgufBuilder {
                 b.tensor_f32(&bias("attn_q"), &[hidden], &weights(hidden, 0.1));
                 b.tensor_f32(&bias("attn_k"), &[kv], &weights(kv, 0.1));
                 b.tensor_f32(&bias("attn_v"), &[kv], &weights(kv, 0.1));
+            }
+            if arch == "qwen3" {
+                b.tensor_f32(
+                    &name("attn_q_norm"),
+                    &[head_dim],
+                    &vec![1.0; head_dim as usize],
+                );
+                b.tensor_f32(
+                    &name("attn_k_norm"),
+                    &[head_dim],
+                    &vec![1.0; head_dim as usize],
+                );
             }
         }
         b
