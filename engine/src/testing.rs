@@ -165,7 +165,8 @@ impl GgufBuilder {
     }
 
     /// A tiny runnable model of architecture `arch`: `llama`; `qwen2` (the same shape plus
-    /// q/k/v biases and the qwen2 pre-tokenizer); `qwen3` (plus q/k norms instead).
+    /// q/k/v biases and the qwen2 pre-tokenizer); `qwen3` (plus q/k norms instead); `phi3`
+    /// (fused q|k|v and gate|up matrices, an untied output head).
     pub fn tiny(arch: &str) -> Self {
         let (hidden, heads, kv_heads, ffn, layers) = (64u64, 4u64, 2u64, 128u64, 2u64);
         let head_dim = hidden / heads;
@@ -222,29 +223,37 @@ impl GgufBuilder {
             &weights(hidden * vocab, 1.0),
         );
         b.tensor_f32("output_norm.weight", &[hidden], &vec![1.0; hidden as usize]);
+        if arch == "phi3" {
+            // phi3 has no tied head.
+            let w = weights(hidden * vocab, 1.0);
+            b.tensor_f32("output.weight", &[hidden, vocab], &w);
+        }
         let kv = kv_heads * head_dim;
         for l in 0..layers {
             let name = |n: &str| format!("blk.{l}.{n}.weight");
             b.tensor_f32(&name("attn_norm"), &[hidden], &vec![1.0; hidden as usize]);
             b.tensor_f32(&name("ffn_norm"), &[hidden], &vec![1.0; hidden as usize]);
-            b.tensor_f32(
-                &name("attn_q"),
-                &[hidden, hidden],
-                &weights(hidden * hidden, 0.3),
-            );
-            b.tensor_f32(&name("attn_k"), &[hidden, kv], &weights(hidden * kv, 0.3));
-            b.tensor_f32(&name("attn_v"), &[hidden, kv], &weights(hidden * kv, 0.3));
-            b.tensor_f32(
-                &name("attn_output"),
-                &[hidden, hidden],
-                &weights(hidden * hidden, 0.3),
-            );
-            b.tensor_f32(
-                &name("ffn_gate"),
-                &[hidden, ffn],
-                &weights(hidden * ffn, 0.3),
-            );
-            b.tensor_f32(&name("ffn_up"), &[hidden, ffn], &weights(hidden * ffn, 0.3));
+            if arch == "phi3" {
+                // Fused projections: q|k|v in one matrix, gate|up in another.
+                let qkv = hidden + 2 * kv;
+                let w = weights(hidden * qkv, 0.3);
+                b.tensor_f32(&name("attn_qkv"), &[hidden, qkv], &w);
+                let w = weights(hidden * 2 * ffn, 0.3);
+                b.tensor_f32(&name("ffn_up"), &[hidden, 2 * ffn], &w);
+            } else {
+                let w = weights(hidden * hidden, 0.3);
+                b.tensor_f32(&name("attn_q"), &[hidden, hidden], &w);
+                b.tensor_f32(&name("attn_k"), &[hidden, kv], &weights(hidden * kv, 0.3));
+                b.tensor_f32(&name("attn_v"), &[hidden, kv], &weights(hidden * kv, 0.3));
+                b.tensor_f32(
+                    &name("ffn_gate"),
+                    &[hidden, ffn],
+                    &weights(hidden * ffn, 0.3),
+                );
+                b.tensor_f32(&name("ffn_up"), &[hidden, ffn], &weights(hidden * ffn, 0.3));
+            }
+            let w = weights(hidden * hidden, 0.3);
+            b.tensor_f32(&name("attn_output"), &[hidden, hidden], &w);
             b.tensor_f32(
                 &name("ffn_down"),
                 &[ffn, hidden],
