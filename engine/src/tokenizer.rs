@@ -342,36 +342,46 @@ impl TextTokenizer {
 
 /// Turns a growing list of token ids into text, emitting only complete UTF-8 characters:
 /// a character split across byte tokens comes out once all its bytes are there.
+///
+/// Each step decodes only a short window (the tokens since the last emitted piece, plus the
+/// ones before it for context), not the whole generation, so streaming stays linear.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the decoding window.
+    prefix: usize,
+    /// End of what has been emitted.
+    read: usize,
 }
 
 impl StreamDecoder {
+    /// The text `ids[read..]` adds to `ids[prefix..read]`.
+    fn pending(&self, tok: &TextTokenizer) -> Result<String, EngineError> {
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let after = tok.decode(&self.ids[self.prefix..], true)?;
+        Ok(after
+            .get(before.len()..)
+            .map(str::to_string)
+            .unwrap_or_default())
+    }
+
     /// Adds a token; returns the new text it completes, if any.
     pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<Option<String>, EngineError> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted {
+        let new = self.pending(tok)?;
+        if new.is_empty() || new.ends_with('\u{FFFD}') {
             return Ok(None);
         }
-        let new = text
-            .get(self.emitted..)
-            .map(str::to_string)
-            .unwrap_or_default();
-        self.emitted = text.len();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(Some(new))
     }
 
     /// Whatever is left at the end (an incomplete character comes out as U+FFFD).
     pub fn finish(&mut self, tok: &TextTokenizer) -> Result<String, EngineError> {
-        let text = tok.decode(&self.ids, true)?;
-        let rest = text
-            .get(self.emitted..)
-            .map(str::to_string)
-            .unwrap_or_default();
-        self.emitted = text.len();
+        let rest = self.pending(tok)?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(rest)
     }
 }
