@@ -48,6 +48,9 @@ pub enum Command {
     /// Read, export and verify the audit log (changes nothing).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run the agent: the local HTTP API (OpenAI-compatible inference, management, audit)
+    /// until SIGTERM or SIGINT.
+    Daemon,
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,80 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// `[api]`: the daemon's local HTTP API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port`, or a Unix socket: an absolute path or `unix:<path>`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Inference requests that may wait for the engine; more get 503 with Retry-After.
+    #[serde(default = "default_queue")]
+    pub queue_length: usize,
+    /// Largest request body accepted.
+    #[serde(default = "default_body")]
+    pub max_body: ByteSize,
+    /// How long in-flight requests may run on after SIGTERM before they are cancelled.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+    /// Serve `/metrics` without a token (for a local scraper).
+    #[serde(default)]
+    pub metrics_public: bool,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8480".into()
+}
+fn default_queue() -> usize {
+    4
+}
+fn default_body() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_grace() -> u64 {
+    30
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            queue_length: default_queue(),
+            max_body: default_body(),
+            shutdown_grace_secs: default_grace(),
+            metrics_public: false,
+        }
+    }
+}
+
+/// Where the API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ApiConfig {
+    pub fn listen_on(&self) -> Result<Listen, String> {
+        let l = self.listen.trim();
+        if let Some(p) = l.strip_prefix("unix:") {
+            return if p.starts_with('/') {
+                Ok(Listen::Unix(p.into()))
+            } else {
+                Err(format!("'{l}': a Unix socket needs an absolute path"))
+            };
+        }
+        if l.starts_with('/') {
+            return Ok(Listen::Unix(l.into()));
+        }
+        l.parse().map(Listen::Tcp).map_err(|_| {
+            format!("'{l}' is not host:port (e.g. 127.0.0.1:8480) or a Unix socket path")
+        })
+    }
 }
 
 /// `[device]`: who this device is and where its data lives.
@@ -423,6 +497,30 @@ fn validate(c: &Config, sources: &[Source]) -> Result<(), ConfigError> {
                 format!("kid '{}' is configured twice", i.kid),
             ));
         }
+    }
+    if let Err(m) = c.api.listen_on() {
+        return Err(fail("api", "listen", m));
+    }
+    if !(1..=1024).contains(&c.api.queue_length) {
+        return Err(fail(
+            "api",
+            "queue_length",
+            "must be between 1 and 1024".into(),
+        ));
+    }
+    if c.api.max_body.0 < 1024 || c.api.max_body.0 > 64 << 20 {
+        return Err(fail(
+            "api",
+            "max_body",
+            "must be between 1KiB and 64MiB".into(),
+        ));
+    }
+    if c.api.shutdown_grace_secs > 3600 {
+        return Err(fail(
+            "api",
+            "shutdown_grace_secs",
+            "must be at most 3600".into(),
+        ));
     }
     if c.audit.checkpoint_every == Some(0) {
         return Err(fail("audit", "checkpoint_every", "must be above 0".into()));

@@ -6,6 +6,7 @@
 mod cli;
 mod commands;
 mod config;
+mod daemon;
 mod threads;
 
 use std::process::ExitCode;

@@ -32,7 +32,8 @@ const DEFAULT_MAX_CONTEXT: usize = 8192;
 /// A model ready to generate.
 pub struct LoadedModel {
     weights: Weights,
-    pub tokenizer: TextTokenizer,
+    /// Shared, so that callers can name tokens while the model generates.
+    pub tokenizer: std::sync::Arc<TextTokenizer>,
     pub chat: ChatTemplate,
     pub architecture: String,
     pub context_length: usize,
@@ -132,7 +133,7 @@ impl LoadedModel {
         let weights = Weights::load(&architecture, content, &mut file, context_length)?;
         Ok(Self {
             weights,
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             chat,
             architecture,
             context_length,
@@ -160,6 +161,27 @@ impl LoadedModel {
         on_text: &mut dyn FnMut(&str),
         cancel: &AtomicBool,
     ) -> Result<Generation, EngineError> {
+        self.generate_with(
+            prompt,
+            params,
+            &mut |e| {
+                if let Event::Text(t) = e {
+                    on_text(t);
+                }
+            },
+            cancel,
+        )
+    }
+
+    /// As [`generate`](Self::generate), reporting each sampled token too (with its
+    /// log-probabilities when asked), before the text it completes.
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_event: &mut dyn FnMut(Event<'_>),
+        cancel: &AtomicBool,
+    ) -> Result<Generation, EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -177,6 +199,8 @@ impl LoadedModel {
         let t1 = Instant::now();
         let mut tokens: Vec<u32> = Vec::new();
         let mut top = Vec::new();
+        let mut chosen_logprobs = Vec::new();
+        let want_logprobs = params.logprobs || params.top_logprobs > 0;
         let mut stream = StreamDecoder::default();
         let mut text = String::new();
         let mut emitted = 0usize;
@@ -190,11 +214,27 @@ impl LoadedModel {
             if params.top_logprobs > 0 {
                 top.push(top_logprobs(&logits, params.top_logprobs));
             }
+            // Sampling may change the logits (penalties); the reported log-probabilities
+            // are those of the model's own distribution.
+            let raw = want_logprobs.then(|| (logits.clone(), log_sum_exp(&logits)));
             let next = sampler.sample(&mut logits, &history);
             if self.tokenizer.end_ids.contains(&next) {
                 finish = FinishReason::Eos;
                 break;
             }
+            let logprob =
+                raw.map(|(l, sum)| l.get(next as usize).map_or(f32::NEG_INFINITY, |&x| x - sum));
+            if let Some(lp) = logprob {
+                chosen_logprobs.push(lp);
+            }
+            on_event(Event::Token {
+                id: next,
+                logprob,
+                top: top
+                    .last()
+                    .filter(|_| params.top_logprobs > 0)
+                    .map(Vec::as_slice),
+            });
             tokens.push(next);
             history.push(next);
             if let Some(piece) = stream.push(&self.tokenizer, next)? {
@@ -211,7 +251,7 @@ impl LoadedModel {
                 .saturating_sub(longest_partial_stop(&text, &params.stop));
             let safe = floor_char_boundary(&text, safe);
             if safe > emitted {
-                on_text(&text[emitted..safe]);
+                on_event(Event::Text(&text[emitted..safe]));
                 emitted = safe;
             }
             if step + 1 < max_tokens {
@@ -222,7 +262,7 @@ impl LoadedModel {
             text.push_str(&stream.finish(&self.tokenizer)?);
         }
         if text.len() > emitted {
-            on_text(&text[emitted..]);
+            on_event(Event::Text(&text[emitted..]));
         }
         let decode = t1.elapsed();
         let decoded = tokens.len().saturating_sub(1).max(1) as f64;
@@ -232,6 +272,7 @@ impl LoadedModel {
             text,
             finish_reason: finish,
             top_logprobs: (params.top_logprobs > 0).then_some(top),
+            logprobs: want_logprobs.then_some(chosen_logprobs),
             timings: Timings {
                 load_ms: self.load_ms,
                 prefill_tokens_per_s: prompt.len() as f64 / prefill.as_secs_f64().max(1e-9),
@@ -300,6 +341,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// How many most likely tokens (with log-probabilities) to report per step; 0 = none.
     pub top_logprobs: usize,
+    /// Report the log-probability of each generated token.
+    pub logprobs: bool,
 }
 
 impl Default for GenerateParams {
@@ -309,6 +352,7 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             top_logprobs: 0,
+            logprobs: false,
         }
     }
 }
@@ -375,7 +419,23 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<Vec<Vec<TopLogprob>>>,
+    /// The log-probability of each generated token, when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<f32>>,
     pub timings: Timings,
+}
+
+/// What [`LoadedModel::generate_with`] reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A token was sampled. `logprob` when asked; `top` when top log-probabilities were asked.
+    Token {
+        id: u32,
+        logprob: Option<f32>,
+        top: Option<&'a [TopLogprob]>,
+    },
+    /// Text that is final (whole characters, no partial stop string).
+    Text(&'a str),
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -390,13 +450,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The `n` most likely tokens with their log-probabilities under the raw logits.
 pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<TopLogprob> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits
-        .iter()
-        .map(|&l| ((l - max) as f64).exp())
-        .sum::<f64>()
-        .ln() as f32
-        + max;
+    let log_sum = log_sum_exp(logits);
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     let n = n.min(idx.len());
     idx.select_nth_unstable_by(n.saturating_sub(1), |&a, &b| {
@@ -411,6 +465,17 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<TopLogprob> {
         .collect();
     top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
     top
+}
+
+/// `ln Σ exp(l)`, computed stably: a logit minus this is its log-probability.
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max
 }
 
 /// A small deterministic generator (SplitMix64): reproducible across platforms and releases,
@@ -610,6 +675,53 @@ mod tests {
     fn run(m: &mut LoadedModel, prompt: &[u32], p: &GenerateParams) -> Generation {
         m.generate(prompt, p, &mut |_| {}, &AtomicBool::new(false))
             .unwrap()
+    }
+
+    #[test]
+    fn each_token_is_reported_with_its_log_probability_before_its_text() {
+        let (_d, mut m) = tiny(&LoadOptions::default(), |_| {}).unwrap();
+        let prompt = m.encode_text("hello").unwrap();
+        let p = GenerateParams {
+            max_tokens: 6,
+            logprobs: true,
+            top_logprobs: 3,
+            sampling: SamplingParams {
+                temperature: 0.9,
+                seed: Some(5),
+                repetition_penalty: 1.3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut seen: Vec<(u32, f32, usize)> = Vec::new();
+        let g = m
+            .generate_with(
+                &prompt,
+                &p,
+                &mut |e| match e {
+                    Event::Token { id, logprob, top } => {
+                        seen.push((id, logprob.unwrap(), top.unwrap().len()));
+                    }
+                    Event::Text(_) => assert!(!seen.is_empty(), "text comes after its token"),
+                },
+                &AtomicBool::new(false),
+            )
+            .unwrap();
+        assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), g.tokens);
+        let lps = g.logprobs.unwrap();
+        assert_eq!(lps, seen.iter().map(|s| s.1).collect::<Vec<_>>());
+        assert!(lps.iter().all(|&l| l <= 0.0 && l.is_finite()));
+        assert!(seen.iter().all(|s| s.2 == 3));
+        // The chosen token's log-probability is the model's, not the penalized one: when it
+        // is among the top 3, the two agree.
+        for (i, (id, lp, _)) in seen.iter().enumerate() {
+            if let Some(t) = g.top_logprobs.as_ref().unwrap()[i]
+                .iter()
+                .find(|t| t.id == *id)
+            {
+                assert!((t.logprob - lp).abs() < 1e-5, "{} vs {lp}", t.logprob);
+            }
+        }
     }
 
     #[test]

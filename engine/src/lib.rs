@@ -24,7 +24,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use generate::{GenerateParams, Generation, LoadOptions, LoadedModel, SamplingParams};
+pub use generate::{Event, GenerateParams, Generation, LoadOptions, LoadedModel, SamplingParams};
 pub use registry::{ModelRecord, ModelRef, Registry, RegistryError};
 
 /// Why a model could not be loaded or run.

@@ -172,7 +172,7 @@ fn time_range(r: &TimeRange) -> anyhow::Result<Query> {
 }
 
 /// RFC 3339 (any offset) or an age before now, as the log's own timestamp format.
-fn parse_time(s: &str) -> anyhow::Result<String> {
+pub(crate) fn parse_time(s: &str) -> anyhow::Result<String> {
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
         return Ok(audit::format_ts(t));
     }

@@ -85,6 +85,7 @@ pub fn run(ctx: &Context, a: GenerateArgs) -> anyhow::Result<ExitCode> {
         },
         stop: a.stop.clone(),
         top_logprobs: a.top_logprobs.min(100),
+        logprobs: false,
     };
     let cancel = AtomicBool::new(false);
     let stream = !ctx.json;

@@ -1,6 +1,6 @@
 //! Dispatch of the subcommands, and the output conventions they share.
 
-mod audit;
+pub(crate) mod audit;
 mod auth;
 mod bench;
 mod generate;
@@ -150,7 +150,7 @@ impl Context {
 
 /// Writes (and removes) 64 KiB in `dir`: a read-only or full disk shows here, with its own
 /// error, instead of as a SQLite I/O error halfway through an action.
-fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = tempfile::tempfile_in(dir)?;
     f.write_all(&[0u8; 64 * 1024])?;
@@ -226,6 +226,7 @@ pub fn run(cli: Cli, loaded: Loaded) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => auth::token(&ctx, cmd),
         Command::Auth(cmd) => auth::check(&ctx, cmd),
         Command::Audit(cmd) => audit::run(&ctx, cmd),
+        Command::Daemon => crate::daemon::run(&ctx),
     }
 }
 

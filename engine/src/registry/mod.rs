@@ -634,6 +634,24 @@ impl Registry {
         })
     }
 
+    /// The model [`Registry::rollback`] would point `alias` at, changing nothing.
+    pub fn rollback_target(&self, alias: &str) -> Result<ModelRecord> {
+        check_label("alias", alias)?;
+        let model_id: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT model_id FROM alias_history WHERE alias = ?1 ORDER BY id DESC LIMIT 1",
+                [alias],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err(&self.db_path))?;
+        match model_id {
+            Some(id) => self.by_id(id),
+            None => Err(RegistryError::NothingToRollback(alias.into())),
+        }
+    }
+
     /// Points `alias` back at the model that was active before the current one.
     pub fn rollback(&mut self, alias: &str) -> Result<Activation> {
         check_label("alias", alias)?;

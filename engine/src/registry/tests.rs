@@ -168,7 +168,14 @@ fn activate_and_rollback_walk_back_through_history() {
     assert_eq!(a.previous.unwrap().label(), "m:2");
     f.reg.activate(&r("m:1"), "chat").unwrap();
     f.check("m:1[chat] m:2[] m:3[default]");
+    let preview = f.reg.rollback_target("default").unwrap();
+    f.check("m:1[chat] m:2[] m:3[default]");
     let back = f.reg.rollback("default").unwrap();
+    assert_eq!(
+        preview.label(),
+        back.model.label(),
+        "the preview names the target"
+    );
     assert_eq!(
         (back.previous.unwrap().label(), back.model.label()),
         ("m:3".into(), "m:2".into())

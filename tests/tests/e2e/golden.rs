@@ -45,6 +45,7 @@ fn check_model(model_file: &str, golden_file: &str) {
         sampling: SamplingParams::default(),
         stop: Vec::new(),
         top_logprobs: 10,
+        logprobs: false,
     };
     let mut failures = Vec::new();
     for item in g["items"].as_array().unwrap() {

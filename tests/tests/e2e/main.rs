@@ -5,6 +5,7 @@
 
 mod architecture;
 mod cli;
+mod daemon;
 mod faults;
 mod golden;
 mod inference;

@@ -1,0 +1,225 @@
+//! The engine side of the daemon: each loaded model runs on its own thread, fed by a
+//! bounded queue. Handlers never touch a model; they send a [`Job`] and read its events.
+//!
+//! A model is retired by dropping the last [`ModelWorker`] handle: the thread finishes the
+//! jobs already queued, then exits and frees the model (and the blob it holds open).
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use outpost_engine::chat::Message;
+use outpost_engine::registry::ModelRecord;
+use outpost_engine::{EngineError, Event, GenerateParams, Generation, LoadedModel};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::Metrics;
+
+/// What to generate from.
+#[derive(Debug)]
+pub enum Input {
+    Chat(Vec<Message>),
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// One token with its log-probability, as the API reports it.
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What a job reports, in order: `Started` (or `Failed`), then tokens and text, then `Done`
+/// (or `Failed`).
+#[derive(Debug)]
+pub enum JobEvent {
+    Started { prompt_tokens: usize },
+    Token(TokenInfo),
+    Text(String),
+    Done(Box<Generation>),
+    Failed(EngineError),
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub input: Input,
+    pub params: GenerateParams,
+    pub events: UnboundedSender<JobEvent>,
+    /// Set when the client goes away or the daemon gives up waiting at shutdown.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug)]
+pub enum Rejected {
+    /// The queue is full: come back later.
+    Busy,
+    /// The engine thread is gone (it panicked).
+    Gone,
+}
+
+/// A handle on a loaded model's engine thread.
+#[derive(Debug)]
+pub struct ModelWorker {
+    pub record: ModelRecord,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub load_ms: u64,
+    queue: SyncSender<Job>,
+    /// Jobs waiting (not the one running).
+    depth: Arc<AtomicUsize>,
+    /// Cancel flags of queued and running jobs, for shutdown.
+    live: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+}
+
+impl ModelWorker {
+    /// Starts the engine thread for an already loaded `model`; `held` (the blob, opened
+    /// shared) lives as long as the thread.
+    pub fn start(
+        record: ModelRecord,
+        model: LoadedModel,
+        held: File,
+        queue_length: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = sync_channel(queue_length);
+        let depth = Arc::new(AtomicUsize::new(0));
+        let live = Arc::new(Mutex::new(Vec::new()));
+        let worker = Arc::new(Self {
+            context_length: model.context_length,
+            vocab_size: model.tokenizer.vocab_size,
+            load_ms: model.load_ms,
+            record,
+            queue: tx,
+            depth: depth.clone(),
+            live: live.clone(),
+        });
+        let name = format!("engine-{}", worker.record.label());
+        std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || {
+                let _held = held;
+                run(model, rx, &depth, &live, &metrics);
+            })?;
+        Ok(worker)
+    }
+
+    /// Queues a job, or says why not; never waits.
+    pub fn submit(&self, job: Job) -> Result<(), Rejected> {
+        let cancel = job.cancel.clone();
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match self.queue.try_send(job) {
+            Ok(()) => {
+                if let Ok(mut live) = self.live.lock() {
+                    live.retain(|c| Arc::strong_count(c) > 1);
+                    live.push(cancel);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => Rejected::Busy,
+                    TrySendError::Disconnected(_) => Rejected::Gone,
+                })
+            }
+        }
+    }
+
+    /// Jobs waiting in the queue.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    /// Cancels every queued and running job (at the end of the shutdown grace period).
+    pub fn cancel_all(&self) {
+        if let Ok(live) = self.live.lock() {
+            for c in live.iter() {
+                c.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+fn run(
+    mut model: LoadedModel,
+    rx: Receiver<Job>,
+    depth: &AtomicUsize,
+    live: &Mutex<Vec<Arc<AtomicBool>>>,
+    metrics: &Metrics,
+) {
+    // Ends when every sender is gone: the model was swapped out and its last request is done.
+    while let Ok(job) = rx.recv() {
+        depth.fetch_sub(1, Ordering::SeqCst);
+        // A client that left while its job waited costs nothing.
+        if !job.cancel.load(Ordering::SeqCst) {
+            run_job(&mut model, &job, metrics);
+        }
+        if let Ok(mut l) = live.lock() {
+            l.retain(|c| !Arc::ptr_eq(c, &job.cancel));
+        }
+    }
+}
+
+fn run_job(model: &mut LoadedModel, job: &Job, metrics: &Metrics) {
+    let send = |e: JobEvent| {
+        if job.events.send(e).is_err() {
+            // Nobody reads any more: the client went away.
+            job.cancel.store(true, Ordering::SeqCst);
+        }
+    };
+    let prompt = match &job.input {
+        Input::Chat(messages) => model.encode_chat(messages),
+        Input::Text(text) => model.encode_text(text),
+        Input::Tokens(ids) => Ok(ids.clone()),
+    };
+    let prompt = match prompt {
+        Ok(p) if p.is_empty() => return send(JobEvent::Failed(EngineError::EmptyPrompt)),
+        Ok(p) if p.len() >= model.context_length => {
+            return send(JobEvent::Failed(EngineError::ContextOverflow {
+                prompt: p.len(),
+                context: model.context_length,
+            }));
+        }
+        Ok(p) => p,
+        Err(e) => return send(JobEvent::Failed(e)),
+    };
+    send(JobEvent::Started {
+        prompt_tokens: prompt.len(),
+    });
+    let tokenizer = model.tokenizer.clone();
+    let piece = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+    let started = Instant::now();
+    let result = model.generate_with(
+        &prompt,
+        &job.params,
+        &mut |event| match event {
+            Event::Token { logprob, top, id } => {
+                if let Some(logprob) = logprob {
+                    send(JobEvent::Token(TokenInfo {
+                        text: piece(id),
+                        logprob,
+                        top: top
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|t| (piece(t.id), t.logprob))
+                            .collect(),
+                    }));
+                }
+            }
+            Event::Text(t) => send(JobEvent::Text(t.to_string())),
+        },
+        &job.cancel,
+    );
+    match result {
+        Ok(g) => {
+            metrics.record_generation(&g, started.elapsed());
+            send(JobEvent::Done(Box::new(g)));
+        }
+        Err(e) => send(JobEvent::Failed(e)),
+    }
+}

@@ -1,0 +1,1173 @@
+//! `outpost daemon` as a real process on a free port: authentication and authorization per
+//! role, bad input, metrics, streaming, cancellation, model swaps, the queue, shutdown on
+//! SIGTERM, systemd notifications and the official `openai` Python client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Device, demo_model, is_ci, skip};
+use outpost_engine::testing::GgufBuilder;
+
+const ISS: &str = "https://admin.example";
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A free TCP port on loopback (the listener is closed before the daemon binds it).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A device with an issuer key, tokens for each role, and a daemon to start.
+pub struct Agent {
+    pub d: Device,
+    issuer_key: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+    stderr_log: PathBuf,
+}
+
+impl Agent {
+    /// `api`: extra lines for the `[api]` table.
+    pub fn new(api: &str) -> Self {
+        let d = Device::new();
+        let keys = d.root.path().join("keys");
+        d.run(&[
+            "keys",
+            "generate",
+            "--out",
+            keys.to_str().unwrap(),
+            "--name",
+            "admin-1",
+        ])
+        .ok();
+        let port = free_port();
+        std::fs::write(
+            &d.config,
+            format!(
+                "[device]\nid = \"edge-1\"\n\
+                 [api]\nlisten = \"127.0.0.1:{port}\"\n{api}\n\
+                 [[auth.issuers]]\niss = \"{ISS}\"\nkid = \"admin-1\"\nalgorithm = \"EdDSA\"\n\
+                 public_key = \"{public}\"\n",
+                public = keys.join("admin-1.pub.pem").display(),
+            ),
+        )
+        .unwrap();
+        let stderr_log = d.root.path().join("daemon.log");
+        Self {
+            issuer_key: keys.join("admin-1.key.pem"),
+            d,
+            port,
+            child: None,
+            stderr_log,
+        }
+    }
+
+    pub fn token(&self, sub: &str, roles: &str, extra: &[&str]) -> String {
+        let key = self.issuer_key.to_str().unwrap();
+        let mut args = vec![
+            "token", "issue", "--key", key, "--iss", ISS, "--kid", "admin-1", "--sub", sub,
+            "--role", roles,
+        ];
+        args.extend_from_slice(extra);
+        self.d.run(&args).ok().trim().to_string()
+    }
+
+    /// Imports `bytes` as model `name` and, if `activate`, makes it `default`.
+    pub fn add_model(&self, file: &Path, name: &str, activate: bool) {
+        self.d.import(file, name, &[]).ok();
+        if activate {
+            self.d.run(&["models", "activate", name]).ok();
+        }
+    }
+
+    /// Imports the tiny llama built in code as `name` and makes it `default`.
+    pub fn add_tiny(&self, name: &str) {
+        let path = self
+            .d
+            .file(&format!("{name}.gguf"), &GgufBuilder::tiny_llama().build());
+        self.add_model(&path, name, true);
+    }
+
+    /// Starts the daemon and waits for `/healthz`.
+    pub fn start(&mut self) {
+        self.start_with(|_| {});
+    }
+
+    pub fn start_with(&mut self, edit: impl FnOnce(&mut Command)) {
+        let log = std::fs::File::create(&self.stderr_log).unwrap();
+        let mut cmd = self.d.command();
+        cmd.arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC");
+        edit(&mut cmd);
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.try_request("GET", "/healthz", None, None) {
+                assert_eq!(r.status, 200);
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited ({status}): {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no /healthz after 60 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for the daemon to exit; its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit in {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Response> {
+        let stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        send(stream, method, path, token, body, &[])
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Response {
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+        self.try_request(method, path, token, bytes.as_deref())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}; daemon log: {}", self.log()))
+    }
+
+    /// Opens a streaming request and returns the reader positioned after the headers.
+    pub fn open_stream(
+        &self,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> (u16, BufReader<TcpStream>) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write_request(
+            &mut s,
+            "POST",
+            path,
+            Some(token),
+            Some(&serde_json::to_vec(body).unwrap()),
+            &[],
+        );
+        let mut r = BufReader::new(s);
+        let (status, _) = read_head(&mut r).unwrap();
+        (status, r)
+    }
+
+    /// The audit log, read with the CLI.
+    pub fn audit(&self) -> Vec<Value> {
+        let out = self
+            .d
+            .run(&["audit", "query", "--json", "--limit", "100000"]);
+        serde_json::from_str::<Value>(out.ok())
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The error code of an OpenAI-shaped error.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(v["error"]["type"].is_string(), "{v}");
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+fn write_request(
+    s: &mut impl Write,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+    extra: &[(&str, &str)],
+) {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some(b) = body {
+        // A body the server refuses early may not be read in full: that is fine.
+        let _ = s.write_all(b);
+    }
+}
+
+fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, String)>)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok((status, headers))
+}
+
+/// Reads a body: chunked or to the end (we always send `Connection: close`).
+fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> std::io::Result<Vec<u8>> {
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let mut body = Vec::new();
+    if !chunked {
+        r.read_to_end(&mut body)?;
+        return Ok(body);
+    }
+    loop {
+        let mut size = String::new();
+        r.read_line(&mut size)?;
+        let n = usize::from_str_radix(size.trim(), 16)
+            .map_err(|_| std::io::Error::other(format!("bad chunk size {size:?}")))?;
+        if n == 0 {
+            return Ok(body);
+        }
+        let mut chunk = vec![0; n + 2];
+        r.read_exact(&mut chunk)?;
+        body.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn send<S: Read + Write>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+    extra: &[(&str, &str)],
+) -> std::io::Result<Response> {
+    write_request(&mut s, method, path, token, body, extra);
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
+    let body = read_body(&mut r, &headers)?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The `data:` payloads of a server-sent event stream, up to and including `[DONE]`.
+fn read_events(r: &mut impl BufRead) -> Vec<String> {
+    let mut events = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return events,
+            Ok(_) => {}
+        }
+        if let Some(data) = line.trim_end().strip_prefix("data: ") {
+            events.push(data.to_string());
+            if data == "[DONE]" {
+                return events;
+            }
+        }
+    }
+}
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut v = json!({"messages": [{"role": "user", "content": content}]});
+    if let (Value::Object(a), Value::Object(b)) = (&mut v, extra) {
+        a.extend(b);
+    }
+    v
+}
+
+#[test]
+fn each_role_gets_401_403_or_200_as_the_policy_says_and_all_are_audited() {
+    let mut a = Agent::new("");
+    a.add_tiny("tiny");
+    a.start();
+    let admin = a.token("root", "admin", &[]);
+    let operator = a.token("olivia", "operator", &[]);
+    let auditor = a.token("aude", "auditor", &[]);
+    let app_ok = a.token("cam", "app", &["--models", "tiny*"]);
+    let app_other = a.token("cam2", "app", &["--models", "gemma*"]);
+    let body = chat(
+        "secret prompt 42",
+        json!({"max_tokens": 4, "temperature": 0}),
+    );
+
+    // No token, a malformed one, a foreign one: 401 with a challenge.
+    let r = a.request("POST", "/v1/chat/completions", None, Some(&body));
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+    assert_eq!(r.error_code(), "invalid_token");
+    let r = a.request("GET", "/v1/models", Some("not.a.jwt"), None);
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate")
+            .unwrap()
+            .contains("invalid_token")
+    );
+    let r = a.request("GET", "/healthz", None, None);
+    assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("ok")));
+
+    let cases: [(&str, &str, &str, Option<&Value>, u16); 14] = [
+        (&admin, "POST", "/v1/chat/completions", Some(&body), 200),
+        (&operator, "POST", "/v1/chat/completions", Some(&body), 200),
+        (&app_ok, "POST", "/v1/chat/completions", Some(&body), 200),
+        (&app_other, "POST", "/v1/chat/completions", Some(&body), 403),
+        (&auditor, "POST", "/v1/chat/completions", Some(&body), 403),
+        (&auditor, "GET", "/api/v1/audit?limit=5", None, 200),
+        (&operator, "GET", "/api/v1/audit?limit=5", None, 403),
+        (&app_ok, "GET", "/v1/models", None, 200),
+        (&app_ok, "GET", "/metrics", None, 403),
+        (&operator, "GET", "/metrics", None, 200),
+        (&auditor, "GET", "/readyz", None, 200),
+        (&operator, "DELETE", "/api/v1/models/tiny", None, 403),
+        (&app_ok, "POST", "/api/v1/models/tiny/activate", None, 403),
+        (&auditor, "GET", "/api/v1/audit/verify", None, 200),
+    ];
+    for (token, method, path, body, want) in cases {
+        let r = a.request(method, path, Some(token), body);
+        assert_eq!(r.status, want, "{method} {path}: {}", r.text());
+        if want == 403 {
+            assert_eq!(r.error_code(), "forbidden");
+            assert!(
+                r.json()["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not permitted")
+            );
+        }
+    }
+
+    // Every decision is in the log; inferences carry the prompt's hash, never the prompt.
+    let log = a.audit();
+    let denied: Vec<&Value> = log.iter().filter(|r| r["outcome"] == "denied").collect();
+    assert_eq!(denied.len(), 2 + 6, "{denied:#?}");
+    assert!(denied.iter().all(|r| r["request_id"].is_string()));
+    assert!(denied.iter().any(|r| r["actor"] == "anonymous"));
+    assert!(
+        denied
+            .iter()
+            .any(|r| r["actor"] == "cam2" && r["resource"] == "tiny:1")
+    );
+    let runs: Vec<&Value> = log
+        .iter()
+        .filter(|r| r["action"] == "inference:run" && r["outcome"] == "success")
+        .collect();
+    assert_eq!(runs.len(), 3);
+    for r in &runs {
+        assert_eq!(r["resource"], "tiny:1");
+        assert_eq!(r["details"]["prompt_sha256"].as_str().unwrap().len(), 64);
+        assert!(r["details"]["completion_tokens"].as_u64().unwrap() <= 4);
+        assert!(r["details"]["prompt_tokens"].as_u64().unwrap() > 0);
+    }
+    let raw = std::fs::read(a.d.data.join("audit.db")).unwrap();
+    assert!(
+        !raw.windows(16).any(|w| w == b"secret prompt 42"),
+        "the prompt itself must never reach the audit log"
+    );
+    let start = log.iter().find(|r| r["action"] == "agent:start").unwrap();
+    assert_eq!(start["actor"], "outpost-daemon");
+}
+
+#[test]
+fn bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving() {
+    let mut a = Agent::new("max_body = \"4KiB\"");
+    a.add_tiny("tiny");
+    a.start();
+    let t = a.token("olivia", "operator", &[]);
+    let raw = |body: &[u8]| {
+        a.try_request("POST", "/v1/chat/completions", Some(&t), Some(body))
+            .unwrap()
+    };
+    let r = raw(b"{\"messages\": [");
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    let r = raw(b"[1, 2]");
+    assert_eq!(r.status, 400);
+    let r = raw(&vec![b' '; 8 * 1024]);
+    assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"));
+
+    let long = "word ".repeat(100); // the tiny model's window is 64 tokens
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"messages": "hi"}), 400, "does not match"),
+        (
+            chat("hi", json!({"temperature": "hot"})),
+            400,
+            "invalid type",
+        ),
+        (
+            chat("hi", json!({"max_tokens": 1_000_000_000})),
+            400,
+            "context window",
+        ),
+        (chat("hi", json!({"max_tokens": 0})), 400, "at least 1"),
+        (chat("hi", json!({"n": 2})), 400, "n must be 1"),
+        (chat("hi", json!({"temperature": 7})), 400, "temperature"),
+        (
+            chat("hi", json!({"top_logprobs": 3})),
+            400,
+            "needs logprobs",
+        ),
+        (
+            chat("hi", json!({"model": "no-such-model"})),
+            404,
+            "no model",
+        ),
+        (chat("hi", json!({"model": "sha256:zz"})), 404, "no model"),
+        (chat(&long, json!({})), 400, "context window"),
+        (json!({"messages": []}), 400, "must not be empty"),
+        (
+            json!({"messages": [{"role": "tool", "content": "x"}]}),
+            400,
+            "not supported",
+        ),
+    ];
+    for (body, want, msg) in cases {
+        let r = a.request("POST", "/v1/chat/completions", Some(&t), Some(&body));
+        assert_eq!(r.status, want, "{body}: {}", r.text());
+        let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(m.contains(msg), "{body}: expected {msg:?} in {m:?}");
+    }
+    let r = a.request(
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        Some(&json!({"prompt": [1, 99999]})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = a.request("GET", "/v1/nothing", Some(&t), None);
+    assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
+    let r = a.request("DELETE", "/v1/models", Some(&t), None);
+    assert_eq!(r.status, 405);
+    let r = a.request("GET", "/api/v1/audit?limit=abc", Some(&t), None);
+    assert_eq!(r.status, 400);
+
+    // Still serving, correctly.
+    let r = a.request(
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        Some(&json!({"prompt": "hello", "max_tokens": 3, "temperature": 0, "logprobs": 2})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "tiny:1");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(
+        v["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        n
+    );
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64().unwrap(),
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + n as u64
+    );
+}
+
+/// Checks every line of a Prometheus text exposition; returns sample name → value.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap();
+            let name = parts.next().unwrap();
+            assert!(matches!(kind, "HELP" | "TYPE"), "{line}");
+            if kind == "TYPE" {
+                assert!(typed.insert(name.to_string()), "TYPE twice: {line}");
+                let t = parts.next().unwrap();
+                assert!(
+                    matches!(t, "counter" | "gauge" | "histogram" | "summary" | "untyped"),
+                    "{line}"
+                );
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        if let Some(labels) = series.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+        }
+        assert!(typed.contains(name), "sample before its TYPE: {line}");
+        samples.push((series.to_string(), value.parse::<f64>().unwrap()));
+    }
+    samples
+}
+
+#[test]
+fn metrics_are_prometheus_text_and_count_what_happened() {
+    let mut a = Agent::new("metrics_public = true");
+    a.add_tiny("tiny");
+    a.start();
+    let t = a.token("olivia", "operator", &[]);
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&t),
+        Some(&chat("hi", json!({"max_tokens": 5}))),
+    );
+    assert_eq!(r.status, 200);
+    a.request("GET", "/v1/models", None, None);
+    let r = a.request("GET", "/metrics", None, None);
+    assert_eq!(r.status, 200, "metrics_public serves without a token");
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let samples = parse_prometheus(&r.text());
+    let get = |s: &str| samples.iter().find(|(k, _)| k == s).map(|(_, v)| *v);
+    assert_eq!(
+        get(
+            r#"outpost_http_requests_total{route="/v1/chat/completions",method="POST",status="200"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(r#"outpost_http_requests_total{route="/v1/models",method="GET",status="401"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(r#"outpost_auth_denials_total{reason="unauthenticated"}"#),
+        Some(1.0)
+    );
+    let generated = get("outpost_generated_tokens_total").unwrap();
+    assert!((1.0..=5.0).contains(&generated), "{generated}");
+    assert!(get("outpost_decode_tokens_per_second").unwrap() > 0.0);
+    assert!(get("outpost_prefill_tokens_per_second").unwrap() > 0.0);
+    assert!(get("outpost_model_load_seconds").unwrap() > 0.0);
+    assert_eq!(get("outpost_queue_depth"), Some(0.0));
+    assert!(get("outpost_audit_records_total").unwrap() >= 3.0);
+    assert!(get("outpost_process_resident_memory_bytes").unwrap() > 1e6);
+    assert_eq!(get(r#"outpost_model_loaded{model="tiny:1"}"#), Some(1.0));
+}
+
+#[test]
+fn streams_end_in_done_and_carry_the_same_text_as_a_whole_answer() {
+    let mut a = Agent::new("");
+    a.add_tiny("tiny");
+    a.start();
+    let t = a.token("olivia", "operator", &[]);
+    let req = chat(
+        "hello",
+        json!({"max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+    );
+    let whole = a
+        .request("POST", "/v1/chat/completions", Some(&t), Some(&req))
+        .json();
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let n = whole["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(content.len(), n);
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &streamed);
+    assert_eq!(status, 200);
+    let events = read_events(&mut r);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(joined, text, "the stream says what the whole answer says");
+    let lp: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    assert_eq!(lp, n, "one logprob entry per token across the chunks");
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"].is_string())
+    );
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"].as_u64().unwrap() as usize, n);
+}
+
+#[test]
+fn an_invalid_config_exits_78_before_binding() {
+    let a = Agent::new("queue_length = 0");
+    let r = a.d.run(&["daemon"]);
+    assert_eq!(r.code, Some(78), "{r:?}");
+    assert!(r.stderr.contains("api.queue_length"), "{}", r.stderr);
+    assert!(
+        TcpListener::bind(("127.0.0.1", a.port)).is_ok(),
+        "nothing was bound"
+    );
+    std::fs::write(&a.d.config, "[api]\nlisten = \"localhost-ish\"\n").unwrap();
+    let r = a.d.run(&["daemon"]);
+    assert_eq!(r.code, Some(78), "{r:?}");
+    assert!(r.stderr.contains("api.listen"), "{}", r.stderr);
+    assert!(
+        !a.d.data.join("audit.db").exists(),
+        "nothing was opened either"
+    );
+}
+
+#[test]
+fn a_unix_socket_and_systemd_notifications_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut a = Agent::new("");
+    // Listen on the socket instead of the port.
+    let cfg = std::fs::read_to_string(&a.d.config).unwrap().replace(
+        &format!("listen = \"127.0.0.1:{}\"", a.port),
+        &format!("listen = \"unix:{}\"", sock.display()),
+    );
+    std::fs::write(&a.d.config, cfg).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    a.child = Some(
+        a.d.command()
+            .arg("daemon")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 256];
+    let mut states = Vec::new();
+    let mut recv = |states: &mut Vec<String>| {
+        let n = notify.recv(&mut buf).unwrap();
+        states.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    };
+    recv(&mut states);
+    assert!(states[0].starts_with("READY=1"), "{states:?}");
+    recv(&mut states);
+    assert_eq!(states[1], "WATCHDOG=1");
+    let stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let r = send(stream, "GET", "/healthz", None, None, &[]).unwrap();
+    assert_eq!(r.status, 200);
+    let t = a.token("olivia", "operator", &[]);
+    let stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let r = send(stream, "GET", "/readyz", Some(&t), None, &[]).unwrap();
+    assert_eq!(r.status, 503, "no model loaded: not ready");
+    assert_eq!(r.json()["ready"], false);
+    a.signal("TERM");
+    loop {
+        recv(&mut states);
+        if states.last().unwrap().starts_with("STOPPING=1") {
+            break;
+        }
+    }
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0));
+    assert!(!sock.exists(), "the socket file is removed at exit");
+}
+
+/// A daemon serving the real SmolLM2 model, or a skip.
+fn smollm2_agent(api: &str) -> Option<Agent> {
+    let model = demo_model(SMOLLM2)?;
+    let mut a = Agent::new(api);
+    a.add_model(&model, "smollm2", true);
+    a.start();
+    Some(a)
+}
+
+#[test]
+fn sigterm_during_a_stream_ends_it_cleanly_and_records_the_stop() {
+    let Some(mut a) = smollm2_agent("shutdown_grace_secs = 1") else {
+        return;
+    };
+    let t = a.token("olivia", "operator", &[]);
+    let req = chat(
+        "Write a long story about a lighthouse keeper.",
+        json!({"stream": true, "max_tokens": 4000, "temperature": 0.7, "seed": 3}),
+    );
+    let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &req);
+    assert_eq!(status, 200);
+    let mut first = String::new();
+    while !first.starts_with("data: {") || !first.contains("content") {
+        first.clear();
+        r.read_line(&mut first).unwrap();
+    }
+    a.signal("TERM");
+    let events = read_events(&mut r);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.contains("shutting_down")),
+        "a generation cut short says why: {events:?}"
+    );
+    // New connections are refused once stopping.
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0), "{}", a.log());
+    assert!(a.try_request("GET", "/healthz", None, None).is_err());
+    let log = a.audit();
+    let last = log.last().unwrap();
+    assert_eq!(
+        (last["action"].as_str(), last["outcome"].as_str()),
+        (Some("agent:stop"), Some("success"))
+    );
+    assert!(
+        log.iter()
+            .any(|r| r["action"] == "inference:run" && r["reason"] == "cancelled")
+    );
+    a.d.run(&["audit", "verify"]).ok();
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    let Some(a) = smollm2_agent("") else {
+        return;
+    };
+    let t = a.token("olivia", "operator", &[]);
+    let req = chat(
+        "Count from one to one thousand.",
+        json!({"stream": true, "max_tokens": 4000}),
+    );
+    let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &req);
+    assert_eq!(status, 200);
+    let mut line = String::new();
+    while !line.contains("content") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    drop(r);
+    // The engine is free again well before 4000 tokens could be generated.
+    let started = Instant::now();
+    let mut cancelled = None;
+    while started.elapsed() < Duration::from_secs(60) {
+        cancelled = a
+            .audit()
+            .into_iter()
+            .find(|r| r["action"] == "inference:run" && r["outcome"] == "failure");
+        if cancelled.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let c = cancelled.expect("the cancellation is recorded");
+    assert!(c["reason"].as_str().unwrap().contains("cancelled"), "{c}");
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&t),
+        Some(&chat("Hi", json!({"max_tokens": 2}))),
+    );
+    assert_eq!(r.status, 200, "the next request is served");
+    let m = a.request("GET", "/metrics", Some(&t), None).text();
+    let generated: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_generated_tokens_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        generated < 1000.0,
+        "generation stopped early: {generated} tokens"
+    );
+}
+
+#[test]
+fn sixteen_clients_against_a_queue_of_four_get_answers_or_503s() {
+    let Some(a) = smollm2_agent("queue_length = 4") else {
+        return;
+    };
+    let t = a.token("olivia", "operator", &[]);
+    let a = Arc::new(a);
+    let barrier = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let (a, t, barrier) = (a.clone(), t.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let body =
+                    serde_json::to_vec(&chat(&format!("Say hello {i}"), json!({"max_tokens": 24})))
+                        .unwrap();
+                let stream = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(300)))
+                    .unwrap();
+                barrier.wait();
+                send(
+                    stream,
+                    "POST",
+                    "/v1/chat/completions",
+                    Some(&t),
+                    Some(&body),
+                    &[],
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    let responses: Vec<Response> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let busy: Vec<&Response> = responses.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(ok + busy.len(), 16, "only answers or 503s: {responses:?}");
+    assert!(
+        (1..=5).contains(&ok),
+        "one running plus four queued at most: {ok}"
+    );
+    for r in &busy {
+        assert_eq!(r.error_code(), "queue_full");
+        assert!(r.header("retry-after").is_some());
+    }
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&t),
+        Some(&chat("Hi", json!({"max_tokens": 2}))),
+    );
+    assert_eq!(r.status, 200, "still serving");
+}
+
+#[test]
+fn activating_another_model_swaps_it_in_without_dropping_running_requests() {
+    let Some(model) = demo_model(SMOLLM2) else {
+        return;
+    };
+    let mut a = Agent::new("");
+    let tiny = a.d.file("tiny.gguf", &GgufBuilder::tiny_llama().build());
+    a.add_model(&tiny, "tiny", false);
+    a.add_model(&model, "smollm2", true);
+    a.start();
+    let admin = a.token("root", "admin", &[]);
+    let req = chat(
+        "Tell me about the sea.",
+        json!({"stream": true, "max_tokens": 48, "temperature": 0}),
+    );
+    let (status, mut r) = a.open_stream("/v1/chat/completions", &admin, &req);
+    assert_eq!(status, 200);
+    let mut first = String::new();
+    while !first.starts_with("data: ") {
+        first.clear();
+        r.read_line(&mut first).unwrap();
+    }
+    assert!(first.contains("smollm2:1"), "{first}");
+
+    let act = a.request("POST", "/api/v1/models/tiny/activate", Some(&admin), None);
+    assert_eq!(act.status, 200, "{}", act.text());
+    assert_eq!(act.json()["model"]["name"], "tiny");
+    assert_eq!(act.json()["previous"]["name"], "smollm2");
+    // The running stream finishes on the old model.
+    let events = read_events(&mut r);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(
+        events
+            .iter()
+            .all(|e| e == "[DONE]" || e.contains("smollm2:1"))
+    );
+    let finish = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|v| {
+            v["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_string)
+        });
+    assert!(
+        matches!(finish.as_deref(), Some("length" | "stop")),
+        "{events:?}"
+    );
+    // New requests go to the new one.
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(&chat("hi", json!({"max_tokens": 2}))),
+    );
+    assert_eq!(r.json()["model"], "tiny:1");
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(&chat("hi", json!({"model": "smollm2"}))),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("not loaded"));
+    // Rollback brings the old one back; the registry agrees with the daemon.
+    let back = a.request("POST", "/api/v1/models/rollback", Some(&admin), None);
+    assert_eq!(back.status, 200, "{}", back.text());
+    assert_eq!(back.json()["model"]["name"], "smollm2");
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(&chat("hi", json!({"max_tokens": 2}))),
+    );
+    assert_eq!(r.json()["model"], "smollm2:1");
+    let list = a
+        .request("GET", "/api/v1/models", Some(&admin), None)
+        .json();
+    let smol = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "smollm2")
+        .unwrap();
+    assert_eq!(smol["aliases"], json!(["default"]));
+    // Nothing left to roll back to: a conflict, and nothing changes.
+    let again = a.request("POST", "/api/v1/models/rollback", Some(&admin), None);
+    assert_eq!(again.status, 409, "{}", again.text());
+    let gone = a.request("POST", "/api/v1/models/nope/activate", Some(&admin), None);
+    assert_eq!(gone.status, 404);
+    let del = a.request("DELETE", "/api/v1/models/tiny", Some(&admin), None);
+    assert_eq!(del.status, 200, "{}", del.text());
+    let del = a.request("DELETE", "/api/v1/models/smollm2", Some(&admin), None);
+    assert_eq!(
+        del.status,
+        409,
+        "the active model needs force: {}",
+        del.text()
+    );
+}
+
+#[test]
+fn the_audit_api_pages_exports_and_verifies() {
+    let mut a = Agent::new("");
+    a.start();
+    let aud = a.token("aude", "auditor", &[]);
+    for _ in 0..5 {
+        a.request("GET", "/v1/models", Some(&aud), None);
+    }
+    // Cursor paging walks the whole log once, in order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<u64> = None;
+    loop {
+        let path = match cursor {
+            Some(c) => format!("/api/v1/audit?limit=2&after={c}"),
+            None => "/api/v1/audit?limit=2".into(),
+        };
+        let page = a.request("GET", &path, Some(&aud), None).json();
+        let records = page["records"].as_array().unwrap();
+        assert!(records.len() <= 2);
+        seen.extend(records.iter().map(|r| r["seq"].as_u64().unwrap()));
+        match page["next_cursor"].as_u64() {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert!(seen.len() >= 6, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+    let filtered = a
+        .request(
+            "GET",
+            "/api/v1/audit?action=models:read&actor=aude",
+            Some(&aud),
+            None,
+        )
+        .json();
+    assert!(filtered["records"].as_array().unwrap().len() >= 5);
+    let r = a.request("GET", "/api/v1/audit?outcome=maybe", Some(&aud), None);
+    assert_eq!(r.status, 400);
+
+    let export = a.request("GET", "/api/v1/audit/export?format=jsonl", Some(&aud), None);
+    assert_eq!(export.status, 200);
+    assert_eq!(
+        export.header("transfer-encoding"),
+        Some("chunked"),
+        "streamed"
+    );
+    let path = a.d.root.path().join("export.jsonl");
+    std::fs::write(&path, &export.body).unwrap();
+    a.d.run(&["audit", "verify", "--export", path.to_str().unwrap()])
+        .ok();
+    let csv = a.request("GET", "/api/v1/audit/export?format=csv", Some(&aud), None);
+    assert_eq!(csv.status, 200);
+    assert!(csv.text().lines().next().unwrap().contains("seq"));
+    let bad = a.request("GET", "/api/v1/audit/export?format=xml", Some(&aud), None);
+    assert_eq!(bad.status, 400);
+    let report = a
+        .request("GET", "/api/v1/audit/verify", Some(&aud), None)
+        .json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(report["records"].as_u64().unwrap() >= 6);
+}
+
+/// The `openai` package's own client against the daemon (installed by scripts/test into
+/// a virtual environment; `OUTPOST_OPENAI_PYTHON` names its interpreter).
+#[test]
+fn the_official_openai_python_client_works_against_the_daemon() {
+    let python = std::env::var_os("OUTPOST_OPENAI_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/outpost/venv-openai/bin/python"))
+        });
+    let Some(python) = python.filter(|p| p.is_file()) else {
+        skip::<()>(
+            "no Python with the openai package: run scripts/test (it sets up ~/.cache/outpost/venv-openai)",
+        );
+        return;
+    };
+    let Some(a) = smollm2_agent("") else {
+        return;
+    };
+    let token = a.token("cam", "app", &["--models", "smollm2*"]);
+    let auditor = a.token("aude", "auditor", &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .env("OUTPOST_URL", format!("http://127.0.0.1:{}/v1", a.port))
+        .env("OUTPOST_TOKEN", &token)
+        .env("OUTPOST_FORBIDDEN_TOKEN", &auditor)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{stderr}\ndaemon: {}",
+        a.log()
+    );
+    assert!(stdout.contains("ALL OK"), "{stdout}");
+    let _ = is_ci();
+}
