@@ -12,46 +12,18 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
+use super::common::{Embeddings, Rope, attention_mask};
+
+use candle_core::quantized::QMatMul;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 /// Every `GLOBAL_EVERY`-th layer attends globally; the others use the sliding window.
 const GLOBAL_EVERY: usize = 6;
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
-
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(head_dim: usize, base: f32, positions: usize, dev: &Device) -> Result<Self> {
-        let inv: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| base.powf(-(i as f32) / head_dim as f32))
-            .collect();
-        let inv = Tensor::new(inv.as_slice(), dev)?.reshape((1, head_dim / 2))?;
-        let pos = Tensor::arange(0u32, positions as u32, dev)?
-            .to_dtype(DType::F32)?
-            .reshape((positions, 1))?;
-        let angles = pos.matmul(&inv)?;
-        Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
-    }
-
-    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
-        let len = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, len)?;
-        let sin = self.sin.narrow(0, pos, len)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-    }
-}
 
 struct Layer {
     attn_norm: RmsNorm,
@@ -71,48 +43,6 @@ struct Layer {
     window: Option<usize>,
     global_rope: bool,
     cache: Option<(Tensor, Tensor)>,
-}
-
-/// The token embedding table, kept quantized.
-struct Embeddings {
-    table: Arc<QTensor>,
-    hidden: usize,
-    /// For types without a row decoder here: the whole table as f32, made on first use.
-    dense: OnceLock<Tensor>,
-}
-
-impl Embeddings {
-    fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
-        let vocab = self.table.shape().dims().first().copied().unwrap_or(0);
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
-        }
-        if self.table.dtype() == GgmlDType::Q8_0 && self.hidden.is_multiple_of(32) {
-            let data = self.table.data()?;
-            let row_bytes = self.hidden / 32 * 34;
-            let mut out = Vec::with_capacity(ids.len() * self.hidden);
-            for &id in ids {
-                let start = id as usize * row_bytes;
-                let row = data
-                    .get(start..start + row_bytes)
-                    .ok_or_else(|| candle_core::Error::Msg("embedding row out of range".into()))?;
-                for block in row.chunks_exact(34) {
-                    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    out.extend(block[2..].iter().map(|&q| d * f32::from(q as i8)));
-                }
-            }
-            return Tensor::from_vec(out, (ids.len(), self.hidden), &Device::Cpu);
-        }
-        let dense = match self.dense.get() {
-            Some(t) => t,
-            None => {
-                let t = self.table.dequantize(&Device::Cpu)?;
-                self.dense.get_or_init(|| t)
-            }
-        };
-        let idx = Tensor::new(ids, &Device::Cpu)?;
-        dense.index_select(&idx, 0)
-    }
 }
 
 pub struct Gemma3 {
@@ -156,11 +86,7 @@ impl Gemma3 {
             Ok(t) => QMatMul::from_qtensor(t)?,
             Err(_) => QMatMul::from_arc(table.clone())?,
         };
-        let embed = Embeddings {
-            table,
-            hidden,
-            dense: OnceLock::new(),
-        };
+        let embed = Embeddings::new(table, hidden);
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let mut t = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
@@ -273,74 +199,5 @@ impl Gemma3 {
         }
         let last = x.i((.., len - 1, ..))?;
         self.output.forward(&self.norm.forward(&last)?)
-    }
-}
-
-/// Additive mask (0 or -inf) of shape (len, total): query i (at pos + i) may see key j (at
-/// first_key + j) when the key is not in its future and, on sliding layers, within the window.
-fn attention_mask(
-    len: usize,
-    total: usize,
-    pos: usize,
-    first_key: usize,
-    window: Option<usize>,
-) -> Result<Tensor> {
-    let mut m = vec![0f32; len * total];
-    for i in 0..len {
-        let qp = pos + i;
-        for j in 0..total {
-            let kp = first_key + j;
-            let visible = kp <= qp && window.is_none_or(|w| qp - kp < w);
-            if !visible {
-                m[i * total + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Tensor::from_vec(m, (len, total), &Device::Cpu)?.reshape((1, 1, len, total))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_are_causal_and_windowed() {
-        let m = attention_mask(3, 3, 0, 0, None)
-            .unwrap()
-            .flatten_all()
-            .unwrap();
-        let v = m.to_vec1::<f32>().unwrap();
-        let seen: Vec<bool> = v.iter().map(|x| x.is_finite()).collect();
-        assert_eq!(
-            seen,
-            [true, false, false, true, true, false, true, true, true]
-        );
-        // Window of 2: query at 2 no longer sees key 0.
-        let w = attention_mask(3, 3, 0, 0, Some(2))
-            .unwrap()
-            .flatten_all()
-            .unwrap();
-        let seen: Vec<bool> = w
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.is_finite())
-            .collect();
-        assert_eq!(
-            seen,
-            [true, false, false, true, true, false, false, true, true]
-        );
-        // Decoding one token at position 10 with 4 cached keys (positions 7..=10).
-        let d = attention_mask(1, 4, 10, 7, Some(3))
-            .unwrap()
-            .flatten_all()
-            .unwrap();
-        let seen: Vec<bool> = d
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.is_finite())
-            .collect();
-        assert_eq!(seen, [false, true, true, true]);
     }
 }

@@ -1,6 +1,7 @@
 //! Architectures: the only module that knows `candle-transformers`.
 //!
-//! `gemma3` is our own implementation (see `gemma3.rs` for why); the others are candle's.
+//! `llama` and `gemma3` are our own implementations (see `llama.rs` and `gemma3.rs` for
+//! why); the others are candle's.
 //!
 //! A GGUF file's `general.architecture` picks the implementation: `llama` (SmolLM2, Llama 2/3,
 //! TinyLlama), `gemma3`, `qwen2`, `qwen3`, `phi3`. Everything else is refused by name before
@@ -12,11 +13,11 @@ use std::fs::File;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{
-    quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3,
-};
+use candle_transformers::models::{quantized_phi3, quantized_qwen2, quantized_qwen3};
 
+mod common;
 mod gemma3;
+mod llama;
 
 use crate::EngineError;
 
@@ -31,7 +32,7 @@ pub const SUPPORTED_TYPES: [&str; 16] = [
 
 /// The weights of one loaded model.
 pub enum Weights {
-    Llama(quantized_llama::ModelWeights),
+    Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
     Qwen2(quantized_qwen2::ModelWeights),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -61,9 +62,9 @@ impl Weights {
     ) -> Result<Self, EngineError> {
         let dev = Device::Cpu;
         Ok(match arch {
-            "llama" => Self::Llama(
-                quantized_llama::ModelWeights::from_gguf(content, file, &dev).map_err(model_err)?,
-            ),
+            "llama" => {
+                Self::Llama(llama::Llama::load(&content, file, max_positions).map_err(model_err)?)
+            }
             "gemma3" => Self::Gemma3(
                 gemma3::Gemma3::load(&content, file, max_positions).map_err(model_err)?,
             ),
