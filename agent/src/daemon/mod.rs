@@ -272,6 +272,8 @@ async fn serve(state: Arc<State>, listen: Listen, notifier: &Notifier) -> anyhow
         })
     });
 
+    let follower = tokio::spawn(follow_registry(state.clone(), shutdown.clone()));
+
     wait_for_signal().await?;
     eprintln!(
         "stopping: no new connections; in-flight requests have {} s",
@@ -283,6 +285,7 @@ async fn serve(state: Arc<State>, listen: Listen, notifier: &Notifier) -> anyhow
     if let Some(p) = pinger {
         p.abort();
     }
+    follower.abort();
     let grace = Duration::from_secs(state.api.shutdown_grace_secs);
     let mut server = server;
     let finished = tokio::time::timeout(grace, &mut server).await;
@@ -303,6 +306,69 @@ async fn serve(state: Arc<State>, listen: Listen, notifier: &Notifier) -> anyhow
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// How often the registry is checked for a `default` changed by another process.
+const FOLLOW_EVERY: Duration = Duration::from_secs(2);
+
+/// Follows `default` as other processes (the CLI, later sync) change it: a new model is
+/// loaded and swapped in, an unset alias stops serving. A model that fails to load is
+/// reported once, not retried every tick.
+async fn follow_registry(state: Arc<State>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(FOLLOW_EVERY);
+    let mut failed: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let _one_at_a_time = state.swap.lock().await;
+        let s = state.clone();
+        let known_bad = failed.clone();
+        let outcome = tokio::task::spawn_blocking(move || -> Option<String> {
+            let wanted = s.registry.lock().ok()?.alias("default").ok()?;
+            let current = s.current_model().map(|m| m.record.sha256.clone());
+            match wanted {
+                None if current.is_some() => {
+                    eprintln!("'default' was unset: no model is served until one is activated");
+                    s.install(None);
+                    None
+                }
+                Some(r)
+                    if current.as_deref() != Some(r.sha256.as_str())
+                        && known_bad.as_deref() != Some(r.sha256.as_str()) =>
+                {
+                    let label = r.label();
+                    let sha = r.sha256.clone();
+                    match s.load_worker(r) {
+                        Ok(w) => {
+                            eprintln!(
+                                "'default' now points at {label}: loaded in {} ms",
+                                w.load_ms
+                            );
+                            s.install(Some(w));
+                            None
+                        }
+                        Err(e) => {
+                            eprintln!("warning: cannot serve {label}: {e:#}");
+                            let mut entry = s.agent_entry(
+                                "models:load",
+                                &format!("{e:#}"),
+                                serde_json::json!({}),
+                            );
+                            entry.outcome = Outcome::Failure;
+                            entry.resource = Some(label);
+                            s.note(entry);
+                            Some(sha)
+                        }
+                    }
+                }
+                _ => known_bad,
+            }
+        })
+        .await;
+        failed = outcome.unwrap_or(None);
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -1171,3 +1171,55 @@ fn the_official_openai_python_client_works_against_the_daemon() {
     assert!(stdout.contains("ALL OK"), "{stdout}");
     let _ = is_ci();
 }
+
+#[test]
+fn a_model_activated_with_the_cli_is_served_without_a_restart() {
+    let mut a = Agent::new("");
+    a.add_tiny("first");
+    let mut b = GgufBuilder::tiny_llama();
+    b.kv_str("general.name", "second"); // other bytes: another blob
+    let second = a.d.file("second.gguf", &b.build());
+    a.add_model(&second, "second", false);
+    a.start();
+    let t = a.token("olivia", "operator", &[]);
+    let ask = || {
+        a.request(
+            "POST",
+            "/v1/chat/completions",
+            Some(&t),
+            Some(&chat("hi", json!({"max_tokens": 1}))),
+        )
+        .json()["model"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(ask(), "first:1");
+    a.d.run(&["models", "activate", "second"]).ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask() != "second:1" {
+        assert!(
+            Instant::now() < deadline,
+            "still serving the old model: {}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Unsetting `default` (a forced removal) stops serving it.
+    a.d.run(&["models", "remove", "second", "--force"]).ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = a.request(
+            "POST",
+            "/v1/chat/completions",
+            Some(&t),
+            Some(&chat("hi", json!({}))),
+        );
+        if r.status == 503 {
+            assert_eq!(r.error_code(), "model_not_loaded");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still serving a removed model");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
