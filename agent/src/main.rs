@@ -7,7 +7,7 @@ mod cli;
 mod commands;
 mod config;
 mod daemon;
-mod threads;
+mod sys;
 
 use std::process::ExitCode;
 
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
         _ => loaded.config.engine.threads,
     };
     if let Some(n) = wanted {
-        threads::set_compute_threads(n);
+        sys::set_compute_threads(n);
     }
     match commands::run(cli, loaded) {
         Ok(code) => code,

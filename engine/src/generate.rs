@@ -142,6 +142,11 @@ impl LoadedModel {
         })
     }
 
+    /// Frees the KV cache of the last generation (an idle server need not hold it).
+    pub fn clear_cache(&mut self) {
+        self.weights.clear_cache();
+    }
+
     /// Prompt ids for a raw text prompt (special tokens recognized, as llama.cpp does).
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         Ok(self.tokenizer.with_bos(self.tokenizer.encode(text, true)?))

@@ -112,10 +112,11 @@ fn bpe_vocab(vocab: &HashMap<String, u32>) -> tokenizers::models::bpe::Vocab {
 
 /// A model's tokenizer.
 pub struct TextTokenizer {
-    /// Recognizes control and user-defined tokens in the text.
-    with_specials: Tokenizer,
-    /// Never produces them: for untrusted text inside a template.
-    plain: Tokenizer,
+    /// Control and user-defined tokens are registered as special added tokens: recognized
+    /// in text when `encode_special_tokens` is off, plain text when it is on (for untrusted
+    /// text inside a template). One tokenizer, switched per call, instead of two copies of
+    /// the vocabulary and merges (several MiB each).
+    inner: std::sync::Mutex<Tokenizer>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub add_bos: bool,
@@ -257,7 +258,6 @@ impl TextTokenizer {
                 )));
             }
         };
-        let plain = tokenizer.clone();
         let mut control = HashSet::new();
         let mut added = Vec::new();
         for (i, t) in tokens.iter().enumerate() {
@@ -266,7 +266,8 @@ impl TextTokenizer {
                     control.insert(i as u32);
                     added.push(AddedToken::from(t.clone(), true));
                 }
-                TYPE_USER_DEFINED => added.push(AddedToken::from(t.clone(), false)),
+                // Matched on the raw text, as llama.cpp does.
+                TYPE_USER_DEFINED => added.push(AddedToken::from(t.clone(), true)),
                 _ => {}
             }
         }
@@ -286,8 +287,7 @@ impl TextTokenizer {
             }
         }
         Ok(Self {
-            with_specials: tokenizer,
-            plain,
+            inner: std::sync::Mutex::new(tokenizer),
             bos,
             eos,
             add_bos: m
@@ -303,11 +303,8 @@ impl TextTokenizer {
     /// Token ids of `text`, without BOS. With `parse_special`, control and user-defined
     /// tokens written in the text become those tokens; without, they are plain text.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
-        let t = if parse_special {
-            &self.with_specials
-        } else {
-            &self.plain
-        };
+        let mut t = self.lock()?;
+        t.set_encode_special_tokens(!parse_special);
         Ok(t.encode_fast(text, false)
             .map_err(tok_err)?
             .get_ids()
@@ -331,12 +328,18 @@ impl TextTokenizer {
             .copied()
             .filter(|i| !(skip_control && self.control.contains(i)))
             .collect();
-        self.with_specials.decode(&kept, false).map_err(tok_err)
+        self.lock()?.decode(&kept, false).map_err(tok_err)
     }
 
     /// The text of one token as the vocabulary spells it.
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.with_specials.id_to_token(id)
+        self.lock().ok()?.id_to_token(id)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Tokenizer>, EngineError> {
+        self.inner
+            .lock()
+            .map_err(|_| EngineError::Tokenizer("tokenizer lock poisoned".into()))
     }
 }
 

@@ -102,8 +102,10 @@ impl ModelWorker {
         std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || {
-                let _held = held;
                 run(model, rx, &depth, &live, &metrics);
+                drop(held);
+                // The model's memory is free now: give it back, not just to the allocator.
+                crate::sys::release_free_memory();
             })?;
         Ok(worker)
     }
@@ -158,6 +160,9 @@ fn run(
         // A client that left while its job waited costs nothing.
         if !job.cancel.load(Ordering::SeqCst) {
             run_job(&mut model, &job, metrics);
+            // An idle engine holds the weights, not the last request's KV cache and scratch.
+            model.clear_cache();
+            crate::sys::release_free_memory();
         }
         if let Ok(mut l) = live.lock() {
             l.retain(|c| !Arc::ptr_eq(c, &job.cancel));

@@ -91,6 +91,7 @@ impl State {
         let model = LoadedModel::load(&path, &self.load_options)
             .with_context(|| format!("cannot load {}", record.label()))?;
         self.metrics.model_loaded(started.elapsed());
+        crate::sys::release_free_memory();
         Ok(ModelWorker::start(
             record,
             model,

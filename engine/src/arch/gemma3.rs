@@ -124,6 +124,12 @@ impl Gemma3 {
         })
     }
 
+    pub fn clear_cache(&mut self) {
+        for layer in &mut self.layers {
+            layer.cache = None;
+        }
+    }
+
     /// Logits after the last of `tokens`, placed at positions `pos..`.
     pub fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {
         let (b, len) = tokens.dims2()?;

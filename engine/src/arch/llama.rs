@@ -112,6 +112,12 @@ impl Llama {
         })
     }
 
+    pub fn clear_cache(&mut self) {
+        for layer in &mut self.layers {
+            layer.cache = None;
+        }
+    }
+
     /// Logits after the last of `tokens`, placed at positions `pos..`; `pos == 0` starts a
     /// new sequence.
     pub fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {

@@ -82,6 +82,18 @@ impl Weights {
         })
     }
 
+    /// Drops the KV cache (the next forward must start at position 0). candle's phi3 has no
+    /// way to do so; its cache goes at the next sequence's start.
+    pub fn clear_cache(&mut self) {
+        match self {
+            Self::Llama(m) => m.clear_cache(),
+            Self::Gemma3(m) => m.clear_cache(),
+            Self::Qwen2(m) => m.clear_kv_cache(),
+            Self::Qwen3(m) => m.clear_kv_cache(),
+            Self::Phi3(_) => {}
+        }
+    }
+
     /// Runs `tokens` at positions `pos..` and returns the logits after the last one.
     /// `pos == 0` starts a new sequence (the KV cache is replaced).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, EngineError> {
