@@ -1223,3 +1223,75 @@ fn a_model_activated_with_the_cli_is_served_without_a_restart() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The shipped unit and example config: the unit asks for what the daemon does (notify,
+/// watchdog, no restart on a configuration error) and the example config is valid as shipped
+/// and with every commented key switched on.
+#[test]
+fn the_systemd_unit_and_the_example_config_match_the_daemon() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/outpost.service")).unwrap();
+    let keys: Vec<(&str, &str)> = unit
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let has = |k: &str, v: &str| keys.iter().any(|(a, b)| *a == k && *b == v);
+    for (k, v) in [
+        ("Type", "notify"),
+        ("Restart", "on-failure"),
+        ("RestartPreventExitStatus", "78"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("StateDirectory", "outpost"),
+        ("DynamicUser", "yes"),
+    ] {
+        assert!(has(k, v), "{k}={v} missing from the unit");
+    }
+    assert!(keys.iter().any(|(k, _)| *k == "WatchdogSec"));
+    let exec = keys.iter().find(|(k, _)| *k == "ExecStart").unwrap().1;
+    assert!(exec.ends_with(" daemon"), "{exec}");
+
+    let example = std::fs::read_to_string(root.join("deploy/config/outpost.toml")).unwrap();
+    let d = Device::new();
+    std::fs::write(&d.config, &example).unwrap();
+    d.run(&["config", "check"]).ok();
+    // Uncomment every `# key = value` line: the documented keys must all exist. The issuer's
+    // key file must exist too, so point it at a real one.
+    let keys_dir = d.root.path().join("keys");
+    d.run(&[
+        "keys",
+        "generate",
+        "--out",
+        keys_dir.to_str().unwrap(),
+        "--name",
+        "admin-1",
+    ])
+    .ok();
+    let on: String = example
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if rest.contains(" = ") || rest.starts_with("[[") => rest.to_string(),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(
+            "/etc/outpost/keys/admin-1.pub.pem",
+            keys_dir.join("admin-1.pub.pem").to_str().unwrap(),
+        );
+    let on = on
+        .lines()
+        .filter(|l| {
+            !l.starts_with("revoked =")
+                && !l.starts_with("policy =")
+                && !l.starts_with("data_dir =")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&d.config, &on).unwrap();
+    let r = d.run(&["config", "check", "--json"]);
+    let v = r.json();
+    assert_eq!(v["config"]["api"]["listen"], "127.0.0.1:8480", "{on}");
+    assert_eq!(v["config"]["api"]["queue_length"], 4);
+}
