@@ -189,7 +189,7 @@ pub fn authenticate(
 ) -> Result<Identity, ApiError> {
     let refuse = |why: String, challenge: &str| {
         state.metrics.unauthenticated();
-        let mut e = Entry::new("anonymous", action.as_str(), Outcome::Denied, &why);
+        let mut e = Entry::new("unauthenticated", action.as_str(), Outcome::Denied, &why);
         e.request_id = Some(request_id.to_string());
         e.policy_version = Some(state.policy.version);
         state.note(e);

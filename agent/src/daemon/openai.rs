@@ -428,9 +428,10 @@ struct Audited {
 }
 
 impl Audited {
-    fn finish(&mut self, outcome: Outcome, reason: &str, extra: Value) {
+    /// The outcome record, once.
+    fn take(&mut self, outcome: Outcome, reason: &str, extra: Value) -> Option<Entry> {
         if self.done {
-            return;
+            return None;
         }
         self.done = true;
         let mut e = self.entry.clone();
@@ -439,7 +440,14 @@ impl Audited {
         if let (Value::Object(d), Value::Object(x)) = (&mut e.details, extra) {
             d.extend(x);
         }
-        self.state.note(e);
+        Some(e)
+    }
+
+    /// Queues the outcome record without waiting.
+    fn finish(&mut self, outcome: Outcome, reason: &str, extra: Value) {
+        if let Some(e) = self.take(outcome, reason, extra) {
+            self.state.note(e);
+        }
     }
 }
 
@@ -695,7 +703,7 @@ async fn whole(
             }
             JobEvent::Started { .. } | JobEvent::Text(_) => {}
             JobEvent::Done(g) => {
-                settle(&mut audited, &g);
+                settle(&mut audited, &g).await;
                 let finish = finish_reason(g.finish_reason);
                 let mut body = answer.envelope(
                     vec![answer.choice(&g.text, &tokens, Some(finish), false)],
@@ -715,12 +723,17 @@ async fn whole(
     Err(ApiError::internal("the engine stopped"))
 }
 
-/// Records how a generation ended.
-fn settle(audited: &mut Audited, g: &Generation) {
-    if g.finish_reason == FinishReason::Cancelled {
-        audited.finish(Outcome::Failure, "cancelled", outcome_details(g));
+/// Records how a generation ended, durably, before the answer's last bytes go out.
+async fn settle(audited: &mut Audited, g: &Generation) {
+    let (outcome, reason) = if g.finish_reason == FinishReason::Cancelled {
+        (Outcome::Failure, "cancelled")
     } else {
-        audited.finish(Outcome::Success, "answered", outcome_details(g));
+        (Outcome::Success, "answered")
+    };
+    if let Some(e) = audited.take(outcome, reason, outcome_details(g))
+        && let Err(err) = audited.state.record(e).await
+    {
+        eprintln!("warning: the outcome of an inference was not recorded: {err}");
     }
 }
 
@@ -782,7 +795,7 @@ fn stream(answer: Answer, rx: UnboundedReceiver<JobEvent>, audited: Audited) -> 
                     return Some((Ok(sse(&v)), st));
                 }
                 Some(JobEvent::Done(g)) => {
-                    settle(&mut st.audited, &g);
+                    settle(&mut st.audited, &g).await;
                     let mut out = String::new();
                     let tokens = std::mem::take(&mut st.pending);
                     let cancelled = g.finish_reason == FinishReason::Cancelled;

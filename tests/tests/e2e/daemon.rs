@@ -453,7 +453,7 @@ fn each_role_gets_401_403_or_200_as_the_policy_says_and_all_are_audited() {
     let denied: Vec<&Value> = log.iter().filter(|r| r["outcome"] == "denied").collect();
     assert_eq!(denied.len(), 2 + 6, "{denied:#?}");
     assert!(denied.iter().all(|r| r["request_id"].is_string()));
-    assert!(denied.iter().any(|r| r["actor"] == "anonymous"));
+    assert!(denied.iter().any(|r| r["actor"] == "unauthenticated"));
     assert!(
         denied
             .iter()
@@ -470,6 +470,16 @@ fn each_role_gets_401_403_or_200_as_the_policy_says_and_all_are_audited() {
         assert!(r["details"]["completion_tokens"].as_u64().unwrap() <= 4);
         assert!(r["details"]["prompt_tokens"].as_u64().unwrap() > 0);
     }
+    // The response's x-request-id names the records of that request.
+    let r = a.request("POST", "/v1/chat/completions", Some(&admin), Some(&body));
+    let rid = r.header("x-request-id").unwrap().to_string();
+    let log = a.audit();
+    let mine: Vec<&str> = log
+        .iter()
+        .filter(|r| r["request_id"] == rid.as_str())
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(mine, ["allowed", "success"], "{rid}");
     let raw = std::fs::read(a.d.data.join("audit.db")).unwrap();
     assert!(
         !raw.windows(16).any(|w| w == b"secret prompt 42"),
