@@ -82,6 +82,16 @@ assert r.object == "text_completion"
 assert "8" not in r.choices[0].text, r.choices[0].text
 assert r.choices[0].finish_reason == "stop", r.choices[0].finish_reason
 
+# Completions stream too, and say the same thing.
+whole = r.choices[0].text
+parts = []
+for chunk in client.completions.create(
+    model="smollm2", prompt="1, 2, 3, 4,", max_tokens=16, temperature=0, stop=["8"], stream=True
+):
+    assert chunk.object == "text_completion"
+    parts.extend(c.text for c in chunk.choices)
+assert "".join(parts) == whole, ("".join(parts), whole)
+
 # Errors come back as the client's own exception types.
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

@@ -1140,6 +1140,12 @@ fn the_audit_api_pages_exports_and_verifies() {
         .json();
     assert_eq!(report["ok"], true, "{report}");
     assert!(report["records"].as_u64().unwrap() >= 6);
+    // SIGINT stops it as SIGTERM does: exit 0, a stop record, a log that verifies.
+    a.signal("INT");
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0), "{}", a.log());
+    let log = a.audit();
+    assert_eq!(log.last().unwrap()["action"], "agent:stop");
+    a.d.run(&["audit", "verify"]).ok();
 }
 
 /// The `openai` package's own client against the daemon (installed by scripts/test into
