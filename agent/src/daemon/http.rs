@@ -83,7 +83,8 @@ impl ApiError {
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
-            429 | 503 => "server_busy",
+            429 => "rate_limit_error",
+            503 => "service_unavailable",
             400..=499 => "invalid_request_error",
             _ => "server_error",
         };

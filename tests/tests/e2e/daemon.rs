@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Device, demo_model, is_ci, skip};
+use crate::support::{Device, Tmpfs, demo_model, is_ci, skip};
 use outpost_engine::testing::GgufBuilder;
 
 const ISS: &str = "https://admin.example";
@@ -39,7 +39,11 @@ pub struct Agent {
 impl Agent {
     /// `api`: extra lines for the `[api]` table.
     pub fn new(api: &str) -> Self {
-        let d = Device::new();
+        Self::on(Device::new(), api)
+    }
+
+    /// On a given device (e.g. one whose data directory is a small mount).
+    pub fn on(d: Device, api: &str) -> Self {
         let keys = d.root.path().join("keys");
         d.run(&[
             "keys",
@@ -1310,4 +1314,63 @@ fn the_systemd_unit_and_the_example_config_match_the_daemon() {
     let v = r.json();
     assert_eq!(v["config"]["api"]["listen"], "127.0.0.1:8480", "{on}");
     assert_eq!(v["config"]["api"]["queue_length"], 4);
+}
+
+#[test]
+fn a_full_disk_never_breaks_the_daemon_or_its_log() {
+    let Some(fs) = Tmpfs::mount(4 << 20) else {
+        return;
+    };
+    let mut a = Agent::on(Device::with_data(fs.path().join("data")), "");
+    a.add_tiny("tiny");
+    a.start();
+    let t = a.token("olivia", "operator", &[]);
+    let ask = |a: &Agent| {
+        a.request(
+            "POST",
+            "/v1/chat/completions",
+            Some(&t),
+            Some(&chat("hi", json!({"max_tokens": 2}))),
+        )
+    };
+    assert_eq!(ask(&a).status, 200);
+    // Fill the disk to the last byte.
+    let filler = fs.path().join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.write_all(&[0u8; 512]);
+    let _ = f.sync_all();
+    let r = a.request("GET", "/readyz", Some(&t), None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["storage_writable"], false);
+    // Each request is answered (and recorded) or refused because it cannot be recorded.
+    for _ in 0..20 {
+        let r = ask(&a);
+        assert!(
+            r.status == 200 || (r.status == 503 && r.error_code() == "audit_unavailable"),
+            "{}: {}",
+            r.status,
+            r.text()
+        );
+    }
+    drop(f);
+    std::fs::remove_file(&filler).unwrap();
+    let r = a.request("GET", "/readyz", Some(&t), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ask(&a).status, 200, "serving again once there is room");
+    a.signal("TERM");
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0), "{}", a.log());
+    a.d.run(&["audit", "verify"]).ok();
+    // Every answered inference has both of its records.
+    let log = a.audit();
+    let allowed = log
+        .iter()
+        .filter(|r| r["action"] == "inference:run" && r["outcome"] == "allowed")
+        .count();
+    let ended = log
+        .iter()
+        .filter(|r| r["action"] == "inference:run" && r["outcome"] != "allowed")
+        .count();
+    assert_eq!(allowed, ended, "each recorded inference has its outcome");
 }
