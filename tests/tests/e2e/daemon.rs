@@ -1374,3 +1374,49 @@ fn a_full_disk_never_breaks_the_daemon_or_its_log() {
         .count();
     assert_eq!(allowed, ended, "each recorded inference has its outcome");
 }
+
+#[test]
+fn kill_9_mid_answer_loses_no_record_and_the_daemon_comes_back() {
+    let Some(mut a) = smollm2_agent("") else {
+        return;
+    };
+    let t = a.token("olivia", "operator", &[]);
+    let req = chat(
+        "Tell me a long story.",
+        json!({"stream": true, "max_tokens": 2000}),
+    );
+    let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &req);
+    assert_eq!(status, 200);
+    let mut line = String::new();
+    while !line.contains("content") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    let id: Value = serde_json::from_str(line.trim_start_matches("data: ").trim()).unwrap();
+    let rid = id["id"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("chatcmpl-")
+        .to_string();
+    a.signal("KILL");
+    a.wait(Duration::from_secs(30));
+    // The answer stops short; the client sees the connection end without [DONE].
+    assert!(!read_events(&mut r).contains(&"[DONE]".to_string()));
+    a.start();
+    let ready = a.request("GET", "/readyz", Some(&t), None);
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    a.d.run(&["audit", "verify"]).ok();
+    let log = a.audit();
+    let mine: Vec<&Value> = log
+        .iter()
+        .filter(|r| r["request_id"] == rid.as_str())
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "the intent was durable before the answer began: {mine:?}"
+    );
+    assert_eq!(mine[0]["outcome"], "allowed");
+    let starts = log.iter().filter(|r| r["action"] == "agent:start").count();
+    assert_eq!(starts, 2);
+}
