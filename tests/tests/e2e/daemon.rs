@@ -384,6 +384,22 @@ fn read_events(r: &mut impl BufRead) -> Vec<String> {
     }
 }
 
+/// Reads a stream up to its first event carrying generated text; that event's line.
+fn first_content(r: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    while !(line.starts_with("data: {")
+        && line.contains("\"content\":\"")
+        && !line.contains("\"content\":\"\""))
+    {
+        line.clear();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "the stream ended early"
+        );
+    }
+    line
+}
+
 fn chat(content: &str, extra: Value) -> Value {
     let mut v = json!({"messages": [{"role": "user", "content": content}]});
     if let (Value::Object(a), Value::Object(b)) = (&mut v, extra) {
@@ -845,11 +861,7 @@ fn sigterm_during_a_stream_ends_it_cleanly_and_records_the_stop() {
     );
     let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &req);
     assert_eq!(status, 200);
-    let mut first = String::new();
-    while !first.starts_with("data: {") || !first.contains("content") {
-        first.clear();
-        r.read_line(&mut first).unwrap();
-    }
+    first_content(&mut r);
     a.signal("TERM");
     let events = read_events(&mut r);
     assert_eq!(
@@ -889,11 +901,7 @@ fn a_client_that_disconnects_cancels_its_generation() {
     );
     let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &req);
     assert_eq!(status, 200);
-    let mut line = String::new();
-    while !line.contains("content") {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-    }
+    first_content(&mut r);
     drop(r);
     // The engine is free again well before 4000 tokens could be generated.
     let started = Instant::now();
@@ -1387,11 +1395,7 @@ fn kill_9_mid_answer_loses_no_record_and_the_daemon_comes_back() {
     );
     let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &req);
     assert_eq!(status, 200);
-    let mut line = String::new();
-    while !line.contains("content") {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-    }
+    let line = first_content(&mut r);
     let id: Value = serde_json::from_str(line.trim_start_matches("data: ").trim()).unwrap();
     let rid = id["id"]
         .as_str()
