@@ -73,7 +73,7 @@ pub struct ModelWorker {
     /// Jobs waiting (not the one running).
     depth: Arc<AtomicUsize>,
     /// Cancel flags of queued and running jobs, for shutdown.
-    live: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    live: Mutex<Vec<Arc<AtomicBool>>>,
 }
 
 impl ModelWorker {
@@ -88,7 +88,6 @@ impl ModelWorker {
     ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = sync_channel(queue_length);
         let depth = Arc::new(AtomicUsize::new(0));
-        let live = Arc::new(Mutex::new(Vec::new()));
         let worker = Arc::new(Self {
             context_length: model.context_length,
             vocab_size: model.tokenizer.vocab_size,
@@ -96,13 +95,13 @@ impl ModelWorker {
             record,
             queue: tx,
             depth: depth.clone(),
-            live: live.clone(),
+            live: Mutex::new(Vec::new()),
         });
         let name = format!("engine-{}", worker.record.label());
         std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || {
-                run(model, rx, &depth, &live, &metrics);
+                run(model, rx, &depth, &metrics);
                 drop(held);
                 // The model's memory is free now: give it back, not just to the allocator.
                 crate::sys::release_free_memory();
@@ -112,24 +111,19 @@ impl ModelWorker {
 
     /// Queues a job, or says why not; never waits.
     pub fn submit(&self, job: Job) -> Result<(), Rejected> {
-        let cancel = job.cancel.clone();
-        self.depth.fetch_add(1, Ordering::SeqCst);
-        match self.queue.try_send(job) {
-            Ok(()) => {
-                if let Ok(mut live) = self.live.lock() {
-                    live.retain(|c| Arc::strong_count(c) > 1);
-                    live.push(cancel);
-                }
-                Ok(())
-            }
-            Err(e) => {
-                self.depth.fetch_sub(1, Ordering::SeqCst);
-                Err(match e {
-                    TrySendError::Full(_) => Rejected::Busy,
-                    TrySendError::Disconnected(_) => Rejected::Gone,
-                })
-            }
+        if let Ok(mut live) = self.live.lock() {
+            // A flag no request holds any more belongs to a request that has ended.
+            live.retain(|c| Arc::strong_count(c) > 1);
+            live.push(job.cancel.clone());
         }
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        self.queue.try_send(job).map_err(|e| {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            match e {
+                TrySendError::Full(_) => Rejected::Busy,
+                TrySendError::Disconnected(_) => Rejected::Gone,
+            }
+        })
     }
 
     /// Jobs waiting in the queue.
@@ -147,13 +141,7 @@ impl ModelWorker {
     }
 }
 
-fn run(
-    mut model: LoadedModel,
-    rx: Receiver<Job>,
-    depth: &AtomicUsize,
-    live: &Mutex<Vec<Arc<AtomicBool>>>,
-    metrics: &Metrics,
-) {
+fn run(mut model: LoadedModel, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) {
     // Ends when every sender is gone: the model was swapped out and its last request is done.
     while let Ok(job) = rx.recv() {
         depth.fetch_sub(1, Ordering::SeqCst);
@@ -163,9 +151,6 @@ fn run(
             // An idle engine holds the weights, not the last request's KV cache and scratch.
             model.clear_cache();
             crate::sys::release_free_memory();
-        }
-        if let Ok(mut l) = live.lock() {
-            l.retain(|c| !Arc::ptr_eq(c, &job.cancel));
         }
     }
 }

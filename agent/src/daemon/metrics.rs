@@ -126,7 +126,7 @@ impl Metrics {
             ),
             (
                 "outpost_audit_records_total",
-                "Audit records written by this process.",
+                "Audit records this process wrote or queued for writing.",
                 self.audit_records.load(Ordering::Relaxed),
             ),
             (
