@@ -230,19 +230,26 @@ pub async fn completions(
     }
     let one = "n=1 only: give one prompt per request";
     let (input, digest) = match req.prompt {
-        Prompt::Text(t) => (Sha256::digest(t.as_bytes()), Input::Text(t)),
+        Prompt::Text(t) => {
+            let d = Sha256::digest(t.as_bytes());
+            (Input::Text(t), d)
+        }
         Prompt::Texts(mut v) if v.len() == 1 => {
             let t = v.remove(0);
-            (Sha256::digest(t.as_bytes()), Input::Text(t))
+            let d = Sha256::digest(t.as_bytes());
+            (Input::Text(t), d)
         }
-        Prompt::Tokens(ids) => (Sha256::digest(tokens_bytes(&ids)), Input::Tokens(ids)),
+        Prompt::Tokens(ids) => {
+            let d = Sha256::digest(tokens_bytes(&ids));
+            (Input::Tokens(ids), d)
+        }
         Prompt::TokenLists(mut v) if v.len() == 1 => {
             let ids = v.remove(0);
-            (Sha256::digest(tokens_bytes(&ids)), Input::Tokens(ids))
+            let d = Sha256::digest(tokens_bytes(&ids));
+            (Input::Tokens(ids), d)
         }
         _ => return Err(ApiError::bad_request(one)),
-    }
-    .swap();
+    };
     let top = req.logprobs.unwrap_or(-1);
     if !(-1..=5).contains(&top) {
         return Err(ApiError::bad_request("logprobs must be between 0 and 5"));
@@ -258,15 +265,6 @@ pub async fn completions(
         hex::encode(digest),
     )
     .await
-}
-
-trait Swap<A, B> {
-    fn swap(self) -> (B, A);
-}
-impl<A, B> Swap<A, B> for (A, B) {
-    fn swap(self) -> (B, A) {
-        (self.1, self.0)
-    }
 }
 
 fn tokens_bytes(ids: &[u32]) -> Vec<u8> {

@@ -580,6 +580,22 @@ fn bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving() {
         Some(&json!({"prompt": [1, 99999]})),
     );
     assert_eq!(r.status, 400, "{}", r.text());
+    let r = a.request(
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        Some(&json!({"prompt": ["a", "b"]})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("one prompt per request"));
+    let r = a.request(
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        Some(&json!({"prompt": [[104, 105]], "max_tokens": 2})),
+    );
+    assert_eq!(r.status, 200, "token ids are a prompt too: {}", r.text());
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 2);
     let r = a.request("GET", "/v1/nothing", Some(&t), None);
     assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
     let r = a.request("DELETE", "/v1/models", Some(&t), None);
