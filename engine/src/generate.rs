@@ -66,8 +66,10 @@ pub fn estimate_footprint(info: &GgufInfo, ctx: usize) -> u64 {
     let kv_heads = md("attention.head_count_kv").unwrap_or(heads);
     let head_dim = md("attention.key_length").unwrap_or(embd / heads);
     let kv = 2 * layers * ctx as u64 * kv_heads * head_dim * 4;
+    // Our llama and Gemma 3 keep the embedding in its file type; candle's others hold an
+    // f32 copy beside it.
     let embedding = match info.architecture() {
-        Some("gemma3") => 0,
+        Some("gemma3" | "llama") => 0,
         _ => info
             .tensors
             .iter()
