@@ -679,7 +679,7 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
         "POST",
         "/v1/chat/completions",
         Some(&t),
-        Some(&chat("hi", json!({"max_tokens": 5}))),
+        Some(&chat("hi", json!({"max_tokens": 5, "temperature": 0}))),
     );
     assert_eq!(r.status, 200);
     a.request("GET", "/v1/models", None, None);
