@@ -368,18 +368,23 @@ async fn metrics(
         .into_response())
 }
 
+/// The registry's models, for a caller allowed `models:read` (both model lists).
+pub async fn registered_models(
+    state: &Arc<State>,
+    headers: &HeaderMap,
+    rid: &RequestId,
+) -> Result<Vec<outpost_engine::ModelRecord>, ApiError> {
+    guard(state, headers, rid, Action::ModelsRead, None).await?;
+    let s = state.clone();
+    blocking(move || Ok(lock_registry(&s)?.list()?)).await
+}
+
 async fn list_models(
     Shared(state): Shared<Arc<State>>,
     axum::Extension(rid): axum::Extension<RequestId>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    guard(&state, &headers, &rid, Action::ModelsRead, None).await?;
-    let s = state.clone();
-    let models = blocking(move || {
-        let reg = lock_registry(&s)?;
-        Ok(reg.list()?)
-    })
-    .await?;
+    let models = registered_models(&state, &headers, &rid).await?;
     Ok(axum::Json(models).into_response())
 }
 

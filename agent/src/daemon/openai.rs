@@ -26,7 +26,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::State;
 use super::engine::{Input, Job, JobEvent, ModelWorker, Rejected, TokenInfo};
 use super::http::{
-    ApiError, RequestId, authenticate, authorize, blocking, guard, lock_registry, refuse_unrecorded,
+    ApiError, RequestId, authenticate, authorize, blocking, lock_registry, refuse_unrecorded,
+    registered_models,
 };
 
 /// Parameters both endpoints take. Unknown fields are ignored, as OpenAI's clients send
@@ -126,9 +127,7 @@ pub async fn list_models(
     axum::Extension(rid): axum::Extension<RequestId>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    guard(&state, &headers, &rid, Action::ModelsRead, None).await?;
-    let s = state.clone();
-    let models = blocking(move || Ok(lock_registry(&s)?.list()?)).await?;
+    let models = registered_models(&state, &headers, &rid).await?;
     let loaded = state.current_model().map(|m| m.record.sha256.clone());
     let data: Vec<Value> = models
         .iter()
