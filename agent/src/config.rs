@@ -33,6 +33,44 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: the daemon's and the commands' diagnostic logs (`tracing` events on stderr).
+/// What commands print for people (results, tables, `--json`) is not a log.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a filter such as
+    /// `info,outpost_agent=debug`. `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `text` (one line per event; no timestamps under journald, which adds its own) or
+    /// `json` (one object per line).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
 }
 
 /// `[api]`: the daemon's local HTTP API.
@@ -54,6 +92,13 @@ pub struct ApiConfig {
     /// Serve `/metrics` without a token (for a local scraper).
     #[serde(default)]
     pub metrics_public: bool,
+    /// Connections served at once; more wait until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_connections() -> usize {
+    64
 }
 
 fn default_listen() -> String {
@@ -77,6 +122,7 @@ impl Default for ApiConfig {
             max_body: default_body(),
             shutdown_grace_secs: default_grace(),
             metrics_public: false,
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -471,6 +517,9 @@ fn validate(c: &Config, sources: &[Source]) -> Result<(), ConfigError> {
     if c.engine.context_length == Some(0) {
         return Err(fail("engine", "context_length", "must be above 0".into()));
     }
+    if let Err(e) = crate::logging::parse_filter(&c.log.level) {
+        return Err(fail("log", "level", e));
+    }
     if c.auth.leeway_secs > 3600 {
         return Err(fail("auth", "leeway_secs", "must be at most 3600".into()));
     }
@@ -513,6 +562,13 @@ fn validate(c: &Config, sources: &[Source]) -> Result<(), ConfigError> {
             "api",
             "max_body",
             "must be between 1KiB and 64MiB".into(),
+        ));
+    }
+    if !(1..=65_536).contains(&c.api.max_connections) {
+        return Err(fail(
+            "api",
+            "max_connections",
+            "must be between 1 and 65536".into(),
         ));
     }
     if c.api.shutdown_grace_secs > 3600 {

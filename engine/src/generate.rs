@@ -4,6 +4,10 @@
 //! sequence at position 0 (the KV cache is replaced). Generation is synchronous; the caller
 //! runs it on its own thread and may cancel between tokens through an `AtomicBool`.
 
+mod health;
+
+pub use health::{HealthCheck, HealthError, HealthReport};
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;

@@ -281,6 +281,21 @@ impl GgufBuilder {
         b
     }
 
+    /// Fills the final norm's weights with NaN: the model loads, and every logit it makes
+    /// is NaN (what a corrupt or badly quantized release looks like to a health check).
+    pub fn poison_with_nan(&mut self) -> &mut Self {
+        if let Some(i) = self
+            .tensors
+            .iter()
+            .position(|(n, _, _)| n == "output_norm.weight")
+        {
+            let n: u64 = self.tensors[i].1.iter().product();
+            let nan = f32::NAN.to_le_bytes();
+            self.data.insert(i, (0..n).flat_map(|_| nan).collect());
+        }
+        self
+    }
+
     /// The file's bytes.
     pub fn build(&self) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();

@@ -11,8 +11,9 @@ use outpost_policy::audit::{
 };
 use outpost_policy::signing::{KeyPair, PublicKey};
 
-use super::{Context, parse_duration, print_json};
+use super::print_json;
 use crate::cli::{AuditCommand, ExportFormat, TimeRange};
+use crate::context::{Context, parse_time};
 
 pub fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -141,7 +142,7 @@ pub fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn reader(ctx: &Context) -> anyhow::Result<AuditReader> {
-    Ok(AuditReader::open(&ctx.audit_path())?)
+    Ok(AuditReader::open(&ctx.data_dir().audit_db())?)
 }
 
 /// This device's public key, when its key file exists (never generated here).
@@ -169,18 +170,6 @@ fn time_range(r: &TimeRange) -> anyhow::Result<Query> {
         until: r.until.as_deref().map(parse_time).transpose()?,
         ..Query::default()
     })
-}
-
-/// RFC 3339 (any offset) or an age before now, as the log's own timestamp format.
-pub(crate) fn parse_time(s: &str) -> anyhow::Result<String> {
-    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-        return Ok(audit::format_ts(t));
-    }
-    let secs = parse_duration(s).map_err(|_| {
-        anyhow::anyhow!("'{s}' is neither an RFC 3339 time nor an age like 30m, 2h or 7d")
-    })?;
-    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(i64::try_from(secs)?);
-    Ok(audit::format_ts(t))
 }
 
 fn emit(ctx: &Context, r: &Record) -> anyhow::Result<()> {

@@ -9,9 +9,10 @@ use outpost_policy::rbac::Action;
 use outpost_policy::signing::KeyPair;
 use outpost_policy::time::system_now;
 
-use super::{Context, parse_duration, print_json};
+use super::print_json;
 use crate::cli::{AuthCommand, KeysCommand, TokenCommand};
 use crate::config::valid_id;
+use crate::context::{Context, local_actor, parse_duration};
 
 pub fn keys(ctx: &Context, cmd: KeysCommand) -> anyhow::Result<ExitCode> {
     let (out, name) = match cmd {
@@ -129,8 +130,7 @@ pub fn check(ctx: &Context, cmd: AuthCommand) -> anyhow::Result<ExitCode> {
     entry.roles = roles.clone();
     entry.resource = resource;
     entry.policy_version = Some(policy.version);
-    entry.details =
-        serde_json::json!({"via": "outpost auth check", "local_actor": super::local_actor()});
+    entry.details = serde_json::json!({"via": "outpost auth check", "local_actor": local_actor()});
     audit.append(entry).context("cannot record the decision")?;
     audit.close()?;
     if ctx.json {

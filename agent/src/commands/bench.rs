@@ -9,8 +9,9 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::generate::load;
-use super::{Context, print_json};
+use super::print_json;
 use crate::cli::BenchArgs;
+use crate::context::Context;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct BenchResult {
@@ -55,7 +56,7 @@ pub fn run(ctx: &Context, a: BenchArgs) -> anyhow::Result<ExitCode> {
             cmd.arg("--config").arg(c);
         }
         cmd.arg("--data-dir")
-            .arg(ctx.data_dir())
+            .arg(ctx.data_dir().root())
             .arg("bench")
             .arg("--worker");
         if let Some(m) = &a.model {
@@ -100,13 +101,35 @@ pub fn run(ctx: &Context, a: BenchArgs) -> anyhow::Result<ExitCode> {
             report.load_ms,
             report.peak_rss_bytes as f64 / (1 << 20) as f64
         );
-        println!("| test   | threads |          t/s |");
-        println!("|--------|--------:|-------------:|");
-        for r in &report.results {
-            println!(
-                "| {:<6} | {:>7} | {:>7.2} ± {:<4.2} |",
-                r.test, r.threads, r.tokens_per_s, r.sd
-            );
+        // Columns padded by characters, so `±` (two bytes) does not shift them.
+        let rows: Vec<[String; 3]> = report
+            .results
+            .iter()
+            .map(|r| {
+                [
+                    r.test.clone(),
+                    r.threads.to_string(),
+                    format!("{:.2} ± {:.2}", r.tokens_per_s, r.sd),
+                ]
+            })
+            .collect();
+        let width = |i: usize, title: &str| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([title.len()])
+                .max()
+                .unwrap_or(0)
+        };
+        let (w0, w1, w2) = (width(0, "test"), width(1, "threads"), width(2, "t/s"));
+        println!("| {:<w0$} | {:>w1$} | {:>w2$} |", "test", "threads", "t/s");
+        println!(
+            "|{}|{}:|{}:|",
+            "-".repeat(w0 + 2),
+            "-".repeat(w1 + 1),
+            "-".repeat(w2 + 1)
+        );
+        for [test, threads, tps] in &rows {
+            println!("| {test:<w0$} | {threads:>w1$} | {tps:>w2$} |");
         }
     }
     Ok(ExitCode::SUCCESS)

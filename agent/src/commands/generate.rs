@@ -9,10 +9,12 @@ use outpost_engine::chat::Message;
 use outpost_engine::registry::{ModelRecord, ModelRef, Registry};
 use outpost_engine::{GenerateParams, LoadOptions, LoadedModel, SamplingParams};
 use outpost_policy::audit::{Entry, Outcome};
+use outpost_policy::rbac::Action;
 use sha2::{Digest, Sha256};
 
-use super::{Context, local_actor, print_json};
+use super::print_json;
 use crate::cli::GenerateArgs;
+use crate::context::{Context, local_actor};
 
 /// Finds the model a REF or alias names (default: the alias `default`).
 pub fn resolve(reg: &Registry, reference: Option<&str>) -> anyhow::Result<ModelRecord> {
@@ -34,7 +36,7 @@ pub fn load(
     reference: Option<&str>,
     context: Option<usize>,
 ) -> anyhow::Result<(ModelRecord, LoadedModel, std::fs::File)> {
-    let reg = Registry::open_read_only(&ctx.data_dir())?;
+    let reg = Registry::open_read_only(ctx.data_dir().root())?;
     let record = resolve(&reg, reference)?;
     let held = reg.blobs().open_shared(&record.sha256)?;
     let engine = &ctx.loaded.config.engine;
@@ -127,7 +129,7 @@ fn record_inference(
         .unwrap_or_default();
     let mut e = Entry::new(
         &local_actor(),
-        "inference:run",
+        Action::InferenceRun.as_str(),
         Outcome::Success,
         "local command line",
     );

@@ -6,38 +6,47 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use outpost_engine::registry::{ImportOutcome, ModelRecord, ModelRef, Registry};
 
-use super::{Context, audited, print_json};
+use outpost_policy::rbac::Action;
+
+use super::print_json;
 use crate::cli::ModelsCommand;
+use crate::context::{Context, audited_local as audited};
 
 pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     let data_dir = ctx.data_dir();
     let open_err = || format!("cannot open the registry in {}", data_dir.display());
     if let ModelsCommand::List | ModelsCommand::Show { .. } = cmd {
-        let reg = Registry::open_read_only(&data_dir).with_context(open_err)?;
+        let reg = Registry::open_read_only(data_dir.root()).with_context(open_err)?;
         read(ctx, &reg, cmd)?;
         return Ok(ExitCode::SUCCESS);
     }
     // Every change is recorded before it happens; no record, no change.
     let audit = ctx.open_audit()?;
-    let mut reg = Registry::open(&data_dir).with_context(open_err)?;
+    let mut reg = Registry::open(data_dir.root()).with_context(open_err)?;
     match cmd {
         ModelsCommand::Import(args) => {
             let details = serde_json::json!({"file": args.file, "version": args.version});
-            let outcome = audited(&audit, "models:write", Some(&args.name), details, || {
-                let total = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
-                let bar = progress_bar(ctx, total);
-                let outcome = reg
-                    .import(&args.file, &args.name, args.version.as_deref(), &mut |n| {
-                        if let Some(b) = &bar {
-                            b.set_position(n);
-                        }
-                    })
-                    .with_context(|| format!("cannot import {}", args.file.display()));
-                if let Some(b) = bar {
-                    b.finish_and_clear();
-                }
-                outcome
-            })?;
+            let outcome = audited(
+                &audit,
+                Action::ModelsWrite,
+                Some(&args.name),
+                details,
+                || {
+                    let total = std::fs::metadata(&args.file).map(|m| m.len()).unwrap_or(0);
+                    let bar = progress_bar(ctx, total);
+                    let outcome = reg
+                        .import(&args.file, &args.name, args.version.as_deref(), &mut |n| {
+                            if let Some(b) = &bar {
+                                b.set_position(n);
+                            }
+                        })
+                        .with_context(|| format!("cannot import {}", args.file.display()));
+                    if let Some(b) = bar {
+                        b.finish_and_clear();
+                    }
+                    outcome
+                },
+            )?;
             if ctx.json {
                 print_json(outcome.record())?;
             } else {
@@ -63,9 +72,13 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
         ModelsCommand::Activate { reference, alias } => {
             let r = parse_ref(&reference)?;
             let details = serde_json::json!({"alias": alias});
-            let a = audited(&audit, "models:activate", Some(&reference), details, || {
-                Ok(reg.activate(&r, &alias)?)
-            })?;
+            let a = audited(
+                &audit,
+                Action::ModelsActivate,
+                Some(&reference),
+                details,
+                || Ok(reg.activate(&r, &alias)?),
+            )?;
             if ctx.json {
                 print_json(&a)?;
             } else {
@@ -84,7 +97,7 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
         }
         ModelsCommand::Rollback { alias } => {
             let details = serde_json::json!({"alias": alias});
-            let a = audited(&audit, "models:activate", None, details, || {
+            let a = audited(&audit, Action::ModelsActivate, None, details, || {
                 Ok(reg.rollback(&alias)?)
             })?;
             if ctx.json {
@@ -100,9 +113,13 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
         ModelsCommand::Remove { reference, force } => {
             let r = parse_ref(&reference)?;
             let details = serde_json::json!({"force": force});
-            let removed = audited(&audit, "models:write", Some(&reference), details, || {
-                Ok(reg.remove(&r, force)?)
-            })?;
+            let removed = audited(
+                &audit,
+                Action::ModelsWrite,
+                Some(&reference),
+                details,
+                || Ok(reg.remove(&r, force)?),
+            )?;
             if ctx.json {
                 print_json(&removed)?;
             } else if removed.blob_deleted {
@@ -121,7 +138,7 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
         ModelsCommand::Gc => {
             let g = audited(
                 &audit,
-                "models:write",
+                Action::ModelsWrite,
                 None,
                 serde_json::json!({"gc": true}),
                 || Ok(reg.gc()?),
@@ -148,11 +165,11 @@ pub fn run(ctx: &Context, cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
             let source = reg.resolve(&parse_ref(&reference)?)?;
             let name = name.unwrap_or_else(|| format!("{}-{to}", source.name));
             let details = serde_json::json!({"from": source.label(), "to": to});
-            let (report, m) = audited(&audit, "models:write", Some(&name), details, || {
+            let (report, m) = audited(&audit, Action::ModelsWrite, Some(&name), details, || {
                 let _held = reg.blobs().open_shared(&source.sha256)?;
                 let tmp = tempfile::Builder::new()
                     .prefix(".quantize-")
-                    .tempfile_in(&data_dir)
+                    .tempfile_in(data_dir.root())
                     .with_context(|| format!("cannot write in {}", data_dir.display()))?;
                 let report =
                     outpost_engine::quantize::quantize(&reg.model_path(&source), tmp.path(), &to)?;
@@ -196,7 +213,7 @@ fn read(ctx: &Context, reg: &Registry, cmd: ModelsCommand) -> anyhow::Result<()>
             if ctx.json {
                 print_json(&models)?;
             } else {
-                print_table(&models);
+                print_table(&models, &ctx.data_dir());
             }
         }
         ModelsCommand::Show { reference } => {
@@ -230,9 +247,13 @@ fn progress_bar(ctx: &Context, total: u64) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-fn print_table(models: &[ModelRecord]) {
+fn print_table(models: &[ModelRecord], data_dir: &crate::context::DataDir) {
     if models.is_empty() {
-        println!("No models. Import one with: outpost models import FILE --name NAME");
+        println!(
+            "No models in {}. Import one with: outpost models import FILE --name NAME\n\
+             (another data directory: --data-dir DIR, or export OUTPOST_DATA_DIR=DIR)",
+            data_dir.display()
+        );
         return;
     }
     let rows: Vec<[String; 8]> = models

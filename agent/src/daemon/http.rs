@@ -14,9 +14,12 @@ use outpost_policy::audit::{self, AuditReader, Entry, Format, Outcome};
 use outpost_policy::identity::Identity;
 use outpost_policy::rbac::Action;
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use super::State;
 use super::openai;
+use crate::activation::{self, ActivationError, Change};
+use crate::context::{AuditedError, audited};
 
 /// Routes and the middleware that counts and tags every request.
 pub fn router(state: Arc<State>) -> Router {
@@ -52,19 +55,46 @@ async fn observe(Shared(state): Shared<Arc<State>>, mut req: Request, next: Next
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().to_string();
+    let method = metric_method(req.method());
     let mut id = [0u8; 12];
     let _ = getrandom::fill(&mut id);
     let id = hex::encode(id);
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut resp = next.run(req).await;
-    state
-        .metrics
-        .record_request(&route, &method, resp.status().as_u16());
+    let span = tracing::info_span!("request", request_id = %id);
+    let started = std::time::Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    state.metrics.record_request(&route, method, status);
+    span.in_scope(|| {
+        tracing::info!(
+            method,
+            route = %route,
+            status,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            request_id = %id,
+            "Request answered."
+        );
+    });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// The method as a metric label: one of a fixed set, so hostile requests with made-up
+/// methods cannot grow the label space.
+fn metric_method(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// An error in the OpenAI shape: `{"error": {"message", "type", "code"}}`.
@@ -113,6 +143,12 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({"error": {"message": self.message, "type": self.kind,
             "code": self.code, "param": null}})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
@@ -182,8 +218,8 @@ impl Caller {
 
 /// Checks the bearer token: 401 (with `WWW-Authenticate`) when it is missing or invalid.
 /// Every refusal is audited and counted.
-pub fn authenticate(
-    state: &State,
+pub async fn authenticate(
+    state: &Arc<State>,
     headers: &HeaderMap,
     request_id: &str,
     action: Action,
@@ -217,10 +253,15 @@ pub fn authenticate(
             "Bearer realm=\"outpost\", error=\"invalid_request\"",
         ));
     };
-    let verified = match state.clock.lock() {
-        Ok(mut clock) => state.verifier.verify(token, &mut clock),
-        Err(_) => return Err(ApiError::internal("clock lock poisoned")),
-    };
+    // Verification may raise the trusted clock's floor, an fsync: off the async workers.
+    let token = token.to_string();
+    let s = state.clone();
+    let verified = tokio::task::spawn_blocking(move || match s.clock.lock() {
+        Ok(mut clock) => Ok(s.verifier.verify(&token, &mut clock)),
+        Err(_) => Err(ApiError::internal("clock lock poisoned")),
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("task failed: {e}")))??;
     verified.map_err(|e| {
         refuse(
             format!("invalid token: {e}"),
@@ -260,13 +301,13 @@ pub fn authorize(
 /// Authenticate and authorize in one step; the allowed read is durably recorded before it
 /// is answered (so an auditor's next query sees it, and a crash cannot lose it).
 pub async fn guard(
-    state: &State,
+    state: &Arc<State>,
     headers: &HeaderMap,
     request_id: &RequestId,
     action: Action,
     resource: Option<&str>,
 ) -> Result<Caller, ApiError> {
-    let identity = authenticate(state, headers, &request_id.0, action)?;
+    let identity = authenticate(state, headers, &request_id.0, action).await?;
     let (caller, reason) = authorize(state, identity, &request_id.0, action, resource)?;
     let mut e = caller.entry(state, action, Outcome::Allowed, &reason);
     e.resource = resource.map(str::to_string);
@@ -282,26 +323,6 @@ pub fn lock_registry(
         .registry
         .lock()
         .map_err(|_| ApiError::internal("registry lock poisoned"))
-}
-
-/// Records how an action recorded as `intent` ended.
-fn settle<T>(
-    state: &State,
-    mut intent: Entry,
-    result: &Result<T, ApiError>,
-    done: impl FnOnce(&T) -> String,
-) {
-    match result {
-        Ok(v) => {
-            intent.outcome = Outcome::Success;
-            intent.reason = done(v);
-        }
-        Err(e) => {
-            intent.outcome = Outcome::Failure;
-            intent.reason = e.message.clone();
-        }
-    }
-    state.note(intent);
 }
 
 /// Runs blocking work (SQLite, files) off the async threads.
@@ -322,10 +343,10 @@ async fn readyz(
     axum::Extension(rid): axum::Extension<RequestId>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, &headers, &rid.0, Action::DeviceRead)?;
+    let identity = authenticate(&state, &headers, &rid.0, Action::DeviceRead).await?;
     authorize(&state, identity, &rid.0, Action::DeviceRead, None)?;
     let dir = state.data_dir.clone();
-    let writable = blocking(move || Ok(crate::commands::probe_writable(&dir).is_ok())).await?;
+    let writable = blocking(move || Ok(crate::context::probe_writable(dir.root()).is_ok())).await?;
     let model = state.current_model().map(|m| m.record.label());
     let ready = writable
         && model.is_some()
@@ -347,7 +368,7 @@ async fn metrics(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if !state.api.metrics_public {
-        let identity = authenticate(&state, &headers, &rid.0, Action::DeviceRead)?;
+        let identity = authenticate(&state, &headers, &rid.0, Action::DeviceRead).await?;
         authorize(&state, identity, &rid.0, Action::DeviceRead, None)?;
     }
     let model = state.current_model();
@@ -401,12 +422,6 @@ struct RemoveQuery {
     force: bool,
 }
 
-/// Which change a management request makes.
-enum Change {
-    Activate(ModelRef),
-    Rollback,
-}
-
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
@@ -444,8 +459,9 @@ async fn rollback(
     change_alias(state, headers, rid, None, q.alias, Change::Rollback).await
 }
 
-/// Activate or roll back: recorded first; for `default`, the new model is loaded before the
-/// registry changes, so a model that cannot load leaves everything as it was.
+/// Activate or roll back through the activation service: recorded first; for `default`
+/// the new model is loaded and health-checked before the registry changes, so a model that
+/// cannot serve leaves everything as it was (422).
 async fn change_alias(
     state: Arc<State>,
     headers: HeaderMap,
@@ -455,7 +471,7 @@ async fn change_alias(
     change: Change,
 ) -> Result<Response, ApiError> {
     let alias = alias.unwrap_or_else(|| "default".into());
-    let identity = authenticate(&state, &headers, &rid.0, Action::ModelsActivate)?;
+    let identity = authenticate(&state, &headers, &rid.0, Action::ModelsActivate).await?;
     let (caller, reason) = authorize(
         &state,
         identity,
@@ -468,53 +484,55 @@ async fn change_alias(
     intent.resource = resource.clone();
     intent.details = serde_json::json!({"alias": alias,
         "rollback": matches!(change, Change::Rollback)});
-    state
-        .record(intent.clone())
-        .await
-        .map_err(|e| refuse_unrecorded(&e))?;
     let s = state.clone();
-    let alias2 = alias.clone();
-    let result = blocking(move || {
-        let target = {
-            let reg = lock_registry(&s)?;
-            match &change {
-                Change::Activate(r) => reg.resolve(r)?,
-                Change::Rollback => reg.rollback_target(&alias2)?,
-            }
-        };
-        let current = s.current_model();
-        let swap = alias2 == "default"
-            && current
-                .as_ref()
-                .is_none_or(|m| m.record.sha256 != target.sha256);
-        let worker = if swap {
-            Some(s.load_worker(target.clone()).map_err(|e| {
+    let result = tokio::task::spawn_blocking(move || {
+        let audit = s.audit.clone();
+        audited(
+            &audit,
+            intent,
+            || {
+                activation::change_alias(
+                    &s.registry,
+                    s.as_ref(),
+                    &alias,
+                    &change,
+                    &s.load_options,
+                    &s.health_check,
+                )
+            },
+            |a| {
+                format!(
+                    "'{}' now points at {}",
+                    a.activation.alias,
+                    a.activation.model.label()
+                )
+            },
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("task failed: {e}")))?;
+    state.metrics.audit_record();
+    match result {
+        Ok(a) => Ok(axum::Json(a.activation).into_response()),
+        Err(AuditedError::Unrecorded(e)) => Err(refuse_unrecorded(&e.to_string())),
+        Err(AuditedError::Failed(e)) => Err(ApiError::from(e)),
+    }
+}
+
+impl From<ActivationError> for ApiError {
+    fn from(e: ActivationError) -> Self {
+        match e {
+            ActivationError::Registry(r) => r.into(),
+            e @ (ActivationError::Load { .. } | ActivationError::Unhealthy { .. }) => {
                 ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "model_load_failed",
-                    format!("{e:#}; nothing was changed"),
+                    e.to_string(),
                 )
-            })?)
-        } else {
-            None
-        };
-        let activation = {
-            let mut reg = lock_registry(&s)?;
-            match &change {
-                Change::Activate(r) => reg.activate(r, &alias2)?,
-                Change::Rollback => reg.rollback(&alias2)?,
             }
-        };
-        if let Some(w) = worker {
-            s.install(Some(w));
+            e => ApiError::internal(e.to_string()),
         }
-        Ok(activation)
-    })
-    .await;
-    settle(&state, intent, &result, |a| {
-        format!("'{}' now points at {}", a.alias, a.model.label())
-    });
-    Ok(axum::Json(result?).into_response())
+    }
 }
 
 async fn remove(
@@ -526,7 +544,7 @@ async fn remove(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let r: ModelRef = reference.parse().map_err(ApiError::from)?;
-    let identity = authenticate(&state, &headers, &rid.0, Action::ModelsWrite)?;
+    let identity = authenticate(&state, &headers, &rid.0, Action::ModelsWrite).await?;
     let (caller, reason) = authorize(
         &state,
         identity,
@@ -538,26 +556,35 @@ async fn remove(
     let mut intent = caller.entry(&state, Action::ModelsWrite, Outcome::Allowed, &reason);
     intent.resource = Some(reference.clone());
     intent.details = serde_json::json!({"remove": true, "force": q.force});
-    state
-        .record(intent.clone())
-        .await
-        .map_err(|e| refuse_unrecorded(&e))?;
     let s = state.clone();
-    let result = blocking(move || {
-        let mut reg = lock_registry(&s)?;
-        let removed = reg.remove(&r, q.force)?;
-        // A forced removal of the model behind `default` unsets the alias: stop serving it.
-        // Requests already running finish; its blob stays until the engine lets go.
-        if s.current_model()
-            .is_some_and(|m| m.record.label() == removed.model.label())
-        {
-            s.install(None);
-        }
-        Ok(removed)
+    let result = tokio::task::spawn_blocking(move || {
+        let audit = s.audit.clone();
+        audited(
+            &audit,
+            intent,
+            || {
+                let removed = lock_registry(&s)?.remove(&r, q.force)?;
+                // A forced removal of the model behind `default` unsets the alias: stop
+                // serving it. Requests already running finish; its blob stays until the
+                // engine lets go.
+                if s.current_model()
+                    .is_some_and(|m| m.record.label() == removed.model.label())
+                {
+                    s.install(None);
+                }
+                Ok::<_, ApiError>(removed)
+            },
+            |_| "removed".into(),
+        )
     })
-    .await;
-    settle(&state, intent, &result, |_| "removed".into());
-    Ok(axum::Json(result?).into_response())
+    .await
+    .map_err(|e| ApiError::internal(format!("task failed: {e}")))?;
+    state.metrics.audit_record();
+    match result {
+        Ok(removed) => Ok(axum::Json(removed).into_response()),
+        Err(AuditedError::Unrecorded(e)) => Err(refuse_unrecorded(&e.to_string())),
+        Err(AuditedError::Failed(e)) => Err(e),
+    }
 }
 
 /// No record, no action: a 503 when the audit log cannot take the intent.
@@ -588,7 +615,7 @@ const MAX_PAGE: u64 = 1000;
 fn audit_filters(p: &AuditParams) -> Result<audit::Query, ApiError> {
     let time = |s: &Option<String>, name: &str| {
         s.as_deref()
-            .map(crate::commands::audit::parse_time)
+            .map(crate::context::parse_time)
             .transpose()
             .map_err(|e| ApiError::bad_request(format!("{name}: {e:#}")))
     };
@@ -614,8 +641,7 @@ fn audit_filters(p: &AuditParams) -> Result<audit::Query, ApiError> {
 }
 
 fn audit_reader(state: &State) -> Result<AuditReader, ApiError> {
-    AuditReader::open(&state.data_dir.join("audit.db"))
-        .map_err(|e| ApiError::internal(e.to_string()))
+    AuditReader::open(&state.data_dir.audit_db()).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 async fn audit_query(

@@ -1,73 +1,191 @@
-//! `/metrics`: counters and gauges in the Prometheus text exposition format (0.0.4).
+//! `/metrics`: the daemon's counters and gauges, kept by the `prometheus` crate (atomic,
+//! race-free) and rendered in the Prometheus text exposition format (0.0.4).
+//!
+//! Every label value comes from a bounded set: routes are the router's own patterns (or
+//! `unmatched`), methods one of seven (or `other`), statuses what the daemon answers,
+//! finish reasons and denial reasons fixed words. Hostile traffic cannot grow the series.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use outpost_engine::Generation;
 use outpost_engine::generate::FinishReason;
+use prometheus::{
+    Counter, Encoder as _, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
-/// An `f64` kept in an atomic (its bits).
-#[derive(Debug, Default)]
-struct Gauge(AtomicU64);
-
-impl Gauge {
-    fn set(&self, v: f64) {
-        self.0.store(v.to_bits(), Ordering::Relaxed);
-    }
-    fn get(&self) -> f64 {
-        f64::from_bits(self.0.load(Ordering::Relaxed))
-    }
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    /// (route, method, status) → count.
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
-    /// finish reason → count.
-    generations: Mutex<BTreeMap<&'static str, u64>>,
-    prompt_tokens: AtomicU64,
-    generated_tokens: AtomicU64,
+    registry: Registry,
+    requests: IntCounterVec,
+    generations: IntCounterVec,
+    prompt_tokens: IntCounter,
+    generated_tokens: IntCounter,
     prefill_tps: Gauge,
     decode_tps: Gauge,
-    generation_seconds: Gauge,
+    generation_seconds: Counter,
     model_load_seconds: Gauge,
-    audit_records: AtomicU64,
-    unauthenticated: AtomicU64,
-    forbidden: AtomicU64,
-    rejected_busy: AtomicU64,
+    audit_records: IntCounter,
+    audit_unqueued: IntCounter,
+    denials: IntCounterVec,
+    rejected_busy: IntCounter,
+    queue_depth: IntGauge,
+    rss: IntGauge,
+    model_loaded: IntGaugeVec,
+}
+
+/// Registers `metric` in `registry`; names are fixed and distinct, so this cannot fail
+/// unless two metrics below share a name (caught by the unit test).
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    if let Err(e) = registry.register(Box::new(metric.clone())) {
+        tracing::error!(error = %e, "A metric could not be registered.");
+    }
+    metric
+}
+
+/// Builds a metric from fixed options (its construction fails only on an invalid name).
+macro_rules! metric {
+    ($registry:expr, $ty:ty, $name:expr, $help:expr) => {
+        register(
+            $registry,
+            <$ty>::new($name, $help).unwrap_or_else(|e| panic!("metric {}: {e}", $name)),
+        )
+    };
+    ($registry:expr, $ty:ty, $name:expr, $help:expr, $labels:expr) => {
+        register(
+            $registry,
+            <$ty>::new(Opts::new($name, $help), $labels)
+                .unwrap_or_else(|e| panic!("metric {}: {e}", $name)),
+        )
+    };
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let r = Registry::new();
+        Self {
+            requests: metric!(
+                &r,
+                IntCounterVec,
+                "outpost_http_requests_total",
+                "HTTP requests answered, by route, method and status.",
+                &["route", "method", "status"]
+            ),
+            generations: metric!(
+                &r,
+                IntCounterVec,
+                "outpost_generations_total",
+                "Generations finished, by reason.",
+                &["reason"]
+            ),
+            prompt_tokens: metric!(
+                &r,
+                IntCounter,
+                "outpost_prompt_tokens_total",
+                "Prompt tokens prefilled."
+            ),
+            generated_tokens: metric!(
+                &r,
+                IntCounter,
+                "outpost_generated_tokens_total",
+                "Tokens generated."
+            ),
+            prefill_tps: metric!(
+                &r,
+                Gauge,
+                "outpost_prefill_tokens_per_second",
+                "Prefill speed of the last generation."
+            ),
+            decode_tps: metric!(
+                &r,
+                Gauge,
+                "outpost_decode_tokens_per_second",
+                "Decode speed of the last generation."
+            ),
+            generation_seconds: metric!(
+                &r,
+                Counter,
+                "outpost_generation_seconds_total",
+                "Time spent generating."
+            ),
+            model_load_seconds: metric!(
+                &r,
+                Gauge,
+                "outpost_model_load_seconds",
+                "How long the last model load took."
+            ),
+            audit_records: metric!(
+                &r,
+                IntCounter,
+                "outpost_audit_records_total",
+                "Audit records this process wrote or queued for writing."
+            ),
+            audit_unqueued: metric!(
+                &r,
+                IntCounter,
+                "outpost_audit_records_unqueued_total",
+                "Audit records that could not be queued for writing (the writer was full or gone)."
+            ),
+            denials: metric!(
+                &r,
+                IntCounterVec,
+                "outpost_auth_denials_total",
+                "Requests refused: unauthenticated (401) or forbidden (403).",
+                &["reason"]
+            ),
+            rejected_busy: metric!(
+                &r,
+                IntCounter,
+                "outpost_queue_rejections_total",
+                "Inference requests refused with 503 because the queue was full."
+            ),
+            queue_depth: metric!(
+                &r,
+                IntGauge,
+                "outpost_queue_depth",
+                "Inference requests waiting for the engine."
+            ),
+            rss: metric!(
+                &r,
+                IntGauge,
+                "outpost_process_resident_memory_bytes",
+                "Resident set size of the daemon."
+            ),
+            model_loaded: metric!(
+                &r,
+                IntGaugeVec,
+                "outpost_model_loaded",
+                "The model serving the alias default (1), labelled.",
+                &["model"]
+            ),
+            registry: r,
+        }
+    }
 }
 
 impl Metrics {
-    pub fn record_request(&self, route: &str, method: &str, status: u16) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((route.to_string(), method.to_string(), status))
-                .or_default() += 1;
-        }
+    /// `method` must come from a bounded set (see `http::metric_method`).
+    pub fn record_request(&self, route: &str, method: &'static str, status: u16) {
+        self.requests
+            .with_label_values(&[route, method, &status.to_string()])
+            .inc();
     }
 
     pub fn record_generation(&self, g: &Generation, took: Duration) {
-        self.prompt_tokens
-            .fetch_add(g.prompt_tokens.len() as u64, Ordering::Relaxed);
-        self.generated_tokens
-            .fetch_add(g.tokens.len() as u64, Ordering::Relaxed);
+        self.prompt_tokens.inc_by(g.prompt_tokens.len() as u64);
+        self.generated_tokens.inc_by(g.tokens.len() as u64);
         self.prefill_tps.set(g.timings.prefill_tokens_per_s);
         if !g.tokens.is_empty() {
             self.decode_tps.set(g.timings.decode_tokens_per_s);
         }
-        self.generation_seconds
-            .set(self.generation_seconds.get() + took.as_secs_f64());
+        self.generation_seconds.inc_by(took.as_secs_f64());
         let reason = match g.finish_reason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Eos => "eos",
             FinishReason::Cancelled => "cancelled",
         };
-        if let Ok(mut m) = self.generations.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
+        self.generations.with_label_values(&[reason]).inc();
     }
 
     pub fn model_loaded(&self, took: Duration) {
@@ -75,151 +193,42 @@ impl Metrics {
     }
 
     pub fn audit_record(&self) {
-        self.audit_records.fetch_add(1, Ordering::Relaxed);
+        self.audit_records.inc();
+    }
+
+    /// A record that could not be queued (logged by the caller).
+    pub fn audit_unqueued(&self) {
+        self.audit_unqueued.inc();
     }
 
     pub fn unauthenticated(&self) {
-        self.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        self.denials.with_label_values(&["unauthenticated"]).inc();
     }
 
     pub fn forbidden(&self) {
-        self.forbidden.fetch_add(1, Ordering::Relaxed);
+        self.denials.with_label_values(&["forbidden"]).inc();
     }
 
     pub fn rejected_busy(&self) {
-        self.rejected_busy.fetch_add(1, Ordering::Relaxed);
+        self.rejected_busy.inc();
     }
 
     /// The exposition text. `model`: the label of the model loaded, if any, and its queue.
     pub fn render(&self, model: Option<(&str, usize)>) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut family = |name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        family(
-            "outpost_http_requests_total",
-            "counter",
-            "HTTP requests answered, by route, method and status.",
-        );
-        let mut body = String::new();
-        if let Ok(m) = self.requests.lock() {
-            for ((route, method, status), n) in m.iter() {
-                let _ = writeln!(
-                    body,
-                    "outpost_http_requests_total{{route=\"{}\",method=\"{}\",status=\"{status}\"}} {n}",
-                    escape(route),
-                    escape(method)
-                );
-            }
-        }
-        out.push_str(&body);
-        let counters = [
-            (
-                "outpost_prompt_tokens_total",
-                "Prompt tokens prefilled.",
-                self.prompt_tokens.load(Ordering::Relaxed),
-            ),
-            (
-                "outpost_generated_tokens_total",
-                "Tokens generated.",
-                self.generated_tokens.load(Ordering::Relaxed),
-            ),
-            (
-                "outpost_audit_records_total",
-                "Audit records this process wrote or queued for writing.",
-                self.audit_records.load(Ordering::Relaxed),
-            ),
-            (
-                "outpost_queue_rejections_total",
-                "Inference requests refused with 503 because the queue was full.",
-                self.rejected_busy.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP outpost_auth_denials_total Requests refused: unauthenticated (401) or forbidden (403).\n\
-             # TYPE outpost_auth_denials_total counter\n\
-             outpost_auth_denials_total{{reason=\"unauthenticated\"}} {}\n\
-             outpost_auth_denials_total{{reason=\"forbidden\"}} {}",
-            self.unauthenticated.load(Ordering::Relaxed),
-            self.forbidden.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP outpost_generations_total Generations finished, by reason.\n\
-             # TYPE outpost_generations_total counter"
-        );
-        if let Ok(m) = self.generations.lock() {
-            for (reason, n) in m.iter() {
-                let _ = writeln!(out, "outpost_generations_total{{reason=\"{reason}\"}} {n}");
-            }
-        }
-        let gauges = [
-            (
-                "outpost_prefill_tokens_per_second",
-                "Prefill speed of the last generation.",
-                self.prefill_tps.get(),
-            ),
-            (
-                "outpost_decode_tokens_per_second",
-                "Decode speed of the last generation.",
-                self.decode_tps.get(),
-            ),
-            (
-                "outpost_generation_seconds_total",
-                "Time spent generating.",
-                self.generation_seconds.get(),
-            ),
-            (
-                "outpost_model_load_seconds",
-                "How long the last model load took.",
-                self.model_load_seconds.get(),
-            ),
-            (
-                "outpost_queue_depth",
-                "Inference requests waiting for the engine.",
-                model.map_or(0.0, |(_, d)| d as f64),
-            ),
-            (
-                "outpost_process_resident_memory_bytes",
-                "Resident set size of the daemon.",
-                rss_bytes().unwrap_or(0) as f64,
-            ),
-        ];
-        for (name, help, v) in gauges {
-            let kind = if name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            };
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP outpost_model_loaded The model serving the alias default (1), labelled.\n\
-             # TYPE outpost_model_loaded gauge"
-        );
+        self.queue_depth
+            .set(model.map_or(0, |(_, d)| i64::try_from(d).unwrap_or(i64::MAX)));
+        self.rss
+            .set(rss_bytes().map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+        self.model_loaded.reset();
         if let Some((label, _)) = model {
-            let _ = writeln!(out, "outpost_model_loaded{{model=\"{}\"}} 1", escape(label));
+            self.model_loaded.with_label_values(&[label]).set(1);
         }
-        out
+        let mut out = Vec::with_capacity(4096);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "Metrics could not be rendered.");
+        }
+        String::from_utf8(out).unwrap_or_default()
     }
-}
-
-/// A label value as the text format wants it.
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// The resident set size, from `/proc/self/status`.
@@ -247,10 +256,13 @@ mod tests {
         m.record_request("/weird\"route", "GET", 404);
         m.unauthenticated();
         let text = m.render(Some(("m:1", 3)));
-        assert!(text.contains(
-            "outpost_http_requests_total{route=\"/v1/models\",method=\"GET\",status=\"200\"} 2"
-        ));
-        assert!(text.contains("route=\"/weird\\\"route\""));
+        assert!(
+            text.contains(
+                "outpost_http_requests_total{method=\"GET\",route=\"/v1/models\",status=\"200\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("route=\"/weird\\\"route\""), "{text}");
         assert!(text.contains("outpost_auth_denials_total{reason=\"unauthenticated\"} 1"));
         assert!(text.contains("outpost_queue_depth 3"));
         assert!(text.contains("outpost_model_loaded{model=\"m:1\"} 1"));
@@ -259,6 +271,33 @@ mod tests {
         unique.sort();
         unique.dedup();
         assert_eq!(types.len(), unique.len(), "{text}");
+        // Every family registered (a duplicate name would have been refused); only the
+        // generations, none finished yet, have no series to show.
+        assert_eq!(types.len(), 14, "{text}");
         assert!(rss_bytes().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn counts_from_many_threads_are_not_lost() {
+        let m = std::sync::Arc::new(Metrics::default());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        m.audit_record();
+                        m.record_request("/v1/models", "GET", 200);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = m.render(None);
+        assert!(text.contains("outpost_audit_records_total 80000"), "{text}");
+        assert!(text.contains(
+            "outpost_http_requests_total{method=\"GET\",route=\"/v1/models\",status=\"200\"} 80000"
+        ));
     }
 }

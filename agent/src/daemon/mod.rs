@@ -1,41 +1,49 @@
 //! `outpost daemon`: the long-running agent and its local HTTP API.
 //!
-//! Start-up order: the whole configuration is validated (exit 78 on a problem) before
-//! anything is opened; then the audit log (a start record), the registry, the model behind
-//! `default` (if any), and only then the listener. SIGTERM or SIGINT stops accepting, lets
-//! in-flight requests finish within `[api] shutdown_grace_secs`, cancels what is left, writes
-//! the stop record, signs a checkpoint and exits 0.
+//! `main` validates the configuration ([`check_config`]: exit 78 before anything is bound or
+//! opened), binds the listener, owns the signals and calls [`run`] with a
+//! `CancellationToken` it cancels on SIGTERM or SIGINT. `run` opens the audit log (a start
+//! record), the registry and the model behind `default` (if any), then spawns its long-lived
+//! tasks through one `TaskTracker`: the HTTP server, the systemd watchdog, the registry
+//! follower (and sync, later), each `run(self, shutdown)`. On shutdown they are cancelled,
+//! not aborted: the server stops accepting and in-flight requests get
+//! `[api] shutdown_grace_secs`, after which running generations are cancelled; then the
+//! stop record, a checkpoint, and `run` returns.
 
 mod engine;
 mod http;
 mod metrics;
 mod notify;
 mod openai;
+mod server;
 
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use outpost_engine::registry::{ModelRecord, Registry};
-use outpost_engine::{LoadOptions, LoadedModel};
+use outpost_engine::LoadOptions;
+use outpost_engine::generate::HealthCheck;
+use outpost_engine::registry::Registry;
 use outpost_policy::audit::{AuditLog, Entry, Outcome};
 use outpost_policy::identity::Verifier;
 use outpost_policy::rbac::Policy;
 use outpost_policy::time::TrustedClock;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::commands::Context;
+use crate::activation::{self, ActivationError, Candidate, Serving};
 use crate::config::{ApiConfig, ConfigError, Listen};
+use crate::context::{Context, DataDir};
 use engine::ModelWorker;
 use metrics::Metrics;
 use notify::Notifier;
+pub use server::Listener;
 
 /// Everything the handlers share.
 pub struct State {
     pub device_id: String,
-    pub data_dir: std::path::PathBuf,
+    pub data_dir: DataDir,
     pub verifier: Verifier,
     pub policy: Policy,
     pub clock: Mutex<TrustedClock>,
@@ -48,6 +56,7 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     pub api: ApiConfig,
     pub load_options: LoadOptions,
+    pub health_check: HealthCheck,
     pub shutting_down: AtomicBool,
 }
 
@@ -75,32 +84,6 @@ impl State {
         result.map(|_| ())
     }
 
-    /// Loads `record` and starts its engine thread (blocking: call from a blocking task).
-    pub fn load_worker(&self, record: ModelRecord) -> anyhow::Result<Arc<ModelWorker>> {
-        let (path, held) = {
-            let reg = self
-                .registry
-                .lock()
-                .map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
-            (
-                reg.model_path(&record),
-                reg.blobs().open_shared(&record.sha256)?,
-            )
-        };
-        let started = Instant::now();
-        let model = LoadedModel::load(&path, &self.load_options)
-            .with_context(|| format!("cannot load {}", record.label()))?;
-        self.metrics.model_loaded(started.elapsed());
-        crate::sys::release_free_memory();
-        Ok(ModelWorker::start(
-            record,
-            model,
-            held,
-            self.api.queue_length,
-            self.metrics.clone(),
-        )?)
-    }
-
     /// Makes `worker` the model behind `default`; the old one retires once its requests end.
     pub fn install(&self, worker: Option<Arc<ModelWorker>>) {
         if let Ok(mut slot) = self.model.write() {
@@ -113,26 +96,92 @@ impl State {
         e.details = details;
         e
     }
+
+    /// Records a model that could not be served (not waiting: the daemon goes on).
+    fn note_load_failure(&self, label: String, error: &ActivationError) {
+        let mut entry = self.agent_entry("models:load", &error.to_string(), serde_json::json!({}));
+        entry.outcome = Outcome::Failure;
+        entry.resource = Some(label);
+        self.note(entry);
+    }
 }
 
-pub fn run(ctx: &Context) -> anyhow::Result<ExitCode> {
-    // Everything that can be wrong with the configuration is found before anything opens.
+/// The daemon serves the model behind `default`: a candidate for it gets its engine
+/// thread, and is installed once the registry has changed.
+impl Serving for State {
+    type Staged = Arc<ModelWorker>;
+
+    fn serving(&self, alias: &str) -> Option<String> {
+        (alias == "default")
+            .then(|| self.current_model().map(|m| m.record.sha256.clone()))
+            .flatten()
+    }
+
+    fn serves(&self, alias: &str) -> bool {
+        alias == "default"
+    }
+
+    fn stage(&self, c: Candidate) -> Result<Arc<ModelWorker>, ActivationError> {
+        let label = c.record.label();
+        self.metrics
+            .model_loaded(Duration::from_millis(c.model.load_ms));
+        let worker = ModelWorker::start(
+            c.record,
+            c.model,
+            c.blob,
+            self.api.queue_length,
+            self.metrics.clone(),
+        )
+        .map_err(|source| ActivationError::Start {
+            model: label,
+            source,
+        })?;
+        crate::sys::release_free_memory();
+        Ok(worker)
+    }
+
+    fn install(&self, staged: Arc<ModelWorker>) {
+        State::install(self, Some(staged));
+    }
+}
+
+/// Everything about the configuration that can be wrong, found before anything is bound
+/// or opened: the key files, the revocation list, the policy document, `[api] listen`.
+pub fn check_config(ctx: &Context) -> Result<Listen, ConfigError> {
+    ctx.auth()?;
+    ctx.loaded
+        .config
+        .api
+        .listen_on()
+        .map_err(|message| ConfigError {
+            file: ctx.loaded.files.last().cloned(),
+            line: None,
+            message: format!("key `api.listen`: {message}"),
+        })
+}
+
+/// Runs the daemon on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    ctx: Context,
+    listener: Listener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (verifier, policy) = ctx.auth()?;
     let api = ctx.loaded.config.api.clone();
-    let listen = api.listen_on().map_err(|message| ConfigError {
-        file: ctx.loaded.files.last().cloned(),
-        line: None,
-        message: format!("key `api.listen`: {message}"),
-    })?;
     let notifier = Notifier::from_env();
-    let audit = Arc::new(ctx.open_audit()?);
-    let data_dir = ctx.data_dir();
-    let registry = Registry::open(&data_dir)
-        .with_context(|| format!("cannot open the registry in {}", data_dir.display()))?;
+    let address = listener.address();
+    let (audit, registry, ctx) = tokio::task::spawn_blocking(move || {
+        let audit = ctx.open_audit()?;
+        let data_dir = ctx.data_dir();
+        let registry = Registry::open(data_dir.root())
+            .with_context(|| format!("cannot open the registry in {}", data_dir.display()))?;
+        anyhow::Ok((Arc::new(audit), registry, ctx))
+    })
+    .await??;
     let engine_cfg = &ctx.loaded.config.engine;
     let state = Arc::new(State {
         device_id: ctx.device_id(),
-        data_dir,
+        data_dir: ctx.data_dir(),
         verifier,
         policy,
         clock: Mutex::new(ctx.clock()),
@@ -146,253 +195,192 @@ pub fn run(ctx: &Context) -> anyhow::Result<ExitCode> {
             context_length: engine_cfg.context_length.map(|c| c as usize),
             memory_budget: engine_cfg.memory_budget.map(|b| b.0),
         },
+        health_check: HealthCheck::default(),
         shutting_down: AtomicBool::new(false),
     });
-    audit
-        .append(state.agent_entry(
-            "agent:start",
-            "daemon started",
-            serde_json::json!({"version": crate::VERSION, "listen": api.listen,
-                "pid": std::process::id()}),
-        ))
-        .context("refusing to start without an audit record")?;
-    state.metrics.audit_record();
+    let start = state.agent_entry(
+        "agent:start",
+        "daemon started",
+        serde_json::json!({"version": crate::VERSION, "listen": api.listen,
+            "pid": std::process::id()}),
+    );
+    state
+        .record(start)
+        .await
+        .map_err(|e| anyhow::anyhow!("refusing to start without an audit record: {e}"))?;
 
-    load_default(&state);
+    {
+        let s = state.clone();
+        tokio::task::spawn_blocking(move || load_default(&s)).await?;
+    }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(16)
-        .thread_name("outpost-api")
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(state.clone(), listen, &notifier));
+    let tasks = TaskTracker::new();
+    tasks.spawn(
+        server::Server {
+            listener,
+            app: http::router(state.clone()),
+            max_connections: api.max_connections,
+        }
+        .run(shutdown.clone()),
+    );
+    tracing::info!(address = %address, "Listening.");
+    notifier.notify("READY=1\nSTATUS=serving");
+    if let Some(every) = notify::watchdog_interval().filter(|_| notifier.enabled()) {
+        tasks.spawn(notify::Watchdog { every }.run(shutdown.clone()));
+    }
+    tasks.spawn(
+        RegistryFollower {
+            state: state.clone(),
+        }
+        .run(shutdown.clone()),
+    );
+    tasks.close();
+
+    shutdown.cancelled().await;
+    tracing::info!(
+        grace_secs = state.api.shutdown_grace_secs,
+        "Stopping: no new connections; requests in flight may finish."
+    );
+    notifier.notify("STOPPING=1\nSTATUS=stopping");
+    state.shutting_down.store(true, Ordering::SeqCst);
+    let grace = Duration::from_secs(state.api.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!("Grace period over: cancelling the generations still running.");
+        if let Some(m) = state.current_model() {
+            m.cancel_all();
+        }
+        // Cancelled generations end at the next token; their streams then close.
+        if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Some connections did not close; stopping anyway.");
+        }
+    }
     // Handlers are gone; the engine threads finish what they hold, then exit.
     state.install(None);
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    let (reason, outcome) = match &result {
-        Ok(()) => ("daemon stopped".to_string(), Outcome::Success),
-        Err(e) => (format!("daemon failed: {e:#}"), Outcome::Failure),
-    };
-    let mut stop = state.agent_entry("agent:stop", &reason, serde_json::json!({}));
-    stop.outcome = outcome;
+    let mut stop = state.agent_entry("agent:stop", "daemon stopped", serde_json::json!({}));
+    stop.outcome = Outcome::Success;
     drop(state);
-    let closed =
+    let closed = tokio::task::spawn_blocking(move || {
         audit
             .append(stop)
             .map_err(anyhow::Error::from)
             .and_then(|_| match Arc::try_unwrap(audit) {
                 Ok(log) => log.close().map(|_| ()).map_err(Into::into),
                 Err(shared) => shared.checkpoint().map(|_| ()).map_err(Into::into),
-            });
-    if let Err(e) = closed {
-        eprintln!("warning: the stop record could not be written: {e:#}");
+            })
+    })
+    .await;
+    match closed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %format!("{e:#}"), "The stop record could not be written.")
+        }
+        Err(e) => tracing::warn!(error = %e, "The stop record could not be written."),
     }
-    result?;
-    eprintln!("outpost daemon stopped");
-    Ok(ExitCode::SUCCESS)
+    tracing::info!("Daemon stopped.");
+    Ok(())
 }
 
-/// Loads the model behind `default`, if there is one. A model that fails to load leaves
-/// the daemon up (not ready) so that an administrator can activate another over the API.
+/// Loads the model behind `default`, if there is one, and checks its health. A model that
+/// fails leaves the daemon up (not ready) so that an administrator can activate another.
 fn load_default(state: &State) {
     let record = match state.registry.lock().map(|r| r.alias("default")) {
         Ok(Ok(Some(r))) => r,
         Ok(Ok(None)) => {
-            eprintln!("no model is active as 'default': serving without one until activated");
+            tracing::info!(
+                "No model is active as 'default': serving without one until one is activated."
+            );
             return;
         }
         Ok(Err(e)) => {
-            eprintln!("warning: cannot read the registry: {e}");
+            tracing::warn!(error = %e, "Cannot read the registry.");
             return;
         }
         Err(_) => return,
     };
     let label = record.label();
-    match state.load_worker(record) {
+    let loaded = activation::load_checked(
+        &state.registry,
+        record,
+        &state.load_options,
+        &state.health_check,
+    )
+    .and_then(|c| state.stage(c));
+    match loaded {
         Ok(w) => {
-            eprintln!("loaded {label} in {} ms", w.load_ms);
+            tracing::info!(model = %label, load_ms = w.load_ms, "Serving the default model.");
             state.install(Some(w));
         }
         Err(e) => {
-            eprintln!("warning: {e:#}; serving without a model until one is activated");
-            let mut entry =
-                state.agent_entry("models:load", &format!("{e:#}"), serde_json::json!({}));
-            entry.outcome = Outcome::Failure;
-            entry.resource = Some(label);
-            state.note(entry);
+            tracing::warn!(model = %label, error = %e,
+                "Serving without a model until one is activated.");
+            state.note_load_failure(label, &e);
         }
     }
-}
-
-async fn serve(state: Arc<State>, listen: Listen, notifier: &Notifier) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let app = http::router(state.clone());
-    let stopped = {
-        let shutdown = shutdown.clone();
-        async move { shutdown.cancelled().await }
-    };
-    let server = match &listen {
-        Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            eprintln!("listening on http://{}", listener.local_addr()?);
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            })
-        }
-        Listen::Unix(path) => {
-            remove_stale_socket(path)?;
-            let listener = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("cannot listen on {}", path.display()))?;
-            eprintln!("listening on unix:{}", path.display());
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            })
-        }
-    };
-    notifier.notify("READY=1\nSTATUS=serving");
-    let watchdog = notify::watchdog_interval().filter(|_| notifier.enabled());
-    let pinger = watchdog.map(|every| {
-        let token = shutdown.clone();
-        let n = Notifier::from_env();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tick.tick() => n.notify("WATCHDOG=1"),
-                }
-            }
-        })
-    });
-
-    let follower = tokio::spawn(follow_registry(state.clone(), shutdown.clone()));
-
-    wait_for_signal().await?;
-    eprintln!(
-        "stopping: no new connections; in-flight requests have {} s",
-        state.api.shutdown_grace_secs
-    );
-    notifier.notify("STOPPING=1\nSTATUS=stopping");
-    state.shutting_down.store(true, Ordering::SeqCst);
-    shutdown.cancel();
-    if let Some(p) = pinger {
-        p.abort();
-    }
-    follower.abort();
-    let grace = Duration::from_secs(state.api.shutdown_grace_secs);
-    let mut server = server;
-    let finished = tokio::time::timeout(grace, &mut server).await;
-    if finished.is_err() {
-        eprintln!("grace period over: cancelling the generations still running");
-        if let Some(m) = state.current_model() {
-            m.cancel_all();
-        }
-        // Cancelled generations end at the next token; their streams then close.
-        if tokio::time::timeout(Duration::from_secs(10), &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
-    }
-    if let Listen::Unix(path) = &listen {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
 }
 
 /// How often the registry is checked for a `default` changed by another process.
 const FOLLOW_EVERY: Duration = Duration::from_secs(2);
 
 /// Follows `default` as other processes (the CLI, later sync) change it: a new model is
-/// loaded and swapped in, an unset alias stops serving. A model that fails to load is
+/// loaded, checked and swapped in, an unset alias stops serving. A model that fails is
 /// reported once, not retried every tick.
-async fn follow_registry(state: Arc<State>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(FOLLOW_EVERY);
-    let mut failed: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+struct RegistryFollower {
+    state: Arc<State>,
+}
+
+impl RegistryFollower {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(FOLLOW_EVERY);
+        let mut failed: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let _one_at_a_time = self.state.swap.lock().await;
+            let s = self.state.clone();
+            let known_bad = failed.clone();
+            let outcome = tokio::task::spawn_blocking(move || follow_once(&s, known_bad)).await;
+            failed = outcome.unwrap_or(None);
         }
-        let _one_at_a_time = state.swap.lock().await;
-        let s = state.clone();
-        let known_bad = failed.clone();
-        let outcome = tokio::task::spawn_blocking(move || -> Option<String> {
-            let wanted = s.registry.lock().ok()?.alias("default").ok()?;
-            let current = s.current_model().map(|m| m.record.sha256.clone());
-            match wanted {
-                None if current.is_some() => {
-                    eprintln!("'default' was unset: no model is served until one is activated");
-                    s.install(None);
+    }
+}
+
+/// One look at the registry; returns the digest of a model that failed to load, if any.
+fn follow_once(s: &State, known_bad: Option<String>) -> Option<String> {
+    let wanted = s.registry.lock().ok()?.alias("default").ok()?;
+    let current = s.current_model().map(|m| m.record.sha256.clone());
+    match wanted {
+        None if current.is_some() => {
+            tracing::info!("'default' was unset: no model is served until one is activated.");
+            s.install(None);
+            None
+        }
+        Some(r)
+            if current.as_deref() != Some(r.sha256.as_str())
+                && known_bad.as_deref() != Some(r.sha256.as_str()) =>
+        {
+            let label = r.label();
+            let sha = r.sha256.clone();
+            let loaded = activation::load_checked(&s.registry, r, &s.load_options, &s.health_check)
+                .and_then(|c| s.stage(c));
+            match loaded {
+                Ok(w) => {
+                    tracing::info!(model = %label, load_ms = w.load_ms,
+                        "'default' changed: now serving it.");
+                    s.install(Some(w));
                     None
                 }
-                Some(r)
-                    if current.as_deref() != Some(r.sha256.as_str())
-                        && known_bad.as_deref() != Some(r.sha256.as_str()) =>
-                {
-                    let label = r.label();
-                    let sha = r.sha256.clone();
-                    match s.load_worker(r) {
-                        Ok(w) => {
-                            eprintln!(
-                                "'default' now points at {label}: loaded in {} ms",
-                                w.load_ms
-                            );
-                            s.install(Some(w));
-                            None
-                        }
-                        Err(e) => {
-                            eprintln!("warning: cannot serve {label}: {e:#}");
-                            let mut entry = s.agent_entry(
-                                "models:load",
-                                &format!("{e:#}"),
-                                serde_json::json!({}),
-                            );
-                            entry.outcome = Outcome::Failure;
-                            entry.resource = Some(label);
-                            s.note(entry);
-                            Some(sha)
-                        }
-                    }
+                Err(e) => {
+                    tracing::warn!(model = %label, error = %e, "Cannot serve the new 'default'.");
+                    s.note_load_failure(label, &e);
+                    Some(sha)
                 }
-                _ => known_bad,
             }
-        })
-        .await;
-        failed = outcome.unwrap_or(None);
-    }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}
-
-/// A socket file left by a previous run is removed; any other file there is an error.
-fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the old socket {}", path.display())),
-        Ok(_) => anyhow::bail!(
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        ),
-        Err(_) => Ok(()),
+        }
+        _ => known_bad,
     }
 }

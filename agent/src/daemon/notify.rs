@@ -47,7 +47,7 @@ impl Notifier {
             }
         };
         if let Err(e) = sent {
-            eprintln!("warning: cannot notify systemd ({state}): {e}");
+            tracing::warn!(state, error = %e, "Cannot notify systemd.");
         }
     }
 
@@ -66,6 +66,25 @@ pub fn watchdog_interval() -> Option<Duration> {
     }
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+/// The watchdog task: `WATCHDOG=1` every `every` until shutdown.
+#[derive(Debug)]
+pub struct Watchdog {
+    pub every: Duration,
+}
+
+impl Watchdog {
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let notifier = Notifier::from_env();
+        let mut tick = tokio::time::interval(self.every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => notifier.notify("WATCHDOG=1"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -151,7 +151,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, &headers, &rid.0, Action::InferenceRun)?;
+    let identity = authenticate(&state, &headers, &rid.0, Action::InferenceRun).await?;
     let req: ChatRequest = parse_body(&state, body)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
@@ -219,7 +219,7 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, &headers, &rid.0, Action::InferenceRun)?;
+    let identity = authenticate(&state, &headers, &rid.0, Action::InferenceRun).await?;
     let req: CompletionRequest = parse_body(&state, body)?;
     if req.echo {
         return Err(ApiError::bad_request("echo is not supported"));

@@ -112,3 +112,114 @@ fn dependencies_point_one_way() {
         assert!(c["outpost-agent"].contains(k), "the agent wires {k}");
     }
 }
+
+/// Every `.rs` file of the product crates (not tests), with its path from the workspace root.
+fn product_sources() -> Vec<(String, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf();
+    let mut out = Vec::new();
+    let mut stack: Vec<std::path::PathBuf> = ["engine/src", "policy/src", "sync/src", "agent/src"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path
+                    .strip_prefix(&root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((rel, std::fs::read_to_string(&path).unwrap()));
+            }
+        }
+    }
+    assert!(out.len() > 30, "found only {} source files", out.len());
+    out
+}
+
+/// Code lines of `src` (comment lines dropped) that name `word` as a whole word.
+fn mentions(src: &str, word: &str) -> bool {
+    src.lines()
+        .map(str::trim_start)
+        .filter(|l| !l.starts_with("//"))
+        .any(|l| {
+            l.match_indices(word).any(|(i, _)| {
+                let before = l[..i].chars().next_back();
+                let after = l[i + word.len()..].chars().next();
+                let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+                // `lib::` is followed by a name; a bare word must end where it ends.
+                !ident(before) && (word.ends_with(':') || !ident(after))
+            })
+        })
+}
+
+#[test]
+fn each_external_library_has_one_home() {
+    // library (as code names it) → the files or folders allowed to use it.
+    let homes: &[(&str, &[&str])] = &[
+        ("jsonwebtoken", &["policy/src/identity"]),
+        ("ed25519_dalek", &["policy/src/signing.rs"]),
+        ("candle_transformers", &["engine/src/arch/"]),
+        ("candle_nn", &["engine/src/arch/"]),
+        (
+            "rusqlite",
+            &["engine/src/registry/", "policy/src/audit/", "sync/src/"],
+        ),
+        ("minijinja", &["engine/src/chat.rs"]),
+        ("rumqttc", &["sync/src/conn"]),
+        ("clap", &["agent/src/cli.rs", "agent/src/main.rs"]),
+        ("axum", &["agent/src/daemon/"]),
+        ("hyper", &["agent/src/daemon/server.rs"]),
+        ("hyper_util", &["agent/src/daemon/server.rs"]),
+        ("tracing_subscriber", &["agent/src/logging.rs"]),
+        ("prometheus", &["agent/src/daemon/metrics.rs"]),
+        ("nix", &["agent/src/context.rs"]),
+        ("indicatif", &["agent/src/commands/models.rs"]),
+    ];
+    let sources = product_sources();
+    let mut wrong = Vec::new();
+    for (lib, allowed) in homes {
+        for (path, src) in &sources {
+            if mentions(src, &format!("{lib}::")) && !allowed.iter().any(|a| path.starts_with(a)) {
+                wrong.push(format!("{path} uses {lib} (its home: {allowed:?})"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn unsafe_code_lives_in_one_module() {
+    // Each file here justifies every `unsafe` block it holds (ARCHITECTURE.md, Invariants).
+    let allowed = ["agent/src/sys.rs"];
+    let sources = product_sources();
+    let offenders: Vec<&String> = sources
+        .iter()
+        .filter(|(path, src)| {
+            !allowed.contains(&path.as_str())
+                && (mentions(src, "unsafe") || src.contains("allow(unsafe_code)"))
+        })
+        .map(|(path, _)| path)
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "unsafe outside its module: {offenders:?}"
+    );
+    // And the module itself says why, for each block.
+    let (_, sys) = sources
+        .iter()
+        .find(|(p, _)| p == "agent/src/sys.rs")
+        .unwrap();
+    let blocks = sys.matches("unsafe {").count();
+    let reasons = sys.matches("// SAFETY:").count();
+    assert!(
+        blocks > 0 && reasons >= blocks,
+        "{blocks} unsafe blocks, {reasons} SAFETY notes"
+    );
+}

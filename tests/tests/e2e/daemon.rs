@@ -18,19 +18,12 @@ use outpost_engine::testing::GgufBuilder;
 const ISS: &str = "https://admin.example";
 const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// A free TCP port on loopback (the listener is closed before the daemon binds it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A device with an issuer key, tokens for each role, and a daemon to start.
 pub struct Agent {
     pub d: Device,
     issuer_key: PathBuf,
+    /// The port the daemon bound (it listens on port 0 and logs the one it got); 0 until
+    /// `start`.
     pub port: u16,
     child: Option<Child>,
     stderr_log: PathBuf,
@@ -54,12 +47,11 @@ impl Agent {
             "admin-1",
         ])
         .ok();
-        let port = free_port();
         std::fs::write(
             &d.config,
             format!(
                 "[device]\nid = \"edge-1\"\n\
-                 [api]\nlisten = \"127.0.0.1:{port}\"\n{api}\n\
+                 [api]\nlisten = \"127.0.0.1:0\"\n{api}\n\
                  [[auth.issuers]]\niss = \"{ISS}\"\nkid = \"admin-1\"\nalgorithm = \"EdDSA\"\n\
                  public_key = \"{public}\"\n",
                 public = keys.join("admin-1.pub.pem").display(),
@@ -70,7 +62,7 @@ impl Agent {
         Self {
             issuer_key: keys.join("admin-1.key.pem"),
             d,
-            port,
+            port: 0,
             child: None,
             stderr_log,
         }
@@ -117,10 +109,19 @@ impl Agent {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC");
         edit(&mut cmd);
+        // Each run binds a port of its own, read from its log.
+        self.port = 0;
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = self.try_request("GET", "/healthz", None, None) {
+            if self.port == 0
+                && let Some(port) = bound_port(&self.log())
+            {
+                self.port = port;
+            }
+            if self.port != 0
+                && let Ok(r) = self.try_request("GET", "/healthz", None, None)
+            {
                 assert_eq!(r.status, 200);
                 return;
             }
@@ -226,6 +227,13 @@ impl Agent {
             .unwrap()
             .clone()
     }
+}
+
+/// The port in the daemon's `Listening. address=http://127.0.0.1:PORT` log event.
+fn bound_port(log: &str) -> Option<u16> {
+    let at = log.find("address=http://127.0.0.1:")? + "address=http://127.0.0.1:".len();
+    let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 impl Drop for Agent {
@@ -694,12 +702,12 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
     let get = |s: &str| samples.iter().find(|(k, _)| k == s).map(|(_, v)| *v);
     assert_eq!(
         get(
-            r#"outpost_http_requests_total{route="/v1/chat/completions",method="POST",status="200"}"#
+            r#"outpost_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}"#
         ),
         Some(1.0)
     );
     assert_eq!(
-        get(r#"outpost_http_requests_total{route="/v1/models",method="GET",status="401"}"#),
+        get(r#"outpost_http_requests_total{method="GET",route="/v1/models",status="401"}"#),
         Some(1.0)
     );
     assert_eq!(
@@ -808,7 +816,7 @@ fn a_unix_socket_and_systemd_notifications_work() {
     let mut a = Agent::new("");
     // Listen on the socket instead of the port.
     let cfg = std::fs::read_to_string(&a.d.config).unwrap().replace(
-        &format!("listen = \"127.0.0.1:{}\"", a.port),
+        "listen = \"127.0.0.1:0\"",
         &format!("listen = \"unix:{}\"", sock.display()),
     );
     std::fs::write(&a.d.config, cfg).unwrap();
