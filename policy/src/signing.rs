@@ -22,13 +22,16 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 /// Largest key file read.
 const MAX_KEY_FILE: u64 = 16 * 1024;
 
+/// Why a key cannot be read, written or made. Each message is one complete line with its
+/// cause's; the cause is kept in the variant, not returned by `source()` (an error chain
+/// printed with `{:#}` would repeat it).
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {error}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: not an Ed25519 {kind} key in PEM ({detail})", path.display())]
     Format {
@@ -62,7 +65,7 @@ pub struct PublicKey {
 fn read_capped(path: &Path) -> Result<String, KeyError> {
     let io = |what| {
         let path = path.to_path_buf();
-        move |source| KeyError::Io { what, path, source }
+        move |error| KeyError::Io { what, path, error }
     };
     let meta = std::fs::metadata(path).map_err(io("reading"))?;
     if meta.len() > MAX_KEY_FILE {
@@ -101,7 +104,7 @@ impl KeyPair {
     /// Loads the key at `path`, or generates one there (mode 0600) if there is none.
     pub fn load_or_generate(path: &Path) -> Result<Self, KeyError> {
         match Self::load(path) {
-            Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(KeyError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate()?;
                 key.write_private(path)?;
                 Ok(key)
@@ -197,7 +200,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError> {
     use std::os::unix::fs::OpenOptionsExt;
     let io = |what| {
         let path = path.to_path_buf();
-        move |source| KeyError::Io { what, path, source }
+        move |error| KeyError::Io { what, path, error }
     };
     let mut f = std::fs::OpenOptions::new()
         .write(true)

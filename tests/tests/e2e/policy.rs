@@ -655,3 +655,13 @@ fn both_verifiers_refuse_every_tampered_export() {
         }
     }
 }
+
+/// A key error is one line that names its cause once (not again as the error's source).
+#[test]
+fn an_unreadable_device_key_is_reported_once() {
+    let d = Device::new();
+    std::fs::create_dir_all(d.data.join("device.key")).unwrap();
+    let out = d.run(&["keys", "device"]);
+    out.fails(1, "device.key: Is a directory");
+    assert_eq!(out.stderr.matches("Is a directory").count(), 1, "{out:?}");
+}
