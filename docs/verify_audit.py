@@ -7,9 +7,12 @@ Usage:
 Checks, as docs/audit-format.md describes:
   1. every record's hash is SHA-256 over the RFC 8785 (JCS) form of the record without "hash";
   2. seqs are contiguous and each prev_hash is the previous record's hash (64 zeros at seq 1);
-  3. every checkpoint's Ed25519 signature over JCS({device_id, hash, seq, ts}) holds, and its
-     hash is the hash of the record it names; no checkpoint lies beyond the last record.
+  3. every checkpoint's Ed25519 signature over JCS({device_id, hash, seq, ts}) holds under
+     the key in use, and its hash is the hash of the record it names, which the export holds
+     (none lies beyond the last record or before the first);
+  4. with --public-key, at least one checkpoint covers the records.
 Without --public-key the key in the export's header is trusted, and the output says so.
+Records after the last checkpoint are not signed: the output says how far signatures reach.
 Exit status: 0 when everything holds, 1 naming the first bad seq, 2 for unusable input.
 """
 
@@ -213,7 +216,8 @@ def verify(path, pinned):
     for r in records:
         seq = r["seq"]
         if expected is None:
-            expected, prev = seq, (GENESIS if seq == 1 else r["prev_hash"])
+            # An export of a time range starts anywhere; seq 1 links to the genesis hash.
+            expected, prev = (seq, r["prev_hash"]) if seq > 1 else (1, GENESIS)
         if seq != expected:
             return expected, f"record {expected} is missing (deleted)" if seq > expected else f"record {seq} is out of order"
         if r["prev_hash"] != prev:
@@ -224,22 +228,36 @@ def verify(path, pinned):
             return seq, f"record {seq} does not match its hash (edited)"
         hashes[seq] = r["hash"]
         prev, expected = r["hash"], seq + 1
+    first = records[0]["seq"] if records else None
     last = expected - 1 if expected else 0
+    signed_through = None
     for c in sorted(checkpoints, key=lambda c: c["seq"]):
         seq = c["seq"]
         if seq > last:
             return last + 1, f"records end at seq {last}, but checkpoint {seq} was signed over more (truncated)"
         signer = bytes.fromhex(c["public_key"])
-        if pinned is not None and signer != pinned:
+        if key is not None and signer != key:
             return seq, f"checkpoint {seq} is signed by another key"
         message = jcs({"device_id": c["device_id"], "hash": c["hash"], "seq": seq, "ts": c["ts"]})
         if key is None or not ed25519_verify(key, message.encode("utf-8"), bytes.fromhex(c["signature"])):
             return seq, f"checkpoint {seq} has a bad signature (forged)"
-        if seq in hashes and hashes[seq] != c["hash"]:
+        if seq not in hashes:
+            # An export carries only the checkpoints inside its range: records were cut.
+            return seq, f"record {seq} is missing (deleted): checkpoint {seq} signs it, but the records start at seq {first}"
+        if hashes[seq] != c["hash"]:
             return seq, f"record {seq} differs from its signed checkpoint (rewritten)"
-    first = records[0]["seq"] if records else None
-    print(f"OK: {len(records)} records (seq {first} to {last}), {len(checkpoints)} checkpoints; "
-          f"signatures checked against {key_source}.")
+        signed_through = seq
+    if pinned is not None and records and signed_through is None:
+        return first, ("no checkpoint covers these records, so nothing here is signed by the "
+                       "pinned key (checkpoints removed?)")
+    if signed_through is None:
+        reach = "no record is covered by a checkpoint"
+    elif signed_through < last:
+        reach = f"signed through seq {signed_through}; records after it are not covered by a checkpoint yet"
+    else:
+        reach = f"signed through seq {signed_through}"
+    print(f"OK: {len(records)} records (seq {first} to {last}), {len(checkpoints)} checkpoints, "
+          f"{reach}; signatures checked against {key_source}.")
     return None
 
 

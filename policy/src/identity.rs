@@ -14,7 +14,7 @@
 //!   `admin` or `operator` is refused (separation of duties).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -85,6 +85,38 @@ pub enum TokenError {
     SeparationOfDuties(String),
 }
 
+/// Why a configured issuer key cannot be used. Each message is one complete line that
+/// includes its cause's; the cause is kept in the variant (not as `source()`, which would
+/// print it twice in an error chain).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLoadError {
+    #[error("kid {0:?} must be 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadKid(String),
+    #[error("{}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: {len} bytes is too large for a public key", path.display())]
+    TooLarge { path: PathBuf, len: usize },
+    #[error("{}: not a {algorithm:?} public key: {error}", path.display())]
+    NotAKey {
+        path: PathBuf,
+        algorithm: KeyAlgorithm,
+        error: jsonwebtoken::errors::Error,
+    },
+}
+
+/// Why `outpost token issue` could not sign. The cause is in the message (see
+/// [`KeyLoadError`]) and kept in the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("not an Ed25519 private key in PKCS#8 PEM: {0}")]
+    Key(jsonwebtoken::errors::Error),
+    #[error("cannot sign the token: {0}")]
+    Sign(jsonwebtoken::errors::Error),
+}
+
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Identity {
@@ -123,19 +155,29 @@ impl PinnedKey {
         kid: &str,
         algorithm: KeyAlgorithm,
         path: &Path,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, KeyLoadError> {
         if !valid_kid(kid) {
-            return Err(format!("kid {kid:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+            return Err(KeyLoadError::BadKid(kid.into()));
         }
-        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|error| KeyLoadError::Read {
+            path: path.into(),
+            error,
+        })?;
         if pem.len() > 16 * 1024 {
-            return Err(format!("{}: too large for a public key", path.display()));
+            return Err(KeyLoadError::TooLarge {
+                path: path.into(),
+                len: pem.len(),
+            });
         }
         let key = match algorithm {
             KeyAlgorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
             KeyAlgorithm::ES256 => DecodingKey::from_ec_pem(&pem),
         }
-        .map_err(|e| format!("{}: not a {algorithm:?} public key: {e}", path.display()))?;
+        .map_err(|error| KeyLoadError::NotAKey {
+            path: path.into(),
+            algorithm,
+            error,
+        })?;
         Ok(Self {
             iss: iss.to_string(),
             kid: kid.to_string(),
@@ -313,12 +355,13 @@ pub struct NewToken {
     pub jti: String,
 }
 
-/// Signs `claims` with the Ed25519 private key (PKCS#8 PEM) `key_pem`, under `kid`.
-pub fn issue(key_pem: &[u8], kid: &str, claims: &NewToken) -> Result<String, String> {
-    let key = EncodingKey::from_ed_pem(key_pem).map_err(|e| format!("not an Ed25519 key: {e}"))?;
+/// Signs `claims` with the Ed25519 private key `key_pem` under `kid`. The key is PKCS#8 PEM,
+/// version 1 (RFC 8410, what `outpost keys generate` and OpenSSL write) or version 2.
+pub fn issue(key_pem: &[u8], kid: &str, claims: &NewToken) -> Result<String, IssueError> {
+    let key = EncodingKey::from_ed_pem(key_pem).map_err(IssueError::Key)?;
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(kid.to_string());
-    jsonwebtoken::encode(&header, claims, &key).map_err(|e| e.to_string())
+    jsonwebtoken::encode(&header, claims, &key).map_err(IssueError::Sign)
 }
 
 #[cfg(test)]

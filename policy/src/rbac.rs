@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,47 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Identity;
 
 const MAX_POLICY_FILE: u64 = 64 * 1024;
+
+/// A name that is not an [`Action`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown action '{name}' (known: {})", known_actions())]
+pub struct UnknownAction {
+    pub name: String,
+}
+
+fn known_actions() -> String {
+    let known: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
+    known.join(", ")
+}
+
+/// Why a policy document cannot be used. Each message is one complete line that includes its
+/// cause's; the cause is kept in the variant (not as `source()`, which would print it twice
+/// in an error chain).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: {len} bytes is larger than the limit of {MAX_POLICY_FILE} bytes", path.display())]
+    TooLarge { path: PathBuf, len: u64 },
+    #[error("{}: {error}", path.display())]
+    Invalid { path: PathBuf, error: DocumentError },
+}
+
+/// What is wrong inside a policy document.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// Not TOML, or not the shape above (unknown keys, an unknown action, no `version`):
+    /// the parser's message, without its multi-line excerpt.
+    #[error("{}", .0.message())]
+    Toml(toml::de::Error),
+    #[error("role '{0}' is built in and cannot be redefined")]
+    BuiltinRole(String),
+    #[error("role name {0:?} must be 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadRoleName(String),
+}
 
 /// Everything a caller can ask to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -86,16 +127,13 @@ impl fmt::Display for Action {
 }
 
 impl FromStr for Action {
-    type Err = String;
+    type Err = UnknownAction;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownAction> {
         Action::ALL
             .into_iter()
             .find(|a| a.as_str() == s)
-            .ok_or_else(|| {
-                let known: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
-                format!("unknown action '{s}' (known: {})", known.join(", "))
-            })
+            .ok_or_else(|| UnknownAction { name: s.into() })
     }
 }
 
@@ -201,34 +239,39 @@ impl Policy {
     }
 
     /// The built-in roles plus the custom roles of the policy document at `path`.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if meta.len() > MAX_POLICY_FILE {
-            return Err(format!(
-                "{}: larger than {MAX_POLICY_FILE} bytes",
-                path.display()
-            ));
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let read = |error| PolicyError::Read {
+            path: path.into(),
+            error,
+        };
+        let len = std::fs::metadata(path).map_err(read)?.len();
+        if len > MAX_POLICY_FILE {
+            return Err(PolicyError::TooLarge {
+                path: path.into(),
+                len,
+            });
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        Self::parse(&text).map_err(|error| PolicyError::Invalid {
+            path: path.into(),
+            error,
+        })
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let file: PolicyFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    pub fn parse(text: &str) -> Result<Self, DocumentError> {
+        let file: PolicyFile = toml::from_str(text).map_err(DocumentError::Toml)?;
         let mut policy = Self::builtin();
         policy.version = file.version;
         for (name, r) in file.roles {
             if BUILTIN_ROLES.contains(&name.as_str()) {
-                return Err(format!("role '{name}' is built in and cannot be redefined"));
+                return Err(DocumentError::BuiltinRole(name));
             }
             if !(1..=64).contains(&name.len())
                 || !name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
             {
-                return Err(format!(
-                    "role name {name:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"
-                ));
+                return Err(DocumentError::BadRoleName(name));
             }
             let scope = r.models.map_or(Scope::AnyModel, Scope::Patterns);
             let grants = r.actions.into_iter().map(|a| (a, scope.clone())).collect();
@@ -506,7 +549,7 @@ mod tests {
                 "must be 1 to 64",
             ),
         ] {
-            let e = Policy::parse(doc).unwrap_err();
+            let e = Policy::parse(doc).unwrap_err().to_string();
             assert!(e.contains(err), "{doc:?}: {e}");
         }
     }

@@ -2,24 +2,36 @@
 //!
 //! Keys on disk are PEM: private keys PKCS#8 (`*.key.pem`, mode 0600), public keys SPKI
 //! (`*.pub.pem`). Signatures and public keys travel as lowercase hex.
+//!
+//! Private keys are written in the form of RFC 8410 section 7: PKCS#8 version 1
+//! (`OneAsymmetricKey` without the optional public key), `-----BEGIN PRIVATE KEY-----`. That
+//! is what `openssl genpkey -algorithm ed25519` writes and what OpenSSL 3.0 and Python's
+//! `cryptography` (hence PyJWT) read; both refuse the version 2 form with the public key
+//! embedded, which earlier versions of Outpost wrote. Both forms are read (a version 2 key
+//! whose embedded public key does not belong to its secret is refused).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 
 /// Largest key file read.
 const MAX_KEY_FILE: u64 = 16 * 1024;
 
+/// Why a key cannot be read, written or made. Each message is one complete line with its
+/// cause's; the cause is kept in the variant, not returned by `source()` (an error chain
+/// printed with `{:#}` would repeat it).
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}: {error}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: not an Ed25519 {kind} key in PEM ({detail})", path.display())]
     Format {
@@ -53,7 +65,7 @@ pub struct PublicKey {
 fn read_capped(path: &Path) -> Result<String, KeyError> {
     let io = |what| {
         let path = path.to_path_buf();
-        move |source| KeyError::Io { what, path, source }
+        move |error| KeyError::Io { what, path, error }
     };
     let meta = std::fs::metadata(path).map_err(io("reading"))?;
     if meta.len() > MAX_KEY_FILE {
@@ -92,7 +104,7 @@ impl KeyPair {
     /// Loads the key at `path`, or generates one there (mode 0600) if there is none.
     pub fn load_or_generate(path: &Path) -> Result<Self, KeyError> {
         match Self::load(path) {
-            Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(KeyError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate()?;
                 key.write_private(path)?;
                 Ok(key)
@@ -101,9 +113,13 @@ impl KeyPair {
         }
     }
 
+    /// The private key as RFC 8410 PEM (PKCS#8 v1, no public key: see the module docs).
     pub fn private_pem(&self) -> String {
-        self.key
-            .to_pkcs8_pem(LineEnding::LF)
+        let v1 = KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        };
+        v1.to_pkcs8_pem(LineEnding::LF)
             .map(|p| p.to_string())
             .unwrap_or_default()
     }
@@ -184,7 +200,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), KeyError> {
     use std::os::unix::fs::OpenOptionsExt;
     let io = |what| {
         let path = path.to_path_buf();
-        move |source| KeyError::Io { what, path, source }
+        move |error| KeyError::Io { what, path, error }
     };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -237,6 +253,39 @@ mod tests {
             k.write_private(&priv_path),
             Err(KeyError::Exists { .. })
         ));
+    }
+
+    /// Written keys are RFC 8410's PKCS#8 v1 without a public key (what OpenSSL 3.0 and
+    /// Python's `cryptography` read); v2 keys, which earlier versions wrote, still load.
+    #[test]
+    fn private_keys_are_written_as_pkcs8_v1_and_both_versions_load() {
+        use ed25519_dalek::pkcs8::{PrivateKeyInfo, PublicKeyBytes, SecretDocument};
+        let k = KeyPair::generate().unwrap();
+        let pem = k.private_pem();
+        let (label, der) = SecretDocument::from_pem(&pem).unwrap();
+        assert_eq!(label, "PRIVATE KEY");
+        let info = PrivateKeyInfo::try_from(der.as_bytes()).unwrap();
+        // SEQUENCE { INTEGER 0 (v1), AlgorithmIdentifier, OCTET STRING }: 48 bytes in all.
+        assert_eq!(&der.as_bytes()[2..5], &[0x02, 0x01, 0x00], "version 1");
+        assert_eq!(der.as_bytes().len(), 48);
+        assert!(info.public_key.is_none(), "no embedded public key");
+        let path = Path::new("k.key.pem");
+        assert_eq!(KeyPair::from_pem(&pem, path).unwrap().public(), k.public());
+
+        // The v2 form (public key embedded), as ed25519-dalek writes it by default.
+        let v2 = k.key.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let (_, der) = SecretDocument::from_pem(&v2).unwrap();
+        assert_eq!(&der.as_bytes()[2..5], &[0x02, 0x01, 0x01], "version 2");
+        assert_eq!(KeyPair::from_pem(&v2, path).unwrap().public(), k.public());
+        // A v2 key whose public half belongs to another secret is not a key.
+        let other = KeyPair::generate().unwrap();
+        let mismatched = KeypairBytes {
+            secret_key: k.key.to_bytes(),
+            public_key: Some(PublicKeyBytes(other.public().key.to_bytes())),
+        }
+        .to_pkcs8_pem(LineEnding::LF)
+        .unwrap();
+        assert!(KeyPair::from_pem(&mismatched, path).is_err());
     }
 
     #[test]

@@ -208,9 +208,16 @@ fn print_report(ctx: &Context, r: &VerifyReport) -> anyhow::Result<()> {
     } else {
         "against the key stored in the log (pass --public-key to pin one)"
     };
+    let reach = match (r.signed_through, r.last_seq) {
+        (None, Some(_)) => "; no record is covered by a checkpoint yet".to_string(),
+        (Some(s), Some(l)) if s < l => {
+            format!("; signed through seq {s}, later records not covered by a checkpoint yet")
+        }
+        _ => String::new(),
+    };
     if r.ok {
         println!(
-            "Audit log OK: {} records ({range}), {} checkpoint signatures checked {key}.",
+            "Audit log OK: {} records ({range}), {} checkpoint signatures checked {key}{reach}.",
             r.records, r.checkpoints
         );
     } else {

@@ -106,7 +106,7 @@ pub fn check(ctx: &Context, cmd: AuthCommand) -> anyhow::Result<ExitCode> {
         action,
         resource,
     } = cmd;
-    let action: Action = action.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let action: Action = action.parse()?;
     let (verifier, policy) = ctx.auth()?;
     let audit = ctx.open_audit()?;
     let mut clock = ctx.clock();

@@ -1,6 +1,10 @@
 //! The audit log on real SQLite files: appends, checkpoints, and every kind of tampering.
 
+use super::record::hash_hex;
 use super::*;
+use crate::jcs;
+use crate::signing::KeyPair;
+use rusqlite::Connection;
 use serde_json::json;
 
 struct Fixture {
@@ -395,4 +399,110 @@ fn csv_cells_cannot_inject_formulas() {
     ] {
         assert_eq!(export::csv_cell(v), want, "{v}");
     }
+}
+
+/// `audit.db` as Outpost 0.1 wrote it, before schema versions (`user_version` 0). Frozen
+/// here: whatever the migrations become, such a file must still be adopted.
+const SCHEMA_0_1: &str = "
+CREATE TABLE records (
+    seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, device_id TEXT NOT NULL, actor TEXT NOT NULL,
+    roles TEXT NOT NULL, action TEXT NOT NULL, resource TEXT, outcome TEXT NOT NULL,
+    reason TEXT NOT NULL, request_id TEXT, policy_version INTEGER, details TEXT NOT NULL,
+    prev_hash TEXT NOT NULL, hash TEXT NOT NULL
+);
+CREATE INDEX records_ts ON records (ts);
+CREATE TABLE checkpoints (
+    seq INTEGER PRIMARY KEY, hash TEXT NOT NULL, ts TEXT NOT NULL, device_id TEXT NOT NULL,
+    public_key TEXT NOT NULL, signature TEXT NOT NULL
+);
+CREATE TRIGGER records_no_update BEFORE UPDATE ON records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER records_no_delete BEFORE DELETE ON records
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+";
+
+fn user_version(path: &Path) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn record_count(path: &Path) -> i64 {
+    Connection::open(path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_log_from_before_schema_versions_is_migrated_in_place() {
+    let f = Fixture::new();
+    // Real records and a checkpoint, copied into a file made with the 0.1 schema.
+    let reference = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        key: f.key(),
+    };
+    reference.write(5, 1000);
+    let c = Connection::open(f.path()).unwrap();
+    c.execute_batch(SCHEMA_0_1).unwrap();
+    c.execute("ATTACH ?1 AS old", [reference.path().to_str().unwrap()])
+        .unwrap();
+    c.execute_batch(
+        "INSERT INTO records SELECT * FROM old.records;
+         INSERT INTO checkpoints SELECT * FROM old.checkpoints; DETACH old;",
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(user_version(&f.path()), 0);
+
+    // Reading takes it as it is and changes nothing.
+    let reader = AuditReader::open(&f.path()).unwrap();
+    assert_eq!(reader.query(&Query::default()).unwrap().len(), 5);
+    drop(reader);
+    f.check(None);
+    assert_eq!(user_version(&f.path()), 0);
+
+    // The writer adopts it: the current version, the same chain going on.
+    let log = f.log(1000);
+    assert_eq!(log.append(entry(5)).unwrap().seq, 6);
+    log.close().unwrap();
+    assert_eq!(user_version(&f.path()), schema::CURRENT);
+    assert_eq!(schema::CURRENT, 1);
+    f.check(None);
+    let e = Connection::open(f.path())
+        .unwrap()
+        .execute_batch("DELETE FROM records WHERE seq = 1")
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+}
+
+#[test]
+fn a_log_from_a_newer_outpost_is_refused_and_left_as_it_is() {
+    let f = Fixture::new();
+    f.write(3, 1000);
+    assert_eq!(user_version(&f.path()), schema::CURRENT);
+    let newer = schema::CURRENT + 1;
+    Connection::open(f.path())
+        .unwrap()
+        .pragma_update(None, "user_version", newer)
+        .unwrap();
+    let expect = format!("has schema version {newer}, which this outpost does not know");
+    let mut s = AuditSettings::new("edge-1");
+    s.checkpoint_every = 1;
+    let e = AuditLog::open(&f.path(), f.key(), s)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&expect) && e.contains("nothing was changed"),
+        "{e}"
+    );
+    let e = AuditReader::open(&f.path()).unwrap_err().to_string();
+    assert!(e.contains(&expect), "{e}");
+    assert_eq!(user_version(&f.path()), newer);
+    assert_eq!(record_count(&f.path()), 3);
 }

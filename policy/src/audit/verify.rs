@@ -3,7 +3,21 @@
 //! Reports the first bad seq and why: a record missing (deleted), a record whose `prev_hash`
 //! does not link (reordered or inserted), a record whose contents do not give its hash
 //! (edited), the log ending before a signed checkpoint (truncated), a checkpoint that does not
-//! match its record (history rewritten) or whose signature fails (forged).
+//! match its record (history rewritten) or whose signature fails (forged), a checkpoint
+//! signed by a key other than the one verified against.
+//!
+//! Exports carry more rules, since their lines are easy to drop:
+//! - every checkpoint must name a record in the export: one before its first record means
+//!   records were cut from the head (an export only carries checkpoints inside its range);
+//! - with a key pinned by the auditor, at least one checkpoint must cover the records, or
+//!   nothing in the export is signed by that key;
+//! - records have exactly the fields of the format, and a first record with seq 1 links to
+//!   the genesis hash.
+//!
+//! What no verifier can see from the records alone: records cut after the last checkpoint,
+//! together with the checkpoints over them (the export then is a shorter, valid log). The
+//! report's `signed_through` says how far the signatures reach; the hub's copy of the
+//! checkpoints is what catches the rest.
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -16,6 +30,24 @@ use crate::signing::PublicKey;
 /// Longest JSONL line read from an export.
 const MAX_LINE: usize = 1 << 20;
 
+/// The members of an exported record, no more, no fewer.
+const RECORD_FIELDS: [&str; 14] = [
+    "seq",
+    "ts",
+    "device_id",
+    "actor",
+    "roles",
+    "action",
+    "resource",
+    "outcome",
+    "reason",
+    "request_id",
+    "policy_version",
+    "details",
+    "prev_hash",
+    "hash",
+];
+
 /// What verification found.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -24,6 +56,8 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
+    /// The last seq a verified checkpoint covers; records after it are not signed yet.
+    pub signed_through: Option<u64>,
     /// The first bad seq, when not ok.
     pub bad_seq: Option<u64>,
     pub reason: Option<String>,
@@ -75,11 +109,13 @@ impl Chain {
         let expected = match self.next_seq {
             Some(n) => n,
             None if self.from_genesis => 1,
-            None => {
-                // A partial export: its first record's link is outside the export.
+            // A partial export: its first record's link is outside the export (seq 1 links
+            // to the genesis hash, as in a whole log).
+            None if seq > 1 => {
                 self.prev_hash = prev_hash.to_string();
                 seq
             }
+            None => 1,
         };
         self.first_seq.get_or_insert(seq);
         if seq > expected {
@@ -120,14 +156,22 @@ impl Chain {
         self.next_seq = Some(seq + 1);
     }
 
-    fn finish(mut self, checkpoints: &[Checkpoint], pinned: Option<&PublicKey>) -> VerifyReport {
+    /// Checks the checkpoints against the records fed. `key`: the key signatures must verify
+    /// under (else each checkpoint's own); `require_signed`: fail when records were fed but
+    /// no checkpoint covers any of them (an auditor's pinned key must sign something).
+    fn finish(
+        mut self,
+        checkpoints: &[Checkpoint],
+        key: Option<&PublicKey>,
+        require_signed: bool,
+    ) -> VerifyReport {
         let last_seq = self.next_seq.map(|n| n - 1);
+        let mut signed_through = None;
         for cp in checkpoints {
             if self.error.as_ref().is_some_and(|(s, _)| *s <= cp.seq) {
                 break;
             }
             let seq = cp.seq;
-            let at = |s: &Self| s.wanted.get(&seq).cloned().flatten();
             if last_seq.is_none_or(|l| seq > l) {
                 let end = last_seq.unwrap_or(0);
                 self.fail(
@@ -139,7 +183,7 @@ impl Chain {
                 );
                 break;
             }
-            let key = match pinned {
+            let signer = match key {
                 Some(k) if k.to_hex() != cp.public_key => {
                     self.fail(seq, format!("checkpoint {seq} is signed by another key"));
                     break;
@@ -147,16 +191,26 @@ impl Chain {
                 Some(k) => Some(k.clone()),
                 None => PublicKey::from_hex(&cp.public_key),
             };
-            if !key.is_some_and(|k| k.verify_hex(cp.signed_message().as_bytes(), &cp.signature)) {
+            if !signer.is_some_and(|k| k.verify_hex(cp.signed_message().as_bytes(), &cp.signature))
+            {
                 self.fail(
                     seq,
                     format!("checkpoint {seq} has a bad signature (forged)"),
                 );
                 break;
             }
-            match at(&self) {
-                Some(h) if h == cp.hash => {}
-                _ if self.first_seq.is_some_and(|f| seq < f) => {}
+            match (self.wanted.get(&seq).cloned().flatten(), self.first_seq) {
+                (Some(h), _) if h == cp.hash => signed_through = Some(seq),
+                (None, Some(first)) if seq < first => {
+                    self.fail(
+                        seq,
+                        format!(
+                            "record {seq} is missing (deleted): checkpoint {seq} signs it, but \
+                             the records start at seq {first}"
+                        ),
+                    );
+                    break;
+                }
                 _ => {
                     self.fail(
                         seq,
@@ -165,6 +219,18 @@ impl Chain {
                     break;
                 }
             }
+        }
+        if require_signed
+            && self.error.is_none()
+            && signed_through.is_none()
+            && let Some(first) = self.first_seq
+        {
+            self.fail(
+                first,
+                "no checkpoint covers these records, so nothing here is signed by the pinned \
+                 key (checkpoints removed?)"
+                    .into(),
+            );
         }
         let (bad_seq, reason) = match self.error {
             Some((s, r)) => (Some(s), Some(r)),
@@ -176,9 +242,10 @@ impl Chain {
             checkpoints: checkpoints.len() as u64,
             first_seq: self.first_seq,
             last_seq,
+            signed_through,
             bad_seq,
             reason,
-            key: if pinned.is_some() { "pinned" } else { "log" },
+            key: if key.is_some() { "pinned" } else { "log" },
         }
     }
 }
@@ -197,7 +264,8 @@ pub fn verify_log(
         chain.feed(raw.seq, raw.prev_hash, raw.hash, matches);
         Ok(())
     })?;
-    Ok(chain.finish(&checkpoints, pinned))
+    // A log cut short by a crash has an unsigned tail, or no checkpoint at all: not an error.
+    Ok(chain.finish(&checkpoints, pinned, false))
 }
 
 /// Verifies a JSONL export (see `export`): its records may start anywhere, but must be
@@ -206,7 +274,7 @@ pub fn verify_export(
     mut input: impl BufRead,
     pinned: Option<&PublicKey>,
 ) -> Result<VerifyReport, AuditError> {
-    let mut records: Vec<Record> = Vec::new();
+    let mut records: Vec<(Record, bool)> = Vec::new();
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut exported_key: Option<PublicKey> = None;
     let mut line = String::new();
@@ -232,7 +300,11 @@ pub fn verify_export(
             .map_err(|e| AuditError::Export(format!("line {n} is not JSON: {e}")))?;
         let bad = |e: serde_json::Error| AuditError::Export(format!("line {n}: {e}"));
         if let Some(r) = v.get("record") {
-            records.push(serde_json::from_value(r.clone()).map_err(bad)?);
+            let fields_ok = r.as_object().is_some_and(|o| {
+                o.len() == RECORD_FIELDS.len() && RECORD_FIELDS.iter().all(|f| o.contains_key(*f))
+            });
+            let record: Record = serde_json::from_value(r.clone()).map_err(bad)?;
+            records.push((record, fields_ok));
         } else if let Some(c) = v.get("checkpoint") {
             checkpoints.push(serde_json::from_value(c.clone()).map_err(bad)?);
         } else if let Some(d) = v.get("device") {
@@ -248,16 +320,19 @@ pub fn verify_export(
     }
     checkpoints.sort_by_key(|c| c.seq);
     let mut chain = Chain::new(false, &checkpoints);
-    for r in &records {
-        chain.feed(
-            r.seq as i64,
-            &r.prev_hash,
-            &r.hash,
-            Ok(r.compute_hash() == r.hash),
-        );
+    for (r, fields_ok) in &records {
+        let matches = if *fields_ok {
+            Ok(r.compute_hash() == r.hash)
+        } else {
+            Err(format!(
+                "its fields are not exactly {}",
+                RECORD_FIELDS.join(", ")
+            ))
+        };
+        chain.feed(r.seq as i64, &r.prev_hash, &r.hash, matches);
     }
     let key = pinned.cloned().or(exported_key);
-    let mut report = chain.finish(&checkpoints, key.as_ref());
+    let mut report = chain.finish(&checkpoints, key.as_ref(), pinned.is_some());
     if pinned.is_none() {
         report.key = "log";
     }

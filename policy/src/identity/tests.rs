@@ -336,6 +336,7 @@ fn revoked_tokens_and_subjects_are_refused() {
     assert!(
         RevocationList::load(&p)
             .unwrap_err()
+            .to_string()
             .contains("unknown field")
     );
 }

@@ -1,6 +1,7 @@
 //! Identities, permissions and the audit log through the real binary: decisions by role,
-//! tampering caught by `outpost audit verify` and by the auditor's own Python script, crash
-//! safety of the writer, and privileged actions failing closed on a full disk.
+//! keys that OpenSSL and PyJWT read, tampering with the log and with exports caught by both
+//! `outpost audit verify` and the auditor's own Python script, crash safety of the writer,
+//! and privileged actions failing closed on a full disk.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,8 +10,10 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use crate::support::{Device, Run, Tmpfs, workspace_bin};
+use crate::support::{Device, Run, Tmpfs, skip, venv_python, workspace_bin};
 use outpost_engine::testing::GgufBuilder;
+use outpost_policy::audit::{Checkpoint, Record};
+use outpost_policy::signing::KeyPair;
 
 const ISS: &str = "https://admin.example";
 
@@ -370,4 +373,295 @@ fn privileged_actions_fail_closed_on_a_full_disk() {
     std::fs::remove_file(&filler).unwrap();
     s.d.run(&["models", "activate", "m"]).ok();
     s.d.run(&["audit", "verify"]).ok();
+}
+
+/// A key `outpost keys generate` wrote is read by the administrator's own tools: OpenSSL 3
+/// (`openssl pkey`) and PyJWT (through Python's `cryptography`), whose token the agent accepts.
+#[test]
+fn generated_keys_work_in_openssl_and_pyjwt() {
+    let s = Secured::new();
+    let pem = std::fs::read_to_string(&s.issuer_key).unwrap();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+    match Command::new("openssl")
+        .args(["pkey", "-noout", "-in"])
+        .arg(&s.issuer_key)
+        .output()
+    {
+        Ok(o) => assert!(o.status.success(), "openssl pkey refused the key: {o:?}"),
+        Err(e) => {
+            skip::<()>(&format!("cannot run openssl: {e}"));
+            return;
+        }
+    }
+    let Some(python) = venv_python("jwt") else {
+        return;
+    };
+    let sign = r#"
+import sys, time, jwt
+key = open(sys.argv[1]).read()
+now = int(time.time())
+claims = {"sub": "pyjwt-admin", "iss": sys.argv[2], "aud": "edge-1", "roles": ["admin"],
+          "iat": now, "nbf": now, "exp": now + 300, "jti": "from-pyjwt"}
+print(jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": "admin-1"}))
+"#;
+    let out = Command::new(python)
+        .args(["-c", sign])
+        .arg(&s.issuer_key)
+        .arg(ISS)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "PyJWT could not sign: {out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let run = s.check(&token, "device:read", None);
+    let (allowed, reason) = decision(&run);
+    assert!(allowed, "{reason}");
+    assert_eq!(reason, "role admin grants device:read");
+    assert_eq!(run.json()["subject"], "pyjwt-admin");
+}
+
+/// An export's lines, to tamper with as an attacker holding the file would.
+struct ExportLines(Vec<serde_json::Value>);
+
+impl ExportLines {
+    fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap();
+        Self(
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        )
+    }
+
+    fn write(&self, path: &Path) {
+        let text: Vec<String> = self.0.iter().map(|v| v.to_string()).collect();
+        std::fs::write(path, text.join("\n") + "\n").unwrap();
+    }
+
+    fn seqs(&self, kind: &str) -> Vec<u64> {
+        self.0
+            .iter()
+            .filter_map(|v| v.get(kind).map(|x| x["seq"].as_u64().unwrap()))
+            .collect()
+    }
+
+    fn checkpoint(&mut self, seq: u64) -> &mut serde_json::Value {
+        self.0
+            .iter_mut()
+            .filter_map(|v| v.get_mut("checkpoint"))
+            .find(|c| c["seq"] == seq)
+            .unwrap()
+    }
+
+    /// Drops the lines of `kind` whose seq `cut` selects.
+    fn drop_where(&mut self, kind: &str, cut: impl Fn(u64) -> bool) {
+        self.0
+            .retain(|v| v.get(kind).is_none_or(|x| !cut(x["seq"].as_u64().unwrap())));
+    }
+
+    /// Record `seq` edited by `edit`, then it and every later record re-hashed and re-linked:
+    /// a chain that holds on its own.
+    fn rewrite_from(&mut self, seq: u64, edit: impl Fn(&mut Record)) {
+        let mut prev: Option<String> = None;
+        for v in self.0.iter_mut().filter(|v| v.get("record").is_some()) {
+            let mut r: Record = serde_json::from_value(v["record"].clone()).unwrap();
+            if r.seq < seq {
+                continue;
+            }
+            if r.seq == seq {
+                edit(&mut r);
+            }
+            if let Some(p) = prev {
+                r.prev_hash = p;
+            }
+            r.hash = r.compute_hash();
+            prev = Some(r.hash.clone());
+            v["record"] = serde_json::to_value(&r).unwrap();
+        }
+    }
+}
+
+/// Both verifiers on `export`, pinned to `pem`: (exit code, stdout) of `outpost audit verify
+/// --export` and of `docs/verify_audit.py`.
+fn verify_both(d: &Device, export: &Path, pem: &Path) -> [(&'static str, Option<i32>, String); 2] {
+    let rust = d.run(&[
+        "audit",
+        "verify",
+        "--export",
+        export.to_str().unwrap(),
+        "--public-key",
+        pem.to_str().unwrap(),
+    ]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/verify_audit.py");
+    let py = Command::new("python3")
+        .arg(&script)
+        .arg(export)
+        .arg("--public-key")
+        .arg(pem)
+        .output()
+        .expect("python3 runs");
+    [
+        ("outpost audit verify", rust.code, rust.stdout),
+        (
+            "verify_audit.py",
+            py.status.code(),
+            String::from_utf8_lossy(&py.stdout).into_owned(),
+        ),
+    ]
+}
+
+#[test]
+fn both_verifiers_refuse_every_tampered_export() {
+    // Single-record commands (a checkpoint after each) and imports (two records, one
+    // checkpoint): some records are signed directly, others only through the next checkpoint.
+    let s = seeded_device();
+    let model = s.d.file("m.gguf", &GgufBuilder::llama_like().build());
+    for name in ["m1", "m2"] {
+        s.d.import(&model, name, &[]).ok();
+    }
+    let pem = s.d.root.path().join("device.pub.pem");
+    std::fs::write(&pem, s.d.run(&["keys", "device"]).ok()).unwrap();
+    let keys = s.d.root.path().join("keys");
+    s.d.run(&[
+        "keys",
+        "generate",
+        "--out",
+        keys.to_str().unwrap(),
+        "--name",
+        "attacker",
+    ])
+    .ok();
+    let attacker = KeyPair::load(&keys.join("attacker.key.pem")).unwrap();
+    let attacker_pem = keys.join("attacker.pub.pem");
+    let export = s.export("audit.jsonl");
+    let clean = ExportLines::read(&export);
+    let records = clean.seqs("record");
+    let checkpoints = clean.seqs("checkpoint");
+    let last = *records.last().unwrap();
+    assert_eq!(records, (1..=last).collect::<Vec<_>>());
+    // A record signed only through a later checkpoint (an import's intent record).
+    let unsigned = *records
+        .iter()
+        .find(|r| !checkpoints.contains(r))
+        .expect("an import leaves a record between checkpoints");
+    let next_cp = *checkpoints.iter().find(|c| **c > unsigned).unwrap();
+    assert!(
+        checkpoints.len() >= 3 && next_cp > unsigned,
+        "{checkpoints:?}"
+    );
+    let last_cp = *checkpoints.last().unwrap();
+
+    for (name, code, stdout) in verify_both(&s.d, &export, &pem) {
+        assert_eq!(
+            code,
+            Some(0),
+            "{name} refused the untouched export: {stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("{last} records")),
+            "{name}: {stdout}"
+        );
+    }
+
+    type Tamper = Box<dyn Fn(&mut ExportLines)>;
+    let cases: Vec<(&str, Tamper, bool, u64, String)> = vec![
+        (
+            "a checkpoint re-signed by another key",
+            Box::new(move |e: &mut ExportLines| {
+                let cp = e.checkpoint(last_cp);
+                let mut c: Checkpoint = serde_json::from_value(cp.clone()).unwrap();
+                c.public_key = attacker.public_hex();
+                c.signature = attacker.sign_hex(c.signed_message().as_bytes());
+                *cp = serde_json::to_value(&c).unwrap();
+            }),
+            false,
+            last_cp,
+            format!("checkpoint {last_cp} is signed by another key"),
+        ),
+        (
+            "a wrong pinned key",
+            Box::new(|_: &mut ExportLines| {}),
+            true,
+            checkpoints[0],
+            format!("checkpoint {} is signed by another key", checkpoints[0]),
+        ),
+        (
+            "a flipped signature bit",
+            Box::new(move |e: &mut ExportLines| {
+                let cp = e.checkpoint(next_cp);
+                let sig = cp["signature"].as_str().unwrap();
+                let mut bytes = hex::decode(sig).unwrap();
+                bytes[17] ^= 0x04;
+                cp["signature"] = hex::encode(bytes).into();
+            }),
+            false,
+            next_cp,
+            format!("checkpoint {next_cp} has a bad signature (forged)"),
+        ),
+        (
+            "a deleted record",
+            Box::new(|e: &mut ExportLines| e.drop_where("record", |s| s == 5)),
+            false,
+            5,
+            "record 5 is missing (deleted)".into(),
+        ),
+        (
+            "the first record deleted",
+            Box::new(|e: &mut ExportLines| e.drop_where("record", |s| s == 1)),
+            false,
+            1,
+            "record 1 is missing (deleted)".into(),
+        ),
+        (
+            "the tail truncated below a signed checkpoint",
+            Box::new(move |e: &mut ExportLines| e.drop_where("record", |s| s > unsigned)),
+            false,
+            unsigned + 1,
+            format!(
+                "records end at seq {unsigned}, but checkpoint {next_cp} was signed over more (truncated)"
+            ),
+        ),
+        (
+            "history rewritten and re-hashed after a signed checkpoint",
+            Box::new(move |e: &mut ExportLines| {
+                e.rewrite_from(unsigned, |r| r.actor = "mallory".into())
+            }),
+            false,
+            next_cp,
+            format!("record {next_cp} differs from its signed checkpoint (rewritten)"),
+        ),
+        (
+            "history rewritten and every checkpoint removed",
+            Box::new(|e: &mut ExportLines| {
+                e.rewrite_from(3, |r| r.outcome = outpost_policy::audit::Outcome::Denied);
+                e.drop_where("checkpoint", |_| true);
+            }),
+            false,
+            1,
+            "no checkpoint covers these records".into(),
+        ),
+    ];
+    let tampered = s.d.root.path().join("tampered.jsonl");
+    for (what, tamper, wrong_key, seq, why) in cases {
+        let mut lines = ExportLines::read(&export);
+        tamper(&mut lines);
+        lines.write(&tampered);
+        let key = if wrong_key { &attacker_pem } else { &pem };
+        for (name, code, stdout) in verify_both(&s.d, &tampered, key) {
+            assert_eq!(code, Some(1), "{name} accepted {what}: {stdout}");
+            assert!(
+                stdout.contains(&format!("FAILED at seq {seq}: ")) && stdout.contains(&why),
+                "{name} on {what}: expected seq {seq} and {why:?}, got {stdout:?}"
+            );
+        }
+    }
+}
+
+/// A key error is one line that names its cause once (not again as the error's source).
+#[test]
+fn an_unreadable_device_key_is_reported_once() {
+    let d = Device::new();
+    std::fs::create_dir_all(d.data.join("device.key")).unwrap();
+    let out = d.run(&["keys", "device"]);
+    out.fails(1, "device.key: Is a directory");
+    assert_eq!(out.stderr.matches("Is a directory").count(), 1, "{out:?}");
 }

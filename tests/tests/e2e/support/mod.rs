@@ -244,3 +244,32 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
 }
+
+/// The Python of the tests' virtual environment (`tests/python/requirements.txt`, set up by
+/// scripts/test: `OUTPOST_OPENAI_PYTHON`, else `~/.cache/outpost/venv-openai`), when it
+/// exists and imports `module`; else a skip naming what is missing.
+pub fn venv_python(module: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("OUTPOST_OPENAI_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/outpost/venv-openai/bin/python"))
+        });
+    let Some(python) = python.filter(|p| p.is_file()) else {
+        return skip(
+            "no Python virtual environment for the tests: run scripts/test (it sets up ~/.cache/outpost/venv-openai)",
+        );
+    };
+    let imports = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if imports {
+        Some(python)
+    } else {
+        skip(&format!(
+            "{} cannot import {module}: run scripts/test (it installs tests/python/requirements.txt)",
+            python.display()
+        ))
+    }
+}

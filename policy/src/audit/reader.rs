@@ -1,0 +1,284 @@
+//! The read side: [`AuditReader`] opens `audit.db` read-only and changes nothing; queries
+//! with filters and paging, the checkpoints, and the raw rows verification reads without
+//! trusting their types.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::record::{RowRef, hash_equals, write_canonical_body};
+use super::{AuditError, Checkpoint, Outcome, Record, schema, store_err};
+use crate::jcs;
+
+/// Filters for reading the log.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<Outcome>,
+    /// Only records with a larger seq (cursor paging).
+    pub after_seq: Option<u64>,
+    pub limit: Option<u64>,
+    /// The newest `limit` records (still returned oldest first).
+    pub newest: bool,
+}
+
+/// The read side: opens `audit.db` read-only, changes nothing.
+pub struct AuditReader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for AuditReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuditReader({})", self.path.display())
+    }
+}
+
+const RECORD_COLUMNS: &str = "seq, ts, device_id, actor, roles, action, resource, outcome, \
+    reason, request_id, policy_version, details, prev_hash, hash";
+
+impl AuditReader {
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        if !path.exists() {
+            return Err(AuditError::Store {
+                path: path.into(),
+                message: "no audit log here (nothing has been recorded yet)".into(),
+            });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(store_err(path))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(store_err(path))?;
+        schema::version(&conn, path)?;
+        Ok(Self {
+            conn,
+            path: path.into(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records matching `q`, oldest first.
+    pub fn query(&self, q: &Query) -> Result<Vec<Record>, AuditError> {
+        let mut out = Vec::new();
+        self.for_each(q, |r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Streams records matching `q`, oldest first, without holding them all.
+    pub fn for_each(
+        &self,
+        q: &Query,
+        mut f: impl FnMut(Record) -> Result<(), AuditError>,
+    ) -> Result<(), AuditError> {
+        let err = store_err(&self.path);
+        let mut clauses = vec!["1 = 1".to_string()];
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut add = |clause: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            clauses.push(format!("{clause} ?{}", args.len()));
+        };
+        if let Some(s) = &q.since {
+            add("ts >=", s.clone().into());
+        }
+        if let Some(u) = &q.until {
+            add("ts <", u.clone().into());
+        }
+        if let Some(a) = &q.actor {
+            add("actor =", a.clone().into());
+        }
+        if let Some(a) = &q.action {
+            add("action =", a.clone().into());
+        }
+        if let Some(o) = q.outcome {
+            add("outcome =", o.as_str().to_string().into());
+        }
+        if let Some(s) = q.after_seq {
+            add("seq >", (s as i64).into());
+        }
+        let order = if q.newest { "DESC" } else { "ASC" };
+        let limit = q.limit.map_or(-1, |l| l as i64);
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE {} ORDER BY seq {order} LIMIT {limit}",
+            clauses.join(" AND ")
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(&err)?;
+        let mut newest_first = Vec::new();
+        while let Some(row) = rows.next().map_err(&err)? {
+            let r = record_from_row(row).map_err(&err)?;
+            if q.newest {
+                newest_first.push(r);
+            } else {
+                f(r)?;
+            }
+        }
+        for r in newest_first.into_iter().rev() {
+            f(r)?;
+        }
+        Ok(())
+    }
+
+    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
+        let err = store_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT device_id, seq, hash, ts, public_key, signature FROM checkpoints
+                 ORDER BY seq",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Checkpoint {
+                    device_id: r.get(0)?,
+                    seq: r.get::<_, i64>(1)? as u64,
+                    hash: r.get(2)?,
+                    ts: r.get(3)?,
+                    public_key: r.get(4)?,
+                    signature: r.get(5)?,
+                })
+            })
+            .map_err(&err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(&err)
+    }
+
+    /// Every row as stored, borrowed from SQLite (no copies), for verification.
+    pub(super) fn for_each_raw(
+        &self,
+        mut f: impl FnMut(&RawRecord<'_>) -> Result<(), AuditError>,
+    ) -> Result<(), AuditError> {
+        let err = store_err(&self.path);
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM records ORDER BY seq");
+        let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
+        let mut rows = stmt.query([]).map_err(&err)?;
+        while let Some(row) = rows.next().map_err(&err)? {
+            let text = |i: usize| -> Result<&str, AuditError> {
+                row.get_ref(i)
+                    .and_then(|v| v.as_str().map_err(Into::into))
+                    .map_err(&err)
+            };
+            let opt_text = |i: usize| -> Result<Option<&str>, AuditError> {
+                row.get_ref(i)
+                    .and_then(|v| v.as_str_or_null().map_err(Into::into))
+                    .map_err(&err)
+            };
+            let raw = RawRecord {
+                seq: row.get::<_, i64>(0).map_err(&err)?,
+                ts: text(1)?,
+                device_id: text(2)?,
+                actor: text(3)?,
+                roles: text(4)?,
+                action: text(5)?,
+                resource: opt_text(6)?,
+                outcome: text(7)?,
+                reason: text(8)?,
+                request_id: opt_text(9)?,
+                policy_version: row.get(10).map_err(&err)?,
+                details: text(11)?,
+                prev_hash: text(12)?,
+                hash: text(13)?,
+            };
+            f(&raw)?;
+        }
+        Ok(())
+    }
+}
+
+/// A row as stored, before any interpretation (verification must not trust types).
+pub(super) struct RawRecord<'a> {
+    pub seq: i64,
+    pub ts: &'a str,
+    pub device_id: &'a str,
+    pub actor: &'a str,
+    pub roles: &'a str,
+    pub action: &'a str,
+    pub resource: Option<&'a str>,
+    pub outcome: &'a str,
+    pub reason: &'a str,
+    pub request_id: Option<&'a str>,
+    pub policy_version: Option<i64>,
+    pub details: &'a str,
+    pub prev_hash: &'a str,
+    pub hash: &'a str,
+}
+
+impl RawRecord<'_> {
+    /// Whether this row's contents give its stored hash; `buf` is scratch space.
+    pub(super) fn hash_matches(&self, buf: &mut String) -> Result<bool, String> {
+        let seq = u64::try_from(self.seq).map_err(|_| "negative seq".to_string())?;
+        let policy_version = self
+            .policy_version
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|_| "negative policy_version".to_string())?;
+        let mut row = RowRef {
+            seq,
+            ts: self.ts,
+            device_id: self.device_id,
+            actor: self.actor,
+            roles: self.roles,
+            action: self.action,
+            resource: self.resource,
+            outcome: self.outcome,
+            reason: self.reason,
+            request_id: self.request_id,
+            policy_version,
+            details: self.details,
+            prev_hash: self.prev_hash,
+        };
+        // Fast path: the stored roles and details are the canonical text the writer hashed.
+        write_canonical_body(buf, &row);
+        if hash_equals(buf, self.hash) {
+            return Ok(true);
+        }
+        // They may be equivalent JSON spelt differently: canonicalize and retry.
+        let roles: Vec<String> =
+            serde_json::from_str(self.roles).map_err(|e| format!("roles are not a list: {e}"))?;
+        let details: serde_json::Value =
+            serde_json::from_str(self.details).map_err(|e| format!("details are not JSON: {e}"))?;
+        let roles = jcs::to_string(&roles).map_err(|e| e.to_string())?;
+        let details = jcs::to_string(&details).map_err(|e| e.to_string())?;
+        row.roles = &roles;
+        row.details = &details;
+        write_canonical_body(buf, &row);
+        Ok(hash_equals(buf, self.hash))
+    }
+}
+
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let bad = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let roles: String = row.get(4)?;
+    let outcome: String = row.get(7)?;
+    let details: String = row.get(11)?;
+    Ok(Record {
+        seq: row.get::<_, i64>(0)? as u64,
+        ts: row.get(1)?,
+        device_id: row.get(2)?,
+        actor: row.get(3)?,
+        roles: serde_json::from_str(&roles).map_err(|e| bad(4, e.to_string()))?,
+        action: row.get(5)?,
+        resource: row.get(6)?,
+        outcome: Outcome::parse(&outcome).ok_or_else(|| bad(7, format!("outcome {outcome:?}")))?,
+        reason: row.get(8)?,
+        request_id: row.get(9)?,
+        policy_version: row.get::<_, Option<i64>>(10)?.map(|v| v as u64),
+        details: serde_json::from_str(&details).map_err(|e| bad(11, e.to_string()))?,
+        prev_hash: row.get(12)?,
+        hash: row.get(13)?,
+    })
+}
