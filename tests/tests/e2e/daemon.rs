@@ -996,6 +996,51 @@ fn sigterm_during_a_stream_ends_it_cleanly_and_records_the_stop() {
     a.d.run(&["audit", "verify"]).ok();
 }
 
+/// A whole (not streamed) answer still running when the grace period ends did not finish:
+/// the client gets a 503 saying why, never a 200 that looks like a natural stop.
+#[test]
+fn a_whole_answer_cut_short_by_shutdown_is_a_503() {
+    let Some(mut a) = smollm2_agent("shutdown_grace_secs = 1") else {
+        return;
+    };
+    let t = a.token("olivia", "operator", &[]);
+    let body = serde_json::to_vec(&chat(
+        "Count from 1 to 10000, separated by commas.",
+        json!({"max_tokens": 4000, "temperature": 0}),
+    ))
+    .unwrap();
+    let port = a.port;
+    let client = std::thread::spawn(move || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        send(
+            s,
+            "POST",
+            "/v1/chat/completions",
+            Some(&t),
+            Some(&body),
+            &[],
+        )
+        .unwrap()
+    });
+    // Running: its intent is recorded just before it is queued; give it a moment to start.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a
+        .audit()
+        .iter()
+        .any(|r| r["action"] == "inference:run" && r["outcome"] == "allowed")
+    {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    a.signal("TERM");
+    let r = client.join().unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error_code(), "shutting_down");
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0), "{}", a.log());
+}
+
 #[test]
 fn a_client_that_disconnects_cancels_its_generation() {
     let Some(a) = smollm2_agent("") else {
