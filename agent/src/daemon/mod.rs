@@ -25,7 +25,7 @@ use anyhow::Context as _;
 use outpost_engine::LoadOptions;
 use outpost_engine::generate::HealthCheck;
 use outpost_engine::registry::Registry;
-use outpost_policy::audit::{AuditLog, Entry, Outcome};
+use outpost_policy::audit::{AuditLog, Entry, Outcome, Unqueued};
 use outpost_policy::identity::Verifier;
 use outpost_policy::rbac::Policy;
 use outpost_policy::time::TrustedClock;
@@ -65,10 +65,26 @@ impl State {
         self.model.read().ok().and_then(|m| m.clone())
     }
 
-    /// Appends to the audit log without waiting (reads, denials, outcomes).
+    /// Appends to the audit log without waiting (reads, denials, outcomes); never blocks an
+    /// async worker. A record the writer cannot take now (its queue is full under a flood,
+    /// or it stopped) is counted in `/metrics` and logged with what it said.
     pub fn note(&self, entry: Entry) {
-        let _pending = self.audit.submit(entry);
-        self.metrics.audit_record();
+        match self.audit.try_submit(entry) {
+            Ok(_pending) => self.metrics.audit_record(),
+            Err(e) => {
+                self.metrics.audit_unqueued();
+                let (Unqueued::Full(entry) | Unqueued::Closed(entry)) = &e;
+                tracing::error!(
+                    error = %e,
+                    actor = %entry.actor,
+                    action = %entry.action,
+                    outcome = entry.outcome.as_str(),
+                    reason = %entry.reason,
+                    request_id = entry.request_id.as_deref().unwrap_or("-"),
+                    "An audit record could not be queued."
+                );
+            }
+        }
     }
 
     /// Appends and waits until the record is durable: the rule before any action.

@@ -598,12 +598,23 @@ struct Answer {
     include_usage: bool,
 }
 
-fn finish_reason(f: FinishReason) -> &'static str {
+/// OpenAI's finish reason; none for a cancelled generation (only at shutdown or when the
+/// client left), which did not finish: the client is told why instead.
+fn finish_reason(f: FinishReason) -> Option<&'static str> {
     match f {
-        FinishReason::Length => "length",
-        // Cancelled only at shutdown or when the client left.
-        FinishReason::Stop | FinishReason::Eos | FinishReason::Cancelled => "stop",
+        FinishReason::Length => Some("length"),
+        FinishReason::Stop | FinishReason::Eos => Some("stop"),
+        FinishReason::Cancelled => None,
     }
+}
+
+/// What a client whose generation was cut short by a shutdown is told.
+fn stopped_by_shutdown() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "the daemon stopped this generation while shutting down",
+    )
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -701,7 +712,9 @@ async fn whole(
             JobEvent::Started { .. } | JobEvent::Text(_) => {}
             JobEvent::Done(g) => {
                 settle(&mut audited, &g).await;
-                let finish = finish_reason(g.finish_reason);
+                let Some(finish) = finish_reason(g.finish_reason) else {
+                    return Err(stopped_by_shutdown());
+                };
                 let mut body = answer.envelope(
                     vec![answer.choice(&g.text, &tokens, Some(finish), false)],
                     false,
@@ -795,26 +808,21 @@ fn stream(answer: Answer, rx: UnboundedReceiver<JobEvent>, audited: Audited) -> 
                     settle(&mut st.audited, &g).await;
                     let mut out = String::new();
                     let tokens = std::mem::take(&mut st.pending);
-                    let cancelled = g.finish_reason == FinishReason::Cancelled;
-                    if cancelled {
-                        // Only at shutdown (a client that left reads nothing).
-                        let err = ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "shutting_down",
-                            "the daemon stopped this generation while shutting down",
-                        );
-                        out.push_str(&format!("data: {}\n\n", err.body()));
+                    match finish_reason(g.finish_reason) {
+                        Some(finish) => {
+                            let last = st.answer.envelope(
+                                vec![st.answer.choice("", &tokens, Some(finish), true)],
+                                true,
+                            );
+                            out.push_str(&format!("data: {last}\n\n"));
+                        }
+                        // Cancelled, only at shutdown (a client that left reads nothing):
+                        // no finish reason, the error says why it ended.
+                        None => {
+                            let err = stopped_by_shutdown();
+                            out.push_str(&format!("data: {}\n\n", err.body()));
+                        }
                     }
-                    let last = st.answer.envelope(
-                        vec![st.answer.choice(
-                            "",
-                            &tokens,
-                            Some(finish_reason(g.finish_reason)),
-                            true,
-                        )],
-                        true,
-                    );
-                    out.push_str(&format!("data: {last}\n\n"));
                     if st.answer.include_usage {
                         let mut u = st.answer.envelope(Vec::new(), true);
                         u["usage"] = usage(g.prompt_tokens.len(), g.tokens.len());

@@ -28,7 +28,7 @@ pub use record::{
     Checkpoint, Entry, GENESIS, MAX_DETAILS, Outcome, Record, format_ts, now_rfc3339,
 };
 pub use verify::{VerifyReport, verify_export, verify_log};
-pub use writer::{AuditLog, AuditSettings, Pending};
+pub use writer::{AuditLog, AuditSettings, Pending, Unqueued};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {

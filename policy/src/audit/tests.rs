@@ -506,3 +506,34 @@ fn a_log_from_a_newer_outpost_is_refused_and_left_as_it_is() {
     assert_eq!(user_version(&f.path()), newer);
     assert_eq!(record_count(&f.path()), 3);
 }
+
+#[test]
+fn try_submit_never_waits_and_gives_back_what_it_could_not_queue() {
+    let f = Fixture::new();
+    let log = f.log(1000);
+    let (mut queued, mut refused) = (Vec::new(), 0u64);
+    for i in 0..20_000 {
+        match log.try_submit(entry(i)) {
+            Ok(p) => queued.push(p),
+            Err(crate::audit::Unqueued::Full(e)) => {
+                assert_eq!(e.action, entry(i).action);
+                refused += 1;
+            }
+            Err(e) => panic!("the writer is running: {e}"),
+        }
+    }
+    let n = queued.len() as u64;
+    for p in queued {
+        p.wait().unwrap();
+    }
+    assert_eq!(n + refused, 20_000);
+    log.close().unwrap();
+    let reader = AuditReader::open(&f.path()).unwrap();
+    let all = reader.query(&Query::default()).unwrap();
+    assert_eq!(
+        all.len() as u64,
+        n,
+        "every queued entry is recorded, nothing else"
+    );
+    f.check(None);
+}

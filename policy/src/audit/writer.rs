@@ -87,6 +87,15 @@ impl Pending {
     }
 }
 
+/// Why [`AuditLog::try_submit`] did not queue an entry (which it gives back).
+#[derive(Debug, thiserror::Error)]
+pub enum Unqueued {
+    #[error("the audit writer's queue is full")]
+    Full(Box<Entry>),
+    #[error("the audit writer has stopped")]
+    Closed(Box<Entry>),
+}
+
 /// The append side of the log: a handle to the writer thread.
 pub struct AuditLog {
     tx: Option<SyncSender<Msg>>,
@@ -165,6 +174,24 @@ impl AuditLog {
         Pending {
             rx,
             path: self.path.clone(),
+        }
+    }
+
+    /// Queues an append without ever waiting, for callers on async worker threads: refused
+    /// when the writer's queue is full or the writer is gone; the caller counts and logs
+    /// that, and the entry is returned to it.
+    pub fn try_submit(&self, entry: Entry) -> Result<Pending, Unqueued> {
+        let Some(tx) = &self.tx else {
+            return Err(Unqueued::Closed(Box::new(entry)));
+        };
+        let (reply, rx) = mpsc::sync_channel(1);
+        match tx.try_send(Msg::Append(Box::new(Prepared::new(entry.clone())), reply)) {
+            Ok(()) => Ok(Pending {
+                rx,
+                path: self.path.clone(),
+            }),
+            Err(mpsc::TrySendError::Full(_)) => Err(Unqueued::Full(Box::new(entry))),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(Unqueued::Closed(Box::new(entry))),
         }
     }
 

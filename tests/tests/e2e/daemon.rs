@@ -3,7 +3,7 @@
 //! SIGTERM, systemd notifications and the official `openai` Python client.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Device, Tmpfs, demo_model, is_ci, skip};
+use crate::support::{Device, Syscall, Tmpfs, demo_model, is_ci, skip, strace};
 use outpost_engine::testing::GgufBuilder;
 
 const ISS: &str = "https://admin.example";
@@ -408,8 +408,10 @@ fn first_content(r: &mut impl BufRead) -> String {
     line
 }
 
+/// A chat request; `extra` adds or overrides fields. Sampling is seeded unless `extra` says
+/// otherwise, so that what a test sees does not change from run to run.
 fn chat(content: &str, extra: Value) -> Value {
-    let mut v = json!({"messages": [{"role": "user", "content": content}]});
+    let mut v = json!({"messages": [{"role": "user", "content": content}], "seed": 7});
     if let (Value::Object(a), Value::Object(b)) = (&mut v, extra) {
         a.extend(b);
     }
@@ -426,10 +428,7 @@ fn each_role_gets_401_403_or_200_as_the_policy_says_and_all_are_audited() {
     let auditor = a.token("aude", "auditor", &[]);
     let app_ok = a.token("cam", "app", &["--models", "tiny*"]);
     let app_other = a.token("cam2", "app", &["--models", "gemma*"]);
-    let body = chat(
-        "secret prompt 42",
-        json!({"max_tokens": 4, "temperature": 0}),
-    );
+    let body = chat(PROMPT_CANARY, json!({"max_tokens": 4, "temperature": 0}));
 
     // No token, a malformed one, a foreign one: 401 with a challenge.
     let r = a.request("POST", "/v1/chat/completions", None, Some(&body));
@@ -508,13 +507,53 @@ fn each_role_gets_401_403_or_200_as_the_policy_says_and_all_are_audited() {
         .map(|r| r["outcome"].as_str().unwrap())
         .collect();
     assert_eq!(mine, ["allowed", "success"], "{rid}");
-    let raw = std::fs::read(a.d.data.join("audit.db")).unwrap();
-    assert!(
-        !raw.windows(16).any(|w| w == b"secret prompt 42"),
-        "the prompt itself must never reach the audit log"
-    );
     let start = log.iter().find(|r| r["action"] == "agent:start").unwrap();
     assert_eq!(start["actor"], "outpost-daemon");
+
+    // Once the daemon has stopped, no byte of any file it wrote holds the prompt: not
+    // `audit.db`, not its WAL, nothing else in the data directory.
+    a.signal("TERM");
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0), "{}", a.log());
+    let files = files_under(&a.d.data);
+    let names: Vec<String> = files
+        .iter()
+        .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "audit.db"), "{names:?}");
+    // The search sees the records: the request id they carry is found.
+    assert!(
+        files.iter().any(|(_, b)| contains(b, rid.as_bytes())),
+        "the request's records are not in the files searched: {names:?}"
+    );
+    for (path, bytes) in &files {
+        assert!(
+            !contains(bytes, PROMPT_CANARY.as_bytes()),
+            "the prompt itself must never be stored, but {} holds it",
+            path.display()
+        );
+    }
+}
+
+/// A prompt no file would hold by chance.
+const PROMPT_CANARY: &str = "owl canary 5c1e8d2f";
+
+/// Every file under `dir`, recursively, with its bytes.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            let bytes = std::fs::read(&path).unwrap();
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
@@ -600,7 +639,7 @@ fn bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving() {
         "POST",
         "/v1/completions",
         Some(&t),
-        Some(&json!({"prompt": [[104, 105]], "max_tokens": 2})),
+        Some(&json!({"prompt": [[104, 105]], "max_tokens": 2, "seed": 7})),
     );
     assert_eq!(r.status, 200, "token ids are a prompt too: {}", r.text());
     assert_eq!(r.json()["usage"]["prompt_tokens"], 2);
@@ -791,16 +830,33 @@ fn streams_end_in_done_and_carry_the_same_text_as_a_whole_answer() {
 
 #[test]
 fn an_invalid_config_exits_78_before_binding() {
+    let Some(strace) = strace() else {
+        return;
+    };
     let a = Agent::new("queue_length = 0");
-    let r = a.d.run(&["daemon"]);
+    // What the daemon did, from its own system calls: it read its config, and never made a
+    // listening socket.
+    let run_daemon =
+        || {
+            let (r, calls) =
+                a.d.traced(&strace, "openat,socket,bind,listen", &["daemon"]);
+            assert!(
+                calls.iter().any(|c| c.name == "openat"
+                    && c.strings().iter().any(|p| p.ends_with("outpost.toml"))),
+                "the trace missed the daemon reading its config: {calls:#?}"
+            );
+            let bound: Vec<&Syscall> = calls
+                .iter()
+                .filter(|c| c.name == "bind" || c.name == "listen")
+                .collect();
+            assert!(bound.is_empty(), "bound on a bad config: {bound:#?}");
+            r
+        };
+    let r = run_daemon();
     assert_eq!(r.code, Some(78), "{r:?}");
     assert!(r.stderr.contains("api.queue_length"), "{}", r.stderr);
-    assert!(
-        TcpListener::bind(("127.0.0.1", a.port)).is_ok(),
-        "nothing was bound"
-    );
     std::fs::write(&a.d.config, "[api]\nlisten = \"localhost-ish\"\n").unwrap();
-    let r = a.d.run(&["daemon"]);
+    let r = run_daemon();
     assert_eq!(r.code, Some(78), "{r:?}");
     assert!(r.stderr.contains("api.listen"), "{}", r.stderr);
     assert!(
@@ -875,7 +931,7 @@ fn smollm2_agent(api: &str) -> Option<Agent> {
 
 #[test]
 fn sigterm_during_a_stream_ends_it_cleanly_and_records_the_stop() {
-    let Some(mut a) = smollm2_agent("shutdown_grace_secs = 1") else {
+    let Some(mut a) = smollm2_agent("shutdown_grace_secs = 2") else {
         return;
     };
     let t = a.token("olivia", "operator", &[]);
@@ -886,8 +942,35 @@ fn sigterm_during_a_stream_ends_it_cleanly_and_records_the_stop() {
     let (status, mut r) = a.open_stream("/v1/chat/completions", &t, &req);
     assert_eq!(status, 200);
     first_content(&mut r);
+    // The rest of the stream is read on its own thread, which notes when it ended.
+    let reader = std::thread::spawn(move || {
+        let events = read_events(&mut r);
+        (events, Instant::now())
+    });
     a.signal("TERM");
-    let events = read_events(&mut r);
+    // While it is stopping, with the stream still running, new connections are refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused_at = loop {
+        match TcpStream::connect(("127.0.0.1", a.port)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break Instant::now(),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still accepting connections 5 s after SIGTERM: {}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        a.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the daemon had already exited when the connection was refused"
+    );
+    let (events, ended_at) = reader.join().unwrap();
+    assert!(
+        refused_at < ended_at,
+        "the stream had already ended when the connection was refused"
+    );
     assert_eq!(
         events.last().map(String::as_str),
         Some("[DONE]"),
@@ -897,9 +980,17 @@ fn sigterm_during_a_stream_ends_it_cleanly_and_records_the_stop() {
         events.iter().any(|e| e.contains("shutting_down")),
         "a generation cut short says why: {events:?}"
     );
-    // New connections are refused once stopping.
+    // Cut short is not finished: never reported as a natural stop or as reaching the limit.
+    let finishes: Vec<String> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["choices"][0]["finish_reason"].as_str().map(String::from))
+        .collect();
+    assert!(
+        !finishes.iter().any(|f| f == "stop" || f == "length"),
+        "a cancelled stream reported finish_reason {finishes:?}"
+    );
     assert_eq!(a.wait(Duration::from_secs(30)), Some(0), "{}", a.log());
-    assert!(a.try_request("GET", "/healthz", None, None).is_err());
     let log = a.audit();
     let last = log.last().unwrap();
     assert_eq!(
@@ -911,6 +1002,51 @@ fn sigterm_during_a_stream_ends_it_cleanly_and_records_the_stop() {
             .any(|r| r["action"] == "inference:run" && r["reason"] == "cancelled")
     );
     a.d.run(&["audit", "verify"]).ok();
+}
+
+/// A whole (not streamed) answer still running when the grace period ends did not finish:
+/// the client gets a 503 saying why, never a 200 that looks like a natural stop.
+#[test]
+fn a_whole_answer_cut_short_by_shutdown_is_a_503() {
+    let Some(mut a) = smollm2_agent("shutdown_grace_secs = 1") else {
+        return;
+    };
+    let t = a.token("olivia", "operator", &[]);
+    let body = serde_json::to_vec(&chat(
+        "Count from 1 to 10000, separated by commas.",
+        json!({"max_tokens": 4000, "temperature": 0}),
+    ))
+    .unwrap();
+    let port = a.port;
+    let client = std::thread::spawn(move || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        send(
+            s,
+            "POST",
+            "/v1/chat/completions",
+            Some(&t),
+            Some(&body),
+            &[],
+        )
+        .unwrap()
+    });
+    // Running: its intent is recorded just before it is queued; give it a moment to start.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a
+        .audit()
+        .iter()
+        .any(|r| r["action"] == "inference:run" && r["outcome"] == "allowed")
+    {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    a.signal("TERM");
+    let r = client.join().unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error_code(), "shutting_down");
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0), "{}", a.log());
 }
 
 #[test]
@@ -1026,24 +1162,32 @@ fn activating_another_model_swaps_it_in_without_dropping_running_requests() {
     a.add_model(&model, "smollm2", true);
     a.start();
     let admin = a.token("root", "admin", &[]);
+    // A greedy answer that runs to `max_tokens` (it counts on and on), long enough to
+    // outlast the swap.
+    let max_tokens = 96;
     let req = chat(
-        "Tell me about the sea.",
-        json!({"stream": true, "max_tokens": 48, "temperature": 0}),
+        "Count from 1 to 1000, separated by commas.",
+        json!({"stream": true, "max_tokens": max_tokens, "temperature": 0,
+            "stream_options": {"include_usage": true}}),
     );
     let (status, mut r) = a.open_stream("/v1/chat/completions", &admin, &req);
     assert_eq!(status, 200);
-    let mut first = String::new();
-    while !first.starts_with("data: ") {
-        first.clear();
-        r.read_line(&mut first).unwrap();
-    }
+    // Text is flowing before the swap is asked for.
+    let first = first_content(&mut r);
     assert!(first.contains("smollm2:1"), "{first}");
+    let chunk: Value = serde_json::from_str(first.trim_start_matches("data: ").trim()).unwrap();
+    let stream_rid = chunk["id"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("chatcmpl-")
+        .to_string();
 
     let act = a.request("POST", "/api/v1/models/tiny/activate", Some(&admin), None);
     assert_eq!(act.status, 200, "{}", act.text());
     assert_eq!(act.json()["model"]["name"], "tiny");
     assert_eq!(act.json()["previous"]["name"], "smollm2");
-    // The running stream finishes on the old model.
+    let act_rid = act.header("x-request-id").unwrap().to_string();
+    // The running stream finishes on the old model, with every token it asked for.
     let events = read_events(&mut r);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert!(
@@ -1051,17 +1195,28 @@ fn activating_another_model_swaps_it_in_without_dropping_running_requests() {
             .iter()
             .all(|e| e == "[DONE]" || e.contains("smollm2:1"))
     );
-    let finish = events
+    let chunks: Vec<Value> = events
         .iter()
         .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .find_map(|v| {
-            v["choices"][0]["finish_reason"]
-                .as_str()
-                .map(str::to_string)
-        });
+        .collect();
+    let finish = chunks
+        .iter()
+        .find_map(|v| v["choices"][0]["finish_reason"].as_str());
+    assert_eq!(finish, Some("length"), "{events:?}");
+    let usage = chunks.iter().find_map(|v| v["usage"].as_object()).unwrap();
+    assert_eq!(usage["completion_tokens"], max_tokens, "{events:?}");
+    // The swap was done while the stream was still running: the activation's outcome was
+    // recorded before the stream's (which is recorded before its last chunk is sent).
+    let log = a.audit();
+    let outcome_seq = |rid: &str| {
+        log.iter()
+            .find(|r| r["request_id"] == rid && r["outcome"] != "allowed")
+            .and_then(|r| r["seq"].as_u64())
+            .unwrap_or_else(|| panic!("no outcome recorded for {rid}: {log:#?}"))
+    };
     assert!(
-        matches!(finish.as_deref(), Some("length" | "stop")),
-        "{events:?}"
+        outcome_seq(&act_rid) < outcome_seq(&stream_rid),
+        "the stream had ended before the swap: {log:#?}"
     );
     // New requests go to the new one.
     let r = a.request(
@@ -1376,7 +1531,9 @@ fn a_full_disk_never_breaks_the_daemon_or_its_log() {
     let r = a.request("GET", "/readyz", Some(&t), None);
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["storage_writable"], false);
-    // Each request is answered (and recorded) or refused because it cannot be recorded.
+    // Each request is answered (and recorded) or refused because it cannot be recorded;
+    // on a disk full to the last byte, some must be refused.
+    let mut refused = 0;
     for _ in 0..20 {
         let r = ask(&a);
         assert!(
@@ -1385,7 +1542,15 @@ fn a_full_disk_never_breaks_the_daemon_or_its_log() {
             r.status,
             r.text()
         );
+        if r.status == 503 {
+            refused += 1;
+        }
     }
+    assert!(
+        refused > 0,
+        "20 inferences answered on a full disk: were they recorded? {}",
+        a.log()
+    );
     drop(f);
     std::fs::remove_file(&filler).unwrap();
     let r = a.request("GET", "/readyz", Some(&t), None);
@@ -1447,4 +1612,263 @@ fn kill_9_mid_answer_loses_no_record_and_the_daemon_comes_back() {
     assert_eq!(mine[0]["outcome"], "allowed");
     let starts = log.iter().filter(|r| r["action"] == "agent:start").count();
     assert_eq!(starts, 2);
+}
+
+/// Aliases and the registry as `GET /api/v1/models` shows them: (name, aliases).
+fn aliases(a: &Agent, token: &str) -> Vec<(String, Vec<String>)> {
+    a.request("GET", "/api/v1/models", Some(token), None)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let aliases = m["aliases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect();
+            (m["name"].as_str().unwrap().to_string(), aliases)
+        })
+        .collect()
+}
+
+#[test]
+fn the_management_api_takes_an_alias_and_a_forced_removal() {
+    let mut a = Agent::new("");
+    a.add_tiny("first");
+    let mut b = GgufBuilder::tiny_llama();
+    b.kv_str("general.name", "second"); // other bytes: another blob
+    let second = a.d.file("second.gguf", &b.build());
+    a.add_model(&second, "second", false);
+    a.start();
+    let admin = a.token("root", "admin", &[]);
+    let served = |a: &Agent| {
+        a.request(
+            "POST",
+            "/v1/chat/completions",
+            Some(&admin),
+            Some(&chat("hi", json!({"max_tokens": 1}))),
+        )
+        .json()["model"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // ?alias= moves that alias only: `default`, and what is served, stay.
+    let r = a.request(
+        "POST",
+        "/api/v1/models/first/activate?alias=chat",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["alias"], "chat");
+    let r = a.request(
+        "POST",
+        "/api/v1/models/second/activate?alias=chat",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        aliases(&a, &admin),
+        [
+            ("first".to_string(), vec!["default".to_string()]),
+            ("second".to_string(), vec!["chat".to_string()])
+        ]
+    );
+    assert_eq!(served(&a), "first:1");
+    let r = a.request(
+        "POST",
+        "/api/v1/models/rollback?alias=chat",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"]["name"], "first");
+    assert_eq!(
+        aliases(&a, &admin),
+        [
+            (
+                "first".to_string(),
+                vec!["chat".to_string(), "default".to_string()]
+            ),
+            ("second".to_string(), vec![])
+        ]
+    );
+    // `default` itself has nothing to roll back to.
+    let r = a.request("POST", "/api/v1/models/rollback", Some(&admin), None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    let r = a.request(
+        "POST",
+        "/api/v1/models/second/activate?colour=blue",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(
+        r.status,
+        400,
+        "unknown parameters are refused: {}",
+        r.text()
+    );
+
+    // The active model is removed only with ?force=true, which stops serving it.
+    let r = a.request("DELETE", "/api/v1/models/first", Some(&admin), None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(served(&a), "first:1");
+    let r = a.request(
+        "DELETE",
+        "/api/v1/models/first?force=true",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(aliases(&a, &admin), [("second".to_string(), vec![])]);
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(&chat("hi", json!({"max_tokens": 1}))),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error_code(), "model_not_loaded");
+}
+
+#[test]
+fn request_limits_hold_at_their_edges() {
+    let mut a = Agent::new("");
+    a.add_tiny("tiny");
+    a.start();
+    let t = a.token("olivia", "operator", &[]);
+    let post = |path: &str, body: Value| a.request("POST", path, Some(&t), Some(&body));
+    let chat_path = "/v1/chat/completions";
+    let completions = "/v1/completions";
+
+    // max_completion_tokens bounds the answer, and wins over max_tokens.
+    let r = post(
+        chat_path,
+        chat(
+            "hi",
+            json!({"max_completion_tokens": 3, "max_tokens": 10, "temperature": 0}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    let r = post(chat_path, chat("hi", json!({"max_completion_tokens": 0})));
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // stop: four strings at most.
+    let four = json!(["w1", "w2", "w3", "w4"]);
+    let five = json!(["w1", "w2", "w3", "w4", "w5"]);
+    let r = post(
+        chat_path,
+        chat("hi", json!({"stop": four, "max_tokens": 2})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post(
+        chat_path,
+        chat("hi", json!({"stop": five, "max_tokens": 2})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("at most 4"), "{}", r.text());
+
+    // Completions: logprobs from 0 to 5.
+    for n in [0, 5] {
+        let r = post(
+            completions,
+            json!({"prompt": "hello", "max_tokens": 2, "temperature": 0, "logprobs": n}),
+        );
+        assert_eq!(r.status, 200, "logprobs {n}: {}", r.text());
+        let top = &r.json()["choices"][0]["logprobs"]["top_logprobs"][0];
+        // A map keyed by token text: tokens that print alike (partial UTF-8) share a key.
+        let len = top.as_object().unwrap().len();
+        assert!(len <= n && (len > 0) == (n > 0), "logprobs {n}: {top}");
+    }
+    for n in [6, -2] {
+        let r = post(
+            completions,
+            json!({"prompt": "hello", "max_tokens": 2, "logprobs": n}),
+        );
+        assert_eq!(r.status, 400, "logprobs {n}: {}", r.text());
+        assert!(r.text().contains("between 0 and 5"), "{}", r.text());
+    }
+
+    // Chat: top_logprobs up to 20.
+    let r = post(
+        chat_path,
+        chat(
+            "hi",
+            json!({"max_tokens": 1, "temperature": 0, "logprobs": true, "top_logprobs": 20}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let top = &r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"];
+    assert_eq!(top.as_array().unwrap().len(), 20, "{top}");
+    let r = post(
+        chat_path,
+        chat(
+            "hi",
+            json!({"max_tokens": 1, "logprobs": true, "top_logprobs": 21}),
+        ),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("between 0 and 20"), "{}", r.text());
+}
+
+#[test]
+fn a_model_over_the_memory_budget_is_refused_with_a_reason_and_changes_nothing() {
+    let Some(model) = demo_model(SMOLLM2) else {
+        return;
+    };
+    // SmolLM2 needs well over 50 MB; the tiny model a few kilobytes.
+    let mut a = Agent::new("\n[engine]\nmemory_budget = \"50MB\"");
+    let tiny = a.d.file("tiny.gguf", &GgufBuilder::tiny_llama().build());
+    a.add_model(&tiny, "tiny", false);
+    a.add_model(&model, "smollm2", true);
+    a.start();
+    let admin = a.token("root", "admin", &[]);
+    // Started, but not ready: the model behind `default` did not fit, and the log says why.
+    let r = a.request("GET", "/readyz", Some(&admin), None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(a.log().contains("memory budget"), "{}", a.log());
+    let log = a.audit();
+    let load = log
+        .iter()
+        .find(|r| r["action"] == "models:load")
+        .unwrap_or_else(|| panic!("the failed load is recorded: {log:#?}"));
+    assert_eq!(load["outcome"], "failure");
+    assert!(
+        load["reason"].as_str().unwrap().contains("memory budget"),
+        "{load}"
+    );
+    // Activation over the API: refused with the reason, and nothing changes.
+    let refused = |a: &Agent| {
+        let before = aliases(a, &admin);
+        let r = a.request(
+            "POST",
+            "/api/v1/models/smollm2/activate",
+            Some(&admin),
+            None,
+        );
+        assert_eq!(r.status, 422, "{}", r.text());
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("memory budget"), "{message}");
+        assert!(message.contains("nothing was changed"), "{message}");
+        assert_eq!(aliases(a, &admin), before);
+    };
+    refused(&a);
+    // A model within the budget is served; another try of the big one leaves it serving.
+    let r = a.request("POST", "/api/v1/models/tiny/activate", Some(&admin), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    refused(&a);
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(&chat("hi", json!({"max_tokens": 1}))),
+    );
+    assert_eq!(r.json()["model"], "tiny:1", "{}", r.text());
 }

@@ -61,7 +61,8 @@ fn a_read_only_data_dir_refuses_changes_and_still_lists() {
 }
 
 /// `kill -9` at random instants of an import, many times: the registry always opens, lists
-/// only models whose blobs are complete, and `gc` leaves no debris.
+/// only models whose blobs are complete, lists every import that reported success, and `gc`
+/// leaves no debris. The kills must really land mid-import, or the test proves nothing.
 #[test]
 fn kill_9_at_any_moment_of_an_import_leaves_a_consistent_registry() {
     let d = Device::new();
@@ -81,13 +82,16 @@ fn kill_9_at_any_moment_of_an_import_leaves_a_consistent_registry() {
     let full = start.elapsed();
 
     let iterations = 30;
-    let mut completed = 0;
+    let mut reported_success = Vec::new();
+    let mut killed_mid_copy = 0;
     for i in 0..iterations {
         let file = &files[i % files.len()];
+        let temps_before = temp_files(&d);
+        let version = format!("v{i}");
         let mut child = d
             .command()
             .args(["models", "import", file.to_str().unwrap(), "--name", "big"])
-            .args(["--version", &format!("v{i}")])
+            .args(["--version", &version])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -97,11 +101,33 @@ fn kill_9_at_any_moment_of_an_import_leaves_a_consistent_registry() {
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
         if status.success() {
-            completed += 1;
+            reported_success.push(format!("big:{version}"));
+        } else if temp_files(&d) > temps_before {
+            // Its temp file outlived it: the kill landed while the blob was being written.
+            killed_mid_copy += 1;
         }
         assert_consistent(&d);
+        let listed: Vec<String> = d.models().into_iter().map(|(l, _)| l).collect();
+        for label in &reported_success {
+            assert!(
+                listed.contains(label),
+                "{label} reported success but is not listed: {listed:?}"
+            );
+        }
     }
-    eprintln!("{completed} of {iterations} imports finished before the kill");
+    eprintln!(
+        "{} of {iterations} imports finished before the kill, {killed_mid_copy} were killed \
+         while copying",
+        reported_success.len()
+    );
+    assert!(
+        killed_mid_copy > 0,
+        "no kill landed while a blob was being written: the test proved nothing (seed {seed})"
+    );
+    assert!(
+        reported_success.len() < iterations,
+        "every import finished before its kill (seed {seed})"
+    );
     d.run(&["models", "gc"]).ok();
     assert!(
         d.blob_files().iter().all(|f| !f.starts_with('.')),
@@ -109,6 +135,14 @@ fn kill_9_at_any_moment_of_an_import_leaves_a_consistent_registry() {
         d.blob_files()
     );
     assert_consistent(&d);
+}
+
+/// How many `.import-*` temp files the blob folder holds.
+fn temp_files(d: &Device) -> usize {
+    d.blob_files()
+        .iter()
+        .filter(|f| f.starts_with(".import-"))
+        .count()
 }
 
 fn assert_consistent(d: &Device) {

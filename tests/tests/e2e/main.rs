@@ -6,6 +6,7 @@
 mod architecture;
 mod cli;
 mod daemon;
+mod durability;
 mod faults;
 mod golden;
 mod inference;

@@ -78,9 +78,9 @@ impl Secured {
         let mut args = vec![
             "auth", "check", "--token", token, "--action", action, "--json",
         ];
-        if let Some(r) = resource {
-            args.extend(["--resource", r]);
-        }
+        // `--resource=VALUE`: a value may start with '-'.
+        let resource = resource.map(|r| format!("--resource={r}"));
+        args.extend(resource.as_deref());
         self.d.run(&args)
     }
 
@@ -664,4 +664,223 @@ fn an_unreadable_device_key_is_reported_once() {
     let out = d.run(&["keys", "device"]);
     out.fails(1, "device.key: Is a directory");
     assert_eq!(out.stderr.matches("Is a directory").count(), 1, "{out:?}");
+}
+
+/// The records' seqs of `audit query --json ARGS`.
+const NONE: [u64; 0] = [];
+
+fn seqs(s: &Secured, args: &[&str]) -> Vec<u64> {
+    let mut all = vec!["audit", "query", "--json"];
+    all.extend_from_slice(args);
+    s.d.run(&all)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn audit_query_takes_rfc3339_times_and_ages() {
+    let s = seeded_device();
+    let all = seqs(&s, &[]);
+    assert_eq!(all, (1..=12).collect::<Vec<_>>());
+    let records = s.d.run(&["audit", "query", "--json"]).json();
+    let ts = |seq: usize| records[seq - 1]["ts"].as_str().unwrap().to_string();
+    // RFC 3339, in the log's own form: --since includes its instant, --until excludes it.
+    let t5 = ts(5);
+    assert!(ts(4) < t5, "distinct instants: {records}");
+    assert_eq!(seqs(&s, &["--since", &t5]), (5..=12).collect::<Vec<_>>());
+    assert_eq!(seqs(&s, &["--until", &t5]), (1..=4).collect::<Vec<_>>());
+    assert_eq!(
+        seqs(&s, &["--since", &ts(3), "--until", &ts(9)]),
+        (3..=8).collect::<Vec<_>>()
+    );
+    // With other offsets.
+    assert_eq!(seqs(&s, &["--since", "2000-01-01T02:00:00+02:00"]), all);
+    assert_eq!(seqs(&s, &["--until", "2000-01-01T02:00:00+02:00"]), NONE);
+    assert_eq!(seqs(&s, &["--until", "2999-01-01T00:00:00-05:00"]), all);
+    // Ages: everything was written in the last minutes, nothing before.
+    for age in ["30m", "7d", "2h", "600s"] {
+        assert_eq!(seqs(&s, &["--since", age]), all, "--since {age}");
+        assert_eq!(seqs(&s, &["--until", age]), NONE, "--until {age}");
+    }
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(
+        seqs(&s, &["--since", "1s"]),
+        NONE,
+        "nothing in the last second"
+    );
+    s.d.run(&["audit", "query", "--since", "yesterday"])
+        .fails(1, "'yesterday' is neither an RFC 3339 time nor an age");
+    // Exports take the same range.
+    let out =
+        s.d.run(&["audit", "export", "--format", "csv", "--since", &t5]);
+    assert_eq!(out.ok().lines().count(), 1 + 8, "{out:?}");
+}
+
+#[test]
+fn audit_tail_follow_prints_records_as_they_are_appended() {
+    let s = seeded_device();
+    let mut child =
+        s.d.command()
+            .args(["audit", "tail", "-f", "-n", "2", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a record within 20 s");
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    assert_eq!(next()["seq"], 11);
+    assert_eq!(next()["seq"], 12);
+    // Records appended by another process appear, in order, while it runs.
+    let t = s.token("olivia", "operator", &[]);
+    s.check(&t, "inference:run", Some("followed-1"));
+    s.check(&t, "inference:run", Some("followed-2"));
+    let (a, b) = (next(), next());
+    assert_eq!((a["seq"].as_u64(), b["seq"].as_u64()), (Some(13), Some(14)));
+    assert_eq!(
+        (a["resource"].as_str(), b["resource"].as_str()),
+        (Some("followed-1"), Some("followed-2"))
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "-f keeps following until stopped"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The claims of a JWT, decoded without checking anything.
+fn claims(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).expect("a JWT has three parts");
+    serde_json::from_slice(&base64url(payload)).unwrap()
+}
+
+fn base64url(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        b'_' => 63,
+        _ => panic!("not base64url: {s}"),
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        acc = (acc << 6) | u32::from(value(c));
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn token_issue_ttl_sets_the_lifetime() {
+    let s = Secured::new();
+    for (ttl, secs) in [
+        (None, 3600),
+        (Some("90s"), 90),
+        (Some("30m"), 1800),
+        (Some("2h"), 7200),
+        (Some("7d"), 7 * 86400),
+    ] {
+        let extra: Vec<&str> = ttl.map(|t| vec!["--ttl", t]).unwrap_or_default();
+        let c = claims(&s.token("olivia", "operator", &extra));
+        let lifetime = c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap();
+        assert_eq!(lifetime, secs, "--ttl {ttl:?}: {c}");
+    }
+    let key = s.issuer_key.to_str().unwrap();
+    s.d.run(&[
+        "token", "issue", "--key", key, "--iss", ISS, "--kid", "admin-1", "--sub", "x", "--role",
+        "admin", "--ttl", "forever",
+    ])
+    .fails(1, "forever");
+}
+
+/// Parses RFC 4180 CSV: quoted cells may hold commas, quotes, CR and LF.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut cell = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cell.push(c),
+            (false, '"') if cell.is_empty() => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut cell)),
+            (false, '\n') => {
+                row.push(std::mem::take(&mut cell));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, '\r') if chars.peek() == Some(&'\n') => {}
+            (false, c) => cell.push(c),
+        }
+    }
+    if !cell.is_empty() || !row.is_empty() {
+        row.push(cell);
+        rows.push(row);
+    }
+    rows
+}
+
+#[test]
+fn csv_exports_defuse_every_formula_trigger() {
+    let s = Secured::new();
+    let t = s.token("olivia", "operator", &[]);
+    // Values a spreadsheet would run (=, +, -, @), or that some treat as such (tab, CR, a
+    // pipe for DDE, a percent sign for encoded input), and one plain value.
+    let hostile = [
+        "=HYPERLINK(\"http://x\")",
+        "+1+1",
+        "-2+3",
+        "@SUM(A1)",
+        "\tTAB",
+        "\rCR",
+        "|calc",
+        "%0A",
+        "plain",
+    ];
+    for value in hostile {
+        s.check(&t, "inference:run", Some(value));
+    }
+    let csv = s.d.run(&["audit", "export", "--format", "csv"]);
+    let rows = parse_csv(csv.ok());
+    let header = &rows[0];
+    let col = header.iter().position(|h| h == "resource").unwrap();
+    assert_eq!(rows.len(), 1 + hostile.len(), "{rows:?}");
+    for (row, value) in rows[1..].iter().zip(hostile) {
+        assert_eq!(row.len(), header.len(), "{row:?}");
+        let want = if value == "plain" {
+            value.to_string()
+        } else {
+            format!("'{value}")
+        };
+        assert_eq!(row[col], want, "{value:?} in {row:?}");
+    }
 }

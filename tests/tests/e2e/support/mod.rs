@@ -273,3 +273,179 @@ pub fn venv_python(module: &str) -> Option<PathBuf> {
         ))
     }
 }
+
+/// `strace`, or a skip (a failure under CI, where it must be installed).
+pub fn strace() -> Option<PathBuf> {
+    let p = PathBuf::from("/usr/bin/strace");
+    let works = p.is_file()
+        && Command::new(&p)
+            .args(["-f", "-e", "trace=none", "true"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if works {
+        Some(p)
+    } else {
+        skip("strace is missing or cannot trace here (apt-get install strace)")
+    }
+}
+
+/// One finished system call of an `strace -f -y` log. Calls are kept in the order they
+/// returned, which for calls on different threads is the order that matters here: a call
+/// that returned before another started happened before it.
+#[derive(Debug, Clone)]
+pub struct Syscall {
+    pub pid: u32,
+    pub name: String,
+    /// The argument text, as strace printed it.
+    pub args: String,
+    /// What follows ` = `: a number, with `<path>` for a descriptor (`-y`), or `-1 ERRNO …`.
+    pub result: String,
+}
+
+impl Syscall {
+    /// Whether the call succeeded.
+    pub fn ok(&self) -> bool {
+        !self.result.starts_with('-') && !self.result.starts_with('?')
+    }
+
+    /// The first argument as a descriptor number.
+    pub fn fd(&self) -> Option<i32> {
+        let end = self.args.find(|c: char| !c.is_ascii_digit())?;
+        self.args[..end].parse().ok()
+    }
+
+    /// The path of the descriptor in the first argument (`-y` prints `3</the/path>`).
+    pub fn fd_path(&self) -> Option<&str> {
+        let rest = self.args.strip_prefix(|c: char| c.is_ascii_digit())?;
+        let rest = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+        let rest = rest.strip_prefix('<')?;
+        Some(&rest[..rest.find('>')?])
+    }
+
+    /// The path of a descriptor the call returned (`openat(…) = 5</the/path>`).
+    pub fn result_path(&self) -> Option<&str> {
+        let rest = self.result.split_once('<')?.1;
+        Some(&rest[..rest.rfind('>')?])
+    }
+
+    /// The string arguments, unescaped (paths of `openat` and `rename`).
+    pub fn strings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut chars = self.args.chars();
+        while let Some(c) = chars.next() {
+            if c != '"' {
+                continue;
+            }
+            let mut s = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => match chars.next() {
+                        Some('n') => s.push('\n'),
+                        Some('t') => s.push('\t'),
+                        Some(other) => s.push(other),
+                        None => break,
+                    },
+                    c => s.push(c),
+                }
+            }
+            out.push(s);
+        }
+        out
+    }
+
+    /// `fsync` or `fdatasync`.
+    pub fn is_sync(&self) -> bool {
+        matches!(self.name.as_str(), "fsync" | "fdatasync")
+    }
+
+    /// `write`, `pwrite64`, `writev` or `pwritev`.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.name.as_str(),
+            "write" | "pwrite64" | "writev" | "pwritev" | "pwritev2"
+        )
+    }
+
+    pub fn is_rename(&self) -> bool {
+        matches!(self.name.as_str(), "rename" | "renameat" | "renameat2")
+    }
+}
+
+/// Parses an `strace -f -y -o FILE` log, joining `<unfinished ...>` calls with their
+/// `<... NAME resumed>` ends. Signals, exits and anything unparsable are skipped.
+pub fn parse_strace(text: &str) -> Vec<Syscall> {
+    let mut calls = Vec::new();
+    let mut pending: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
+    for line in text.lines() {
+        let (pid, rest) = match line.split_once(char::is_whitespace) {
+            Some((p, rest)) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                (p.parse().unwrap_or(0), rest.trim_start())
+            }
+            _ => (0, line),
+        };
+        let whole = if let Some(start) = rest.strip_suffix(" <unfinished ...>") {
+            pending.insert(pid, start.to_string());
+            continue;
+        } else if let Some(end) = rest.strip_prefix("<... ") {
+            let Some((_, tail)) = end.split_once(" resumed>") else {
+                continue;
+            };
+            match pending.remove(&pid) {
+                Some(start) => format!("{start}{tail}"),
+                None => continue,
+            }
+        } else {
+            rest.to_string()
+        };
+        let Some(open) = whole.find('(') else {
+            continue;
+        };
+        let Some(close) = whole.rfind(") = ") else {
+            continue;
+        };
+        let name = &whole[..open];
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            continue;
+        }
+        calls.push(Syscall {
+            pid,
+            name: name.to_string(),
+            args: whole[open + 1..close].to_string(),
+            result: whole[close + 4..].to_string(),
+        });
+    }
+    calls
+}
+
+impl Device {
+    /// Runs `outpost ARGS` under `strace -f -y`, tracing the system calls `calls`
+    /// (comma-separated); what it printed, and the calls in the order they returned.
+    pub fn traced(&self, strace: &Path, calls: &str, args: &[&str]) -> (Run, Vec<Syscall>) {
+        let log = self.root.path().join(format!(
+            "strace-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        let c = self.command();
+        let mut cmd = Command::new(strace);
+        cmd.args(["-f", "-y", "-qq", "-s", "256", "-e"])
+            .arg(format!("trace={calls}"))
+            .arg("-o")
+            .arg(&log)
+            .arg(c.get_program())
+            .args(c.get_args())
+            .args(args);
+        for (k, v) in c.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let run = Run::from(cmd.output().expect("run strace"));
+        let text = std::fs::read_to_string(&log).expect("read the strace log");
+        (run, parse_strace(&text))
+    }
+}
