@@ -743,7 +743,7 @@ async fn settle(audited: &mut Audited, g: &Generation) {
     if let Some(e) = audited.take(outcome, reason, outcome_details(g))
         && let Err(err) = audited.state.record(e).await
     {
-        eprintln!("warning: the outcome of an inference was not recorded: {err}");
+        tracing::error!(error = %err, "The outcome of an inference was not recorded.");
     }
 }
 

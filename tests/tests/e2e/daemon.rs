@@ -1872,3 +1872,166 @@ fn a_model_over_the_memory_budget_is_refused_with_a_reason_and_changes_nothing()
     );
     assert_eq!(r.json()["model"], "tiny:1", "{}", r.text());
 }
+
+/// The name of the model behind `default`, as `GET /api/v1/models` says.
+fn default_model(a: &Agent, token: &str) -> Option<String> {
+    a.request("GET", "/api/v1/models", Some(token), None)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            m["aliases"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x == "default"))
+        })
+        .map(|m| m["name"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn a_model_that_fails_its_health_check_changes_nothing_and_says_why() {
+    let mut a = Agent::new("");
+    a.add_tiny("good");
+    // It loads (the shapes are right) but every logit it makes is NaN.
+    let bad = a.d.file(
+        "bad.gguf",
+        &GgufBuilder::tiny_llama().poison_with_nan().build(),
+    );
+    a.add_model(&bad, "bad", false);
+    a.start();
+    let admin = a.token("root", "admin", &[]);
+    let r = a.request("POST", "/api/v1/models/bad/activate", Some(&admin), None);
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.error_code(), "model_load_failed");
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("health check") && message.contains("NaN"),
+        "{message}"
+    );
+    assert!(message.contains("nothing was changed"), "{message}");
+    // The registry and the served model are as they were.
+    assert_eq!(default_model(&a, &admin).as_deref(), Some("good"));
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(&chat("hi", json!({"max_tokens": 2}))),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "good:1");
+    // And the refusal is in the audit trail with its reason.
+    let failed = a
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"] == "models:activate" && r["outcome"] == "failure")
+        .collect::<Vec<_>>();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(
+        failed[0]["reason"].as_str().unwrap().contains("health check"),
+        "{failed:#?}"
+    );
+
+    // Made `default` behind the daemon's back (the CLI does not load models): the daemon
+    // keeps serving the good one and records why it did not switch.
+    a.d.run(&["models", "activate", "bad"]).ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let load_failed = a.audit().into_iter().any(|r| {
+            r["action"] == "models:load"
+                && r["outcome"] == "failure"
+                && r["reason"].as_str().is_some_and(|s| s.contains("NaN"))
+        });
+        if load_failed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no models:load failure recorded");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = a.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(&chat("hi", json!({"max_tokens": 2}))),
+    );
+    assert_eq!(r.json()["model"], "good:1", "{}", r.text());
+}
+
+#[test]
+fn json_logs_carry_each_requests_id_and_one_access_line() {
+    let mut a = Agent::new("");
+    std::fs::write(
+        &a.d.config,
+        std::fs::read_to_string(&a.d.config).unwrap() + "[log]\nformat = \"json\"\n",
+    )
+    .unwrap();
+    a.add_tiny("tiny");
+    a.start();
+    let t = a.token("olivia", "operator", &[]);
+    let r = a.request("GET", "/v1/models", Some(&t), None);
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").unwrap().to_string();
+    a.signal("TERM");
+    assert_eq!(a.wait(Duration::from_secs(30)), Some(0));
+    let log = a.log();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "Listening." && e["address"].is_string()),
+        "{log}"
+    );
+    let access: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["message"] == "Request answered." && e["request_id"] == id.as_str())
+        .collect();
+    assert_eq!(access.len(), 1, "{log}");
+    assert_eq!(access[0]["route"], "/v1/models");
+    assert_eq!(access[0]["method"], "GET");
+    assert_eq!(access[0]["status"], 200);
+    assert_eq!(access[0]["level"], "INFO");
+    assert_eq!(access[0]["span"]["request_id"], id.as_str(), "{log}");
+    assert!(access[0]["duration_ms"].as_f64().is_some(), "{log}");
+}
+
+#[test]
+fn made_up_methods_and_idle_clients_cannot_grow_or_hold_the_daemon() {
+    let mut a = Agent::new("max_connections = 2\nmetrics_public = true");
+    a.start();
+    // A made-up method is answered, and counted under `other`, not under its own name.
+    for m in ["BREW", "PROPFIND", "X-AAAAAAAA"] {
+        let s = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+        let r = send(s, m, "/healthz", None, None, &[]).unwrap();
+        assert_eq!(r.status, 405, "{m}");
+    }
+    let text = a.request("GET", "/metrics", None, None).text();
+    assert!(!text.contains("BREW") && !text.contains("PROPFIND"), "{text}");
+    assert!(
+        text.contains(r#"method="other",route="/healthz",status="405"} 3"#),
+        "{text}"
+    );
+    // Two clients connect and send nothing: they hold both connection slots, so a third
+    // waits; the daemon drops the silent ones after its header timeout and serves it.
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", a.port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let r = a.request("GET", "/healthz", None, None);
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "the cap let a third connection in at once ({:?})",
+        started.elapsed()
+    );
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        // Closed by the daemon (0 bytes) or answered with a 408: either way, not held.
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || head.contains("408"), "{head}");
+    }
+}
