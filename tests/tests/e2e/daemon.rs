@@ -229,10 +229,15 @@ impl Agent {
     }
 }
 
-/// The port in the daemon's `Listening. address=http://127.0.0.1:PORT` log event.
+/// The port in the daemon's `Listening.` log event, text (`address=http://127.0.0.1:PORT`)
+/// or JSON (`"address":"http://127.0.0.1:PORT"`).
 fn bound_port(log: &str) -> Option<u16> {
-    let at = log.find("address=http://127.0.0.1:")? + "address=http://127.0.0.1:".len();
-    let digits: String = log[at..].chars().take_while(char::is_ascii_digit).collect();
+    let line = log.lines().find(|l| l.contains("Listening."))?;
+    let at = line.find("http://127.0.0.1:")? + "http://127.0.0.1:".len();
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
     digits.parse().ok()
 }
 
@@ -1927,7 +1932,10 @@ fn a_model_that_fails_its_health_check_changes_nothing_and_says_why() {
         .collect::<Vec<_>>();
     assert_eq!(failed.len(), 1, "{failed:#?}");
     assert!(
-        failed[0]["reason"].as_str().unwrap().contains("health check"),
+        failed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("health check"),
         "{failed:#?}"
     );
 
@@ -2007,7 +2015,10 @@ fn made_up_methods_and_idle_clients_cannot_grow_or_hold_the_daemon() {
         assert_eq!(r.status, 405, "{m}");
     }
     let text = a.request("GET", "/metrics", None, None).text();
-    assert!(!text.contains("BREW") && !text.contains("PROPFIND"), "{text}");
+    assert!(
+        !text.contains("BREW") && !text.contains("PROPFIND"),
+        "{text}"
+    );
     assert!(
         text.contains(r#"method="other",route="/healthz",status="405"} 3"#),
         "{text}"
