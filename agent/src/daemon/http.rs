@@ -1,25 +1,26 @@
-//! The routes, the error shape, authentication and the management and audit endpoints.
+//! The routes, the middleware that tags, times, logs and counts every request, the OpenAI
+//! error shape, and the probe endpoints (`/healthz`, `/readyz`, `/metrics`). Who may call
+//! is in `auth`, the management endpoints in `manage`, the audit ones in `audit_api`, the
+//! OpenAI ones in `openai`.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{MatchedPath, Path, Query, Request, State as Shared};
+use axum::extract::{MatchedPath, Query, Request, State as Shared};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use outpost_engine::registry::{ModelRef, RegistryError};
-use outpost_policy::audit::{self, AuditReader, Entry, Format, Outcome};
-use outpost_policy::identity::Identity;
+use outpost_engine::registry::RegistryError;
 use outpost_policy::rbac::Action;
-use serde::Deserialize;
 use tracing::Instrument as _;
 
 use super::State;
-use super::openai;
-use crate::activation::{self, ActivationError, Change};
-use crate::context::{AuditedError, audited};
+use super::{audit_api, manage, openai};
+// The OpenAI endpoints import what they share with the others from here.
+pub use super::auth::refuse_unrecorded;
+pub use super::auth::{authenticate, authorize};
+pub use super::manage::{lock_registry, registered_models};
 
 /// Routes and the middleware that counts and tags every request.
 pub fn router(state: Arc<State>) -> Router {
@@ -30,13 +31,16 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
-        .route("/api/v1/models", get(list_models))
-        .route("/api/v1/models/rollback", post(rollback))
-        .route("/api/v1/models/{reference}/activate", post(activate))
-        .route("/api/v1/models/{reference}", delete(remove))
-        .route("/api/v1/audit", get(audit_query))
-        .route("/api/v1/audit/export", get(audit_export))
-        .route("/api/v1/audit/verify", get(audit_verify))
+        .route("/api/v1/models", get(manage::list_models))
+        .route("/api/v1/models/rollback", post(manage::rollback))
+        .route(
+            "/api/v1/models/{reference}/activate",
+            post(manage::activate),
+        )
+        .route("/api/v1/models/{reference}", delete(manage::remove))
+        .route("/api/v1/audit", get(audit_api::audit_query))
+        .route("/api/v1/audit/export", get(audit_api::audit_export))
+        .route("/api/v1/audit/verify", get(audit_api::audit_verify))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(
@@ -198,133 +202,6 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// A verified, authorized caller.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub identity: Identity,
-    pub request_id: String,
-}
-
-impl Caller {
-    /// An audit entry for this caller.
-    pub fn entry(&self, state: &State, action: Action, outcome: Outcome, reason: &str) -> Entry {
-        let mut e = Entry::new(&self.identity.sub, action.as_str(), outcome, reason);
-        e.roles = self.identity.roles.clone();
-        e.request_id = Some(self.request_id.clone());
-        e.policy_version = Some(state.policy.version);
-        e
-    }
-}
-
-/// Checks the bearer token: 401 (with `WWW-Authenticate`) when it is missing or invalid.
-/// Every refusal is audited and counted.
-pub async fn authenticate(
-    state: &Arc<State>,
-    headers: &HeaderMap,
-    request_id: &str,
-    action: Action,
-) -> Result<Identity, ApiError> {
-    let refuse = |why: String, challenge: &str| {
-        state.metrics.unauthenticated();
-        let mut e = Entry::new("unauthenticated", action.as_str(), Outcome::Denied, &why);
-        e.request_id = Some(request_id.to_string());
-        e.policy_version = Some(state.policy.version);
-        state.note(e);
-        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", why)
-            .with_header(header::WWW_AUTHENTICATE, challenge)
-    };
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(refuse(
-            "a bearer token is required (Authorization: Bearer <JWT>)".into(),
-            "Bearer realm=\"outpost\"",
-        ));
-    };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            let (scheme, rest) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        })
-        .filter(|t| !t.is_empty());
-    let Some(token) = token else {
-        return Err(refuse(
-            "the Authorization header must be `Bearer <JWT>`".into(),
-            "Bearer realm=\"outpost\", error=\"invalid_request\"",
-        ));
-    };
-    // Verification may raise the trusted clock's floor, an fsync: off the async workers.
-    let token = token.to_string();
-    let s = state.clone();
-    let verified = tokio::task::spawn_blocking(move || match s.clock.lock() {
-        Ok(mut clock) => Ok(s.verifier.verify(&token, &mut clock)),
-        Err(_) => Err(ApiError::internal("clock lock poisoned")),
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("task failed: {e}")))??;
-    verified.map_err(|e| {
-        refuse(
-            format!("invalid token: {e}"),
-            "Bearer realm=\"outpost\", error=\"invalid_token\"",
-        )
-    })
-}
-
-/// 403 (audited) unless the policy lets `identity` do `action` (on `resource`). The caller
-/// records the allowed action itself, before doing it.
-pub fn authorize(
-    state: &State,
-    identity: Identity,
-    request_id: &str,
-    action: Action,
-    resource: Option<&str>,
-) -> Result<(Caller, String), ApiError> {
-    let caller = Caller {
-        identity,
-        request_id: request_id.to_string(),
-    };
-    let decision = state.policy.authorize(&caller.identity, action, resource);
-    if !decision.allowed {
-        state.metrics.forbidden();
-        let mut e = caller.entry(state, action, Outcome::Denied, &decision.reason);
-        e.resource = resource.map(str::to_string);
-        state.note(e);
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("not permitted: {}", decision.reason),
-        ));
-    }
-    Ok((caller, decision.reason))
-}
-
-/// Authenticate and authorize in one step; the allowed read is durably recorded before it
-/// is answered (so an auditor's next query sees it, and a crash cannot lose it).
-pub async fn guard(
-    state: &Arc<State>,
-    headers: &HeaderMap,
-    request_id: &RequestId,
-    action: Action,
-    resource: Option<&str>,
-) -> Result<Caller, ApiError> {
-    let identity = authenticate(state, headers, &request_id.0, action).await?;
-    let (caller, reason) = authorize(state, identity, &request_id.0, action, resource)?;
-    let mut e = caller.entry(state, action, Outcome::Allowed, &reason);
-    e.resource = resource.map(str::to_string);
-    state.record(e).await.map_err(|e| refuse_unrecorded(&e))?;
-    Ok(caller)
-}
-
-/// The registry, for a blocking task.
-pub fn lock_registry(
-    state: &State,
-) -> Result<std::sync::MutexGuard<'_, outpost_engine::Registry>, ApiError> {
-    state
-        .registry
-        .lock()
-        .map_err(|_| ApiError::internal("registry lock poisoned"))
-}
-
 /// Runs blocking work (SQLite, files) off the async threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -389,406 +266,9 @@ async fn metrics(
         .into_response())
 }
 
-/// The registry's models, for a caller allowed `models:read` (both model lists).
-pub async fn registered_models(
-    state: &Arc<State>,
-    headers: &HeaderMap,
-    rid: &RequestId,
-) -> Result<Vec<outpost_engine::ModelRecord>, ApiError> {
-    guard(state, headers, rid, Action::ModelsRead, None).await?;
-    let s = state.clone();
-    blocking(move || Ok(lock_registry(&s)?.list()?)).await
-}
+pub type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
-async fn list_models(
-    Shared(state): Shared<Arc<State>>,
-    axum::Extension(rid): axum::Extension<RequestId>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let models = registered_models(&state, &headers, &rid).await?;
-    Ok(axum::Json(models).into_response())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AliasQuery {
-    alias: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RemoveQuery {
-    #[serde(default)]
-    force: bool,
-}
-
-type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
-
-fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
+pub fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
     q.map(|Query(v)| v)
         .map_err(|e| ApiError::bad_request(e.body_text()))
-}
-
-async fn activate(
-    Shared(state): Shared<Arc<State>>,
-    axum::Extension(rid): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    Path(reference): Path<String>,
-    q: QueryResult<AliasQuery>,
-) -> Result<Response, ApiError> {
-    let q = query(q)?;
-    let r: ModelRef = reference.parse().map_err(ApiError::from)?;
-    change_alias(
-        state,
-        headers,
-        rid,
-        Some(reference),
-        q.alias,
-        Change::Activate(r),
-    )
-    .await
-}
-
-async fn rollback(
-    Shared(state): Shared<Arc<State>>,
-    axum::Extension(rid): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    q: QueryResult<AliasQuery>,
-) -> Result<Response, ApiError> {
-    let q = query(q)?;
-    change_alias(state, headers, rid, None, q.alias, Change::Rollback).await
-}
-
-/// Activate or roll back through the activation service: recorded first; for `default`
-/// the new model is loaded and health-checked before the registry changes, so a model that
-/// cannot serve leaves everything as it was (422).
-async fn change_alias(
-    state: Arc<State>,
-    headers: HeaderMap,
-    rid: RequestId,
-    resource: Option<String>,
-    alias: Option<String>,
-    change: Change,
-) -> Result<Response, ApiError> {
-    let alias = alias.unwrap_or_else(|| "default".into());
-    let identity = authenticate(&state, &headers, &rid.0, Action::ModelsActivate).await?;
-    let (caller, reason) = authorize(
-        &state,
-        identity,
-        &rid.0,
-        Action::ModelsActivate,
-        resource.as_deref(),
-    )?;
-    let _one_at_a_time = state.swap.lock().await;
-    let mut intent = caller.entry(&state, Action::ModelsActivate, Outcome::Allowed, &reason);
-    intent.resource = resource.clone();
-    intent.details = serde_json::json!({"alias": alias,
-        "rollback": matches!(change, Change::Rollback)});
-    let s = state.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let audit = s.audit.clone();
-        audited(
-            &audit,
-            intent,
-            || {
-                activation::change_alias(
-                    &s.registry,
-                    s.as_ref(),
-                    &alias,
-                    &change,
-                    &s.load_options,
-                    &s.health_check,
-                )
-            },
-            |a| {
-                format!(
-                    "'{}' now points at {}",
-                    a.activation.alias,
-                    a.activation.model.label()
-                )
-            },
-        )
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("task failed: {e}")))?;
-    state.metrics.audit_record();
-    match result {
-        Ok(a) => Ok(axum::Json(a.activation).into_response()),
-        Err(AuditedError::Unrecorded(e)) => Err(refuse_unrecorded(&e.to_string())),
-        Err(AuditedError::Failed(e)) => Err(ApiError::from(e)),
-    }
-}
-
-impl From<ActivationError> for ApiError {
-    fn from(e: ActivationError) -> Self {
-        match e {
-            ActivationError::Registry(r) => r.into(),
-            e @ (ActivationError::Load { .. } | ActivationError::Unhealthy { .. }) => {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "model_load_failed",
-                    e.to_string(),
-                )
-            }
-            e => ApiError::internal(e.to_string()),
-        }
-    }
-}
-
-async fn remove(
-    Shared(state): Shared<Arc<State>>,
-    axum::Extension(rid): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    Path(reference): Path<String>,
-    q: QueryResult<RemoveQuery>,
-) -> Result<Response, ApiError> {
-    let q = query(q)?;
-    let r: ModelRef = reference.parse().map_err(ApiError::from)?;
-    let identity = authenticate(&state, &headers, &rid.0, Action::ModelsWrite).await?;
-    let (caller, reason) = authorize(
-        &state,
-        identity,
-        &rid.0,
-        Action::ModelsWrite,
-        Some(&reference),
-    )?;
-    let _one_at_a_time = state.swap.lock().await;
-    let mut intent = caller.entry(&state, Action::ModelsWrite, Outcome::Allowed, &reason);
-    intent.resource = Some(reference.clone());
-    intent.details = serde_json::json!({"remove": true, "force": q.force});
-    let s = state.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let audit = s.audit.clone();
-        audited(
-            &audit,
-            intent,
-            || {
-                let removed = lock_registry(&s)?.remove(&r, q.force)?;
-                // A forced removal of the model behind `default` unsets the alias: stop
-                // serving it. Requests already running finish; its blob stays until the
-                // engine lets go.
-                if s.current_model()
-                    .is_some_and(|m| m.record.label() == removed.model.label())
-                {
-                    s.install(None);
-                }
-                Ok::<_, ApiError>(removed)
-            },
-            |_| "removed".into(),
-        )
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("task failed: {e}")))?;
-    state.metrics.audit_record();
-    match result {
-        Ok(removed) => Ok(axum::Json(removed).into_response()),
-        Err(AuditedError::Unrecorded(e)) => Err(refuse_unrecorded(&e.to_string())),
-        Err(AuditedError::Failed(e)) => Err(e),
-    }
-}
-
-/// No record, no action: a 503 when the audit log cannot take the intent.
-pub fn refuse_unrecorded(e: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "audit_unavailable",
-        format!("refusing to act without an audit record: {e}"),
-    )
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuditParams {
-    since: Option<String>,
-    until: Option<String>,
-    actor: Option<String>,
-    action: Option<String>,
-    outcome: Option<String>,
-    limit: Option<u64>,
-    /// Cursor: only records after this seq (the `next_cursor` of the previous page).
-    after: Option<u64>,
-    format: Option<String>,
-}
-
-const MAX_PAGE: u64 = 1000;
-
-fn audit_filters(p: &AuditParams) -> Result<audit::Query, ApiError> {
-    let time = |s: &Option<String>, name: &str| {
-        s.as_deref()
-            .map(crate::context::parse_time)
-            .transpose()
-            .map_err(|e| ApiError::bad_request(format!("{name}: {e:#}")))
-    };
-    let outcome = p
-        .outcome
-        .as_deref()
-        .map(|o| {
-            Outcome::parse(o).ok_or_else(|| {
-                ApiError::bad_request("outcome must be allowed, denied, success or failure")
-            })
-        })
-        .transpose()?;
-    Ok(audit::Query {
-        since: time(&p.since, "since")?,
-        until: time(&p.until, "until")?,
-        actor: p.actor.clone(),
-        action: p.action.clone(),
-        outcome,
-        after_seq: p.after,
-        limit: None,
-        newest: false,
-    })
-}
-
-fn audit_reader(state: &State) -> Result<AuditReader, ApiError> {
-    AuditReader::open(&state.data_dir.audit_db()).map_err(|e| ApiError::internal(e.to_string()))
-}
-
-async fn audit_query(
-    Shared(state): Shared<Arc<State>>,
-    axum::Extension(rid): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    q: QueryResult<AuditParams>,
-) -> Result<Response, ApiError> {
-    let p = query(q)?;
-    guard(&state, &headers, &rid, Action::AuditRead, None).await?;
-    if p.format.is_some() {
-        return Err(ApiError::bad_request(
-            "format applies to /api/v1/audit/export",
-        ));
-    }
-    let limit = p.limit.unwrap_or(100);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
-    let mut query = audit_filters(&p)?;
-    // One more than asked, to know whether another page follows.
-    query.limit = Some(limit + 1);
-    let s = state.clone();
-    let mut records = blocking(move || {
-        audit_reader(&s)?
-            .query(&query)
-            .map_err(|e| ApiError::internal(e.to_string()))
-    })
-    .await?;
-    let more = records.len() as u64 > limit;
-    records.truncate(limit as usize);
-    let next = if more {
-        records.last().map(|r| r.seq)
-    } else {
-        None
-    };
-    Ok(axum::Json(serde_json::json!({"records": records, "next_cursor": next})).into_response())
-}
-
-async fn audit_export(
-    Shared(state): Shared<Arc<State>>,
-    axum::Extension(rid): axum::Extension<RequestId>,
-    headers: HeaderMap,
-    q: QueryResult<AuditParams>,
-) -> Result<Response, ApiError> {
-    let p = query(q)?;
-    guard(&state, &headers, &rid, Action::AuditExport, None).await?;
-    let (format, content_type) = match p.format.as_deref().unwrap_or("jsonl") {
-        "jsonl" => (Format::Jsonl, "application/x-ndjson"),
-        "csv" => (Format::Csv, "text/csv; charset=utf-8"),
-        f => {
-            return Err(ApiError::bad_request(format!(
-                "format '{f}': use jsonl or csv"
-            )));
-        }
-    };
-    if p.actor.is_some() || p.action.is_some() || p.outcome.is_some() || p.after.is_some() {
-        return Err(ApiError::bad_request(
-            "exports take since and until only: filtering records would break the chain",
-        ));
-    }
-    let query = audit_filters(&p)?;
-    let reader = {
-        let s = state.clone();
-        blocking(move || audit_reader(&s)).await?
-    };
-    // The export is written on a blocking thread into a channel the body streams from.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(8);
-    let key = state.audit.public_key().clone();
-    let device = state.device_id.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut w = ChannelWriter {
-            tx: tx.clone(),
-            buf: Vec::with_capacity(64 * 1024),
-        };
-        let result = audit::export(&reader, &query, format, &device, Some(&key), &mut w);
-        let flushed = std::io::Write::flush(&mut w);
-        if let Err(e) = result
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-            .and(flushed.map_err(|e| e.to_string()))
-        {
-            // The body ends with an error: the client sees a broken transfer, not a short file.
-            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
-        }
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let ext = if matches!(format, Format::Csv) {
-        "csv"
-    } else {
-        "jsonl"
-    };
-    Ok((
-        [
-            (header::CONTENT_TYPE, content_type.to_string()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"audit-{}.{ext}\"", state.device_id),
-            ),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
-}
-
-/// Bytes written go to the response body in 64 KiB pieces.
-struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
-    buf: Vec<u8>,
-}
-
-impl std::io::Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= 64 * 1024 {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(64 * 1024));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
-    }
-}
-
-async fn audit_verify(
-    Shared(state): Shared<Arc<State>>,
-    axum::Extension(rid): axum::Extension<RequestId>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    guard(&state, &headers, &rid, Action::AuditRead, None).await?;
-    let s = state.clone();
-    let report = blocking(move || {
-        let key = s.audit.public_key().clone();
-        audit::verify_log(&audit_reader(&s)?, Some(&key))
-            .map_err(|e| ApiError::internal(e.to_string()))
-    })
-    .await?;
-    Ok(axum::Json(report).into_response())
 }

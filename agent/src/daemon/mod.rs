@@ -10,8 +10,11 @@
 //! `[api] shutdown_grace_secs`, after which running generations are cancelled; then the
 //! stop record, a checkpoint, and `run` returns.
 
+mod audit_api;
+mod auth;
 mod engine;
 mod http;
+mod manage;
 mod metrics;
 mod notify;
 mod openai;
