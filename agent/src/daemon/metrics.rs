@@ -48,9 +48,9 @@ impl Metrics {
         }
     }
 
-    pub fn record_generation(&self, g: &Generation, took: Duration) {
+    pub fn record_generation(&self, prompt_tokens: usize, g: &Generation, took: Duration) {
         self.prompt_tokens
-            .fetch_add(g.prompt_tokens.len() as u64, Ordering::Relaxed);
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         self.generated_tokens
             .fetch_add(g.tokens.len() as u64, Ordering::Relaxed);
         self.prefill_tps.set(g.timings.prefill_tokens_per_s);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use outpost_engine::registry::{ModelRecord, Registry};
-use outpost_engine::{LoadOptions, LoadedModel};
+use outpost_engine::{LoadOptions, ModelLease};
 use outpost_policy::audit::{AuditLog, Entry, Outcome};
 use outpost_policy::identity::Verifier;
 use outpost_policy::rbac::Policy;
@@ -77,25 +77,20 @@ impl State {
 
     /// Loads `record` and starts its engine thread (blocking: call from a blocking task).
     pub fn load_worker(&self, record: ModelRecord) -> anyhow::Result<Arc<ModelWorker>> {
-        let (path, held) = {
-            let reg = self
-                .registry
-                .lock()
-                .map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
-            (
-                reg.model_path(&record),
-                reg.blobs().open_shared(&record.sha256)?,
-            )
-        };
+        let blobs = self
+            .registry
+            .lock()
+            .map_err(|_| anyhow::anyhow!("registry lock poisoned"))?
+            .blobs()
+            .clone();
         let started = Instant::now();
-        let model = LoadedModel::load(&path, &self.load_options)
-            .with_context(|| format!("cannot load {}", record.label()))?;
+        let label = record.label();
+        let lease = ModelLease::load(&blobs, record, &self.load_options)
+            .with_context(|| format!("cannot load {label}"))?;
         self.metrics.model_loaded(started.elapsed());
         crate::sys::release_free_memory();
         Ok(ModelWorker::start(
-            record,
-            model,
-            held,
+            lease,
             self.api.queue_length,
             self.metrics.clone(),
         )?)
