@@ -59,13 +59,13 @@ mod tests {
         let gc = reg.gc().unwrap();
         assert_eq!(
             gc.blobs_in_use,
-            [record.sha256.clone()],
+            std::slice::from_ref(&record.sha256),
             "held by the lease"
         );
         assert!(reg.blobs().contains(&record.sha256));
         drop(lease);
         let gc = reg.gc().unwrap();
-        assert_eq!(gc.blobs_removed, [record.sha256.clone()]);
+        assert_eq!(gc.blobs_removed, std::slice::from_ref(&record.sha256));
         // A blob that is gone cannot be leased.
         let err = ModelLease::load(reg.blobs(), record, &LoadOptions::default()).unwrap_err();
         assert!(matches!(err, EngineError::Registry(_)), "{err}");
