@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use outpost_engine::generate::{HealthCheck, HealthError, HealthReport};
 use outpost_engine::registry::{Activation, ModelRecord, ModelRef, Registry, RegistryError};
-use outpost_engine::{EngineError, LoadOptions, LoadedModel};
+use outpost_engine::{EngineError, LoadOptions, ModelLease};
 use serde::Serialize;
 
 /// What an activation asks for.
@@ -32,13 +32,13 @@ pub enum ActivationError {
     Load {
         model: String,
         #[source]
-        source: EngineError,
+        source: Box<EngineError>,
     },
     #[error("{model} failed its {source}; nothing was changed")]
     Unhealthy {
         model: String,
         #[source]
-        source: HealthError,
+        source: Box<HealthError>,
     },
     #[error("cannot start serving {model}: {source}")]
     Start {
@@ -50,14 +50,12 @@ pub enum ActivationError {
     Poisoned,
 }
 
-/// A model that loaded and passed its health check, with its blob held open.
+/// A model that loaded and passed its health check; its lease holds the blob, so `remove`
+/// and `gc` leave it alone while the candidate lives.
 #[derive(Debug)]
 pub struct Candidate {
-    pub record: ModelRecord,
-    pub model: LoadedModel,
+    pub lease: ModelLease,
     pub health: HealthReport,
-    /// The blob, opened shared: `remove` and `gc` leave it alone while this lives.
-    pub blob: std::fs::File,
 }
 
 /// Loads `record` within `options` (memory budget included) and checks its health.
@@ -68,31 +66,27 @@ pub fn load_checked(
     check: &HealthCheck,
 ) -> Result<Candidate, ActivationError> {
     let label = record.label();
-    let (path, blob) = {
-        let reg = registry.lock().map_err(|_| ActivationError::Poisoned)?;
-        (
-            reg.model_path(&record),
-            reg.blobs().open_shared(&record.sha256)?,
-        )
-    };
-    let mut model = LoadedModel::load(&path, options).map_err(|source| ActivationError::Load {
-        model: label.clone(),
-        source,
-    })?;
-    let health = model
+    // The registry's lock is not held while the model loads.
+    let blobs = registry
+        .lock()
+        .map_err(|_| ActivationError::Poisoned)?
+        .blobs()
+        .clone();
+    let mut lease =
+        ModelLease::load(&blobs, record, options).map_err(|source| ActivationError::Load {
+            model: label.clone(),
+            source: Box::new(source),
+        })?;
+    let health = lease
+        .model
         .health_check(check)
         .map_err(|source| ActivationError::Unhealthy {
             model: label.clone(),
-            source,
+            source: Box::new(source),
         })?;
-    tracing::info!(model = %label, load_ms = model.load_ms, check_ms = health.elapsed_ms,
+    tracing::info!(model = %label, load_ms = lease.model.load_ms, check_ms = health.elapsed_ms,
         "Model loaded and passed its health check.");
-    Ok(Candidate {
-        record,
-        model,
-        health,
-        blob,
-    })
+    Ok(Candidate { lease, health })
 }
 
 /// Whatever serves models: told of a healthy candidate before the registry changes (it may

@@ -31,6 +31,23 @@ impl Message {
     }
 }
 
+/// Why a chat could not become a prompt.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("chat template is {0} bytes, above the limit of {MAX_TEMPLATE}")]
+    TooLong(usize),
+    #[error("the model's chat template: {source}")]
+    Parse { source: minijinja::Error },
+    #[error("rendering the chat template: {source}")]
+    Render { source: minijinja::Error },
+    #[error("the template cut a message apart")]
+    CutMessage,
+    #[error("the template altered a message")]
+    AlteredMessage,
+    #[error("the template invented a message")]
+    InventedMessage,
+}
+
 /// How a chat becomes a prompt.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -45,10 +62,7 @@ impl ChatTemplate {
         if let Some(t) = &template
             && t.len() > MAX_TEMPLATE
         {
-            return Err(EngineError::Template(format!(
-                "chat template is {} bytes, above the limit of {MAX_TEMPLATE}",
-                t.len()
-            )));
+            return Err(TemplateError::TooLong(t.len()).into());
         }
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
         Ok(Self {
@@ -92,17 +106,17 @@ impl ChatTemplate {
             },
         );
         env.add_template("chat", source)
-            .map_err(|e| EngineError::Template(format!("the model's chat template: {e}")))?;
+            .map_err(|source| TemplateError::Parse { source })?;
         let tmpl = env
             .get_template("chat")
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+            .map_err(|source| TemplateError::Parse { source })?;
         tmpl.render(minijinja::context! {
             messages => placeholders,
             add_generation_prompt => true,
             bos_token => self.bos,
             eos_token => self.eos,
         })
-        .map_err(|e| EngineError::Template(format!("rendering the chat template: {e}")))
+        .map_err(|source| TemplateError::Render { source }.into())
     }
 
     /// The prompt token ids for `messages` (BOS included when the model wants it and the
@@ -118,15 +132,11 @@ impl ChatTemplate {
         while let Some(start) = rest.find(OPEN) {
             ids.extend(tok.encode(&rest[..start], true)?);
             let after = &rest[start + OPEN.len_utf8()..];
-            let end = after
-                .find(CLOSE)
-                .ok_or_else(|| EngineError::Template("the template cut a message apart".into()))?;
+            let end = after.find(CLOSE).ok_or(TemplateError::CutMessage)?;
             let index: usize = after[..end]
                 .parse()
-                .map_err(|_| EngineError::Template("the template altered a message".into()))?;
-            let content = messages
-                .get(index)
-                .ok_or_else(|| EngineError::Template("the template invented a message".into()))?;
+                .map_err(|_| TemplateError::AlteredMessage)?;
+            let content = messages.get(index).ok_or(TemplateError::InventedMessage)?;
             ids.extend(tok.encode(&content.content, false)?);
             rest = &after[end + CLOSE.len_utf8()..];
         }

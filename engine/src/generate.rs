@@ -29,6 +29,46 @@ pub struct LoadOptions {
     pub memory_budget: Option<u64>,
 }
 
+/// What a generation starts from, as the caller gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Raw text (special tokens written in it are recognized, as llama.cpp does).
+    Text(String),
+    /// A chat, through the model's template.
+    Chat(Vec<Message>),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+impl Prompt {
+    /// The prompt's `prompt_sha256`, see [`prompt_digest`].
+    pub fn digest(&self) -> String {
+        prompt_digest(self)
+    }
+}
+
+/// The SHA-256 (lowercase hex) the audit log records for a prompt, in place of the prompt:
+/// the same in the CLI and the daemon, computable from the prompt alone (without the model):
+/// - text: the SHA-256 of its UTF-8 bytes;
+/// - a chat: of the compact JSON array of `{"role", "content"}` objects, keys in that order
+///   (what Python's `json.dumps(messages, separators=(",", ":"), ensure_ascii=False)` writes);
+/// - token ids: of the ids as little-endian u32s.
+pub fn prompt_digest(prompt: &Prompt) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = match prompt {
+        Prompt::Text(text) => Sha256::digest(text.as_bytes()),
+        Prompt::Chat(messages) => {
+            // Serializing strings into a Vec cannot fail.
+            Sha256::digest(serde_json::to_vec(messages).unwrap_or_default())
+        }
+        Prompt::Tokens(ids) => {
+            let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+            Sha256::digest(bytes)
+        }
+    };
+    hex::encode(digest)
+}
+
 /// Default context when the model's is larger: the KV cache of a 32k context would dwarf
 /// the weights of a small model.
 const DEFAULT_MAX_CONTEXT: usize = 8192;
@@ -109,6 +149,12 @@ impl LoadedModel {
                 t.ggml_type, t.name
             )));
         }
+        arch::check_hyperparameters(&architecture, &info).map_err(|source| {
+            EngineError::Hyperparameters {
+                architecture: architecture.clone(),
+                source,
+            }
+        })?;
         let trained = info.context_length().unwrap_or(2048) as usize;
         let context_length = opts
             .context_length
@@ -153,6 +199,43 @@ impl LoadedModel {
         self.weights.clear_cache();
     }
 
+    /// Size of the vocabulary: valid token ids are below it.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size
+    }
+
+    /// The prompt's token ids, checked: not empty, within the vocabulary, and leaving room
+    /// in the context window for at least one token. The one place prompts are checked;
+    /// [`generate_with`](Self::generate_with) checks again.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let ids = match prompt {
+            Prompt::Text(text) => self.encode_text(text)?,
+            Prompt::Chat(messages) => self.encode_chat(messages)?,
+            Prompt::Tokens(ids) => ids.clone(),
+        };
+        self.check_prompt(&ids)?;
+        Ok(ids)
+    }
+
+    /// Refuses an empty prompt, ids outside the vocabulary, and a prompt that leaves no
+    /// room in the context window.
+    pub fn check_prompt(&self, ids: &[u32]) -> Result<(), EngineError> {
+        if ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let vocab = self.vocab_size();
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(EngineError::TokenOutOfVocabulary { id, vocab });
+        }
+        if ids.len() >= self.context_length {
+            return Err(EngineError::ContextOverflow {
+                prompt: ids.len(),
+                context: self.context_length,
+            });
+        }
+        Ok(())
+    }
+
     /// Prompt ids for a raw text prompt (special tokens recognized, as llama.cpp does).
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         Ok(self.tokenizer.with_bos(self.tokenizer.encode(text, true)?))
@@ -193,15 +276,7 @@ impl LoadedModel {
         on_event: &mut dyn FnMut(Event<'_>),
         cancel: &AtomicBool,
     ) -> Result<Generation, EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if prompt.len() >= self.context_length {
-            return Err(EngineError::ContextOverflow {
-                prompt: prompt.len(),
-                context: self.context_length,
-            });
-        }
+        self.check_prompt(prompt)?;
         let max_tokens = params.max_tokens.min(self.context_length - prompt.len());
         let mut sampler = Sampler::new(&params.sampling);
         let t0 = Instant::now();
@@ -209,8 +284,6 @@ impl LoadedModel {
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         let mut tokens: Vec<u32> = Vec::new();
-        let mut top = Vec::new();
-        let mut chosen_logprobs = Vec::new();
         let want_logprobs = params.logprobs || params.top_logprobs > 0;
         let mut stream = StreamDecoder::default();
         let mut text = String::new();
@@ -222,9 +295,16 @@ impl LoadedModel {
                 finish = FinishReason::Cancelled;
                 break;
             }
-            if params.top_logprobs > 0 {
-                top.push(top_logprobs(&logits, params.top_logprobs));
-            }
+            let top = if params.top_logprobs > 0 {
+                let mut top = top_logprobs(&logits, params.top_logprobs);
+                let ids: Vec<u32> = top.iter().map(|t| t.id).collect();
+                for (t, text) in top.iter_mut().zip(stream.peek(&self.tokenizer, &ids)?) {
+                    t.text = text;
+                }
+                Some(top)
+            } else {
+                None
+            };
             // Sampling may change the logits (penalties); the reported log-probabilities
             // are those of the model's own distribution.
             let raw = want_logprobs.then(|| (logits.clone(), log_sum_exp(&logits)));
@@ -235,22 +315,16 @@ impl LoadedModel {
             }
             let logprob =
                 raw.map(|(l, sum)| l.get(next as usize).map_or(f32::NEG_INFINITY, |&x| x - sum));
-            if let Some(lp) = logprob {
-                chosen_logprobs.push(lp);
-            }
-            on_event(Event::Token {
-                id: next,
-                logprob,
-                top: top
-                    .last()
-                    .filter(|_| params.top_logprobs > 0)
-                    .map(Vec::as_slice),
-            });
             tokens.push(next);
             history.push(next);
-            if let Some(piece) = stream.push(&self.tokenizer, next)? {
-                text.push_str(&piece);
-            }
+            let piece = stream.push(&self.tokenizer, next)?.unwrap_or_default();
+            on_event(Event::Token {
+                id: next,
+                text: &piece,
+                logprob,
+                top: top.as_deref(),
+            });
+            text.push_str(&piece);
             if let Some(at) = find_stop(&text, &params.stop) {
                 text.truncate(at);
                 finish = FinishReason::Stop;
@@ -278,12 +352,9 @@ impl LoadedModel {
         let decode = t1.elapsed();
         let decoded = tokens.len().saturating_sub(1).max(1) as f64;
         Ok(Generation {
-            prompt_tokens: prompt.to_vec(),
             tokens,
             text,
             finish_reason: finish,
-            top_logprobs: (params.top_logprobs > 0).then_some(top),
-            logprobs: want_logprobs.then_some(chosen_logprobs),
             timings: Timings {
                 load_ms: self.load_ms,
                 prefill_tokens_per_s: prompt.len() as f64 / prefill.as_secs_f64().max(1e-9),
@@ -412,6 +483,9 @@ pub enum FinishReason {
 pub struct TopLogprob {
     pub id: u32,
     pub logprob: f32,
+    /// The text this token would have added had it been chosen (whole characters: "" for
+    /// a token that would leave a character incomplete, and for control tokens).
+    pub text: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -421,27 +495,28 @@ pub struct Timings {
     pub decode_tokens_per_s: f64,
 }
 
-/// The outcome of one generation.
+/// The outcome of one generation. The caller holds the prompt; log-probabilities come
+/// with each [`Event::Token`].
 #[derive(Debug, Clone, Serialize)]
 pub struct Generation {
-    pub prompt_tokens: Vec<u32>,
     pub tokens: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub top_logprobs: Option<Vec<Vec<TopLogprob>>>,
-    /// The log-probability of each generated token, when asked.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<Vec<f32>>,
     pub timings: Timings,
 }
 
 /// What [`LoadedModel::generate_with`] reports as it goes.
 #[derive(Debug)]
 pub enum Event<'a> {
-    /// A token was sampled. `logprob` when asked; `top` when top log-probabilities were asked.
+    /// A token was sampled. `text` is the text it adds (whole UTF-8 characters: a character
+    /// split over several tokens comes with the token that completes it, the others carry
+    /// ""; control tokens add nothing), before stop strings are cut: the texts of all
+    /// tokens, joined, are the generation's text up to a stop string (which ends with
+    /// U+FFFD where the last tokens left a character incomplete). `logprob` when asked;
+    /// `top` when top log-probabilities were asked.
     Token {
         id: u32,
+        text: &'a str,
         logprob: Option<f32>,
         top: Option<&'a [TopLogprob]>,
     },
@@ -472,6 +547,7 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<TopLogprob> {
         .map(|&i| TopLogprob {
             id: i as u32,
             logprob: logits[i] - log_sum,
+            text: String::new(),
         })
         .collect();
     top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
@@ -689,7 +765,7 @@ mod tests {
     }
 
     #[test]
-    fn each_token_is_reported_with_its_log_probability_before_its_text() {
+    fn each_token_is_reported_with_its_log_probability_and_text_before_its_text() {
         let (_d, mut m) = tiny(&LoadOptions::default(), |_| {}).unwrap();
         let prompt = m.encode_text("hello").unwrap();
         let p = GenerateParams {
@@ -704,35 +780,97 @@ mod tests {
             },
             ..Default::default()
         };
-        let mut seen: Vec<(u32, f32, usize)> = Vec::new();
+        let mut seen: Vec<(u32, String, f32, Vec<TopLogprob>)> = Vec::new();
+        let mut streamed = String::new();
         let g = m
             .generate_with(
                 &prompt,
                 &p,
                 &mut |e| match e {
-                    Event::Token { id, logprob, top } => {
-                        seen.push((id, logprob.unwrap(), top.unwrap().len()));
+                    Event::Token {
+                        id,
+                        text,
+                        logprob,
+                        top,
+                    } => {
+                        seen.push((
+                            id,
+                            text.to_string(),
+                            logprob.unwrap(),
+                            top.unwrap().to_vec(),
+                        ));
                     }
-                    Event::Text(_) => assert!(!seen.is_empty(), "text comes after its token"),
+                    Event::Text(t) => {
+                        assert!(!seen.is_empty(), "text comes after its token");
+                        streamed.push_str(t);
+                    }
                 },
                 &AtomicBool::new(false),
             )
             .unwrap();
         assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), g.tokens);
-        let lps = g.logprobs.unwrap();
-        assert_eq!(lps, seen.iter().map(|s| s.1).collect::<Vec<_>>());
-        assert!(lps.iter().all(|&l| l <= 0.0 && l.is_finite()));
-        assert!(seen.iter().all(|s| s.2 == 3));
+        // Each token carries the text it adds: joined, they are the whole text, but for a
+        // character the generation left incomplete (U+FFFD at the end).
+        let joined: String = seen.iter().map(|s| s.1.as_str()).collect();
+        let rest = g.text.strip_prefix(joined.as_str()).unwrap();
+        assert!(
+            rest.chars().all(|c| c == '\u{FFFD}'),
+            "{joined:?} {:?}",
+            g.text
+        );
+        assert_eq!(streamed, g.text);
+        assert!(seen.iter().all(|s| s.2 <= 0.0 && s.2.is_finite()));
+        assert!(seen.iter().all(|s| s.3.len() == 3));
         // The chosen token's log-probability is the model's, not the penalized one: when it
-        // is among the top 3, the two agree.
-        for (i, (id, lp, _)) in seen.iter().enumerate() {
-            if let Some(t) = g.top_logprobs.as_ref().unwrap()[i]
-                .iter()
-                .find(|t| t.id == *id)
-            {
+        // is among the top 3, the two agree, and so do their texts.
+        for (id, text, lp, top) in &seen {
+            if let Some(t) = top.iter().find(|t| t.id == *id) {
                 assert!((t.logprob - lp).abs() < 1e-5, "{} vs {lp}", t.logprob);
+                assert_eq!(&t.text, text);
             }
         }
+    }
+
+    #[test]
+    fn prompts_are_checked_in_one_place() {
+        let (_d, m) = tiny(&LoadOptions::default(), |_| {}).unwrap();
+        let err = |p: Prompt| m.prompt_ids(&p).unwrap_err().to_string();
+        assert_eq!(err(Prompt::Tokens(vec![])), "the prompt is empty");
+        assert_eq!(err(Prompt::Text(String::new())), "the prompt is empty");
+        assert_eq!(
+            err(Prompt::Tokens(vec![104, 260])),
+            "token id 260 is outside the vocabulary (260 tokens)"
+        );
+        assert_eq!(
+            err(Prompt::Text("ab".repeat(64))),
+            "the prompt is 128 tokens, but the context window is 64"
+        );
+        assert_eq!(
+            m.prompt_ids(&Prompt::Tokens(vec![104, 105])).unwrap(),
+            [104, 105]
+        );
+        let chat = Prompt::Chat(vec![Message::new("user", "hi")]);
+        assert_eq!(
+            m.prompt_ids(&chat).unwrap(),
+            m.encode_chat(&[Message::new("user", "hi")]).unwrap()
+        );
+    }
+
+    #[test]
+    fn prompt_digests_are_the_sha256_of_a_documented_form() {
+        // Reference values from `printf %s '…' | sha256sum`.
+        assert_eq!(
+            Prompt::Text("hello".into()).digest(),
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        assert_eq!(
+            Prompt::Chat(vec![Message::new("user", "hello")]).digest(),
+            Prompt::Text(r#"[{"role":"user","content":"hello"}]"#.into()).digest()
+        );
+        assert_eq!(
+            Prompt::Tokens(vec![1, 258]).digest(),
+            prompt_digest(&Prompt::Text("\u{1}\0\0\0\u{2}\u{1}\0\0".into()))
+        );
     }
 
     #[test]

@@ -11,12 +11,14 @@
 //! - [`chat`]: chat templates from the file, with untrusted contents kept out of specials.
 //! - [`generate`]: loading, sampling, generation, timings.
 //! - [`quantize`]: writing a model in another quantization.
+//! - [`lease`]: a model loaded from the registry with its blob locked while it lives.
 //! - [`testing`]: GGUF files built in code, for tests in this and other crates.
 
 pub mod arch;
 pub mod chat;
 pub mod generate;
 pub mod gguf;
+pub mod lease;
 pub mod quantize;
 pub mod registry;
 pub mod testing;
@@ -24,8 +26,15 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use generate::{Event, GenerateParams, Generation, LoadOptions, LoadedModel, SamplingParams};
+pub use arch::HyperparameterError;
+pub use chat::TemplateError;
+pub use generate::{
+    Event, GenerateParams, Generation, LoadOptions, LoadedModel, Prompt, SamplingParams,
+    prompt_digest,
+};
+pub use lease::ModelLease;
 pub use registry::{ModelRecord, ModelRef, Registry, RegistryError};
+pub use tokenizer::TokenizerError;
 
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -51,13 +60,26 @@ pub enum EngineError {
     )]
     OverBudget { needed: u64, budget: u64 },
     #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    Tokenizer(#[from] TokenizerError),
     #[error("chat template: {0}")]
-    Template(String),
-    #[error("model: {0}")]
-    Model(String),
+    Template(#[from] TemplateError),
+    /// The file's hyperparameters or tensor shapes contradict each other.
+    #[error("{architecture} model: {source}")]
+    Hyperparameters {
+        architecture: String,
+        source: HyperparameterError,
+    },
+    /// candle refused the weights or a computation (its first line: candle appends a
+    /// backtrace when `RUST_BACKTRACE` is set).
+    #[error("model: {}", arch::first_line(source))]
+    Model { source: candle_core::Error },
+    /// The blob could not be opened or locked.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("the prompt is {prompt} tokens, but the context window is {context}")]
     ContextOverflow { prompt: usize, context: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfVocabulary { id: u32, vocab: usize },
 }

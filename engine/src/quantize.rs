@@ -78,8 +78,7 @@ pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, Engi
         move |source| EngineError::Io { path, source }
     };
     let mut file = File::open(src).map_err(io(src))?;
-    let content =
-        gguf_file::Content::read(&mut file).map_err(|e| EngineError::Model(e.to_string()))?;
+    let content = gguf_file::Content::read(&mut file).map_err(crate::arch::model_err)?;
     let dev = Device::Cpu;
     let model_err = crate::arch::model_err;
     let mut report = QuantizeReport {

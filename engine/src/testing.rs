@@ -122,6 +122,15 @@ impl GgufBuilder {
         self
     }
 
+    /// Gives the tensor `name` other dimensions (its data becomes the byte pattern).
+    pub fn reshape(&mut self, name: &str, dims: &[u64]) -> &mut Self {
+        if let Some(i) = self.tensors.iter().position(|t| t.0 == name) {
+            self.tensors[i].1 = dims.to_vec();
+            self.data.remove(&i);
+        }
+        self
+    }
+
     /// An f32 tensor with the given values (row-major, `dims[0]` fastest).
     pub fn tensor_f32(&mut self, name: &str, dims: &[u64], values: &[f32]) -> &mut Self {
         self.data.insert(
@@ -165,7 +174,8 @@ impl GgufBuilder {
     }
 
     /// A tiny runnable model of architecture `arch`: `llama`; `qwen2` (the same shape plus
-    /// q/k/v biases and the qwen2 pre-tokenizer); `qwen3` (plus q/k norms instead); `phi3`
+    /// q/k/v biases and the qwen2 pre-tokenizer); `qwen3` (plus q/k norms instead); `gemma3`
+    /// (q/k norms, post-attention and post-feed-forward norms, a sliding window of 8); `phi3`
     /// (fused q|k|v and gate|up matrices, an untied output head).
     pub fn tiny(arch: &str) -> Self {
         let (hidden, heads, kv_heads, ffn, layers) = (64u64, 4u64, 2u64, 128u64, 2u64);
@@ -184,6 +194,9 @@ impl GgufBuilder {
         b.kv_f32(&key("rope.freq_base"), 10_000.0);
         b.kv_u32(&key("attention.key_length"), head_dim as u32);
         b.kv_u32(&key("attention.value_length"), head_dim as u32);
+        if arch == "gemma3" {
+            b.kv_u32(&key("attention.sliding_window"), 8);
+        }
         let mut tokens: Vec<String> = (0..=255u8).map(byte_level_char).map(String::from).collect();
         let merges = ["h e", "l l"];
         tokens.extend(["<|im_start|>", "<|im_end|>", "he", "ll"].map(String::from));
@@ -265,7 +278,12 @@ impl GgufBuilder {
                 b.tensor_f32(&bias("attn_k"), &[kv], &weights(kv, 0.1));
                 b.tensor_f32(&bias("attn_v"), &[kv], &weights(kv, 0.1));
             }
-            if arch == "qwen3" {
+            if arch == "gemma3" {
+                let ones = vec![1.0; hidden as usize];
+                b.tensor_f32(&name("post_attention_norm"), &[hidden], &ones);
+                b.tensor_f32(&name("post_ffw_norm"), &[hidden], &ones);
+            }
+            if arch == "qwen3" || arch == "gemma3" {
                 b.tensor_f32(
                     &name("attn_q_norm"),
                     &[head_dim],

@@ -42,8 +42,33 @@ const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{
 const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const RE_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-fn tok_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Tokenizer(e.to_string())
+/// Why a tokenizer could not be built from the file, or could not encode or decode.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("the file has no tokenizer (tokenizer.ggml.model)")]
+    Missing,
+    #[error("unsupported tokenizer type '{0}'")]
+    UnsupportedType(String),
+    #[error("missing {0}")]
+    MissingKey(String),
+    #[error("{0} is not an array")]
+    NotAnArray(String),
+    #[error("{key} holds a non-{expected}")]
+    WrongElement { key: String, expected: &'static str },
+    #[error("bad merge '{0}'")]
+    BadMerge(String),
+    #[error("building the tokenizer: {source}")]
+    Build { source: tokenizers::Error },
+    #[error("encoding: {source}")]
+    Encode { source: tokenizers::Error },
+    #[error("decoding: {source}")]
+    Decode { source: tokenizers::Error },
+    #[error("the tokenizer's lock is poisoned (a thread panicked while using it)")]
+    Poisoned,
+}
+
+fn build_err(source: tokenizers::Error) -> EngineError {
+    TokenizerError::Build { source }.into()
 }
 
 struct Meta<'a>(&'a Metadata);
@@ -76,14 +101,18 @@ impl Meta<'_> {
     fn strings(&self, key: &str) -> Result<Vec<String>, EngineError> {
         let arr = self
             .get(key)
-            .ok_or_else(|| tok_err(format!("missing {key}")))?
+            .ok_or_else(|| TokenizerError::MissingKey(key.into()))?
             .to_vec()
-            .map_err(|_| tok_err(format!("{key} is not an array")))?;
+            .map_err(|_| TokenizerError::NotAnArray(key.into()))?;
         arr.iter()
             .map(|v| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|_| tok_err(format!("{key} holds a non-string")))
+                v.to_string().cloned().map_err(|_| {
+                    TokenizerError::WrongElement {
+                        key: key.into(),
+                        expected: "string",
+                    }
+                    .into()
+                })
             })
             .collect()
     }
@@ -98,9 +127,17 @@ impl Meta<'_> {
         };
         let arr = v
             .to_vec()
-            .map_err(|_| tok_err(format!("{key} is not an array")))?;
+            .map_err(|_| TokenizerError::NotAnArray(key.into()))?;
         arr.iter()
-            .map(|v| f(v).ok_or_else(|| tok_err(format!("{key} holds a non-number"))))
+            .map(|v| {
+                f(v).ok_or_else(|| {
+                    TokenizerError::WrongElement {
+                        key: key.into(),
+                        expected: "number",
+                    }
+                    .into()
+                })
+            })
             .collect()
     }
 }
@@ -142,7 +179,7 @@ impl TextTokenizer {
         let m = Meta(md);
         let kind = m
             .string("tokenizer.ggml.model")
-            .ok_or_else(|| tok_err("the file has no tokenizer (tokenizer.ggml.model)"))?;
+            .ok_or(TokenizerError::Missing)?;
         let tokens = m.strings("tokenizer.ggml.tokens")?;
         let types: Vec<u32> = m.numbers("tokenizer.ggml.token_type", |v| match v {
             Value::I32(x) => u32::try_from(*x).ok(),
@@ -166,13 +203,13 @@ impl TextTokenizer {
                     .map(|s| {
                         s.split_once(' ')
                             .map(|(a, b)| (a.to_string(), b.to_string()))
-                            .ok_or_else(|| tok_err(format!("bad merge '{s}'")))
+                            .ok_or_else(|| TokenizerError::BadMerge(s.clone()))
                     })
                     .collect::<Result<_, _>>()?;
                 let bpe = BPE::builder()
                     .vocab_and_merges(bpe_vocab(&vocab), merges)
                     .build()
-                    .map_err(tok_err)?;
+                    .map_err(build_err)?;
                 let mut t = Tokenizer::new(bpe);
                 let pre = m
                     .string("tokenizer.ggml.pre")
@@ -183,7 +220,7 @@ impl TextTokenizer {
                         SplitDelimiterBehavior::Isolated,
                         false,
                     )
-                    .map_err(tok_err)
+                    .map_err(build_err)
                 };
                 let bytes = ByteLevel::new(false, false, false);
                 let pre_tok: tokenizers::PreTokenizerWrapper = match pre.as_str() {
@@ -232,16 +269,16 @@ impl TextTokenizer {
                 if let Some(u) = unk {
                     b = b.unk_token(u);
                 }
-                let mut t = Tokenizer::new(b.build().map_err(tok_err)?);
+                let mut t = Tokenizer::new(b.build().map_err(build_err)?);
                 let mut norms: Vec<NormalizerWrapper> = Vec::new();
                 if add_space_prefix {
                     norms.push(Prepend::new("▁".into()).into());
                 }
-                norms.push(Replace::new(" ", "▁").map_err(tok_err)?.into());
+                norms.push(Replace::new(" ", "▁").map_err(build_err)?.into());
                 t.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)));
                 let mut decoders: Vec<DecoderWrapper> = vec![
                     tokenizers::decoders::DecoderWrapper::Replace(
-                        tokenizers::normalizers::Replace::new("▁", " ").map_err(tok_err)?,
+                        tokenizers::normalizers::Replace::new("▁", " ").map_err(build_err)?,
                     ),
                     ByteFallback::new().into(),
                     Fuse::new().into(),
@@ -252,11 +289,7 @@ impl TextTokenizer {
                 t.with_decoder(Some(DecoderSequence::new(decoders)));
                 t
             }
-            other => {
-                return Err(EngineError::Unsupported(format!(
-                    "tokenizer type '{other}'"
-                )));
-            }
+            other => return Err(TokenizerError::UnsupportedType(other.into()).into()),
         };
         let mut control = HashSet::new();
         let mut added = Vec::new();
@@ -306,7 +339,7 @@ impl TextTokenizer {
         let mut t = self.lock()?;
         t.set_encode_special_tokens(!parse_special);
         Ok(t.encode_fast(text, false)
-            .map_err(tok_err)?
+            .map_err(|source| TokenizerError::Encode { source })?
             .get_ids()
             .to_vec())
     }
@@ -328,7 +361,10 @@ impl TextTokenizer {
             .copied()
             .filter(|i| !(skip_control && self.control.contains(i)))
             .collect();
-        self.lock()?.decode(&kept, false).map_err(tok_err)
+        Ok(self
+            .lock()?
+            .decode(&kept, false)
+            .map_err(|source| TokenizerError::Decode { source })?)
     }
 
     /// The text of one token as the vocabulary spells it.
@@ -339,7 +375,7 @@ impl TextTokenizer {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Tokenizer>, EngineError> {
         self.inner
             .lock()
-            .map_err(|_| EngineError::Tokenizer("tokenizer lock poisoned".into()))
+            .map_err(|_| TokenizerError::Poisoned.into())
     }
 }
 
@@ -378,6 +414,26 @@ impl StreamDecoder {
         self.prefix = self.read;
         self.read = self.ids.len();
         Ok(Some(new))
+    }
+
+    /// The text each of `ids` would add if it came next (without adding it): whole
+    /// characters only, so a token that leaves a character incomplete gives "".
+    pub fn peek(&self, tok: &TextTokenizer, ids: &[u32]) -> Result<Vec<String>, EngineError> {
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let mut window = self.ids[self.prefix..].to_vec();
+        ids.iter()
+            .map(|&id| {
+                window.push(id);
+                let after = tok.decode(&window, true);
+                window.pop();
+                let new = after?.get(before.len()..).unwrap_or_default().to_string();
+                Ok(if new.ends_with('\u{FFFD}') {
+                    String::new()
+                } else {
+                    new
+                })
+            })
+            .collect()
     }
 
     /// Whatever is left at the end (an incomplete character comes out as U+FFFD).
@@ -423,6 +479,10 @@ mod tests {
             pieces,
             [None, Some("é".into()), None, None, None, Some("🚀".into())]
         );
+        // What a token would add, asked before it comes: the same as pushing it.
+        let mut p = StreamDecoder::default();
+        p.push(&t, ids[0]).unwrap();
+        assert_eq!(p.peek(&t, &[ids[1], ids[2]]).unwrap(), ["é", ""]);
         let mut cut = StreamDecoder::default();
         assert_eq!(cut.push(&t, ids[2]).unwrap(), None);
         assert_eq!(cut.finish(&t).unwrap(), "\u{FFFD}");

@@ -143,8 +143,9 @@ fn worker(ctx: &Context, a: &BenchArgs) -> anyhow::Result<WorkerReport> {
         .max()
         .unwrap_or(0)
         .max(a.generate + 1);
-    let (record, mut model, _held) = load(ctx, a.model.as_deref(), Some(longest + 16))?;
-    let vocab = model.tokenizer.vocab_size.max(2) as u64;
+    let mut lease = load(ctx, a.model.as_deref(), Some(longest + 16))?;
+    let (model, record) = (&mut lease.model, &lease.record);
+    let vocab = model.vocab_size().max(2) as u64;
     let mut results = Vec::new();
     for &p in &a.prompt {
         // Deterministic, varied ids (what llama-bench does with random ones).
@@ -170,7 +171,7 @@ fn worker(ctx: &Context, a: &BenchArgs) -> anyhow::Result<WorkerReport> {
     }
     Ok(WorkerReport {
         model: record.label(),
-        quantization: record.quantization,
+        quantization: record.quantization.clone(),
         load_ms: model.load_ms,
         peak_rss_bytes: peak_rss(),
         results,

@@ -6,11 +6,11 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
 use outpost_engine::chat::Message;
-use outpost_engine::registry::{ModelRecord, ModelRef, Registry};
-use outpost_engine::{GenerateParams, LoadOptions, LoadedModel, SamplingParams};
+use outpost_engine::generate::TopLogprob;
+use outpost_engine::registry::{ModelRecord, Registry, RegistryError};
+use outpost_engine::{Event, GenerateParams, LoadOptions, ModelLease, Prompt, SamplingParams};
 use outpost_policy::audit::{Entry, Outcome};
 use outpost_policy::rbac::Action;
-use sha2::{Digest, Sha256};
 
 use super::print_json;
 use crate::cli::GenerateArgs;
@@ -18,16 +18,12 @@ use crate::context::{Context, local_actor};
 
 /// Finds the model a REF or alias names (default: the alias `default`).
 pub fn resolve(reg: &Registry, reference: Option<&str>) -> anyhow::Result<ModelRecord> {
-    let name = reference.unwrap_or("default");
-    if let Some(m) = reg.alias(name)? {
-        return Ok(m);
-    }
-    if reference.is_none() {
-        anyhow::bail!(
+    match reg.resolve_ref_or_alias(reference.unwrap_or("default")) {
+        Err(RegistryError::NotFound(_)) if reference.is_none() => anyhow::bail!(
             "no model is active as 'default': import one and run `outpost models activate NAME`"
-        );
+        ),
+        found => Ok(found?),
     }
-    Ok(reg.resolve(&name.parse::<ModelRef>()?)?)
 }
 
 /// Loads a model from the registry, holding its blob so that it is not deleted meanwhile.
@@ -35,18 +31,16 @@ pub fn load(
     ctx: &Context,
     reference: Option<&str>,
     context: Option<usize>,
-) -> anyhow::Result<(ModelRecord, LoadedModel, std::fs::File)> {
+) -> anyhow::Result<ModelLease> {
     let reg = Registry::open_read_only(ctx.data_dir().root())?;
     let record = resolve(&reg, reference)?;
-    let held = reg.blobs().open_shared(&record.sha256)?;
     let engine = &ctx.loaded.config.engine;
     let opts = LoadOptions {
         context_length: context.or(engine.context_length.map(|c| c as usize)),
         memory_budget: engine.memory_budget.map(|b| b.0),
     };
-    let model = LoadedModel::load(&reg.model_path(&record), &opts)
-        .with_context(|| format!("cannot load {}", record.label()))?;
-    Ok((record, model, held))
+    let label = record.label();
+    ModelLease::load(reg.blobs(), record, &opts).with_context(|| format!("cannot load {label}"))
 }
 
 pub fn run(ctx: &Context, a: GenerateArgs) -> anyhow::Result<ExitCode> {
@@ -55,25 +49,28 @@ pub fn run(ctx: &Context, a: GenerateArgs) -> anyhow::Result<ExitCode> {
         a.temperature >= 0.0 && a.temperature.is_finite(),
         "--temperature must be 0 or more"
     );
-    let (record, mut model, _held) = load(ctx, a.model.as_deref(), a.context)?;
+    // The lease holds the blob's lock for as long as the model is used.
+    let mut lease = load(ctx, a.model.as_deref(), a.context)?;
+    let (model, record) = (&mut lease.model, &lease.record);
     if a.chat.is_some() && model.chat.is_fallback() {
         eprintln!(
             "note: {} has no chat template; using a plain 'role: text' prompt",
             record.label()
         );
     }
-    let prompt = match (&a.prompt, &a.chat) {
-        (Some(p), _) => model.encode_text(p)?,
+    let input = match (&a.prompt, &a.chat) {
+        (Some(p), _) => Prompt::Text(p.clone()),
         (None, Some(c)) => {
             let mut messages = Vec::new();
             if let Some(s) = &a.system {
                 messages.push(Message::new("system", s));
             }
             messages.push(Message::new("user", c));
-            model.encode_chat(&messages)?
+            Prompt::Chat(messages)
         }
         (None, None) => anyhow::bail!("give --prompt or --chat"),
     };
+    let prompt = model.prompt_ids(&input)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {
@@ -92,21 +89,30 @@ pub fn run(ctx: &Context, a: GenerateArgs) -> anyhow::Result<ExitCode> {
     let cancel = AtomicBool::new(false);
     let stream = !ctx.json;
     let mut out = std::io::stdout();
-    let generation = model.generate(
+    let mut top: Vec<Vec<TopLogprob>> = Vec::new();
+    let generation = model.generate_with(
         &prompt,
         &params,
-        &mut |piece| {
-            if stream {
-                let _ = out.write_all(piece.as_bytes());
-                let _ = out.flush();
+        &mut |event| match event {
+            Event::Token { top: Some(t), .. } => top.push(t.to_vec()),
+            Event::Token { .. } => {}
+            Event::Text(piece) => {
+                if stream {
+                    let _ = out.write_all(piece.as_bytes());
+                    let _ = out.flush();
+                }
             }
         },
         &cancel,
     )?;
-    record_inference(ctx, &record, &a, &generation);
+    record_inference(ctx, record, &input, prompt.len(), &generation);
     if ctx.json {
         let mut v = serde_json::to_value(&generation)?;
         v["model"] = serde_json::Value::String(record.label());
+        v["prompt_tokens"] = serde_json::to_value(&prompt)?;
+        if params.top_logprobs > 0 {
+            v["top_logprobs"] = serde_json::to_value(&top)?;
+        }
         print_json(&v)?;
     } else {
         println!();
@@ -119,14 +125,10 @@ pub fn run(ctx: &Context, a: GenerateArgs) -> anyhow::Result<ExitCode> {
 fn record_inference(
     ctx: &Context,
     record: &ModelRecord,
-    a: &GenerateArgs,
+    input: &Prompt,
+    prompt_tokens: usize,
     g: &outpost_engine::Generation,
 ) {
-    let text = a
-        .prompt
-        .clone()
-        .or_else(|| a.chat.clone())
-        .unwrap_or_default();
     let mut e = Entry::new(
         &local_actor(),
         Action::InferenceRun.as_str(),
@@ -135,8 +137,8 @@ fn record_inference(
     );
     e.resource = Some(record.label());
     e.details = serde_json::json!({
-        "prompt_sha256": hex::encode(Sha256::digest(text.as_bytes())),
-        "prompt_tokens": g.prompt_tokens.len(),
+        "prompt_sha256": input.digest(),
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": g.tokens.len(),
         "finish_reason": g.finish_reason,
     });

@@ -4,26 +4,19 @@
 //! A model is retired by dropping the last [`ModelWorker`] handle: the thread finishes the
 //! jobs already queued, then exits and frees the model (and the blob it holds open).
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use outpost_engine::chat::Message;
 use outpost_engine::registry::ModelRecord;
-use outpost_engine::{EngineError, Event, GenerateParams, Generation, LoadedModel};
+use outpost_engine::{EngineError, Event, GenerateParams, Generation, LoadedModel, ModelLease};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
 
 /// What to generate from.
-#[derive(Debug)]
-pub enum Input {
-    Chat(Vec<Message>),
-    Text(String),
-    Tokens(Vec<u32>),
-}
+pub use outpost_engine::Prompt as Input;
 
 /// One token with its log-probability, as the API reports it.
 #[derive(Debug, Clone)]
@@ -77,22 +70,20 @@ pub struct ModelWorker {
 }
 
 impl ModelWorker {
-    /// Starts the engine thread for an already loaded `model`; `held` (the blob, opened
-    /// shared) lives as long as the thread.
+    /// Starts the engine thread for an already loaded model; the lease (and with it the
+    /// blob's shared lock) lives as long as the thread.
     pub fn start(
-        record: ModelRecord,
-        model: LoadedModel,
-        held: File,
+        lease: ModelLease,
         queue_length: usize,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = sync_channel(queue_length);
         let depth = Arc::new(AtomicUsize::new(0));
         let worker = Arc::new(Self {
-            context_length: model.context_length,
-            vocab_size: model.tokenizer.vocab_size,
-            load_ms: model.load_ms,
-            record,
+            context_length: lease.model.context_length,
+            vocab_size: lease.model.vocab_size(),
+            load_ms: lease.model.load_ms,
+            record: lease.record.clone(),
             queue: tx,
             depth: depth.clone(),
             live: Mutex::new(Vec::new()),
@@ -101,8 +92,9 @@ impl ModelWorker {
         std::thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || {
-                run(model, rx, &depth, &metrics);
-                drop(held);
+                let mut lease = lease;
+                run(&mut lease.model, rx, &depth, &metrics);
+                drop(lease);
                 // The model's memory is free now: give it back, not just to the allocator.
                 crate::sys::release_free_memory();
             })?;
@@ -141,13 +133,13 @@ impl ModelWorker {
     }
 }
 
-fn run(mut model: LoadedModel, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) {
+fn run(model: &mut LoadedModel, rx: Receiver<Job>, depth: &AtomicUsize, metrics: &Metrics) {
     // Ends when every sender is gone: the model was swapped out and its last request is done.
     while let Ok(job) = rx.recv() {
         depth.fetch_sub(1, Ordering::SeqCst);
         // A client that left while its job waited costs nothing.
         if !job.cancel.load(Ordering::SeqCst) {
-            run_job(&mut model, &job, metrics);
+            run_job(model, &job, metrics);
             // An idle engine holds the weights, not the last request's KV cache and scratch.
             model.clear_cache();
             crate::sys::release_free_memory();
@@ -162,41 +154,29 @@ fn run_job(model: &mut LoadedModel, job: &Job, metrics: &Metrics) {
             job.cancel.store(true, Ordering::SeqCst);
         }
     };
-    let prompt = match &job.input {
-        Input::Chat(messages) => model.encode_chat(messages),
-        Input::Text(text) => model.encode_text(text),
-        Input::Tokens(ids) => Ok(ids.clone()),
-    };
-    let prompt = match prompt {
-        Ok(p) if p.is_empty() => return send(JobEvent::Failed(EngineError::EmptyPrompt)),
-        Ok(p) if p.len() >= model.context_length => {
-            return send(JobEvent::Failed(EngineError::ContextOverflow {
-                prompt: p.len(),
-                context: model.context_length,
-            }));
-        }
+    let prompt = match model.prompt_ids(&job.input) {
         Ok(p) => p,
         Err(e) => return send(JobEvent::Failed(e)),
     };
     send(JobEvent::Started {
         prompt_tokens: prompt.len(),
     });
-    let tokenizer = model.tokenizer.clone();
-    let piece = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
     let started = Instant::now();
     let result = model.generate_with(
         &prompt,
         &job.params,
         &mut |event| match event {
-            Event::Token { logprob, top, id } => {
+            Event::Token {
+                text, logprob, top, ..
+            } => {
                 if let Some(logprob) = logprob {
                     send(JobEvent::Token(TokenInfo {
-                        text: piece(id),
+                        text: text.to_string(),
                         logprob,
                         top: top
                             .unwrap_or_default()
                             .iter()
-                            .map(|t| (piece(t.id), t.logprob))
+                            .map(|t| (t.text.clone(), t.logprob))
                             .collect(),
                     }));
                 }
@@ -207,7 +187,7 @@ fn run_job(model: &mut LoadedModel, job: &Job, metrics: &Metrics) {
     );
     match result {
         Ok(g) => {
-            metrics.record_generation(&g, started.elapsed());
+            metrics.record_generation(prompt.len(), &g, started.elapsed());
             send(JobEvent::Done(Box::new(g)));
         }
         Err(e) => send(JobEvent::Failed(e)),

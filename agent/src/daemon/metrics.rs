@@ -171,8 +171,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_generation(&self, g: &Generation, took: Duration) {
-        self.prompt_tokens.inc_by(g.prompt_tokens.len() as u64);
+    pub fn record_generation(&self, prompt_tokens: usize, g: &Generation, took: Duration) {
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
         self.generated_tokens.inc_by(g.tokens.len() as u64);
         self.prefill_tps.set(g.timings.prefill_tokens_per_s);
         if !g.tokens.is_empty() {

@@ -141,20 +141,14 @@ impl Serving for State {
     }
 
     fn stage(&self, c: Candidate) -> Result<Arc<ModelWorker>, ActivationError> {
-        let label = c.record.label();
+        let label = c.lease.record.label();
         self.metrics
-            .model_loaded(Duration::from_millis(c.model.load_ms));
-        let worker = ModelWorker::start(
-            c.record,
-            c.model,
-            c.blob,
-            self.api.queue_length,
-            self.metrics.clone(),
-        )
-        .map_err(|source| ActivationError::Start {
-            model: label,
-            source,
-        })?;
+            .model_loaded(Duration::from_millis(c.lease.model.load_ms));
+        let worker = ModelWorker::start(c.lease, self.api.queue_length, self.metrics.clone())
+            .map_err(|source| ActivationError::Start {
+                model: label,
+                source,
+            })?;
         crate::sys::release_free_memory();
         Ok(worker)
     }

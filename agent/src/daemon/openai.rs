@@ -14,13 +14,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use outpost_engine::chat::Message;
 use outpost_engine::generate::FinishReason;
-use outpost_engine::registry::ModelRef;
 use outpost_engine::{EngineError, GenerateParams, Generation, SamplingParams};
 use outpost_policy::audit::{Entry, Outcome};
 use outpost_policy::rbac::Action;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::State;
@@ -198,15 +196,15 @@ pub async fn chat_completions(
     if top > 0 && !logprobs {
         return Err(ApiError::bad_request("top_logprobs needs logprobs: true"));
     }
-    let digest = Sha256::digest(serde_json::to_vec(&messages).unwrap_or_default());
-    let prompt_sha = hex::encode(digest);
+    let input = Input::Chat(messages);
+    let prompt_sha = input.digest();
     run(
         state,
         rid,
         identity,
         Kind::Chat,
         req.common,
-        Input::Chat(messages),
+        input,
         (logprobs, top as usize),
         prompt_sha,
     )
@@ -228,27 +226,14 @@ pub async fn completions(
         return Err(ApiError::bad_request("suffix is not supported"));
     }
     let one = "n=1 only: give one prompt per request";
-    let (input, digest) = match req.prompt {
-        Prompt::Text(t) => {
-            let d = Sha256::digest(t.as_bytes());
-            (Input::Text(t), d)
-        }
-        Prompt::Texts(mut v) if v.len() == 1 => {
-            let t = v.remove(0);
-            let d = Sha256::digest(t.as_bytes());
-            (Input::Text(t), d)
-        }
-        Prompt::Tokens(ids) => {
-            let d = Sha256::digest(tokens_bytes(&ids));
-            (Input::Tokens(ids), d)
-        }
-        Prompt::TokenLists(mut v) if v.len() == 1 => {
-            let ids = v.remove(0);
-            let d = Sha256::digest(tokens_bytes(&ids));
-            (Input::Tokens(ids), d)
-        }
+    let input = match req.prompt {
+        Prompt::Text(t) => Input::Text(t),
+        Prompt::Texts(mut v) if v.len() == 1 => Input::Text(v.remove(0)),
+        Prompt::Tokens(ids) => Input::Tokens(ids),
+        Prompt::TokenLists(mut v) if v.len() == 1 => Input::Tokens(v.remove(0)),
         _ => return Err(ApiError::bad_request(one)),
     };
+    let digest = input.digest();
     let top = req.logprobs.unwrap_or(-1);
     if !(-1..=5).contains(&top) {
         return Err(ApiError::bad_request("logprobs must be between 0 and 5"));
@@ -261,13 +246,9 @@ pub async fn completions(
         req.common,
         input,
         (top >= 0, top.max(0) as usize),
-        hex::encode(digest),
+        digest,
     )
     .await
-}
-
-fn tokens_bytes(ids: &[u32]) -> Vec<u8> {
-    ids.iter().flat_map(|i| i.to_le_bytes()).collect()
 }
 
 /// The body as JSON of type `T`, or a 4xx that says what is wrong.
@@ -386,22 +367,7 @@ async fn resolve(state: &Arc<State>, name: Option<&str>) -> Result<Arc<ModelWork
         return Ok(c.clone());
     }
     let s = state.clone();
-    let lookup = name.clone();
-    let record = blocking(move || {
-        let reg = lock_registry(&s)?;
-        if let Some(m) = reg.alias(&lookup)? {
-            return Ok(m);
-        }
-        let r: ModelRef = lookup.parse().map_err(|_| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("no model or alias '{lookup}' in the registry"),
-            )
-        })?;
-        Ok(reg.resolve(&r)?)
-    })
-    .await?;
+    let record = blocking(move || Ok(lock_registry(&s)?.resolve_ref_or_alias(&name)?)).await?;
     match current {
         Some(c) if c.record.sha256 == record.sha256 => Ok(c),
         Some(c) => Err(ApiError::bad_request(format!(
@@ -581,9 +547,9 @@ fn engine_error(e: &EngineError) -> ApiError {
             "context_length_exceeded",
             e.to_string(),
         ),
-        EngineError::Template(_) | EngineError::Tokenizer(_) => {
-            ApiError::bad_request(e.to_string())
-        }
+        EngineError::Template(_)
+        | EngineError::Tokenizer(_)
+        | EngineError::TokenOutOfVocabulary { .. } => ApiError::bad_request(e.to_string()),
         _ => ApiError::internal(e.to_string()),
     }
 }
@@ -719,7 +685,7 @@ async fn whole(
                     vec![answer.choice(&g.text, &tokens, Some(finish), false)],
                     false,
                 );
-                body["usage"] = usage(g.prompt_tokens.len(), g.tokens.len());
+                body["usage"] = usage(audited.prompt_tokens, g.tokens.len());
                 return Ok(axum::Json(body).into_response());
             }
             JobEvent::Failed(e) => {
@@ -740,15 +706,15 @@ async fn settle(audited: &mut Audited, g: &Generation) {
     } else {
         (Outcome::Success, "answered")
     };
-    if let Some(e) = audited.take(outcome, reason, outcome_details(g))
+    if let Some(e) = audited.take(outcome, reason, outcome_details(audited.prompt_tokens, g))
         && let Err(err) = audited.state.record(e).await
     {
         tracing::error!(error = %err, "The outcome of an inference was not recorded.");
     }
 }
 
-fn outcome_details(g: &Generation) -> Value {
-    json!({"prompt_tokens": g.prompt_tokens.len(), "completion_tokens": g.tokens.len(),
+fn outcome_details(prompt_tokens: usize, g: &Generation) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": g.tokens.len(),
         "finish_reason": g.finish_reason,
         "prefill_tokens_per_s": (g.timings.prefill_tokens_per_s * 10.0).round() / 10.0,
         "decode_tokens_per_s": (g.timings.decode_tokens_per_s * 10.0).round() / 10.0})
@@ -825,7 +791,7 @@ fn stream(answer: Answer, rx: UnboundedReceiver<JobEvent>, audited: Audited) -> 
                     }
                     if st.answer.include_usage {
                         let mut u = st.answer.envelope(Vec::new(), true);
-                        u["usage"] = usage(g.prompt_tokens.len(), g.tokens.len());
+                        u["usage"] = usage(st.audited.prompt_tokens, g.tokens.len());
                         out.push_str(&format!("data: {u}\n\n"));
                     }
                     out.push_str("data: [DONE]\n\n");

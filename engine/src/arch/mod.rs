@@ -15,9 +15,12 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_phi3, quantized_qwen2, quantized_qwen3};
 
+mod check;
 mod common;
 mod gemma3;
 mod llama;
+
+pub use check::{HyperparameterError, check as check_hyperparameters};
 
 use crate::EngineError;
 
@@ -39,10 +42,15 @@ pub enum Weights {
     Phi3(quantized_phi3::ModelWeights),
 }
 
-/// candle's message, without the backtrace it appends when RUST_BACKTRACE is set.
-pub(crate) fn model_err(e: candle_core::Error) -> EngineError {
-    let text = e.to_string();
-    EngineError::Model(text.lines().next().unwrap_or_default().to_string())
+/// candle's error, kept as the source.
+pub(crate) fn model_err(source: candle_core::Error) -> EngineError {
+    EngineError::Model { source }
+}
+
+/// The first line of candle's message, without the backtrace it appends when
+/// `RUST_BACKTRACE` is set.
+pub(crate) fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// The GGUF header as candle reads it (metadata with arrays, tensor infos).

@@ -572,6 +572,19 @@ impl Registry {
             .ok_or(RegistryError::NotFound(text))
     }
 
+    /// The model `name` stands for, as every command and the API read a model name: an
+    /// alias first (`default`, `chat`, …), else a reference (`NAME`, `NAME:VERSION`,
+    /// `sha256:PREFIX`). A name that is neither gives [`RegistryError::NotFound`].
+    pub fn resolve_ref_or_alias(&self, name: &str) -> Result<ModelRecord> {
+        if let Some(m) = self.alias(name)? {
+            return Ok(m);
+        }
+        match name.parse::<ModelRef>() {
+            Ok(reference) => self.resolve(&reference),
+            Err(_) => Err(RegistryError::NotFound(name.to_string())),
+        }
+    }
+
     /// The model an alias points to, if any.
     pub fn alias(&self, alias: &str) -> Result<Option<ModelRecord>> {
         let id: Option<i64> = self

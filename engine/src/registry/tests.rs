@@ -152,6 +152,28 @@ fn references_resolve_by_name_version_and_digest() {
 }
 
 #[test]
+fn a_name_resolves_as_an_alias_first_then_as_a_reference() {
+    let mut f = Fixture::new();
+    for salt in 0..2 {
+        f.import(&Fixture::salted(salt), "m", None).unwrap();
+    }
+    f.reg.activate(&r("m:1"), "default").unwrap();
+    let by = |reg: &Registry, name: &str| reg.resolve_ref_or_alias(name).map(|m| m.label());
+    assert_eq!(by(&f.reg, "default").unwrap(), "m:1", "the alias");
+    assert_eq!(by(&f.reg, "m").unwrap(), "m:2", "the latest version");
+    assert_eq!(by(&f.reg, "m:1").unwrap(), "m:1");
+    // An alias named like a model wins: it is what an operator activated.
+    f.reg.activate(&r("m:1"), "m").unwrap();
+    assert_eq!(by(&f.reg, "m").unwrap(), "m:1");
+    for missing in ["chat", "sha256:zz", "nope:3", "a b"] {
+        match f.reg.resolve_ref_or_alias(missing) {
+            Err(RegistryError::NotFound(n)) => assert_eq!(n, missing),
+            other => panic!("{missing}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn activate_and_rollback_walk_back_through_history() {
     let mut f = Fixture::new();
     for salt in 0..3 {

@@ -70,6 +70,22 @@ fn smollm2_answers_a_chat_prompt_offline() {
         prompt.len() as u64
     );
     assert!(!rec.to_string().contains("capital of France"), "{rec}");
+    // The prompt's digest is the documented one (docs/audit-format.md), computed here
+    // independently: of the text for --prompt, of the JSON messages for --chat (as the
+    // daemon does for a chat with the same messages).
+    let sha = |s: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(s.as_bytes()));
+    let digests: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["details"]["prompt_sha256"].as_str())
+        .collect();
+    assert!(
+        digests.contains(&sha("The capital of France is").as_str()),
+        "{digests:?}"
+    );
+    let chat = r#"[{"role":"user","content":"What is the capital of France?"}]"#;
+    assert!(digests.contains(&sha(chat).as_str()), "{digests:?}");
 }
 
 #[test]
