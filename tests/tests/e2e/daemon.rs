@@ -497,9 +497,9 @@ fn each_role_gets_401_403_or_200_as_the_policy_says_and_all_are_audited() {
         .collect();
     assert_eq!(runs.len(), 3);
     // The digest the CLI records for the same messages (docs/audit-format.md).
-    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-        r#"[{"role":"user","content":"secret prompt 42"}]"#,
-    ));
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(format!(
+        r#"[{{"role":"user","content":"{PROMPT_CANARY}"}}]"#
+    )));
     for r in &runs {
         assert_eq!(r["resource"], "tiny:1");
         assert_eq!(r["details"]["prompt_sha256"], digest.as_str());
