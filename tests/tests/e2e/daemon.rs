@@ -37,16 +37,7 @@ impl Agent {
 
     /// On a given device (e.g. one whose data directory is a small mount).
     pub fn on(d: Device, api: &str) -> Self {
-        let keys = d.root.path().join("keys");
-        d.run(&[
-            "keys",
-            "generate",
-            "--out",
-            keys.to_str().unwrap(),
-            "--name",
-            "admin-1",
-        ])
-        .ok();
+        let keys = d.issuer_keys("admin-1");
         std::fs::write(
             &d.config,
             format!(
@@ -1474,16 +1465,7 @@ fn the_systemd_unit_and_the_example_config_match_the_daemon() {
     d.run(&["config", "check"]).ok();
     // Uncomment every `# key = value` line: the documented keys must all exist. The issuer's
     // key file must exist too, so point it at a real one.
-    let keys_dir = d.root.path().join("keys");
-    d.run(&[
-        "keys",
-        "generate",
-        "--out",
-        keys_dir.to_str().unwrap(),
-        "--name",
-        "admin-1",
-    ])
-    .ok();
+    let keys_dir = d.issuer_keys("admin-1");
     let on: String = example
         .lines()
         .map(|l| match l.strip_prefix("# ") {

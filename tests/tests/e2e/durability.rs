@@ -163,16 +163,7 @@ fn an_audit_record_is_synced_before_it_is_acknowledged() {
         return;
     };
     let d = Device::new();
-    let keys = d.root.path().join("keys");
-    d.run(&[
-        "keys",
-        "generate",
-        "--out",
-        keys.to_str().unwrap(),
-        "--name",
-        "k1",
-    ])
-    .ok();
+    let keys = d.issuer_keys("k1");
     std::fs::write(
         &d.config,
         format!(

@@ -30,16 +30,7 @@ impl Secured {
 
     fn with_data(data: Option<PathBuf>) -> Self {
         let d = data.map_or_else(Device::new, Device::with_data);
-        let keys = d.root.path().join("keys");
-        d.run(&[
-            "keys",
-            "generate",
-            "--out",
-            keys.to_str().unwrap(),
-            "--name",
-            "admin-1",
-        ])
-        .ok();
+        let keys = d.issuer_keys("admin-1");
         std::fs::write(
             &d.config,
             format!(
@@ -520,16 +511,7 @@ fn both_verifiers_refuse_every_tampered_export() {
     }
     let pem = s.d.root.path().join("device.pub.pem");
     std::fs::write(&pem, s.d.run(&["keys", "device"]).ok()).unwrap();
-    let keys = s.d.root.path().join("keys");
-    s.d.run(&[
-        "keys",
-        "generate",
-        "--out",
-        keys.to_str().unwrap(),
-        "--name",
-        "attacker",
-    ])
-    .ok();
+    let keys = s.d.issuer_keys("attacker");
     let attacker = KeyPair::load(&keys.join("attacker.key.pem")).unwrap();
     let attacker_pem = keys.join("attacker.pub.pem");
     let export = s.export("audit.jsonl");

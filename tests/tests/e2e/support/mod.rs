@@ -125,6 +125,16 @@ impl Device {
         Run::from(self.command().args(args).output().expect("run outpost"))
     }
 
+    /// `keys generate --out <root>/keys --name NAME`: an issuer key pair; the folder holding
+    /// `NAME.key.pem` and `NAME.pub.pem`.
+    pub fn issuer_keys(&self, name: &str) -> PathBuf {
+        let keys = self.root.path().join("keys");
+        let out = keys.to_str().expect("a UTF-8 path");
+        self.run(&["keys", "generate", "--out", out, "--name", name])
+            .ok();
+        keys
+    }
+
     /// `models import PATH --name NAME [extra…]`.
     pub fn import(&self, path: &Path, name: &str, extra: &[&str]) -> Run {
         let path = path.to_str().expect("a UTF-8 path");
