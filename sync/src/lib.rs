@@ -4,5 +4,11 @@
 //! strings are built), the connection (only `conn.rs` knows rumqttc), the durable outbox in
 //! `outbox.db`, chunked blob transfer with resume, the device sync loop and the `outpost-hub`.
 //!
+//! Built so far: [`protocol`] (topics, messages, the size-capped decoder, audit batches).
+//!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
+
+pub mod protocol;
+
+pub use protocol::ProtocolError;
