@@ -4,11 +4,23 @@
 //! strings are built), the connection (only `conn.rs` knows rumqttc), the durable outbox in
 //! `outbox.db`, chunked blob transfer with resume, the device sync loop and the `outpost-hub`.
 //!
-//! Built so far: [`protocol`] (topics, messages, the size-capped decoder, audit batches).
+//! Built so far: [`protocol`] (topics, messages, the size-capped decoder, audit batches) and
+//! [`outbox`] (`outbox.db`: the audit upload cursor, the telemetry queue, the link's status).
 //!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
 
+pub mod outbox;
 pub mod protocol;
 
+pub use outbox::{Outbox, OutboxError, OutboxStatus};
 pub use protocol::ProtocolError;
+
+/// Any error of this crate, for the sync loop that meets them all.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
