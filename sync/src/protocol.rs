@@ -806,7 +806,8 @@ mod tests {
 
     /// Runs one line of input and compares what happened with `expect`. Inputs:
     /// `topic T` (parse a topic), `id S` (a device id), `status|ack|batch|telemetry|state
-    /// [max=N] JSON` (decode a payload, with a size cap of N, default 4096).
+    /// [max=N] JSON` (decode a payload, with a size cap of N, default 4096), `encode max=N
+    /// JSON` (decode a status, then encode it under a cap of N).
     fn check(input: &str, expect: &str) {
         let (what, rest) = input.split_once(' ').unwrap_or((input, ""));
         let (max, json) = match rest.strip_prefix("max=") {
@@ -826,6 +827,11 @@ mod tests {
             "topic" => show(parse_topic(rest)),
             "id" => show(DeviceId::new(rest)),
             "status" => show(decode::<Status>(json.as_bytes(), max)),
+            "encode" => show(
+                decode::<Status>(json.as_bytes(), 4096)
+                    .and_then(|m| encode(&m, max))
+                    .map(|b| String::from_utf8(b).unwrap()),
+            ),
             "ack" => show(decode::<AuditAck>(json.as_bytes(), max)),
             "telemetry" => show(decode::<Telemetry>(json.as_bytes(), max)),
             "state" => show(decode::<ReportedState>(json.as_bytes(), max)),
@@ -966,6 +972,15 @@ mod tests {
         check(
             "ack max=3 not json at all",
             "err: audit ack message of 15 bytes is over the limit of 3 bytes",
+        );
+        // What is sent is size-checked too.
+        check(
+            r#"encode max=49 {"agent_version":"0.1.0","state":"offline","v":1}"#,
+            r#"ok: "{\"v\":1,\"state\":\"offline\",\"agent_version\":\"0.1.0\"}""#,
+        );
+        check(
+            r#"encode max=48 {"v":1,"state":"offline","agent_version":"0.1.0"}"#,
+            "err: status message of 49 bytes is over the limit of 48 bytes",
         );
         // Versions.
         check(
