@@ -4,15 +4,18 @@
 //! strings are built), the connection (only `conn.rs` knows rumqttc), the durable outbox in
 //! `outbox.db`, chunked blob transfer with resume, the device sync loop and the `outpost-hub`.
 //!
-//! Built so far: [`protocol`] (topics, messages, the size-capped decoder, audit batches) and
-//! [`outbox`] (`outbox.db`: the audit upload cursor, the telemetry queue, the link's status).
+//! Built so far: [`protocol`] (topics, messages, the size-capped decoder, audit batches),
+//! [`outbox`] (`outbox.db`: the audit upload cursor, the telemetry queue, the link's status)
+//! and [`conn`] (the broker link: rumqttc over rustls, reconnects, size checks, events).
 //!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
 
+pub mod conn;
 pub mod outbox;
 pub mod protocol;
 
+pub use conn::ConnError;
 pub use outbox::{Outbox, OutboxError, OutboxStatus};
 pub use protocol::ProtocolError;
 
@@ -23,4 +26,6 @@ pub enum SyncError {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Conn(#[from] ConnError),
 }
