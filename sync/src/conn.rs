@@ -60,7 +60,7 @@ pub const REQUEST_QUEUE: usize = 256;
 pub const EVENT_QUEUE: usize = 1024;
 /// A connection that stayed up this long resets the backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(30);
-/// How long a graceful stop waits for queued publishes and the DISCONNECT to leave.
+/// How long a graceful stop waits for queued publishes to be acked and the broker to close.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Largest `max_packet_size` MQTT 3.1.1 can carry (remaining length of 268,435,455 bytes).
 pub const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
@@ -862,58 +862,79 @@ impl Link {
         self.inflight.clear();
     }
 
-    /// The graceful stop: no new publishes; what rumqttc holds is written, then the offline
-    /// status, then DISCONNECT, all within [`STOP_GRACE`]. PubAcks that arrive meanwhile
-    /// still reach the caller if there is room; the rest are resent after the next start.
+    /// The graceful stop, within [`STOP_GRACE`]: no new publishes; the offline status is
+    /// queued after what rumqttc holds; once all of them are acked, DISCONNECT; then the
+    /// link reads until the broker closes the connection. (Returning right after writing
+    /// DISCONNECT lost publishes written just before it, with Mosquitto 2.0.11 here: most
+    /// likely the reset a socket closed with PubAcks unread sends, which makes the broker
+    /// drop what it had not read yet.) PubAcks that
+    /// arrive meanwhile reach the caller if there is room; the rest are resent after the
+    /// next start.
     async fn stop(&mut self, broker: &str) {
         let will = self.session.will.clone();
-        {
+        let will_id = {
             let mut shared = lock(&self.shared);
             shared.stopped = true;
-            if let Err(e) =
-                self.client
-                    .try_publish(will.topic, QoS::AtLeastOnce, true, will.payload)
+            match self
+                .client
+                .try_publish(will.topic, QoS::AtLeastOnce, true, will.payload)
             {
-                warn!(broker, error = %e, "Offline status not queued.");
+                Ok(()) => {
+                    shared.next_id += 1;
+                    let id = PublishId(shared.next_id);
+                    shared.unwritten.push_back(id);
+                    Some(id)
+                }
+                Err(e) => {
+                    warn!(broker, error = %e, "Offline status not queued.");
+                    None
+                }
             }
-            if let Err(e) = self.client.try_disconnect() {
-                warn!(broker, error = %e, "Disconnect not queued.");
-            }
-        }
+        };
         let deadline = Instant::now() + STOP_GRACE;
+        let mut disconnecting = false;
         loop {
+            let done = lock(&self.shared).unwritten.is_empty() && self.inflight.is_empty();
+            if done && !disconnecting {
+                if let Err(e) = self.client.try_disconnect() {
+                    warn!(broker, error = %e, "Disconnect not queued.");
+                    break;
+                }
+                disconnecting = true;
+            }
             match tokio::time::timeout_at(deadline, self.eventloop.poll()).await {
                 Err(_) => {
-                    warn!(broker, "Stop grace period over before DISCONNECT left.");
+                    warn!(
+                        broker,
+                        disconnecting, "Stop grace period over; closing anyway."
+                    );
+                    break;
+                }
+                // After DISCONNECT the broker closes the connection: the clean end.
+                Ok(Err(_)) if disconnecting => {
+                    info!(broker, "Disconnected.");
                     break;
                 }
                 Ok(Err(e)) => {
                     warn!(broker, error = %describe(&e), "Connection lost while stopping.");
                     break;
                 }
-                Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => {
-                    info!(broker, "Disconnected.");
-                    break;
-                }
-                Ok(Ok(event)) => {
-                    // PubAcks of the last publishes still reach a caller that listens.
-                    if let Event::Incoming(Incoming::PubAck(ack)) = &event
-                        && let Some(id) = self.inflight.remove(&ack.pkid)
+                Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
+                    if let Some(id) = self.inflight.remove(&ack.pkid)
+                        && Some(id) != will_id
                     {
                         let _ = self.events.try_send(LinkEvent::PubAck(id));
-                        continue;
                     }
-                    if let Event::Outgoing(Outgoing::Publish(pkid)) = event
-                        && let Some(id) = lock(&self.shared).unwritten.pop_front()
-                    {
+                }
+                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if let Some(id) = lock(&self.shared).unwritten.pop_front() {
                         self.inflight.insert(pkid, id);
                     }
                 }
+                Ok(Ok(_)) => {}
             }
         }
-        {
-            lock(&self.shared).connected = false;
-        }
+        lock(&self.shared).connected = false;
     }
 }
 

@@ -625,7 +625,7 @@ async fn an_oversized_publish_is_refused_and_the_link_keeps_working() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_stop_publishes_the_offline_status() {
+async fn a_graceful_stop_sends_what_is_queued_then_the_offline_status() {
     if mosquitto().is_none() {
         return;
     }
@@ -633,10 +633,10 @@ async fn a_graceful_stop_publishes_the_offline_status() {
     let port = free_port();
     let _broker = Mosquitto::start(dir.path(), port, None);
 
-    // A watcher subscribed to the status topic.
+    // A watcher subscribed to the device's upward topics.
     let mut watch_session = session();
     watch_session.will.topic = "outpost/v1/devices/watcher/status".into();
-    watch_session.subscriptions = vec!["outpost/v1/devices/edge-01/status".into()];
+    watch_session.subscriptions = vec!["outpost/v1/devices/edge-01/+".into()];
     let mut watch_config = plaintext_config(port);
     watch_config.client_id = DeviceId::new("watcher").unwrap();
     let watch_stop = CancellationToken::new();
@@ -644,22 +644,41 @@ async fn a_graceful_stop_publishes_the_offline_status() {
         Link::spawn(&watch_config, watch_session, watch_stop.clone()).unwrap();
     connected(&mut watch_events).await;
 
+    // Publishes queued just before the stop still leave, before the offline status.
     let shutdown = CancellationToken::new();
-    let (_handle, mut events, task) =
+    let (handle, mut events, task) =
         Link::spawn(&plaintext_config(port), session(), shutdown.clone()).unwrap();
     connected(&mut events).await;
+    let telemetry = "outpost/v1/devices/edge-01/telemetry";
+    for i in 0..3u8 {
+        handle
+            .try_publish(telemetry, vec![b'0' + i], false)
+            .unwrap();
+    }
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
         .unwrap()
         .unwrap();
 
-    let payload = wait_for(&mut watch_events, 10, "the offline status", |e| match e {
-        LinkEvent::Message { payload, .. } => Some(payload.clone()),
-        _ => None,
-    })
-    .await;
-    assert_eq!(payload, session().will.payload);
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match next(&mut watch_events, 10).await {
+            Some(LinkEvent::Message { topic, payload }) => seen.push((topic, payload)),
+            Some(_) => {}
+            None => panic!("the watcher saw only {seen:?}"),
+        }
+    }
+    let status = "outpost/v1/devices/edge-01/status".to_string();
+    assert_eq!(
+        seen,
+        [
+            (telemetry.to_string(), b"0".to_vec()),
+            (telemetry.to_string(), b"1".to_vec()),
+            (telemetry.to_string(), b"2".to_vec()),
+            (status, session().will.payload),
+        ]
+    );
     watch_stop.cancel();
     watch_task.await.unwrap();
 }
