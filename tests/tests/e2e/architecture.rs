@@ -173,6 +173,8 @@ fn each_external_library_has_one_home() {
         ),
         ("minijinja", &["engine/src/chat.rs"]),
         ("rumqttc", &["sync/src/conn"]),
+        ("rustls", &["sync/src/conn"]),
+        ("rustls_pki_types", &["sync/src/conn"]),
         ("clap", &["agent/src/cli.rs", "agent/src/main.rs"]),
         ("axum", &["agent/src/daemon/"]),
         ("hyper", &["agent/src/daemon/server.rs"]),
