@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::protocol::DeviceId;
 
@@ -735,7 +735,18 @@ impl Link {
 
     /// Connects, reconnects with backoff, and reports events until `shutdown`; then stops
     /// gracefully (queued publishes, the offline status, DISCONNECT) within [`STOP_GRACE`].
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// It never fails: every error after validation is retried. Its events carry the span
+    /// `link` with the broker and client id.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let span = tracing::info_span!(
+            "link",
+            broker = %self.config.broker,
+            client_id = %self.config.config.client_id,
+        );
+        self.run_in_span(shutdown).instrument(span).await;
+    }
+
+    async fn run_in_span(mut self, shutdown: CancellationToken) {
         let broker = self.config.broker.to_string();
         let backoff = self.config.config.backoff;
         let mut attempt: u32 = 0;
