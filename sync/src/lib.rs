@@ -6,12 +6,15 @@
 //!
 //! Built so far: [`protocol`] (topics, messages, the size-capped decoder, audit batches),
 //! [`outbox`] (`outbox.db`: the audit upload cursor, the telemetry queue, the link's status)
-//! and [`conn`] (the broker link: rumqttc over rustls, reconnects, size checks, events).
+//! [`conn`] (the broker link: rumqttc over rustls, reconnects, size checks, events) and the
+//! first slice of [`hub`] (PKI, enrollment, broker configuration, `hub.db`) behind the
+//! `outpost-hub` binary.
 //!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
 
 pub mod conn;
+pub mod hub;
 pub mod outbox;
 pub mod protocol;
 

@@ -211,6 +211,43 @@ pub fn group_desired_topic(group: &GroupId) -> String {
     format!("{PREFIX}/groups/{group}/state/desired")
 }
 
+/// `outpost/v1/hubs/{id}/status`: a hub's own status and last will (`id` is its
+/// certificate's CN), the one topic a hub publishes outside devices' and groups' topics.
+pub fn hub_status_topic(hub: &DeviceId) -> String {
+    format!("{PREFIX}/hubs/{hub}/status")
+}
+
+/// ACL topic patterns for the broker configuration (Mosquitto syntax): `%u` stands for the
+/// client's username, which the broker takes from its certificate's CN.
+pub mod acl {
+    use super::{BLOBS_GET, DeviceTopic, GroupId, PREFIX};
+
+    /// `outpost/v1/devices/%u/{kind}`: a topic of the connected device itself.
+    pub fn own_device(kind: DeviceTopic) -> String {
+        format!("{PREFIX}/devices/%u/{}", kind.suffix())
+    }
+
+    /// `outpost/v1/devices/+/{kind}`: that topic of every device (the hub's role).
+    pub fn every_device(kind: DeviceTopic) -> String {
+        format!("{PREFIX}/devices/+/{}", kind.suffix())
+    }
+
+    /// `outpost/v1/groups/+/state/desired`: every group's desired state (the hub writes it).
+    pub fn every_group_desired() -> String {
+        format!("{PREFIX}/groups/+/state/desired")
+    }
+
+    /// `outpost/v1/groups/{g}/state/desired`.
+    pub fn group_desired(group: &GroupId) -> String {
+        super::group_desired_topic(group)
+    }
+
+    /// `outpost/v1/blobs/get`.
+    pub fn blobs_get() -> &'static str {
+        BLOBS_GET
+    }
+}
+
 /// One device's topics, built once.
 #[derive(Debug, Clone)]
 pub struct Topics {

@@ -1,0 +1,222 @@
+//! `outpost-hub`: the cloud side's command line. Parse arguments, load and validate the
+//! configuration, run the command, exit. The work is in `outpost_sync::hub`.
+//!
+//! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage, 78 bad
+//! configuration (EX_CONFIG).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use outpost_sync::hub::config::Config;
+use outpost_sync::hub::enroll::{EnrollRequest, enroll};
+use outpost_sync::hub::{HubStore, SqliteStore, broker, pki};
+use outpost_sync::protocol::{DeviceId, GroupId};
+
+/// Exit status for a configuration error (sysexits.h EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+/// The Outpost hub: the fleet's PKI, enrollment and broker configuration (serving to come).
+#[derive(Debug, Parser)]
+#[command(name = "outpost-hub", version)]
+struct Cli {
+    /// Configuration file (a `[hub]` table).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Data directory (hub.db, audit.db); default: the config's, else /var/lib/outpost-hub.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The fleet's certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Write a Mosquitto configuration and ACL for the fleet.
+    BrokerConfig(BrokerConfigArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create a CA, the hub's client certificate and the broker's server certificate.
+    Init {
+        /// Folder for ca.pem/.key, hub.pem/.key, broker.pem/.key.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// An extra name or address of the broker (localhost and 127.0.0.1 are always in).
+        #[arg(long = "broker-host", value_name = "NAME")]
+        broker_hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// Issue a device's certificate and register it with its groups and audit key.
+    Enroll(EnrollArgs),
+    /// List enrolled devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// The device id (its certificate's CN and MQTT client id).
+    #[arg(long)]
+    id: String,
+    /// A group the device belongs to (repeatable).
+    #[arg(long = "group", value_name = "G")]
+    groups: Vec<String>,
+    /// The device's audit public key (the PEM `outpost keys device` prints).
+    #[arg(long, value_name = "PEM")]
+    audit_key: PathBuf,
+    /// The PKI folder made by `pki init`.
+    #[arg(long, value_name = "DIR")]
+    pki: PathBuf,
+    /// Folder for ID.pem, ID.key and ca.pem.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct BrokerConfigArgs {
+    /// The PKI folder made by `pki init`.
+    #[arg(long, value_name = "DIR")]
+    pki: PathBuf,
+    /// The TLS listener's port.
+    #[arg(long)]
+    port: u16,
+    /// The address to listen on (default: every interface).
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
+    /// The user Mosquitto runs as when started as root (default: root if broker.key
+    /// belongs to root, else none).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Folder for mosquitto.conf and acl.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let data_dir = config.data_dir(cli.data_dir.as_deref());
+    match run(cli.command, &data_dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command, data_dir: &Path) -> anyhow::Result<()> {
+    match command {
+        Command::Pki(PkiCommand::Init { out, broker_hosts }) => {
+            let paths = pki::init(&out, &broker_hosts)?;
+            println!(
+                "CA, hub and broker certificates written to {}",
+                paths.dir.display()
+            );
+        }
+        Command::Devices(DevicesCommand::Enroll(a)) => {
+            let id = DeviceId::new(&a.id)?;
+            let groups = a
+                .groups
+                .iter()
+                .map(|g| GroupId::new(g))
+                .collect::<Result<Vec<_>, _>>()?;
+            let req = EnrollRequest {
+                id,
+                groups,
+                audit_key: a.audit_key,
+                pki: a.pki,
+                out: a.out,
+                actor: local_actor(),
+            };
+            let record =
+                enroll(data_dir, &req).with_context(|| format!("enrolling device {}", req.id))?;
+            println!(
+                "enrolled {} (groups: {}); certificate in {}",
+                record.id,
+                record
+                    .groups
+                    .iter()
+                    .map(GroupId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                req.out.display()
+            );
+        }
+        Command::Devices(DevicesCommand::List { json }) => {
+            let devices = if data_dir.join(SqliteStore::FILE).exists() {
+                SqliteStore::open(data_dir)?.devices()?
+            } else {
+                Vec::new()
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                println!("{:<24} {:<8} GROUPS", "ID", "ONLINE");
+                for d in &devices {
+                    let online = match d.online {
+                        Some(true) => "yes",
+                        Some(false) => "no",
+                        None => "-",
+                    };
+                    let groups: Vec<&str> = d.groups.iter().map(GroupId::as_str).collect();
+                    println!("{:<24} {:<8} {}", d.id, online, groups.join(","));
+                }
+            }
+        }
+        Command::BrokerConfig(a) => {
+            let devices = if data_dir.join(SqliteStore::FILE).exists() {
+                SqliteStore::open(data_dir)?.devices()?
+            } else {
+                Vec::new()
+            };
+            let settings = broker::BrokerSettings {
+                port: a.port,
+                bind: a.bind,
+                user: a.user,
+            };
+            broker::write(&a.pki, &a.out, &settings, &devices)?;
+            println!(
+                "wrote {0}/mosquitto.conf and {0}/acl ({1} devices)",
+                a.out.display(),
+                devices.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `local:<user>` for whoever runs the command: `$USER`, else the uid.
+fn local_actor() -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::env::var("USER") {
+        Ok(u) if !u.is_empty() && u.len() <= 64 => format!("local:{u}"),
+        _ => match std::fs::metadata("/proc/self") {
+            Ok(m) => format!("local:uid-{}", m.uid()),
+            Err(_) => "local:unknown".into(),
+        },
+    }
+}

@@ -1,0 +1,183 @@
+//! `broker-config`: a Mosquitto (2.0) configuration and ACL file for the fleet.
+//!
+//! `OUT/mosquitto.conf`: one TLS listener (no plaintext one) with `require_certificate` and
+//! `use_identity_as_username` (the username is the client certificate's CN: the device id,
+//! or [`HUB_IDENTITY`]), `allow_anonymous false`, the ACL file, absolute paths throughout
+//! so `mosquitto -c OUT/mosquitto.conf` runs from anywhere. Mosquitto started as root
+//! drops to the `user` setting (default `mosquitto`) *before* it reads the TLS key, so the
+//! file says whom to run as: `--user NAME` when given, else `root` when `broker.key` (0600)
+//! belongs to root, else nothing (a broker started as another user keeps its user).
+//! Choice: `persistence false`
+//! (when run as root Mosquitto drops to its own user, which could not write beside the
+//! PKI); retained messages survive a broker restart only if the operator turns it on.
+//!
+//! `OUT/acl` (topics from `protocol::acl`; an ACL is deny by default):
+//! - every client, by `pattern` on `%u`: write its own upward topics (`status`, `audit`,
+//!   `telemetry`, `state/reported`), read its own downward ones (`audit/ack`,
+//!   `state/desired`, `blobs`);
+//! - each enrolled device, a `user` block from the hub store: write `blobs/get`, read its
+//!   groups' desired state (so run `broker-config` again after an enrollment);
+//! - the hub (`user outpost-hub`): read every device's upward topics and `blobs/get`; write
+//!   acks, desired state (devices' and groups'), blob chunks, and its own status.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::pki::PkiPaths;
+use super::store::DeviceRecord;
+use super::{HUB_IDENTITY, HubError, Result, make_dir};
+use crate::protocol::{DeviceId, DeviceTopic, acl, hub_status_topic};
+
+/// What `broker-config` writes.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub port: u16,
+    pub bind: Option<String>,
+    /// Mosquitto's `user` (whom to run as when started as root).
+    pub user: Option<String>,
+}
+
+/// The ACL file's text for these devices.
+pub fn acl_text(devices: &[DeviceRecord]) -> Result<String> {
+    let mut s = String::from(
+        "# Written by outpost-hub broker-config. Usernames are certificate CNs.\n\n\
+         # The hub.\n",
+    );
+    let _ = writeln!(s, "user {HUB_IDENTITY}");
+    for kind in DeviceTopic::ALL {
+        let access = if kind.is_upward() { "read" } else { "write" };
+        let _ = writeln!(s, "topic {access} {}", acl::every_device(kind));
+    }
+    let _ = writeln!(s, "topic write {}", acl::every_group_desired());
+    let _ = writeln!(s, "topic read {}", acl::blobs_get());
+    let hub = DeviceId::new(HUB_IDENTITY)?;
+    let _ = writeln!(s, "topic write {}", hub_status_topic(&hub));
+    s.push_str("\n# Each enrolled device: blob requests and its groups' desired state.\n");
+    for d in devices {
+        let _ = writeln!(s, "user {}", d.id);
+        let _ = writeln!(s, "topic write {}", acl::blobs_get());
+        for g in &d.groups {
+            let _ = writeln!(s, "topic read {}", acl::group_desired(g));
+        }
+    }
+    s.push_str("\n# Every client: its own device topics (%u is its certificate's CN).\n");
+    for kind in DeviceTopic::ALL {
+        let access = if kind.is_upward() { "write" } else { "read" };
+        let _ = writeln!(s, "pattern {access} {}", acl::own_device(kind));
+    }
+    Ok(s)
+}
+
+/// The configuration file's text; every path is absolute.
+pub fn conf_text(
+    pki: &PkiPaths,
+    acl_path: &Path,
+    settings: &BrokerSettings,
+    user: Option<&str>,
+) -> String {
+    let listener = match &settings.bind {
+        Some(addr) => format!("listener {} {addr}", settings.port),
+        None => format!("listener {}", settings.port),
+    };
+    let user = user.map_or(String::new(), |u| format!("user {u}\n"));
+    format!(
+        "# Written by outpost-hub broker-config (Mosquitto 2.0).\n\
+         {user}\
+         per_listener_settings false\n\
+         allow_anonymous false\n\
+         acl_file {acl}\n\
+         persistence false\n\
+         log_dest stderr\n\
+         \n\
+         # TLS only, client certificates required; the username is the certificate's CN.\n\
+         {listener}\n\
+         protocol mqtt\n\
+         cafile {ca}\n\
+         certfile {cert}\n\
+         keyfile {key}\n\
+         tls_version tlsv1.2\n\
+         require_certificate true\n\
+         use_identity_as_username true\n",
+        acl = acl_path.display(),
+        ca = pki.ca_cert().display(),
+        cert = pki.broker_cert().display(),
+        key = pki.broker_key().display(),
+    )
+}
+
+/// Writes `OUT/mosquitto.conf` and `OUT/acl` (replacing earlier ones: they are derived).
+pub fn write(
+    pki_dir: &Path,
+    out: &Path,
+    settings: &BrokerSettings,
+    devices: &[DeviceRecord],
+) -> Result<()> {
+    let pki_dir = std::fs::canonicalize(pki_dir).map_err(|source| HubError::Io {
+        what: "reading PKI folder",
+        path: pki_dir.to_path_buf(),
+        source,
+    })?;
+    let pki = PkiPaths::new(&pki_dir);
+    for p in [pki.ca_cert(), pki.broker_cert(), pki.broker_key()] {
+        if !p.is_file() {
+            return Err(HubError::BadFile {
+                what: "PKI file",
+                path: p,
+                reason: "missing (run `outpost-hub pki init` first)".into(),
+            });
+        }
+    }
+    if let Some(bind) = &settings.bind {
+        checked("--bind", bind)?;
+    }
+    if settings.port == 0 {
+        return Err(HubError::Pki("--port must be between 1 and 65535".into()));
+    }
+    let out = make_dir(out)?;
+    let acl_path = out.join("acl");
+    let conf_path = out.join("mosquitto.conf");
+    replace(&acl_path, &acl_text(devices)?)?;
+    let user = match &settings.user {
+        Some(u) => Some(checked("--user", u)?.to_string()),
+        None => {
+            use std::os::unix::fs::MetadataExt;
+            let key = pki.broker_key();
+            let meta = std::fs::metadata(&key).map_err(|source| HubError::Io {
+                what: "reading",
+                path: key,
+                source,
+            })?;
+            (meta.uid() == 0).then(|| "root".to_string())
+        }
+    };
+    replace(
+        &conf_path,
+        &conf_text(&pki, &acl_path, settings, user.as_deref()),
+    )
+}
+
+fn replace(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|source| HubError::Io {
+        what: "writing",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A value written into the configuration: one word of `[A-Za-z0-9._:-]`, so it cannot add
+/// a line or a setting.
+fn checked<'a>(flag: &str, value: &'a str) -> Result<&'a str> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'));
+    if ok {
+        Ok(value)
+    } else {
+        Err(HubError::Pki(format!(
+            "{flag} {:?} is not a plain name or address",
+            value.chars().take(80).collect::<String>()
+        )))
+    }
+}

@@ -1,0 +1,132 @@
+//! The hub's configuration file: one `[hub]` table, unknown keys refused.
+//!
+//! ```toml
+//! [hub]
+//! data_dir = "/var/lib/outpost-hub"
+//! broker = "mqtts://broker.example:8883"  # mqtt:// only with allow_plaintext = true
+//! ca = "/etc/outpost-hub/pki/ca.pem"
+//! cert = "/etc/outpost-hub/pki/hub.pem"    # CN outpost-hub
+//! key = "/etc/outpost-hub/pki/hub.key"
+//! allow_plaintext = false
+//! ```
+//!
+//! Every key is optional for the commands of this slice; `broker`, when set, is checked as
+//! the device's `[sync]` is (the URL, the files, the key against the certificate), so a
+//! mistake shows before `serve` exists. The data directory is `--data-dir`, else
+//! `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::HUB_IDENTITY;
+use crate::conn::LinkConfig;
+use crate::protocol::DeviceId;
+
+/// Where the hub keeps its data when neither flag nor file says.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/outpost-hub";
+/// Largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A configuration problem, naming the file (and the key): `outpost-hub` exits 78.
+#[derive(Debug, thiserror::Error)]
+#[error("config {}: {message}", path.display())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub hub: HubConfig,
+}
+
+/// `[hub]`; the same meanings as the device's `[sync]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    pub data_dir: Option<PathBuf>,
+    pub broker: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+impl Config {
+    /// Reads and validates `path`; without a path, the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let fail = |message: String| ConfigError {
+            path: path.to_path_buf(),
+            message,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(fail(format!(
+                "{} bytes is over the limit of {MAX_CONFIG_BYTES}",
+                meta.len()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        config
+            .validate()
+            .map_err(|(key, m)| fail(format!("[hub] {key}: {m}")))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let h = &self.hub;
+        if h.data_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(("data_dir", "is empty".into()));
+        }
+        if let Some(link) = self.link_config() {
+            link.validate().map_err(|e| {
+                let key = match &e {
+                    crate::ConnError::MissingFile { what, .. }
+                    | crate::ConnError::Read { what, .. }
+                    | crate::ConnError::Pem { what, .. } => what,
+                    crate::ConnError::KeyMismatch { .. } => &"key",
+                    crate::ConnError::PlaintextRefused { .. } => &"allow_plaintext",
+                    _ => &"broker",
+                };
+                (*key, e.to_string())
+            })?;
+        } else if h.ca.is_some() || h.cert.is_some() || h.key.is_some() || h.allow_plaintext {
+            return Err((
+                "broker",
+                "is missing while ca, cert, key or allow_plaintext is set".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The hub's broker link settings (client id [`HUB_IDENTITY`]), when a broker is set.
+    pub fn link_config(&self) -> Option<LinkConfig> {
+        let h = &self.hub;
+        let broker = h.broker.as_ref()?;
+        let id = DeviceId::new(HUB_IDENTITY).ok()?;
+        let mut link = LinkConfig::new(broker.clone(), id);
+        link.ca = h.ca.clone();
+        link.cert = h.cert.clone();
+        link.key = h.key.clone();
+        link.allow_plaintext = h.allow_plaintext;
+        Some(link)
+    }
+
+    /// `--data-dir`, else `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
+    pub fn data_dir(&self, flag: Option<&Path>) -> PathBuf {
+        flag.map(Path::to_path_buf)
+            .or_else(|| self.hub.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+}

@@ -1,0 +1,131 @@
+//! `devices enroll`: a device's client certificate (CN = its id, signed by the fleet CA),
+//! its registration in the store (groups, audit public key), recorded in the hub's own
+//! audit chain (`<data_dir>/audit.db`, the policy crate's log, signed with
+//! `<data_dir>/hub-audit.key`): the intent durably first (no record, no action), then the
+//! files and the row, then the outcome.
+//!
+//! Everything that can be checked is checked before the intent is written: the id and
+//! groups, the audit key (the PEM `outpost keys device` prints), the CA, that the device is
+//! not enrolled yet, and that `OUT/ID.pem` and `OUT/ID.key` do not exist.
+
+use std::path::{Path, PathBuf};
+
+use outpost_policy::audit::{AuditLog, AuditSettings, Entry, Outcome, now_rfc3339};
+use outpost_policy::signing::{KeyPair, PublicKey};
+
+use super::pki::{Ca, PkiPaths};
+use super::store::{DeviceRecord, HubStore, SqliteStore};
+use super::{HUB_IDENTITY, HubError, Result, make_dir, refuse_existing, write_new};
+use crate::protocol::{DeviceId, GroupId};
+
+/// The hub's audit log and its key, in the data directory.
+pub const AUDIT_DB: &str = "audit.db";
+pub const AUDIT_KEY: &str = "hub-audit.key";
+/// The `action` of an enrollment's audit records.
+pub const ACTION_ENROLL: &str = "devices:enroll";
+
+/// What `devices enroll` was asked.
+#[derive(Debug, Clone)]
+pub struct EnrollRequest {
+    pub id: DeviceId,
+    pub groups: Vec<GroupId>,
+    pub audit_key: PathBuf,
+    pub pki: PathBuf,
+    pub out: PathBuf,
+    /// Who asks (`local:<user>` on the command line).
+    pub actor: String,
+}
+
+/// Opens the hub's own audit log (creating its key on first use).
+pub fn open_audit_log(data_dir: &Path) -> Result<AuditLog> {
+    let key = KeyPair::load_or_generate(&data_dir.join(AUDIT_KEY))?;
+    Ok(AuditLog::open(
+        &data_dir.join(AUDIT_DB),
+        key,
+        AuditSettings::new(HUB_IDENTITY),
+    )?)
+}
+
+/// Enrolls one device; see the module header for the order of things.
+pub fn enroll(data_dir: &Path, req: &EnrollRequest) -> Result<DeviceRecord> {
+    let audit_key = PublicKey::load(&req.audit_key)?;
+    let ca = Ca::load(&PkiPaths::new(&req.pki))?;
+    let data_dir = make_dir(data_dir)?;
+    let mut store = SqliteStore::open(&data_dir)?;
+    if store.device(&req.id)?.is_some() {
+        return Err(HubError::AlreadyEnrolled(req.id.to_string()));
+    }
+    let out = make_dir(&req.out)?;
+    let cert_path = out.join(format!("{}.pem", req.id));
+    let key_path = out.join(format!("{}.key", req.id));
+    let ca_path = out.join("ca.pem");
+    refuse_existing(&[cert_path.clone(), key_path.clone()])?;
+    if let Ok(existing) = std::fs::read_to_string(&ca_path)
+        && existing != ca.cert_pem()
+    {
+        return Err(HubError::BadFile {
+            what: "CA certificate",
+            path: ca_path,
+            reason: "exists and is another CA's; refusing to overwrite it".into(),
+        });
+    }
+    let mut groups = req.groups.clone();
+    groups.sort();
+    groups.dedup();
+
+    let log = open_audit_log(&data_dir)?;
+    let mut intent = Entry::new(
+        &req.actor,
+        ACTION_ENROLL,
+        Outcome::Allowed,
+        "local command line",
+    );
+    intent.resource = Some(req.id.to_string());
+    intent.details = serde_json::json!({
+        "groups": groups.iter().map(GroupId::as_str).collect::<Vec<_>>(),
+        "audit_key": audit_key.to_hex(),
+        "cert": cert_path.display().to_string(),
+    });
+    log.append(intent.clone())?;
+
+    let result = (|| -> Result<DeviceRecord> {
+        let issued = ca.client(req.id.as_str())?;
+        issued.write(&cert_path, &key_path)?;
+        if !ca_path.exists() {
+            write_new(&ca_path, ca.cert_pem().as_bytes(), 0o644)?;
+        }
+        let record = DeviceRecord {
+            id: req.id.clone(),
+            groups,
+            audit_key: audit_key.to_hex(),
+            enrolled_at: now_rfc3339(),
+            enrolled_by: req.actor.clone(),
+            online: None,
+            last_seen: None,
+            agent_version: None,
+            active_model: None,
+            acked_seq: None,
+            audit_lag: None,
+        };
+        store.enroll(&record)?;
+        Ok(record)
+    })();
+
+    let mut outcome = intent;
+    match &result {
+        Ok(_) => {
+            outcome.outcome = Outcome::Success;
+            outcome.reason = "enrolled".into();
+        }
+        Err(e) => {
+            outcome.outcome = Outcome::Failure;
+            outcome.reason = e.to_string();
+        }
+    }
+    let recorded = log.append(outcome);
+    let closed = log.close();
+    let record = result?;
+    recorded?;
+    closed?;
+    Ok(record)
+}

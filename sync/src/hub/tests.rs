@@ -1,0 +1,1 @@
+//! Unit tests of the hub: store, ACL text, config.
