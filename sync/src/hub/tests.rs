@@ -1,1 +1,155 @@
-//! Unit tests of the hub: store, ACL text, config.
+//! Unit tests of the hub: the store (migrations, enrollment, refusals), the ACL text and the
+//! configuration. The commands as processes, with a real broker, are in `sync/tests/hub.rs`.
+
+use tempfile::TempDir;
+
+use super::broker::acl_text;
+use super::config::Config;
+use super::store::{DeviceRecord, HubStore, SqliteStore};
+use super::*;
+use crate::protocol::{DeviceId, GroupId};
+
+fn device(id: &str, groups: &[&str]) -> DeviceRecord {
+    DeviceRecord {
+        id: DeviceId::new(id).unwrap(),
+        groups: groups.iter().map(|g| GroupId::new(g).unwrap()).collect(),
+        audit_key: "ab".repeat(32),
+        enrolled_at: "2026-01-01T00:00:00Z".into(),
+        enrolled_by: "local:test".into(),
+        online: None,
+        last_seen: None,
+        agent_version: None,
+        active_model: None,
+        acked_seq: None,
+        audit_lag: None,
+    }
+}
+
+/// Runs `input` against the module and compares what it shows with `expect`.
+fn check(input: &str, expect: &str) {
+    let got = match input.split_once(' ').unwrap_or((input, "")) {
+        ("config", toml) => {
+            let dir = TempDir::new().unwrap();
+            let path = dir.path().join("hub.toml");
+            std::fs::write(&path, toml).unwrap();
+            match Config::load(Some(&path)) {
+                Ok(c) => format!("ok: {:?}", c.data_dir(None)),
+                Err(e) => format!(
+                    "err: {}",
+                    e.to_string()
+                        .replace(&path.display().to_string(), "FILE")
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                ),
+            }
+        }
+        (other, _) => panic!("unknown input {other}"),
+    };
+    assert_eq!(got, expect, "input: {input}");
+}
+
+#[test]
+fn the_store_migrates_enrolls_and_refuses_a_second_enrollment() {
+    let dir = TempDir::new().unwrap();
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    assert!(store.devices().unwrap().is_empty());
+    store.enroll(&device("edge-02", &["lab", "field"])).unwrap();
+    store.enroll(&device("edge-01", &[])).unwrap();
+    let err = store.enroll(&device("edge-01", &["x"])).unwrap_err();
+    assert!(matches!(err, HubError::AlreadyEnrolled(_)), "{err}");
+    drop(store);
+
+    // Reopened: same rows, groups sorted, nothing of the refused enrollment.
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let ids: Vec<String> = store
+        .devices()
+        .unwrap()
+        .iter()
+        .map(|d| format!("{}:{:?}", d.id, d.groups))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "edge-01:[]",
+            "edge-02:[GroupId(\"field\"), GroupId(\"lab\")]"
+        ]
+    );
+    let one = store.device(&DeviceId::new("edge-02").unwrap()).unwrap();
+    assert_eq!(one, Some(device("edge-02", &["field", "lab"])));
+    drop(store);
+
+    // A newer schema is refused untouched.
+    let conn = rusqlite::Connection::open(dir.path().join(SqliteStore::FILE)).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let err = SqliteStore::open(dir.path()).unwrap_err();
+    assert!(matches!(err, HubError::Schema { found: 99, .. }), "{err}");
+}
+
+#[test]
+fn the_acl_confines_devices_and_gives_the_hub_its_role() {
+    let acl = acl_text(&[device("edge-01", &["lab"]), device("edge-02", &[])]).unwrap();
+    let lines: Vec<&str> = acl
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "user outpost-hub",
+            "topic read outpost/v1/devices/+/status",
+            "topic read outpost/v1/devices/+/audit",
+            "topic write outpost/v1/devices/+/audit/ack",
+            "topic read outpost/v1/devices/+/telemetry",
+            "topic read outpost/v1/devices/+/state/reported",
+            "topic write outpost/v1/devices/+/state/desired",
+            "topic write outpost/v1/devices/+/blobs",
+            "topic write outpost/v1/groups/+/state/desired",
+            "topic read outpost/v1/blobs/get",
+            "topic write outpost/v1/hubs/outpost-hub/status",
+            "user edge-01",
+            "topic write outpost/v1/blobs/get",
+            "topic read outpost/v1/groups/lab/state/desired",
+            "user edge-02",
+            "topic write outpost/v1/blobs/get",
+            "pattern write outpost/v1/devices/%u/status",
+            "pattern write outpost/v1/devices/%u/audit",
+            "pattern read outpost/v1/devices/%u/audit/ack",
+            "pattern write outpost/v1/devices/%u/telemetry",
+            "pattern write outpost/v1/devices/%u/state/reported",
+            "pattern read outpost/v1/devices/%u/state/desired",
+            "pattern read outpost/v1/devices/%u/blobs",
+        ]
+    );
+}
+
+#[test]
+fn config_is_strict_and_names_the_key() {
+    check("config ", "ok: \"/var/lib/outpost-hub\"");
+    check("config [hub]\ndata_dir = \"/srv/hub\"", "ok: \"/srv/hub\"");
+    check(
+        "config [hub]\ndata_dri = \"/srv/hub\"",
+        "err: config FILE: TOML parse error at line 2, column 1",
+    );
+    check(
+        "config [hubs]\n",
+        "err: config FILE: TOML parse error at line 1, column 2",
+    );
+    check(
+        "config [hub]\nbroker = \"mqtt://h\"",
+        "err: config FILE: [hub] allow_plaintext: broker \"mqtt://h\" is plaintext MQTT; set allow_plaintext = true to allow it",
+    );
+    check(
+        "config [hub]\nbroker = \"mqtts://h\"",
+        "err: config FILE: [hub] ca: broker \"mqtts://h\" uses TLS and needs `ca` (a PEM file)",
+    );
+    check(
+        "config [hub]\nca = \"/x\"",
+        "err: config FILE: [hub] broker: is missing while ca, cert, key or allow_plaintext is set",
+    );
+    check(
+        "config [hub]\nbroker = \"mqtt://h\"\nallow_plaintext = true",
+        "ok: \"/var/lib/outpost-hub\"",
+    );
+}

@@ -1,0 +1,540 @@
+//! `outpost-hub` as a real process: PKI, enrollment and the broker configuration it writes,
+//! run by a real Mosquitto (`/usr/sbin/mosquitto`), with `sync::conn::Link` clients over
+//! mTLS. Without Mosquitto the broker test skips with a printed reason, except under
+//! `CI=true`.
+
+// A test binary: its helpers panic on what they cannot set up.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use outpost_policy::audit::{AuditReader, Outcome, Query, verify_log};
+use outpost_policy::signing::KeyPair;
+use outpost_sync::conn::{Backoff, Link, LinkConfig, LinkEvent, LinkHandle, Session, Will};
+use outpost_sync::protocol::{DeviceId, DeviceTopic, device_topic, hub_status_topic};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair as RcKey};
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+const HUB: &str = env!("CARGO_BIN_EXE_outpost-hub");
+
+fn mosquitto() -> Option<&'static Path> {
+    let path = Path::new(MOSQUITTO);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{MOSQUITTO} is missing and CI=true: broker tests must run"
+    );
+    eprintln!("skipped: {MOSQUITTO} is not installed");
+    None
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Runs `outpost-hub` with `args` in `dir`.
+fn hub(dir: &Path, args: &[&str]) -> Output {
+    Command::new(HUB)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The exit code and the one `error:` line of a failed run.
+fn failed(out: &Output) -> (i32, String) {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// A device's audit public key, as `outpost keys device` prints it.
+fn audit_key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.pub.pem"));
+    KeyPair::generate().unwrap().public().write(&path).unwrap();
+    path
+}
+
+/// A Mosquitto process, killed on drop.
+struct Mosquitto(Child);
+
+impl Mosquitto {
+    fn start(conf: &Path, port: u16, log: &Path) -> Mosquitto {
+        let log_file = std::fs::File::create(log).unwrap();
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let mut broker = Mosquitto(child);
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return broker;
+            }
+            if let Ok(Some(status)) = broker.0.try_wait() {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("mosquitto exited with {status}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("mosquitto did not listen on port {port} within 5 s");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn link_config(port: u16, id: &str, ca: &Path, cert: &Path, key: &Path) -> LinkConfig {
+    let mut config = LinkConfig::new(
+        format!("mqtts://127.0.0.1:{port}"),
+        DeviceId::new(id).unwrap(),
+    );
+    config.ca = Some(ca.to_path_buf());
+    config.cert = Some(cert.to_path_buf());
+    config.key = Some(key.to_path_buf());
+    config.backoff = Backoff {
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(500),
+    };
+    config
+}
+
+fn topic(id: &str, kind: DeviceTopic) -> String {
+    device_topic(&DeviceId::new(id).unwrap(), kind)
+}
+
+fn session(will_topic: String, subscriptions: Vec<String>) -> Session {
+    Session {
+        will: Will {
+            topic: will_topic,
+            payload: br#"{"v":1,"state":"offline","agent_version":"test"}"#.to_vec(),
+        },
+        subscriptions,
+    }
+}
+
+struct Client {
+    handle: LinkHandle,
+    events: mpsc::Receiver<LinkEvent>,
+}
+
+async fn connect(config: &LinkConfig, session: Session, stop: &CancellationToken) -> Client {
+    let (handle, mut events, _task) = Link::spawn(config, session, stop.clone()).unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(LinkEvent::Connected)) => break,
+            Ok(Some(LinkEvent::ConnectFailed { reason, .. })) => {
+                panic!("{} could not connect: {reason}", config.client_id)
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("{} did not connect within 10 s", config.client_id),
+        }
+    }
+    // The subscriptions are queued before Connected; give the broker a moment to grant them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Client { handle, events }
+}
+
+/// Publishes and waits for the broker's PubAck (Mosquitto acks a publish its ACL drops).
+async fn publish(client: &mut Client, topic: &str, body: &[u8]) {
+    let id = client
+        .handle
+        .try_publish(topic, body.to_vec(), false)
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), client.events.recv()).await {
+            Ok(Some(LinkEvent::PubAck(got))) if got == id => return,
+            Ok(Some(_)) => {}
+            _ => panic!("no PubAck for {topic}"),
+        }
+    }
+}
+
+/// Messages received within `ms` milliseconds, or until one with `until` as payload.
+async fn received(client: &mut Client, ms: u64, until: Option<&[u8]>) -> Vec<(String, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    let mut out = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, client.events.recv()).await {
+        if let LinkEvent::Message { topic, payload } = event {
+            let done = until == Some(payload.as_slice());
+            out.push((topic, payload));
+            if done {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn hostile_input_is_refused_with_clear_errors() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    ok(&hub(dir, &["pki", "init", "--out", "pki"]));
+    let key = audit_key(dir, "dev");
+    let key = key.to_str().unwrap();
+
+    let (code, err) = failed(&hub(dir, &["pki", "init", "--out", "pki"]));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("ca.pem already exists; refusing to overwrite"),
+        "{err}"
+    );
+
+    let enroll = |id: &str, key: &str| {
+        hub(
+            dir,
+            &[
+                "--data-dir",
+                "data",
+                "devices",
+                "enroll",
+                "--id",
+                id,
+                "--audit-key",
+                key,
+                "--pki",
+                "pki",
+                "--out",
+                "out",
+            ],
+        )
+    };
+    for bad in ["bad/id", "", "a b", &"x".repeat(65), "é"] {
+        let (code, err) = failed(&enroll(bad, key));
+        assert_eq!(code, 1, "{bad:?}");
+        assert!(err.contains("is not a valid id"), "{bad:?}: {err}");
+    }
+    let (code, err) = failed(&enroll("edge-01", "missing.pem"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("missing.pem") && err.contains("No such file"),
+        "{err}"
+    );
+    let (code, err) = failed(&enroll("edge-01", "pki/ca.pem"));
+    assert_eq!(code, 1);
+    assert!(err.contains("not an Ed25519 public key"), "{err}");
+    // Nothing of a refused enrollment exists.
+    assert!(!dir.join("out/edge-01.pem").exists());
+
+    ok(&enroll("edge-01", key));
+    let (code, err) = failed(&enroll("edge-01", key));
+    assert_eq!(code, 1);
+    assert!(err.contains("device edge-01 is already enrolled"), "{err}");
+
+    // A bad group, a configuration with an unknown key (exit 78, naming file and key).
+    let (code, err) = failed(&hub(
+        dir,
+        &[
+            "--data-dir",
+            "data",
+            "devices",
+            "enroll",
+            "--id",
+            "edge-02",
+            "--group",
+            "x/y",
+            "--audit-key",
+            key,
+            "--pki",
+            "pki",
+            "--out",
+            "out",
+        ],
+    ));
+    assert_eq!(code, 1);
+    assert!(err.contains("group id \"x/y\" is not a valid id"), "{err}");
+    std::fs::write(dir.join("hub.toml"), "[hub]\ndata_dri = \"x\"\n").unwrap();
+    let (code, err) = failed(&hub(dir, &["--config", "hub.toml", "devices", "list"]));
+    assert_eq!(code, 78);
+    assert!(
+        err.contains("hub.toml") && err.contains("data_dri"),
+        "{err}"
+    );
+    std::fs::write(dir.join("hub.toml"), "[hub]\nbroker = \"mqtt://h:1883\"\n").unwrap();
+    let (code, err) = failed(&hub(dir, &["--config", "hub.toml", "devices", "list"]));
+    assert_eq!(code, 78);
+    assert!(err.contains("allow_plaintext"), "{err}");
+    let (code, _) = failed(&hub(dir, &["devices", "enroll", "--id", "x"]));
+    assert_eq!(code, 2);
+
+    // devices list.
+    let list = ok(&hub(
+        dir,
+        &["--data-dir", "data", "devices", "list", "--json"],
+    ));
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        list,
+        serde_json::json!([{"id": "edge-01", "groups": [], "online": null, "last_seen": null,
+            "agent_version": null, "active_model": null, "acked_seq": null, "audit_lag": null}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_config_confines_each_device() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    ok(&hub(
+        dir,
+        &["pki", "init", "--out", "pki", "--broker-host", "hub.test"],
+    ));
+    for (id, group) in [("dev-A", "lab"), ("dev-B", "field")] {
+        let key = audit_key(dir, id);
+        ok(&hub(
+            dir,
+            &[
+                "--data-dir",
+                "data",
+                "devices",
+                "enroll",
+                "--id",
+                id,
+                "--group",
+                group,
+                "--audit-key",
+                key.to_str().unwrap(),
+                "--pki",
+                "pki",
+                "--out",
+                "out",
+            ],
+        ));
+    }
+    let port = free_port();
+    let port_s = port.to_string();
+    ok(&hub(
+        dir,
+        &[
+            "--data-dir",
+            "data",
+            "broker-config",
+            "--pki",
+            "pki",
+            "--port",
+            &port_s,
+            "--bind",
+            "127.0.0.1",
+            "--out",
+            "broker",
+        ],
+    ));
+    let conf = std::fs::read_to_string(dir.join("broker/mosquitto.conf")).unwrap();
+    for line in [
+        "allow_anonymous false",
+        "require_certificate true",
+        "use_identity_as_username true",
+    ] {
+        assert!(conf.lines().any(|l| l == line), "{line} missing:\n{conf}");
+    }
+    assert_eq!(conf.matches("listener ").count(), 1, "{conf}");
+    // Run from elsewhere: every path in the file is absolute.
+    let _broker = Mosquitto::start(
+        &dir.join("broker/mosquitto.conf"),
+        port,
+        &dir.join("mosquitto.log"),
+    );
+
+    // Certificates: CN = id, signed by the CA.
+    for id in ["dev-A", "dev-B"] {
+        let pem = dir.join(format!("out/{id}.pem"));
+        let subject = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(&pem)
+            .output()
+            .unwrap();
+        let subject = String::from_utf8_lossy(&subject.stdout);
+        assert!(subject.contains(&format!("CN = {id}")), "{subject}");
+        let verify = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(dir.join("out/ca.pem"))
+            .arg(&pem)
+            .output()
+            .unwrap();
+        assert!(verify.status.success(), "{verify:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(format!("out/{id}.key")))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    let stop = CancellationToken::new();
+    let ca = dir.join("pki/ca.pem");
+    let hub_id = DeviceId::new("outpost-hub").unwrap();
+    let mut watcher = connect(
+        &link_config(
+            port,
+            "outpost-hub",
+            &ca,
+            &dir.join("pki/hub.pem"),
+            &dir.join("pki/hub.key"),
+        ),
+        session(
+            hub_status_topic(&hub_id),
+            vec!["outpost/v1/devices/+/audit".into()],
+        ),
+        &stop,
+    )
+    .await;
+    let device = |id: &str, extra: Vec<String>| {
+        let mut subs = vec![topic(id, DeviceTopic::AuditAck)];
+        subs.extend(extra);
+        (
+            link_config(
+                port,
+                id,
+                &dir.join("out/ca.pem"),
+                &dir.join(format!("out/{id}.pem")),
+                &dir.join(format!("out/{id}.key")),
+            ),
+            session(topic(id, DeviceTopic::Status), subs),
+        )
+    };
+    let (config_a, session_a) = device("dev-A", vec![topic("dev-B", DeviceTopic::AuditAck)]);
+    let mut a = connect(&config_a, session_a, &stop).await;
+    let (config_b, session_b) = device("dev-B", vec![]);
+    let mut b = connect(&config_b, session_b, &stop).await;
+
+    // A writes to B's audit topic (dropped), then to its own (delivered): the hub sees only
+    // the second, and since a client's messages arrive in order, the first was not sent on.
+    publish(&mut a, &topic("dev-B", DeviceTopic::Audit), b"forged").await;
+    publish(&mut a, &topic("dev-A", DeviceTopic::Audit), b"genuine").await;
+    let seen = received(&mut watcher, 5000, Some(b"genuine")).await;
+    assert_eq!(
+        seen,
+        [(topic("dev-A", DeviceTopic::Audit), b"genuine".to_vec())]
+    );
+    // B's own topic works.
+    publish(&mut b, &topic("dev-B", DeviceTopic::Audit), b"from B").await;
+    let seen = received(&mut watcher, 5000, Some(b"from B")).await;
+    assert_eq!(
+        seen,
+        [(topic("dev-B", DeviceTopic::Audit), b"from B".to_vec())]
+    );
+
+    // The hub acks both; A gets its own ack and never B's, though it subscribed to it.
+    publish(
+        &mut watcher,
+        &topic("dev-B", DeviceTopic::AuditAck),
+        b"ack B",
+    )
+    .await;
+    publish(
+        &mut watcher,
+        &topic("dev-A", DeviceTopic::AuditAck),
+        b"ack A",
+    )
+    .await;
+    let seen_b = received(&mut b, 5000, Some(b"ack B")).await;
+    assert_eq!(
+        seen_b,
+        [(topic("dev-B", DeviceTopic::AuditAck), b"ack B".to_vec())]
+    );
+    let seen_a = received(&mut a, 5000, Some(b"ack A")).await;
+    assert_eq!(
+        seen_a,
+        [(topic("dev-A", DeviceTopic::AuditAck), b"ack A".to_vec())]
+    );
+    let late = received(&mut a, 500, None).await;
+    assert!(late.is_empty(), "A received {late:?}");
+
+    // A certificate from another CA, even with an enrolled device's CN, cannot connect.
+    let other_key = RcKey::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Outpost fleet CA");
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&other_key).unwrap();
+    let other = Issuer::new(params, other_key);
+    let leaf_key = RcKey::generate().unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "dev-A");
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = leaf.signed_by(&leaf_key, &other).unwrap();
+    std::fs::write(dir.join("foreign.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("foreign.key"), leaf_key.serialize_pem()).unwrap();
+    let foreign = link_config(
+        port,
+        "dev-A",
+        &ca,
+        &dir.join("foreign.pem"),
+        &dir.join("foreign.key"),
+    );
+    let (_h, mut events, _t) = Link::spawn(
+        &foreign,
+        session(topic("dev-A", DeviceTopic::Status), vec![]),
+        stop.clone(),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut failures = 0;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        match event {
+            LinkEvent::Connected => panic!("a certificate from another CA connected"),
+            LinkEvent::ConnectFailed { .. } => failures += 1,
+            _ => {}
+        }
+    }
+    assert!(failures > 0, "no ConnectFailed within 3 s");
+    stop.cancel();
+
+    // Both enrollments are in the hub's own chain, intent then outcome, and it verifies
+    // against the hub's key.
+    let reader = AuditReader::open(&dir.join("data/audit.db")).unwrap();
+    let records = reader
+        .query(&Query {
+            action: Some("devices:enroll".into()),
+            ..Query::default()
+        })
+        .unwrap();
+    let seen: Vec<(Option<String>, Outcome)> = records
+        .iter()
+        .map(|r| (r.resource.clone(), r.outcome))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("dev-A".into()), Outcome::Allowed),
+            (Some("dev-A".into()), Outcome::Success),
+            (Some("dev-B".into()), Outcome::Allowed),
+            (Some("dev-B".into()), Outcome::Success),
+        ]
+    );
+    assert!(records.iter().all(|r| r.device_id == "outpost-hub"));
+    let hub_key = KeyPair::load(&dir.join("data/hub-audit.key")).unwrap();
+    let report = verify_log(&reader, Some(&hub_key.public())).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.signed_through, Some(4), "{report:?}");
+}
