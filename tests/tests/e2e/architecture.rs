@@ -175,7 +175,15 @@ fn each_external_library_has_one_home() {
         ("rumqttc", &["sync/src/conn"]),
         ("rustls", &["sync/src/conn"]),
         ("rustls_pki_types", &["sync/src/conn"]),
-        ("clap", &["agent/src/cli.rs", "agent/src/main.rs"]),
+        (
+            "clap",
+            &[
+                "agent/src/cli.rs",
+                "agent/src/main.rs",
+                "sync/src/bin/outpost-hub.rs",
+            ],
+        ),
+        ("rcgen", &["sync/src/hub/pki.rs"]),
         ("axum", &["agent/src/daemon/"]),
         ("hyper", &["agent/src/daemon/server.rs"]),
         ("hyper_util", &["agent/src/daemon/server.rs"]),
