@@ -421,7 +421,15 @@ async fn the_broker_config_confines_each_device() {
             session(topic(id, DeviceTopic::Status), subs),
         )
     };
-    let (config_a, session_a) = device("dev-A", vec![topic("dev-B", DeviceTopic::AuditAck)]);
+    // A also subscribes to B's topics, both ways: the broker must deliver none of them.
+    let (config_a, session_a) = device(
+        "dev-A",
+        vec![
+            topic("dev-B", DeviceTopic::AuditAck),
+            topic("dev-B", DeviceTopic::Audit),
+            "outpost/v1/devices/+/audit".into(),
+        ],
+    );
     let mut a = connect(&config_a, session_a, &stop).await;
     let (config_b, session_b) = device("dev-B", vec![]);
     let mut b = connect(&config_b, session_b, &stop).await;
@@ -443,7 +451,8 @@ async fn the_broker_config_confines_each_device() {
         [(topic("dev-B", DeviceTopic::Audit), b"from B".to_vec())]
     );
 
-    // The hub acks both; A gets its own ack and never B's, though it subscribed to it.
+    // The hub acks both; A gets its own ack and never B's, though it subscribed to it, nor
+    // B's audit batch above (A's messages arrive in order, so "from B" would come first).
     publish(
         &mut watcher,
         &topic("dev-B", DeviceTopic::AuditAck),

@@ -111,6 +111,12 @@ pub fn enroll(data_dir: &Path, req: &EnrollRequest) -> Result<DeviceRecord> {
         Ok(record)
     })();
 
+    if result.is_err() {
+        // A failed enrollment leaves no certificate behind, so it can simply be run again.
+        for p in [&cert_path, &key_path] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
     let mut outcome = intent;
     match &result {
         Ok(_) => {
