@@ -20,7 +20,8 @@ struct Pki {
 }
 
 impl Pki {
-    fn new(dir: &Path) -> Pki {
+    /// A CA, and a device certificate `<id>.pem` (CN = `id`) with its key `<id>.key`.
+    fn new(dir: &Path, id: &str) -> Pki {
         std::fs::create_dir_all(dir).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -39,7 +40,7 @@ impl Pki {
             issuer: Issuer::new(params, key),
             dir: dir.to_path_buf(),
         };
-        (pki.cert, pki.key) = pki.leaf(ID, ID);
+        (pki.cert, pki.key) = pki.leaf(id, id);
         pki
     }
 
@@ -74,7 +75,7 @@ fn config(id: &str, broker: &str, ca: &Path, cert: &Path, key: &Path, extra: &st
 #[test]
 fn config_check_accepts_a_valid_sync_section_and_names_the_key_of_each_problem() {
     let d = Device::new();
-    let pki = Pki::new(&d.root.path().join("pki"));
+    let pki = Pki::new(&d.root.path().join("pki"), ID);
     let broker = "mqtts://hub.example:8883";
     let write = |text: &str| std::fs::write(&d.config, text).unwrap();
     let config_file = d.config.display().to_string();
@@ -145,7 +146,7 @@ fn config_check_accepts_a_valid_sync_section_and_names_the_key_of_each_problem()
 #[test]
 fn sync_status_on_a_fresh_device_reads_the_audit_log_and_creates_nothing() {
     let d = Device::new();
-    let pki = Pki::new(&d.root.path().join("pki"));
+    let pki = Pki::new(&d.root.path().join("pki"), ID);
     let text = config(
         ID,
         "mqtts://hub.example:8883",
@@ -208,4 +209,29 @@ fn sync_status_without_a_sync_section_says_so() {
     let text = d.run(&["sync", "status"]).ok().to_string();
     assert!(text.contains("Sync is not configured"), "{text}");
     assert!(!d.data.join("outbox.db").exists());
+}
+
+#[test]
+fn the_example_configs_sync_block_is_valid_with_real_files() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = std::fs::read_to_string(root.join("deploy/config/outpost.toml")).unwrap();
+    let d = Device::new();
+    let pki = Pki::new(&d.root.path().join("pki"), "edge-0042");
+    // The `## [sync]` block, uncommented, after the example's `[device] id`.
+    let block: Vec<&str> = example
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .filter(|l| l.contains(" = ") || *l == "[sync]")
+        .collect();
+    assert!(block.len() >= 10, "{block:?}");
+    let text = format!("[device]\nid = \"edge-0042\"\n{}\n", block.join("\n"))
+        .replace("/etc/outpost/pki", pki.dir.to_str().unwrap());
+    std::fs::write(&d.config, &text).unwrap();
+    let v = d.run(&["config", "check", "--json"]).json();
+    assert_eq!(
+        v["config"]["sync"]["broker"], "mqtts://hub.example:8883",
+        "{text}"
+    );
+    assert_eq!(v["config"]["sync"]["batch_max_bytes"], 131_072);
+    assert!(pki.ca.exists());
 }
