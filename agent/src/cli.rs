@@ -48,6 +48,9 @@ pub enum Command {
     /// Read, export and verify the audit log (changes nothing).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The link to the fleet hub (read-only).
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// Run the agent: the local HTTP API (OpenAI-compatible inference, management, audit)
     /// until SIGTERM or SIGINT.
     Daemon,
@@ -244,6 +247,13 @@ pub enum AuditCommand {
 pub enum ExportFormat {
     Jsonl,
     Csv,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncCommand {
+    /// Show the link's state, the audit upload cursor and the telemetry queue (reads
+    /// `outbox.db` and the audit log read-only; works while the daemon runs).
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

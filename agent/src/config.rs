@@ -10,6 +10,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use outpost_sync::ConnError;
+use outpost_sync::conn::{Broker, LinkConfig, publish_packet_len};
+use outpost_sync::protocol::{DeviceId, DeviceTopic, device_topic};
 use serde::{Deserialize, Serialize};
 
 /// Where the configuration lives when `--config` is not given.
@@ -35,6 +38,82 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[sync]`: the link to the fleet hub; without it the agent works offline only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncConfig>,
+}
+
+/// `[sync]`: the broker link and what goes over it. Values are checked by [`load`]; the
+/// files (readable, key matching certificate, CN equal to `[device] id`) by
+/// `Context::sync_link`, which `config check` and the daemon run before acting.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// `mqtts://host[:port]`, or `mqtt://host[:port]` only with `allow_plaintext`.
+    /// Required; a default here only lets a drop-in set other `[sync]` keys on its own.
+    #[serde(default)]
+    pub broker: String,
+    /// The CA that signed the broker's certificate (the only trusted root), PEM.
+    pub ca: Option<PathBuf>,
+    /// The device's certificate (CN = `[device] id`), PEM.
+    pub cert: Option<PathBuf>,
+    /// The device's private key, PEM.
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    /// Most audit records in one batch.
+    #[serde(default = "default_batch_records")]
+    pub batch_max_records: usize,
+    /// Largest audit batch payload, in bytes.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_max_bytes: usize,
+    /// Seconds between telemetry snapshots.
+    #[serde(default = "default_telemetry_interval")]
+    pub telemetry_interval_secs: u64,
+    /// Bytes of telemetry queued while offline; the oldest snapshots go first.
+    #[serde(default = "default_telemetry_quota")]
+    pub telemetry_quota_bytes: u64,
+}
+
+fn default_batch_records() -> usize {
+    500
+}
+fn default_batch_bytes() -> usize {
+    131_072
+}
+fn default_telemetry_interval() -> u64 {
+    60
+}
+fn default_telemetry_quota() -> u64 {
+    8 << 20
+}
+
+impl SyncConfig {
+    /// The link's settings, unchecked (the client id is `[device] id`).
+    pub fn link(&self, client_id: DeviceId) -> LinkConfig {
+        let mut link = LinkConfig::new(self.broker.clone(), client_id);
+        link.ca = self.ca.clone();
+        link.cert = self.cert.clone();
+        link.key = self.key.clone();
+        link.allow_plaintext = self.allow_plaintext;
+        link
+    }
+}
+
+/// The `[sync]` key a link error concerns.
+pub fn sync_key(e: &ConnError) -> &'static str {
+    match e {
+        ConnError::BrokerUrl { .. } | ConnError::PlaintextRefused { .. } => "broker",
+        ConnError::MissingFile { what, .. }
+        | ConnError::Read { what, .. }
+        | ConnError::Pem { what, .. } => match *what {
+            "ca" => "ca",
+            "key" => "key",
+            _ => "cert",
+        },
+        ConnError::KeyMismatch { .. } => "key",
+        _ => "cert",
+    }
 }
 
 /// `[log]`: the daemon's and the commands' diagnostic logs (`tracing` events on stderr).
@@ -321,8 +400,22 @@ impl std::error::Error for ConfigError {}
 pub struct Loaded {
     pub config: Config,
     pub files: Vec<PathBuf>,
+    /// Each file's own table, to name the file that set a key checked later.
+    sources: Vec<Source>,
 }
 
+impl Loaded {
+    /// A configuration error about `section.key`, naming the last file that set it.
+    pub fn error(&self, section: &str, key: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            file: origin(&self.sources, section, key).or_else(|| self.files.last().cloned()),
+            line: None,
+            message: format!("key `{section}.{key}`: {message}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 struct Source {
     path: PathBuf,
     table: toml::Table,
@@ -375,7 +468,8 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
     validate(&config, &sources)?;
     Ok(Loaded {
         config,
-        files: sources.into_iter().map(|s| s.path).collect(),
+        files: sources.iter().map(|s| s.path.clone()).collect(),
+        sources,
     })
 }
 
@@ -588,6 +682,104 @@ fn validate(c: &Config, sources: &[Source]) -> Result<(), ConfigError> {
             "must be above 0".into(),
         ));
     }
+    if let Some(s) = &c.sync {
+        validate_sync(s, c.device.id.as_deref(), sources)?;
+    }
+    Ok(())
+}
+
+/// The last file with a `[sync]` section.
+fn sync_origin(sources: &[Source]) -> Option<PathBuf> {
+    sources
+        .iter()
+        .rev()
+        .find(|s| s.table.contains_key("sync"))
+        .map(|s| s.path.clone())
+}
+
+/// `[sync]`'s values (its files are checked by `Context::sync_link`).
+fn validate_sync(
+    s: &SyncConfig,
+    device_id: Option<&str>,
+    sources: &[Source],
+) -> Result<(), ConfigError> {
+    let fail = |section: &str, key: &str, message: String| ConfigError {
+        file: origin(sources, section, key),
+        line: None,
+        message: format!("key `{section}.{key}`: {message}"),
+    };
+    let Some(id) = device_id.and_then(|id| DeviceId::new(id).ok()) else {
+        return Err(ConfigError {
+            file: sync_origin(sources),
+            line: None,
+            message: "key `device.id`: a [sync] section needs it (the MQTT client id, and \
+                      the certificate's CN)"
+                .into(),
+        });
+    };
+    if s.broker.is_empty() {
+        return Err(ConfigError {
+            file: origin(sources, "sync", "broker").or_else(|| sync_origin(sources)),
+            line: None,
+            message: "key `sync.broker`: must be set (mqtts://host[:port])".into(),
+        });
+    }
+    let broker = Broker::parse(&s.broker).map_err(|e| fail("sync", "broker", e.to_string()))?;
+    if !broker.tls && !s.allow_plaintext {
+        return Err(fail(
+            "sync",
+            "broker",
+            format!(
+                "'{}' is plaintext MQTT; use mqtts:// or set allow_plaintext = true",
+                s.broker
+            ),
+        ));
+    }
+    if broker.tls {
+        for (key, path) in [("ca", &s.ca), ("cert", &s.cert), ("key", &s.key)] {
+            if path.is_none() {
+                return Err(fail(
+                    "sync",
+                    key,
+                    format!("a TLS broker ({}) needs it (a PEM file)", s.broker),
+                ));
+            }
+        }
+    }
+    if !(1..=100_000).contains(&s.batch_max_records) {
+        return Err(fail(
+            "sync",
+            "batch_max_records",
+            "must be between 1 and 100000".into(),
+        ));
+    }
+    let max_packet = s.link(id.clone()).max_packet_size;
+    let topic = device_topic(&id, DeviceTopic::Audit);
+    if s.batch_max_bytes < 1024 || publish_packet_len(&topic, s.batch_max_bytes) > max_packet {
+        return Err(fail(
+            "sync",
+            "batch_max_bytes",
+            format!(
+                "must be at least 1024 and fit the link's packets of {max_packet} bytes \
+                 (at most {} here)",
+                max_packet - (publish_packet_len(&topic, max_packet) - max_packet)
+            ),
+        ));
+    }
+    if !(1..=86_400).contains(&s.telemetry_interval_secs) {
+        return Err(fail(
+            "sync",
+            "telemetry_interval_secs",
+            "must be between 1 and 86400".into(),
+        ));
+    }
+    if !(1024..=1 << 30).contains(&s.telemetry_quota_bytes) {
+        return Err(fail(
+            "sync",
+            "telemetry_quota_bytes",
+            "must be between 1024 and 1073741824".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -743,6 +935,100 @@ mod tests {
         check(
             &[("outpost.toml", "[auth]\nleeway_secs = 86400\n")],
             "key `auth.leeway_secs`",
+        );
+    }
+
+    #[test]
+    fn sync_values_are_checked() {
+        let sync = |extra: &str| {
+            format!(
+                "[device]\nid = \"edge-01\"\n[sync]\nbroker = \"mqtts://hub.example:8883\"\n\
+                 ca = \"/pki/ca.pem\"\ncert = \"/pki/edge-01.pem\"\nkey = \"/pki/edge-01.key\"\n{extra}"
+            )
+        };
+        check(
+            &[("outpost.toml", &sync(""))],
+            "allow_plaintext: false, batch_max_records: 500, batch_max_bytes: 131072, \
+             telemetry_interval_secs: 60, telemetry_quota_bytes: 8388608",
+        );
+        check(&[("outpost.toml", "")], "sync: None");
+        check(
+            &[(
+                "outpost.toml",
+                "[device]\nid = \"e\"\n[sync]\nbroker = \"mqtt://hub:1883\"\n",
+            )],
+            "config DIR/outpost.toml: key `sync.broker`: 'mqtt://hub:1883' is plaintext MQTT",
+        );
+        check(
+            &[(
+                "outpost.toml",
+                "[device]\nid = \"e\"\n[sync]\nbroker = \"mqtt://hub\"\nallow_plaintext = true\n",
+            )],
+            "broker: \"mqtt://hub\"",
+        );
+        check(
+            &[("outpost.toml", "[sync]\nbroker = \"mqtts://hub\"\n")],
+            "config DIR/outpost.toml: key `device.id`: a [sync] section needs it",
+        );
+        check(
+            &[(
+                "outpost.toml",
+                "[device]\nid = \"e\"\n[sync]\nca = \"/ca.pem\"\n",
+            )],
+            "config DIR/outpost.toml: key `sync.broker`: must be set",
+        );
+        check(
+            &[(
+                "outpost.toml",
+                "[device]\nid = \"e\"\n[sync]\nbroker = \"mqtts://hub\"\n",
+            )],
+            "key `sync.ca`: a TLS broker",
+        );
+        check(
+            &[(
+                "outpost.toml",
+                &sync("broker = \"https://hub\"\n").replacen(
+                    "broker = \"mqtts://hub.example:8883\"\n",
+                    "",
+                    1,
+                ),
+            )],
+            "key `sync.broker`: broker \"https://hub\": must start with mqtts://",
+        );
+        check(
+            &[("outpost.toml", &sync("brokers = \"x\"\n"))],
+            "outpost.toml:8: key `sync.brokers`: unknown field `brokers`",
+        );
+        for (key, value) in [
+            ("batch_max_records", "0"),
+            ("batch_max_records", "1000000"),
+            ("batch_max_bytes", "0"),
+            ("batch_max_bytes", "262144"),
+            ("telemetry_interval_secs", "0"),
+            ("telemetry_quota_bytes", "0"),
+            ("telemetry_quota_bytes", "100000000000"),
+        ] {
+            check(
+                &[
+                    ("outpost.toml", &sync("")),
+                    (
+                        "config.d/50-sync.toml",
+                        &format!("[sync]\n{key} = {value}\n"),
+                    ),
+                ],
+                &format!("config DIR/config.d/50-sync.toml: key `sync.{key}`: must be"),
+            );
+        }
+        // 256 KiB packets less 40 bytes of header, topic `outpost/v1/devices/edge-01/audit`
+        // and packet id.
+        check(
+            &[("outpost.toml", &sync("batch_max_bytes = 262104\n"))],
+            "batch_max_bytes: 262104",
+        );
+        check(
+            &[("outpost.toml", &sync("batch_max_bytes = 262105\n"))],
+            "key `sync.batch_max_bytes`: must be at least 1024 and fit the link's packets of \
+             262144 bytes (at most 262104 here)",
         );
     }
 

@@ -16,6 +16,8 @@ use outpost_policy::rbac::{Action, Policy};
 use outpost_policy::revocation::RevocationList;
 use outpost_policy::signing::KeyPair;
 use outpost_policy::time::TrustedClock;
+use outpost_sync::conn::{self, LinkConfig};
+use outpost_sync::protocol::DeviceId;
 
 use crate::config::{self, ConfigError, Loaded};
 
@@ -214,6 +216,22 @@ impl Context {
             None => Policy::builtin(),
         };
         Ok((verifier, policy))
+    }
+
+    /// `[sync]` as the link's settings, its files checked (readable, the key matching the
+    /// certificate, the certificate's CN equal to `[device] id`); `None` without `[sync]`.
+    /// Problems are configuration errors naming the config file and the `sync.*` key.
+    pub fn sync_link(&self) -> Result<Option<LinkConfig>, ConfigError> {
+        let Some(sync) = &self.loaded.config.sync else {
+            return Ok(None);
+        };
+        // `config::load` already refused a `[sync]` without a valid `[device] id`.
+        let id = self.loaded.config.device.id.as_deref().unwrap_or_default();
+        let id = DeviceId::new(id).map_err(|e| self.loaded.error("device", "id", e))?;
+        let link = sync.link(id.clone());
+        conn::check_identity(&link, &id)
+            .map_err(|e| self.loaded.error("sync", config::sync_key(&e), e))?;
+        Ok(Some(link))
     }
 
     /// The trusted clock, its floor kept in `<data>/trusted-time`.

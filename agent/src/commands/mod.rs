@@ -5,6 +5,7 @@ mod auth;
 mod bench;
 mod generate;
 mod models;
+mod sync;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,7 @@ pub fn run(cli: Cli, loaded: Loaded) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => auth::token(&ctx, cmd),
         Command::Auth(cmd) => auth::check(&ctx, cmd),
         Command::Audit(cmd) => audit::run(&ctx, cmd),
+        Command::Sync(cmd) => sync::run(&ctx, cmd),
         // `main` runs the daemon itself: it owns the runtime and the signals.
         Command::Daemon => anyhow::bail!("the daemon is started by main"),
     }
@@ -31,6 +33,7 @@ pub fn run(cli: Cli, loaded: Loaded) -> anyhow::Result<ExitCode> {
 fn config_check(ctx: &Context) -> anyhow::Result<ExitCode> {
     // Key files, the revocation list and the policy document must load too.
     ctx.auth()?;
+    ctx.sync_link()?;
     if ctx.json {
         let mut data_files = ctx.data_dir().files();
         data_files.insert("device_key", ctx.device_key_path());

@@ -162,6 +162,7 @@ impl Serving for State {
 /// or opened: the key files, the revocation list, the policy document, `[api] listen`.
 pub fn check_config(ctx: &Context) -> Result<Listen, ConfigError> {
     ctx.auth()?;
+    ctx.sync_link()?;
     ctx.loaded
         .config
         .api

@@ -13,3 +13,4 @@ mod inference;
 mod models;
 mod policy;
 mod support;
+mod sync;
