@@ -185,13 +185,19 @@ impl AuditLog {
             return Err(Unqueued::Closed(Box::new(entry)));
         };
         let (reply, rx) = mpsc::sync_channel(1);
-        match tx.try_send(Msg::Append(Box::new(Prepared::new(entry.clone())), reply)) {
+        // A refused message is handed back by the channel: its entry goes back to the caller.
+        let returned = |msg: Msg| match msg {
+            Msg::Append(p, _) => Box::new(p.entry),
+            // Only an append was sent; this arm cannot be reached.
+            Msg::Checkpoint(_) => Box::new(Entry::new("", "", super::Outcome::Failure, "")),
+        };
+        match tx.try_send(Msg::Append(Box::new(Prepared::new(entry)), reply)) {
             Ok(()) => Ok(Pending {
                 rx,
                 path: self.path.clone(),
             }),
-            Err(mpsc::TrySendError::Full(_)) => Err(Unqueued::Full(Box::new(entry))),
-            Err(mpsc::TrySendError::Disconnected(_)) => Err(Unqueued::Closed(Box::new(entry))),
+            Err(mpsc::TrySendError::Full(m)) => Err(Unqueued::Full(returned(m))),
+            Err(mpsc::TrySendError::Disconnected(m)) => Err(Unqueued::Closed(returned(m))),
         }
     }
 
