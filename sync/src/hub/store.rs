@@ -8,8 +8,16 @@
 //!   active_model, acked_seq)`: one row per enrolled device; `audit_key` is the hex Ed25519
 //!   key its checkpoints are verified with; the link columns stay null until `serve`.
 //! - `device_groups(device_id, group_id)`.
-//! - `audit_records(device_id, seq, record_json, hash, received_at)`, primary key
-//!   `(device_id, seq)`: the cloud copy of each device's chain (filled by the next slice).
+//! - `audit_records(device_id, seq, record_json, hash, received_at, ts, actor, action,
+//!   outcome)`, primary key `(device_id, seq)`: the cloud copy of each device's chain;
+//!   `record_json` is the policy crate's `Record` as serde writes it, the last four columns
+//!   copy its fields for the query filters.
+//! - `audit_checkpoints(device_id, seq, checkpoint_json, received_at)`: the device's signed
+//!   checkpoints (`Checkpoint` as serde writes it) that the hub verified.
+//! - `audit_alerts(device_id, at, kind, seq, detail)`: breaks, forks, truncations and forged
+//!   checkpoints the hub saw (kept: they are evidence).
+//! - `devices` also keeps the device's last reported audit seq, its reported state and its
+//!   last telemetry snapshot (JSON, as received).
 //!
 //! Crash rules: WAL, `synchronous = FULL`; each change is one transaction.
 
@@ -47,6 +55,29 @@ CREATE TABLE audit_records (
     received_at VARCHAR(40) NOT NULL,
     PRIMARY KEY (device_id, seq)
 );
+", "
+ALTER TABLE audit_records ADD COLUMN ts VARCHAR(40);
+ALTER TABLE audit_records ADD COLUMN actor TEXT;
+ALTER TABLE audit_records ADD COLUMN action TEXT;
+ALTER TABLE audit_records ADD COLUMN outcome VARCHAR(20);
+CREATE TABLE audit_checkpoints (
+    device_id       VARCHAR(64) NOT NULL REFERENCES devices(id),
+    seq             BIGINT NOT NULL,
+    checkpoint_json TEXT NOT NULL,
+    received_at     VARCHAR(40) NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE TABLE audit_alerts (
+    device_id VARCHAR(64) NOT NULL,
+    at        VARCHAR(40) NOT NULL,
+    kind      VARCHAR(40) NOT NULL,
+    seq       BIGINT,
+    detail    TEXT NOT NULL
+);
+ALTER TABLE devices ADD COLUMN audit_last_seq BIGINT;
+ALTER TABLE devices ADD COLUMN reported_json TEXT;
+ALTER TABLE devices ADD COLUMN telemetry_json TEXT;
+ALTER TABLE devices ADD COLUMN telemetry_at VARCHAR(40);
 "];
 
 /// An enrolled device as the store holds it.
