@@ -8,12 +8,14 @@
 //! [`outbox`] (`outbox.db`: the audit upload cursor, the telemetry queue, the link's status)
 //! [`conn`] (the broker link: rumqttc over rustls, reconnects, size checks, events) and the
 //! first slice of [`hub`] (PKI, enrollment, broker configuration, `hub.db`) behind the
-//! `outpost-hub` binary.
+//! `outpost-hub` binary, and [`device`], the daemon's sync loop (audit upload with acks,
+//! reported state, telemetry).
 //!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
 
 pub mod conn;
+pub mod device;
 pub mod hub;
 pub mod outbox;
 pub mod protocol;

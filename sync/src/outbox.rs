@@ -348,6 +348,14 @@ impl Outbox {
         self.sent_seq = self.sent_seq.max(last_seq);
     }
 
+    /// Forgets what was sent above the cursor, so it is sent again (after a reconnect, or
+    /// when acks stopped coming): the next batch starts right after the cursor.
+    pub fn rewind(&mut self) -> Result<u64> {
+        let cursor = self.last_acked_seq()?;
+        self.sent_seq = cursor;
+        Ok(cursor)
+    }
+
     /// The highest audit seq sent by this process, or the cursor.
     pub fn sent_seq(&self) -> u64 {
         self.sent_seq
@@ -666,6 +674,13 @@ mod tests {
                     o.note_sent(n());
                     format!("sent {}", o.sent_seq())
                 }
+                "rewind" => {
+                    let o = w.as_mut().unwrap();
+                    let r = o
+                        .rewind()
+                        .map(|c| format!("rewound to {c}, sent {}", o.sent_seq()));
+                    r.unwrap_or_else(|e| format!("err: {e}"))
+                }
                 "ack" => show(w.as_mut().unwrap().ack(n())),
                 "ro-ack" => show(r.as_mut().unwrap().ack(n())),
                 "quota" => {
@@ -724,7 +739,7 @@ acked=5 queued=0/0B dropped=0 connected=false writer=true error=None"
         // Across a reopen: the cursor is kept, and "sent" starts again at it.
         check(
             dir.path(),
-            "open; status; ack 4; ack 6; sent 12; ack 12; close; open; status",
+            "open; status; ack 4; ack 6; sent 12; ack 12; sent 20; rewind; ack 15; sent 20; ack 15; close; open; status",
             &format!(
                 "
 opened
@@ -733,9 +748,14 @@ Stale {{ cursor: 5 }}
 err: outbox {p}/outbox.db: an ack for audit seq 6 is above the highest seq sent (5); refused
 sent 12
 Advanced {{ from: 5, to: 12 }}
+sent 20
+rewound to 12, sent 12
+err: outbox {p}/outbox.db: an ack for audit seq 15 is above the highest seq sent (12); refused
+sent 20
+Advanced {{ from: 12, to: 15 }}
 closed
 opened
-acked=12 queued=0/0B dropped=0 connected=false writer=true error=None"
+acked=15 queued=0/0B dropped=0 connected=false writer=true error=None"
             ),
         );
         // The database itself refuses to move the cursor back, whoever asks.

@@ -248,6 +248,9 @@ async fn metrics(
         let identity = authenticate(&state, &headers, &rid.0, Action::DeviceRead).await?;
         authorize(&state, identity, &rid.0, Action::DeviceRead, None)?;
     }
+    if let Some((stats, gauges)) = &state.sync {
+        gauges.update(&stats.snapshot());
+    }
     let model = state.current_model();
     let text = state.metrics.render(
         model

@@ -231,6 +231,112 @@ impl Metrics {
     }
 }
 
+/// The sync loop's figures (registered only when `[sync]` is configured), set from its
+/// [`SyncStats`](outpost_sync::device::SyncStats) when `/metrics` is read.
+#[derive(Debug)]
+pub struct SyncMetrics {
+    connected: IntGauge,
+    reconnects: IntCounter,
+    pending: IntGauge,
+    acked_seq: IntGauge,
+    batches: IntCounter,
+    records: IntCounter,
+    bytes: IntCounter,
+    resends: IntCounter,
+    telemetry_queued: IntGauge,
+    telemetry_dropped: IntCounter,
+}
+
+impl SyncMetrics {
+    /// Moves each counter up to `to` (the loop's totals only grow).
+    fn advance(c: &IntCounter, to: u64) {
+        c.inc_by(to.saturating_sub(c.get()));
+    }
+
+    pub fn update(&self, s: &outpost_sync::device::StatsSnapshot) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.connected.set(i64::from(s.connected));
+        self.pending.set(gauge(s.pending_records));
+        self.acked_seq.set(gauge(s.last_acked_seq));
+        self.telemetry_queued.set(gauge(s.telemetry_queued_bytes));
+        Self::advance(&self.reconnects, s.reconnects);
+        Self::advance(&self.batches, s.batches_sent);
+        Self::advance(&self.records, s.records_sent);
+        Self::advance(&self.bytes, s.bytes_sent);
+        Self::advance(&self.resends, s.resends);
+        Self::advance(&self.telemetry_dropped, s.telemetry_dropped);
+    }
+}
+
+impl Metrics {
+    /// Registers the sync metrics (once, when the daemon starts its sync loop).
+    pub fn register_sync(&self) -> SyncMetrics {
+        let r = &self.registry;
+        SyncMetrics {
+            connected: metric!(
+                r,
+                IntGauge,
+                "outpost_sync_connected",
+                "Whether the link to the broker is up (1) or not (0)."
+            ),
+            reconnects: metric!(
+                r,
+                IntCounter,
+                "outpost_sync_reconnects_total",
+                "Connections to the broker established after the first."
+            ),
+            pending: metric!(
+                r,
+                IntGauge,
+                "outpost_sync_pending_records",
+                "Audit records the hub has not acknowledged yet."
+            ),
+            acked_seq: metric!(
+                r,
+                IntGauge,
+                "outpost_sync_acked_seq",
+                "The highest audit seq the hub has acknowledged (stored durably)."
+            ),
+            batches: metric!(
+                r,
+                IntCounter,
+                "outpost_sync_audit_batches_sent_total",
+                "Audit batches handed to the broker (resends included)."
+            ),
+            records: metric!(
+                r,
+                IntCounter,
+                "outpost_sync_audit_records_sent_total",
+                "Audit records handed to the broker (resends included)."
+            ),
+            bytes: metric!(
+                r,
+                IntCounter,
+                "outpost_sync_sent_bytes_total",
+                "Payload bytes handed to the broker."
+            ),
+            resends: metric!(
+                r,
+                IntCounter,
+                "outpost_sync_resends_total",
+                "Times the records above the cursor were sent again because no ack came."
+            ),
+            telemetry_queued: metric!(
+                r,
+                IntGauge,
+                "outpost_sync_telemetry_queued_bytes",
+                "Telemetry bytes waiting in the outbox."
+            ),
+            telemetry_dropped: metric!(
+                r,
+                IntCounter,
+                "outpost_sync_telemetry_dropped_total",
+                "Telemetry snapshots dropped by the quota (oldest first)."
+            ),
+        }
+    }
+}
+
 /// The resident set size, from `/proc/self/status`.
 pub fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

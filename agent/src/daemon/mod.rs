@@ -5,7 +5,8 @@
 //! `CancellationToken` it cancels on SIGTERM or SIGINT. `run` opens the audit log (a start
 //! record), the registry and the model behind `default` (if any), then spawns its long-lived
 //! tasks through one `TaskTracker`: the HTTP server, the systemd watchdog, the registry
-//! follower (and sync, later), each `run(self, shutdown)`. On shutdown they are cancelled,
+//! follower and, with `[sync]`, the sync loop (`outpost_sync::device`), each
+//! `run(self, shutdown)`. On shutdown they are cancelled,
 //! not aborted: the server stops accepting and in-flight requests get
 //! `[api] shutdown_grace_secs`, after which running generations are cancelled; then the
 //! stop record, a checkpoint, and `run` returns.
@@ -19,6 +20,7 @@ mod metrics;
 mod notify;
 mod openai;
 mod server;
+mod sync;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,8 +41,9 @@ use crate::activation::{self, ActivationError, Candidate, Serving};
 use crate::config::{ApiConfig, ConfigError, Listen};
 use crate::context::{Context, DataDir};
 use engine::ModelWorker;
-use metrics::Metrics;
+use metrics::{Metrics, SyncMetrics};
 use notify::Notifier;
+use outpost_sync::device::SyncStats;
 pub use server::Listener;
 
 /// Everything the handlers share.
@@ -57,6 +60,8 @@ pub struct State {
     /// One model change at a time.
     pub swap: tokio::sync::Mutex<()>,
     pub metrics: Arc<Metrics>,
+    /// The sync loop's figures and their gauges, when `[sync]` is configured.
+    pub sync: Option<(Arc<SyncStats>, SyncMetrics)>,
     pub api: ApiConfig,
     pub load_options: LoadOptions,
     pub health_check: HealthCheck,
@@ -193,6 +198,11 @@ pub async fn run(
     })
     .await??;
     let engine_cfg = &ctx.loaded.config.engine;
+    let metrics = Arc::new(Metrics::default());
+    let sync_link = ctx.sync_link()?;
+    let sync = sync_link
+        .as_ref()
+        .map(|_| (Arc::new(SyncStats::default()), metrics.register_sync()));
     let state = Arc::new(State {
         device_id: ctx.device_id(),
         data_dir: ctx.data_dir(),
@@ -203,7 +213,8 @@ pub async fn run(
         registry: Mutex::new(registry),
         model: RwLock::new(None),
         swap: tokio::sync::Mutex::new(()),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
+        sync,
         api: api.clone(),
         load_options: LoadOptions {
             context_length: engine_cfg.context_length.map(|c| c as usize),
@@ -248,6 +259,11 @@ pub async fn run(
         }
         .run(shutdown.clone()),
     );
+    if let (Some(link), Some(config), Some((stats, _))) =
+        (sync_link, &ctx.loaded.config.sync, &state.sync)
+    {
+        tasks.spawn(sync::sync_loop(&state, config, link, stats.clone()).run(shutdown.clone()));
+    }
     tasks.close();
 
     shutdown.cancelled().await;

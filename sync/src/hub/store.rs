@@ -30,7 +30,8 @@ use super::{HubError, Result};
 use crate::protocol::{DeviceId, GroupId};
 
 /// Each entry takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE devices (
     id            VARCHAR(64) PRIMARY KEY,
     audit_key     VARCHAR(64) NOT NULL,
@@ -55,7 +56,8 @@ CREATE TABLE audit_records (
     received_at VARCHAR(40) NOT NULL,
     PRIMARY KEY (device_id, seq)
 );
-", "
+",
+    "
 ALTER TABLE audit_records ADD COLUMN ts VARCHAR(40);
 ALTER TABLE audit_records ADD COLUMN actor TEXT;
 ALTER TABLE audit_records ADD COLUMN action TEXT;
@@ -78,7 +80,8 @@ ALTER TABLE devices ADD COLUMN audit_last_seq BIGINT;
 ALTER TABLE devices ADD COLUMN reported_json TEXT;
 ALTER TABLE devices ADD COLUMN telemetry_json TEXT;
 ALTER TABLE devices ADD COLUMN telemetry_at VARCHAR(40);
-"];
+",
+];
 
 /// An enrolled device as the store holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,0 +1,913 @@
+//! The device's sync loop: audit records, state and telemetry up to the hub, acks down.
+//!
+//! [`SyncLoop::run`] is one task of the daemon's task tree. Its SQLite work (`outbox.db`,
+//! reading `audit.db`) blocks, so the loop runs on a thread of its own (driving its futures
+//! with the runtime's handle) and never stalls a runtime worker; the [`conn::Link`] it starts
+//! runs on the runtime as usual. What the agent knows and this crate does not (models,
+//! aliases, metrics) comes through the [`DeviceSource`] trait; what the loop has done is in
+//! [`SyncStats`], which the daemon's `/metrics` reads.
+//!
+//! Audit upload rules:
+//! - Records leave in seq order from the outbox's cursor, packed by [`BatchBuilder`]
+//!   (`batch_max_records`, `batch_max_bytes`), QoS 1, each batch with the newest checkpoint
+//!   at or below its last seq (so the hub can verify it at once). At most [`Settings::window`]
+//!   batches are unacknowledged at a time.
+//! - Only the hub's `audit/ack` moves the cursor (in `outbox.db`, durably). A PubAck from the
+//!   broker means nothing for audit records: the broker is not storage.
+//! - After every (re)connect, and whenever the ack has not moved for
+//!   [`Settings::ack_timeout`] with batches outstanding, everything above the cursor is sent
+//!   again ([`Outbox::rewind`]); the hub stores by (device, seq) and acks duplicates.
+//! - A record never leaves the log: nothing here deletes or skips one. A record too large
+//!   for a batch stops the upload with an error in `sync status` rather than being dropped.
+//!   An audit log that ends below the cursor (restored from an old copy, truncated) is
+//!   reported the same way; the hub sees the new records fail to link when they come.
+//!
+//! State and telemetry: on every connect the retained `status` (online, agent version; the
+//! last will says offline) and `state/reported` go out; `state/reported` again whenever it
+//! changes (looked at every [`Settings::state_interval`]). Telemetry snapshots are queued in
+//! `outbox.db` under the byte quota every `telemetry_interval` and sent while connected; a
+//! snapshot leaves the queue on its PubAck.
+//!
+//! Stopping (the daemon's SIGTERM): no new batches; the loop waits up to [`FLUSH_GRACE`] for
+//! the acks of the batches in flight, then stops the link gracefully (offline status,
+//! DISCONNECT) and returns.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use outpost_policy::audit::{AuditReader, Checkpoint, Query, Record, now_rfc3339};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::conn::{self, ConnError, Link, LinkConfig, LinkEvent, LinkHandle, PublishId, Session};
+use crate::outbox::{Acked, Outbox, OutboxError};
+use crate::protocol::{
+    self, AuditAck, BatchBuilder, BatchLimits, DeviceId, EncodedBatch, LinkState, Pushed,
+    ReportedModel, ReportedState, Status, Telemetry, Topics, V1,
+};
+
+/// How long a stopping loop waits for the acks of batches in flight.
+pub const FLUSH_GRACE: Duration = Duration::from_secs(5);
+/// Largest ack payload read.
+const MAX_ACK_BYTES: usize = 4096;
+/// Telemetry snapshots sent and not yet PubAcked, at most.
+const TELEMETRY_WINDOW: usize = 16;
+
+/// What the loop needs to know; [`Settings::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The broker link; its client id is the device id.
+    pub link: LinkConfig,
+    pub audit_db: PathBuf,
+    pub outbox_db: PathBuf,
+    pub batch: BatchLimits,
+    /// Audit batches sent and not yet acknowledged by the hub, at most.
+    pub window: usize,
+    /// Send everything above the cursor again when no ack came for this long.
+    pub ack_timeout: Duration,
+    /// How often the audit log is looked at for new records.
+    pub poll_interval: Duration,
+    /// How often the reported state is compared with what was last published.
+    pub state_interval: Duration,
+    pub telemetry_interval: Duration,
+    pub telemetry_quota_bytes: u64,
+    /// Reported in `status`.
+    pub agent_version: String,
+}
+
+impl Settings {
+    /// The defaults: batches of 500 records or 128 KiB, 8 in flight, resend after 15 s
+    /// without an ack, a look at the log every second, state every 5 s, telemetry every
+    /// minute under 8 MiB.
+    pub fn new(link: LinkConfig, audit_db: PathBuf, outbox_db: PathBuf, version: &str) -> Self {
+        Self {
+            link,
+            audit_db,
+            outbox_db,
+            batch: BatchLimits {
+                max_records: 500,
+                max_bytes: 131_072,
+            },
+            window: 8,
+            ack_timeout: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(1),
+            state_interval: Duration::from_secs(5),
+            telemetry_interval: Duration::from_secs(60),
+            telemetry_quota_bytes: 8 << 20,
+            agent_version: version.to_string(),
+        }
+    }
+}
+
+/// What the device reports about itself in `state/reported` (the loop adds the cursor).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub models: Vec<ReportedModel>,
+    /// Alias → `name:version`.
+    pub aliases: BTreeMap<String, String>,
+    pub policy_version: Option<u64>,
+}
+
+/// The agent's side of the loop: called from the loop's own thread, so blocking is fine.
+pub trait DeviceSource: Send + Sync + 'static {
+    /// Installed models, aliases and the policy version now.
+    fn reported(&self) -> Result<Reported, String>;
+    /// A metrics snapshot for telemetry (the loop adds its own figures).
+    fn telemetry(&self) -> serde_json::Map<String, serde_json::Value>;
+}
+
+/// What the loop has done, for `/metrics`; updated as it goes.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    connected: AtomicBool,
+    connects: AtomicU64,
+    last_acked_seq: AtomicU64,
+    audit_last_seq: AtomicU64,
+    batches_sent: AtomicU64,
+    records_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    resends: AtomicU64,
+    telemetry_queued_bytes: AtomicU64,
+    telemetry_dropped: AtomicU64,
+}
+
+/// A copy of [`SyncStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    pub connected: bool,
+    /// Connections established after the first.
+    pub reconnects: u64,
+    pub last_acked_seq: u64,
+    pub pending_records: u64,
+    pub batches_sent: u64,
+    pub records_sent: u64,
+    /// Payload bytes handed to the broker (audit, state, status, telemetry).
+    pub bytes_sent: u64,
+    /// Times everything above the cursor was sent again after an ack timeout.
+    pub resends: u64,
+    pub telemetry_queued_bytes: u64,
+    pub telemetry_dropped: u64,
+}
+
+impl SyncStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let acked = get(&self.last_acked_seq);
+        StatsSnapshot {
+            connected: self.connected.load(Ordering::Relaxed),
+            reconnects: get(&self.connects).saturating_sub(1),
+            last_acked_seq: acked,
+            pending_records: get(&self.audit_last_seq).saturating_sub(acked),
+            batches_sent: get(&self.batches_sent),
+            records_sent: get(&self.records_sent),
+            bytes_sent: get(&self.bytes_sent),
+            resends: get(&self.resends),
+            telemetry_queued_bytes: get(&self.telemetry_queued_bytes),
+            telemetry_dropped: get(&self.telemetry_dropped),
+        }
+    }
+
+    fn add(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn set(a: &AtomicU64, n: u64) {
+        a.store(n, Ordering::Relaxed);
+    }
+}
+
+/// The loop: build it, then [`SyncLoop::run`] it as a task of the daemon.
+pub struct SyncLoop {
+    settings: Settings,
+    source: Arc<dyn DeviceSource>,
+    stats: Arc<SyncStats>,
+}
+
+impl std::fmt::Debug for SyncLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncLoop")
+            .field("broker", &self.settings.link.broker)
+            .finish()
+    }
+}
+
+impl SyncLoop {
+    pub fn new(settings: Settings, source: Arc<dyn DeviceSource>, stats: Arc<SyncStats>) -> Self {
+        Self {
+            settings,
+            source,
+            stats,
+        }
+    }
+
+    /// Runs until `shutdown`, then flushes and stops (see the module header). Never fails:
+    /// a problem is logged, kept as `last_error` in `outbox.db`, and retried; only an outbox
+    /// that cannot be opened at all (another process holds it) ends the loop early, and the
+    /// daemon goes on offline.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let runtime = tokio::runtime::Handle::current();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let span = tracing::info_span!("sync", device_id = %self.settings.link.client_id);
+        let spawned = std::thread::Builder::new()
+            .name("outpost-sync".into())
+            .spawn(move || {
+                runtime.block_on(self.run_here(shutdown).instrument(span));
+                let _ = done.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = finished.await;
+            }
+            Err(e) => error!(error = %e, "Sync is off: its thread could not be started."),
+        }
+    }
+
+    async fn run_here(self, shutdown: CancellationToken) {
+        let outbox = match Outbox::open(&self.settings.outbox_db) {
+            Ok(o) => o,
+            Err(e) => {
+                error!(error = %e, "Sync is off: the outbox cannot be opened.");
+                return;
+            }
+        };
+        let topics = Topics::new(self.settings.link.client_id.clone());
+        let status = |state| Status {
+            v: V1,
+            state,
+            agent_version: self.settings.agent_version.clone(),
+        };
+        let (will, online) = match (
+            protocol::encode(&status(LinkState::Offline), usize::MAX),
+            protocol::encode(&status(LinkState::Online), usize::MAX),
+        ) {
+            (Ok(w), Ok(o)) => (w, o),
+            (Err(e), _) | (_, Err(e)) => {
+                error!(error = %e, "Sync is off: the status message cannot be encoded.");
+                return;
+            }
+        };
+        let session = Session {
+            will: conn::Will {
+                topic: topics.status().to_string(),
+                payload: will,
+            },
+            subscriptions: topics.subscriptions(&[]),
+        };
+        let link_stop = CancellationToken::new();
+        let (link, mut events, link_task) =
+            match Link::spawn(&self.settings.link, session, link_stop.clone()) {
+                Ok(l) => l,
+                Err(e) => {
+                    error!(error = %e, "Sync is off: the link cannot be set up.");
+                    return;
+                }
+            };
+        info!(broker = %self.settings.link.broker, "Sync started.");
+        let mut up = Uplink {
+            cursor: outbox.last_acked_seq().unwrap_or(0),
+            outbox,
+            link,
+            topics,
+            online,
+            settings: self.settings,
+            source: self.source,
+            stats: self.stats,
+            reader: None,
+            checkpoints: Vec::new(),
+            checkpoints_at: None,
+            inflight: VecDeque::new(),
+            last_progress: Instant::now(),
+            telemetry: VecDeque::new(),
+            published_state: None,
+            last_error: None,
+            stopping: false,
+        };
+        SyncStats::set(&up.stats.last_acked_seq, up.cursor);
+        up.main_loop(&shutdown, &mut events).await;
+        up.flush(&mut events).await;
+        link_stop.cancel();
+        up.drain_until_stopped(&mut events, link_task).await;
+        up.stats.connected.store(false, Ordering::Relaxed);
+        if let Err(e) = up.outbox.set_connected(false) {
+            warn!(error = %e, "The outbox could not record the disconnect.");
+        }
+        info!(last_acked_seq = up.cursor, "Sync stopped.");
+    }
+}
+
+/// A batch sent and not yet acknowledged.
+#[derive(Debug)]
+struct InFlight {
+    last_seq: u64,
+}
+
+/// A telemetry snapshot sent and not yet PubAcked.
+#[derive(Debug)]
+struct TelemetrySent {
+    publish: PublishId,
+    row: i64,
+    acked: bool,
+}
+
+/// The loop's state, on its own thread.
+struct Uplink {
+    settings: Settings,
+    source: Arc<dyn DeviceSource>,
+    stats: Arc<SyncStats>,
+    outbox: Outbox,
+    link: LinkHandle,
+    topics: Topics,
+    /// The encoded online status.
+    online: Vec<u8>,
+    reader: Option<AuditReader>,
+    /// The log's checkpoints in seq order, and when they were read.
+    checkpoints: Vec<Checkpoint>,
+    checkpoints_at: Option<Instant>,
+    /// The outbox's cursor, mirrored.
+    cursor: u64,
+    inflight: VecDeque<InFlight>,
+    /// When the cursor last moved, or the first batch of a window went out.
+    last_progress: Instant,
+    telemetry: VecDeque<TelemetrySent>,
+    /// The state last published (retained), to publish only changes.
+    published_state: Option<ReportedState>,
+    /// The last error kept in the outbox, to write each only once.
+    last_error: Option<String>,
+    stopping: bool,
+}
+
+impl Uplink {
+    async fn main_loop(
+        &mut self,
+        shutdown: &CancellationToken,
+        events: &mut mpsc::Receiver<LinkEvent>,
+    ) {
+        let mut poll = tokio::time::interval(self.settings.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut state = tokio::time::interval(self.settings.state_interval);
+        state.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let every = self.settings.telemetry_interval;
+        let mut telemetry = tokio::time::interval_at(Instant::now() + every, every);
+        telemetry.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                event = events.recv() => match event {
+                    Some(e) => self.on_event(e),
+                    None => return,
+                },
+                _ = poll.tick() => self.on_poll(),
+                _ = state.tick() => self.publish_state(false),
+                _ = telemetry.tick() => {
+                    self.snapshot_telemetry();
+                    self.send_telemetry();
+                }
+            }
+        }
+    }
+
+    /// Waits, up to [`FLUSH_GRACE`], for the acks of what is in flight.
+    async fn flush(&mut self, events: &mut mpsc::Receiver<LinkEvent>) {
+        self.stopping = true;
+        if self.inflight.is_empty() || !self.link.is_connected() {
+            return;
+        }
+        info!(
+            batches = self.inflight.len(),
+            "Stopping: waiting for the hub's acks of the batches in flight."
+        );
+        let deadline = Instant::now() + FLUSH_GRACE;
+        while !self.inflight.is_empty() && self.link.is_connected() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(batches = self.inflight.len(), last_acked_seq = self.cursor,
+                        "Stopping without every ack; the rest is sent again at the next start.");
+                    return;
+                }
+                event = events.recv() => match event {
+                    Some(e) => self.on_event(e),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Keeps reading events (acks, PubAcks) while the link stops, so it never waits on a
+    /// full event queue, until its task ends.
+    async fn drain_until_stopped(
+        &mut self,
+        events: &mut mpsc::Receiver<LinkEvent>,
+        mut link_task: JoinHandle<()>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = &mut link_task => return,
+                event = events.recv() => match event {
+                    Some(e) => self.on_event(e),
+                    None => {
+                        let _ = (&mut link_task).await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Connected => self.on_connected(),
+            LinkEvent::ConnectFailed { reason, .. } => self.note_error(&reason),
+            LinkEvent::Disconnected { reason, .. } => {
+                self.stats.connected.store(false, Ordering::Relaxed);
+                self.inflight.clear();
+                self.telemetry.clear();
+                if let Err(e) = self.outbox.set_connected(false) {
+                    warn!(error = %e, "The outbox could not record the disconnect.");
+                }
+                self.note_error(&reason);
+            }
+            LinkEvent::Message { topic, payload } => {
+                if topic == self.topics.audit_ack() {
+                    self.on_ack(&payload);
+                } else {
+                    debug!(topic = %topic, bytes = payload.len(), "Message not handled here.");
+                }
+            }
+            LinkEvent::PubAck(id) => self.on_puback(id),
+        }
+    }
+
+    fn on_connected(&mut self) {
+        SyncStats::add(&self.stats.connects, 1);
+        self.stats.connected.store(true, Ordering::Relaxed);
+        if let Err(e) = self.outbox.set_connected(true) {
+            warn!(error = %e, "The outbox could not record the connection.");
+        }
+        // Whatever was in flight before is forgotten by the link: start from the cursor.
+        match self.outbox.rewind() {
+            Ok(c) => self.cursor = c,
+            Err(e) => warn!(error = %e, "The outbox could not be read."),
+        }
+        self.inflight.clear();
+        self.telemetry.clear();
+        self.last_progress = Instant::now();
+        let status = self.topics.status().to_string();
+        self.publish(&status, self.online.clone(), true);
+        self.publish_state(true);
+        self.fill();
+        self.send_telemetry();
+    }
+
+    fn on_ack(&mut self, payload: &[u8]) {
+        let ack = match protocol::decode::<AuditAck>(payload, MAX_ACK_BYTES) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "An audit ack was refused.");
+                return;
+            }
+        };
+        if &ack.device_id != self.topics.device_id() {
+            warn!(names = %ack.device_id, "An audit ack for another device was refused.");
+            return;
+        }
+        match self.outbox.ack(ack.acked_seq) {
+            Ok(Acked::Advanced { to, .. }) => {
+                self.cursor = to;
+                SyncStats::set(&self.stats.last_acked_seq, to);
+                self.last_progress = Instant::now();
+                while self.inflight.front().is_some_and(|b| b.last_seq <= to) {
+                    self.inflight.pop_front();
+                }
+                debug!(acked_seq = to, "Audit records acknowledged.");
+                if !self.stopping {
+                    self.fill();
+                }
+            }
+            Ok(Acked::Stale { .. }) => {}
+            // An ack of a batch sent before the last rewind: it comes again.
+            Err(OutboxError::AckBeyondSent { acked, sent, .. }) => {
+                debug!(acked, sent, "An ack above what was sent since the rewind.");
+            }
+            Err(e) => self.note_error(&format!("recording an audit ack: {e}")),
+        }
+    }
+
+    fn on_puback(&mut self, id: PublishId) {
+        if let Some(t) = self.telemetry.iter_mut().find(|t| t.publish == id) {
+            t.acked = true;
+        }
+        let mut through = None;
+        while self.telemetry.front().is_some_and(|t| t.acked) {
+            through = self.telemetry.pop_front().map(|t| t.row);
+        }
+        if let Some(row) = through
+            && let Err(e) = self.outbox.remove_telemetry(row)
+        {
+            warn!(error = %e, "Sent telemetry could not be removed from the outbox.");
+        }
+    }
+
+    fn on_poll(&mut self) {
+        let last = self.audit_last_seq();
+        if let Some(last) = last {
+            SyncStats::set(&self.stats.audit_last_seq, last);
+            if last < self.cursor {
+                self.note_error(&format!(
+                    "the audit log ends at seq {last}, below seq {} that the hub already holds: \
+                     the log was truncated or restored from an older copy",
+                    self.cursor
+                ));
+            }
+        }
+        if !self.inflight.is_empty() && self.last_progress.elapsed() >= self.settings.ack_timeout {
+            info!(
+                from_seq = self.cursor + 1,
+                waited_secs = self.settings.ack_timeout.as_secs(),
+                "No audit ack came: sending again from the cursor."
+            );
+            SyncStats::add(&self.stats.resends, 1);
+            match self.outbox.rewind() {
+                Ok(c) => self.cursor = c,
+                Err(e) => warn!(error = %e, "The outbox could not be read."),
+            }
+            self.inflight.clear();
+            self.last_progress = Instant::now();
+        }
+        self.fill();
+        self.send_telemetry();
+        if let Ok(s) = self.outbox.status() {
+            SyncStats::set(&self.stats.telemetry_queued_bytes, s.telemetry_queued_bytes);
+            SyncStats::set(&self.stats.telemetry_dropped, s.telemetry_dropped);
+        }
+    }
+
+    /// The audit log, opened read-only once it exists.
+    fn reader(&mut self) -> Option<&AuditReader> {
+        if self.reader.is_none() && self.settings.audit_db.exists() {
+            match AuditReader::open(&self.settings.audit_db) {
+                Ok(r) => self.reader = Some(r),
+                Err(e) => warn!(error = %e, "The audit log cannot be read."),
+            }
+        }
+        self.reader.as_ref()
+    }
+
+    /// Re-reads the log's checkpoints (at most once per poll interval: batches built in
+    /// between carry an older checkpoint, which is as valid).
+    fn refresh_checkpoints(&mut self) {
+        self.checkpoints_at = Some(Instant::now());
+        let Some(reader) = self.reader() else { return };
+        match reader.checkpoints() {
+            Ok(c) => self.checkpoints = c,
+            Err(e) => warn!(error = %e, "The audit log's checkpoints cannot be read."),
+        }
+    }
+
+    fn audit_last_seq(&mut self) -> Option<u64> {
+        let newest = Query {
+            limit: Some(1),
+            newest: true,
+            ..Query::default()
+        };
+        let reader = self.reader()?;
+        match reader.query(&newest) {
+            Ok(r) => Some(r.last().map_or(0, |r| r.seq)),
+            Err(e) => {
+                warn!(error = %e, "The audit log cannot be read.");
+                self.reader = None;
+                None
+            }
+        }
+    }
+
+    /// Sends batches until the window is full or the log is exhausted.
+    fn fill(&mut self) {
+        if self.stopping {
+            return;
+        }
+        while self.inflight.len() < self.settings.window && self.link.is_connected() {
+            let from = self.outbox.sent_seq();
+            let batch = match self.next_batch(from) {
+                Ok(Some(b)) => b,
+                Ok(None) => return,
+                Err(e) => {
+                    self.note_error(&e);
+                    return;
+                }
+            };
+            let (first, last, count, len) = (
+                batch.first_seq,
+                batch.last_seq,
+                batch.records,
+                batch.payload.len(),
+            );
+            let topic = self.topics.audit().to_string();
+            match self.link.try_publish(&topic, batch.payload, false) {
+                Ok(_) => {
+                    if self.inflight.is_empty() {
+                        self.last_progress = Instant::now();
+                    }
+                    self.outbox.note_sent(last);
+                    self.inflight.push_back(InFlight { last_seq: last });
+                    SyncStats::add(&self.stats.batches_sent, 1);
+                    SyncStats::add(&self.stats.records_sent, count as u64);
+                    SyncStats::add(&self.stats.bytes_sent, len as u64);
+                    debug!(
+                        first_seq = first,
+                        last_seq = last,
+                        records = count,
+                        bytes = len,
+                        "Audit batch sent."
+                    );
+                }
+                Err(ConnError::NotConnected | ConnError::Closed | ConnError::QueueFull) => return,
+                Err(e) => {
+                    self.note_error(&format!("sending audit records {first}..={last}: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The batch of records after `from`, with the newest checkpoint at or below its end.
+    fn next_batch(&mut self, from: u64) -> Result<Option<EncodedBatch>, String> {
+        let limits = self.settings.batch;
+        let device = self.topics.device_id().clone();
+        if self
+            .checkpoints_at
+            .is_none_or(|t| t.elapsed() >= self.settings.poll_interval)
+        {
+            self.refresh_checkpoints();
+        }
+        let Some(reader) = self.reader.as_ref() else {
+            return Ok(None);
+        };
+        let q = Query {
+            after_seq: Some(from),
+            limit: Some(limits.max_records as u64),
+            ..Query::default()
+        };
+        let read = |e: outpost_policy::audit::AuditError| format!("reading the audit log: {e}");
+        let records = reader.query(&q).map_err(read)?;
+        let Some(last_read) = records.last().map(|r| r.seq) else {
+            return Ok(None);
+        };
+        let checkpoints = &self.checkpoints;
+        let Some(batch) = pack(&device, &records, checkpoints, last_read, limits)? else {
+            return Ok(None);
+        };
+        // Cut short by bytes: pick the checkpoint again for the shorter range (its seq is
+        // smaller, so its JSON is no longer and the same records still fit).
+        let cp_seq = |upto| newest_at_or_below(checkpoints, upto).map(|c| c.seq);
+        if cp_seq(last_read) != cp_seq(batch.last_seq) {
+            return pack(&device, &records, checkpoints, batch.last_seq, limits);
+        }
+        Ok(Some(batch))
+    }
+
+    fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Option<PublishId> {
+        let len = payload.len() as u64;
+        match self.link.try_publish(topic, payload, retain) {
+            Ok(id) => {
+                SyncStats::add(&self.stats.bytes_sent, len);
+                Some(id)
+            }
+            Err(e) => {
+                debug!(topic, error = %e, "Not published now.");
+                None
+            }
+        }
+    }
+
+    /// Publishes `state/reported` if it changed since the last publish (or `force`).
+    fn publish_state(&mut self, force: bool) {
+        if !self.link.is_connected() || self.stopping {
+            return;
+        }
+        let reported = match self.source.reported() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "The reported state cannot be read.");
+                return;
+            }
+        };
+        let state = ReportedState {
+            v: V1,
+            models: reported.models,
+            aliases: reported.aliases,
+            policy_version: reported.policy_version,
+            last_acked_seq: self.cursor,
+        };
+        if !force && self.published_state.as_ref() == Some(&state) {
+            return;
+        }
+        let max = self.link.max_packet_size();
+        match protocol::encode(&state, max) {
+            Ok(payload) => {
+                let topic = self.topics.state_reported().to_string();
+                if self.publish(&topic, payload, true).is_some() {
+                    self.published_state = Some(state);
+                }
+            }
+            Err(e) => self.note_error(&format!("reporting the state: {e}")),
+        }
+    }
+
+    /// Queues a telemetry snapshot in the outbox, under the quota.
+    fn snapshot_telemetry(&mut self) {
+        let mut metrics = self.source.telemetry();
+        let snap = self.stats.snapshot();
+        let audit_last = self.stats.audit_last_seq.load(Ordering::Relaxed);
+        for (k, v) in [
+            ("audit_last_seq", audit_last),
+            ("last_acked_seq", snap.last_acked_seq),
+            ("pending_records", snap.pending_records),
+            ("reconnects", snap.reconnects),
+            ("telemetry_dropped", snap.telemetry_dropped),
+        ] {
+            metrics.insert(k.into(), v.into());
+        }
+        let msg = Telemetry {
+            v: V1,
+            ts: now_rfc3339(),
+            metrics,
+        };
+        let payload = match protocol::encode(&msg, self.link.max_packet_size()) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "A telemetry snapshot was not queued.");
+                return;
+            }
+        };
+        match self
+            .outbox
+            .push_telemetry(&payload, self.settings.telemetry_quota_bytes)
+        {
+            Ok(p) if !p.queued || p.evicted > 0 => {
+                debug!(
+                    queued = p.queued,
+                    evicted = p.evicted,
+                    "Telemetry over its quota: the oldest snapshots were dropped."
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "A telemetry snapshot was not queued."),
+        }
+    }
+
+    /// Sends queued snapshots not yet in flight.
+    fn send_telemetry(&mut self) {
+        if !self.link.is_connected() || self.telemetry.len() >= TELEMETRY_WINDOW {
+            return;
+        }
+        let after = self.telemetry.back().map_or(i64::MIN, |t| t.row);
+        let queued = match self.outbox.next_telemetry(TELEMETRY_WINDOW * 2) {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(error = %e, "Queued telemetry cannot be read.");
+                return;
+            }
+        };
+        let topic = self.topics.telemetry().to_string();
+        for t in queued.into_iter().filter(|t| t.id > after) {
+            if self.telemetry.len() >= TELEMETRY_WINDOW {
+                break;
+            }
+            match self.publish(&topic, t.payload, false) {
+                Some(publish) => self.telemetry.push_back(TelemetrySent {
+                    publish,
+                    row: t.id,
+                    acked: false,
+                }),
+                None => break,
+            }
+        }
+    }
+
+    /// Logs a problem and keeps it as `last_error` (each distinct message once).
+    fn note_error(&mut self, message: &str) {
+        if self.last_error.as_deref() == Some(message) {
+            return;
+        }
+        warn!(error = %message, "Sync problem.");
+        if let Err(e) = self.outbox.set_error(message) {
+            warn!(error = %e, "The outbox could not record the error.");
+        }
+        self.last_error = Some(message.to_string());
+    }
+}
+
+/// The newest checkpoint with seq at or below `seq` (`checkpoints` in seq order).
+fn newest_at_or_below(checkpoints: &[Checkpoint], seq: u64) -> Option<&Checkpoint> {
+    let n = checkpoints.partition_point(|c| c.seq <= seq);
+    n.checked_sub(1).map(|i| &checkpoints[i])
+}
+
+/// Packs `records` (in seq order) up to `last_seq` and within `limits`, with the newest
+/// checkpoint at or below `last_seq`.
+fn pack(
+    device: &DeviceId,
+    records: &[Record],
+    checkpoints: &[Checkpoint],
+    last_seq: u64,
+    limits: BatchLimits,
+) -> Result<Option<EncodedBatch>, String> {
+    let cp = newest_at_or_below(checkpoints, last_seq);
+    let mut b = BatchBuilder::new(device, cp, limits).map_err(|e| e.to_string())?;
+    for r in records.iter().take_while(|r| r.seq <= last_seq) {
+        if b.push(r).map_err(|e| e.to_string())? == Pushed::Full {
+            break;
+        }
+    }
+    Ok(b.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use outpost_policy::audit::Outcome;
+
+    use super::*;
+    use crate::protocol::AuditBatch;
+
+    fn record(seq: u64) -> Record {
+        Record {
+            seq,
+            ts: "2026-12-01T12:00:00.000Z".into(),
+            device_id: "edge-01".into(),
+            actor: "local:root".into(),
+            roles: vec!["admin".into()],
+            action: "models:activate".into(),
+            resource: None,
+            outcome: Outcome::Success,
+            reason: "r".repeat(100),
+            request_id: None,
+            policy_version: None,
+            details: serde_json::json!({}),
+            prev_hash: "0".repeat(64),
+            hash: "a".repeat(64),
+        }
+    }
+
+    fn checkpoint(seq: u64) -> Checkpoint {
+        Checkpoint {
+            device_id: "edge-01".into(),
+            seq,
+            hash: "a".repeat(64),
+            ts: "2026-12-01T12:00:00.000Z".into(),
+            public_key: "b".repeat(64),
+            signature: "c".repeat(128),
+        }
+    }
+
+    #[test]
+    fn the_checkpoint_sent_is_the_newest_at_or_below_the_batch_end() {
+        let cps: Vec<_> = [10, 20, 30].into_iter().map(checkpoint).collect();
+        let seq = |upto| newest_at_or_below(&cps, upto).map(|c| c.seq);
+        assert_eq!(
+            [seq(0), seq(9), seq(10), seq(29), seq(30), seq(1000)],
+            [None, None, Some(10), Some(20), Some(30), Some(30)]
+        );
+        assert_eq!(newest_at_or_below(&[], 5), None);
+    }
+
+    #[test]
+    fn a_batch_cut_short_by_bytes_carries_a_checkpoint_it_covers() {
+        let device = DeviceId::new("edge-01").unwrap();
+        let records: Vec<_> = (1..=40).map(record).collect();
+        let cps: Vec<_> = [5, 15, 35].into_iter().map(checkpoint).collect();
+        let one = serde_json::to_vec(&records[0]).unwrap().len();
+        // Room for about 12 records: the batch ends near seq 12, below checkpoint 15.
+        let limits = BatchLimits {
+            max_records: 100,
+            max_bytes: 12 * (one + 1) + 600,
+        };
+        let first = pack(&device, &records, &cps, 40, limits).unwrap().unwrap();
+        assert!(first.last_seq < 15, "{}", first.last_seq);
+        let again = pack(&device, &records, &cps, first.last_seq, limits)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (again.first_seq, again.last_seq),
+            (first.first_seq, first.last_seq)
+        );
+        assert!(again.payload.len() <= limits.max_bytes);
+        let batch: AuditBatch = protocol::decode(&again.payload, usize::MAX).unwrap();
+        batch.check(&device).unwrap();
+        assert_eq!(batch.checkpoint.map(|c| c.seq), Some(5));
+        // Up to a bound, the records stop there.
+        let short = pack(&device, &records, &cps, 3, limits).unwrap().unwrap();
+        assert_eq!((short.first_seq, short.last_seq), (1, 3));
+        let batch: AuditBatch = protocol::decode(&short.payload, usize::MAX).unwrap();
+        assert_eq!(batch.checkpoint, None);
+    }
+}
