@@ -834,39 +834,12 @@ fn pack(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use outpost_policy::audit::Outcome;
-
     use super::*;
     use crate::protocol::AuditBatch;
+    use crate::protocol::fixtures::checkpoint;
 
     fn record(seq: u64) -> Record {
-        Record {
-            seq,
-            ts: "2026-12-01T12:00:00.000Z".into(),
-            device_id: "edge-01".into(),
-            actor: "local:root".into(),
-            roles: vec!["admin".into()],
-            action: "models:activate".into(),
-            resource: None,
-            outcome: Outcome::Success,
-            reason: "r".repeat(100),
-            request_id: None,
-            policy_version: None,
-            details: serde_json::json!({}),
-            prev_hash: "0".repeat(64),
-            hash: "a".repeat(64),
-        }
-    }
-
-    fn checkpoint(seq: u64) -> Checkpoint {
-        Checkpoint {
-            device_id: "edge-01".into(),
-            seq,
-            hash: "a".repeat(64),
-            ts: "2026-12-01T12:00:00.000Z".into(),
-            public_key: "b".repeat(64),
-            signature: "c".repeat(128),
-        }
+        crate::protocol::fixtures::record(seq, &"r".repeat(100))
     }
 
     #[test]

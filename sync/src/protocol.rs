@@ -758,12 +758,13 @@ impl BatchBuilder {
     }
 }
 
+/// Fixtures for this crate's unit tests: records and checkpoints with fixed, made-up hashes
+/// (for packing and parsing; chain checks use real logs).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use outpost_policy::audit::Outcome;
+pub(crate) mod fixtures {
+    use outpost_policy::audit::{Checkpoint, Outcome, Record};
 
-    fn record(seq: u64, reason: &str) -> Record {
+    pub fn record(seq: u64, reason: &str) -> Record {
         Record {
             seq,
             ts: "2026-12-01T12:00:00.000Z".into(),
@@ -782,7 +783,7 @@ mod tests {
         }
     }
 
-    fn checkpoint(seq: u64) -> Checkpoint {
+    pub fn checkpoint(seq: u64) -> Checkpoint {
         Checkpoint {
             device_id: "edge-01".into(),
             seq,
@@ -792,6 +793,12 @@ mod tests {
             signature: "c".repeat(128),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{checkpoint, record};
+    use super::*;
 
     fn dev(s: &str) -> DeviceId {
         DeviceId::new(s).unwrap()
