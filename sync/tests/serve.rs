@@ -556,7 +556,9 @@ async fn serve_stores_and_acks_and_refuses_hostile_input_without_stopping() {
     dev.drain(25, Duration::from_secs(30), Duration::from_secs(20))
         .await;
     assert_eq!(dev.resends, 0);
-    assert_eq!(dev.acks, [10, 20, 25]);
+    // Batches that arrive together share a transaction and one ack.
+    assert!(dev.acks.windows(2).all(|w| w[0] < w[1]), "{:?}", dev.acks);
+    assert_eq!(dev.acks.last(), Some(&25));
 
     // Hostile input on the device's own topics: refused, no ack, the hub keeps going.
     let (records, checkpoints) = dev.read();
@@ -656,6 +658,7 @@ async fn serve_stores_and_acks_and_refuses_hostile_input_without_stopping() {
 
     // SIGTERM: exit 0, the counters in the last line.
     let (code, log) = hub_a.terminate();
+    eprintln!("{log}");
     assert_eq!(code, Some(0), "{log}");
     assert!(!log.contains("Connection lost."), "{log}");
     let last = log.lines().rev().find(|l| l.contains("Stopped.")).unwrap();
@@ -735,8 +738,14 @@ async fn a_hub_killed_mid_ingest_ends_with_every_record_once() {
         );
     }
     let hub = fleet.start_hub("a");
+    let started = Instant::now();
     dev.drain(total, Duration::from_secs(2), Duration::from_secs(60))
         .await;
+    eprintln!(
+        "drained {total} records after the last restart in {:?} ({} resends)",
+        started.elapsed(),
+        dev.resends
+    );
     assert_store_is(&fleet, &dev, total);
     let (code, log) = hub.terminate();
     assert_eq!(code, Some(0), "{log}");
@@ -756,9 +765,15 @@ async fn hubs_side_by_side_share_the_work_and_the_store() {
     let mut dev = Device::connect(&fleet, "dev-A", &key, 100, &stop).await;
     dev.limits.max_records = 20;
     let total = dev.append(1000);
+    let started = Instant::now();
     dev.send_from_cursor().await;
     dev.drain(total, Duration::from_secs(2), Duration::from_secs(60))
         .await;
+    eprintln!(
+        "two hubs drained {total} records in {:?} ({} resends)",
+        started.elapsed(),
+        dev.resends
+    );
     assert_store_is(&fleet, &dev, total);
 
     for (name, hub) in [("a", a), ("b", b)] {
@@ -767,6 +782,7 @@ async fn hubs_side_by_side_share_the_work_and_the_store() {
         // One client id each: neither took the other's connection over.
         assert!(!log.contains("Connection lost."), "hub {name}: {log}");
         let last = log.lines().rev().find(|l| l.contains("Stopped.")).unwrap();
+        eprintln!("hub {name}: {last}");
         assert!(
             !last.contains("received=0 "),
             "hub {name} got nothing: {last}"

@@ -639,7 +639,9 @@ fn apply_audit(
         Some(cp) if tx.insert_checkpoint(id, cp, now)? => Some(cp.seq),
         _ => None,
     };
-    tx.set_acked_seq(id, new_head, now)?;
+    if new_head > head.seq {
+        tx.set_acked_seq(id, new_head, now)?;
+    }
     Ok(if ahead {
         Outcome::Ahead {
             first_seq: first,

@@ -64,11 +64,11 @@ pub const MAX_GROUP: usize = 128;
 pub const INGEST_GRACE: Duration = Duration::from_secs(5);
 /// How long an `ahead` batch waits for the head to reach it (another hub storing the
 /// batch before it, or a redelivery) before it is acked with the head as it is.
-pub const PARK_FOR: Duration = Duration::from_secs(2);
+pub const PARK_FOR: Duration = Duration::from_secs(5);
 /// Most payload bytes parked at once; an `ahead` batch beyond it is acked at once.
 pub const PARK_MAX_BYTES: usize = 16 << 20;
 /// How often parked batches are tried again.
-pub const PARK_RETRY: Duration = Duration::from_millis(100);
+pub const PARK_RETRY: Duration = Duration::from_millis(25);
 /// The ingest thread's name.
 pub const INGEST_THREAD: &str = "hub-ingest";
 /// Largest ack or status the hub publishes.

@@ -347,7 +347,7 @@ pub trait IngestTx {
     fn insert_records(&mut self, id: &DeviceId, records: &[Record], at: &str) -> Result<u64>;
     /// Inserts a verified checkpoint (skipping one whose seq is stored); whether it was new.
     fn insert_checkpoint(&mut self, id: &DeviceId, cp: &Checkpoint, at: &str) -> Result<bool>;
-    /// Sets the device's `acked_seq` (the stored head) and `last_seen`.
+    /// Sets the device's `acked_seq` (the new stored head) and `last_seen`.
     fn set_acked_seq(&mut self, id: &DeviceId, seq: u64, at: &str) -> Result<()>;
     /// Records an alert, unless one of the same device, kind and seq is there already;
     /// whether it was new.
