@@ -1,8 +1,11 @@
 //! `outpost-hub`: the cloud side's command line. Parse arguments, load and validate the
 //! configuration, run the command, exit. The work is in `outpost_sync::hub`.
 //!
-//! Exit codes: 0 success, 1 failure (the message says why), 2 bad usage, 78 bad
-//! configuration (EX_CONFIG).
+//! Exit codes: 0 success (for `serve`, stopped by SIGTERM or SIGINT), 1 failure (the
+//! message says why), 2 bad usage, 78 bad configuration (EX_CONFIG).
+//!
+//! Logs are `tracing` events on stderr (`RUST_LOG` sets the filter; default `info` for
+//! `serve`, `warn` for the other commands, whose output is what they print).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,13 +14,15 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use outpost_sync::hub::config::Config;
 use outpost_sync::hub::enroll::{EnrollRequest, enroll};
+use outpost_sync::hub::serve::{ServeSettings, Server};
 use outpost_sync::hub::{HubStore, SqliteStore, broker, pki};
 use outpost_sync::protocol::{DeviceId, GroupId};
 
 /// Exit status for a configuration error (sysexits.h EX_CONFIG).
 const EX_CONFIG: u8 = 78;
 
-/// The Outpost hub: the fleet's PKI, enrollment and broker configuration (serving to come).
+/// The Outpost hub: the fleet's PKI, enrollment, broker configuration, and `serve`, which
+/// stores and acks what devices send.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-hub", version)]
 struct Cli {
@@ -43,6 +48,9 @@ enum Command {
     Devices(DevicesCommand),
     /// Write a Mosquitto configuration and ACL for the fleet.
     BrokerConfig(BrokerConfigArgs),
+    /// Connect to the broker and ingest what devices send (audit, status, state,
+    /// telemetry) until SIGTERM or SIGINT; needs --config with [hub] broker, ca, cert, key.
+    Serve,
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +126,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    init_logging(matches!(cli.command, Command::Serve));
+    if let Command::Serve = cli.command {
+        let settings = match config.serve_settings(cli.data_dir.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        return match serve(settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let data_dir = config.data_dir(cli.data_dir.as_deref());
     match run(cli.command, &data_dir) {
         Ok(()) => ExitCode::SUCCESS,
@@ -128,8 +153,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// `tracing` events on stderr: `RUST_LOG`, else `info` when serving and `warn` otherwise.
+fn init_logging(serving: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(if serving { "info" } else { "warn" }));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// `serve`: the runtime, the signals, the server.
+fn serve(settings: ServeSettings) -> anyhow::Result<()> {
+    let server = Server::open(settings.clone())
+        .with_context(|| format!("starting to serve from {}", settings.data_dir.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(signal = "SIGTERM", "Shutting down."),
+                _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "Shutting down."),
+            }
+            stop.cancel();
+        });
+        server.run(shutdown).await?;
+        Ok(())
+    })
+}
+
 fn run(command: Command, data_dir: &Path) -> anyhow::Result<()> {
     match command {
+        Command::Serve => anyhow::bail!("serve is run by main"),
         Command::Pki(PkiCommand::Init { out, broker_hosts }) => {
             let paths = pki::init(&out, &broker_hosts)?;
             println!(
@@ -175,7 +242,11 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
-                println!("{:<24} {:<8} GROUPS", "ID", "ONLINE");
+                println!(
+                    "{:<24} {:<8} {:>10} {:>8} GROUPS",
+                    "ID", "ONLINE", "ACKED", "LAG"
+                );
+                let num = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
                 for d in &devices {
                     let online = match d.online {
                         Some(true) => "yes",
@@ -183,7 +254,14 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<()> {
                         None => "-",
                     };
                     let groups: Vec<&str> = d.groups.iter().map(GroupId::as_str).collect();
-                    println!("{:<24} {:<8} {}", d.id, online, groups.join(","));
+                    println!(
+                        "{:<24} {:<8} {:>10} {:>8} {}",
+                        d.id,
+                        online,
+                        num(d.acked_seq),
+                        num(d.audit_lag),
+                        groups.join(",")
+                    );
                 }
             }
         }

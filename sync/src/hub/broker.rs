@@ -7,6 +7,9 @@
 //! drops to the `user` setting (default `mosquitto`) *before* it reads the TLS key, so the
 //! file says whom to run as: `--user NAME` when given, else `root` when `broker.key` (0600)
 //! belongs to root, else nothing (a broker started as another user keeps its user).
+//! `max_packet_size` is the links' own ([`MAX_PACKET_SIZE`]): Mosquitto disconnects a client
+//! that sends a larger packet, so a device cannot hand the hub a packet its link would
+//! refuse (rumqttc drops the connection on one, and with it what was in flight).
 //! Choice: `persistence false`
 //! (when run as root Mosquitto drops to its own user, which could not write beside the
 //! PKI); retained messages survive a broker restart only if the operator turns it on.
@@ -27,6 +30,10 @@ use super::pki::PkiPaths;
 use super::store::DeviceRecord;
 use super::{HUB_IDENTITY, HubError, Result, make_dir};
 use crate::protocol::{DeviceId, DeviceTopic, acl, hub_status_topic};
+
+/// Largest MQTT packet the broker takes: the links' `max_packet_size`
+/// (`conn::LinkConfig::new`'s default, held equal by a test).
+pub const MAX_PACKET_SIZE: usize = 256 * 1024;
 
 /// What `broker-config` writes.
 #[derive(Debug, Clone)]
@@ -88,6 +95,7 @@ pub fn conf_text(
          acl_file {acl}\n\
          persistence false\n\
          log_dest stderr\n\
+         max_packet_size {MAX_PACKET_SIZE}\n\
          \n\
          # TLS only, client certificates required; the username is the certificate's CN.\n\
          {listener}\n\

@@ -8,11 +8,15 @@
 //! cert = "/etc/outpost-hub/pki/hub.pem"    # CN outpost-hub
 //! key = "/etc/outpost-hub/pki/hub.key"
 //! allow_plaintext = false
+//! instance = "hub-a"                       # optional: MQTT client id outpost-hub.hub-a
 //! ```
 //!
-//! Every key is optional for the commands of this slice; `broker`, when set, is checked as
-//! the device's `[sync]` is (the URL, the files, the key against the certificate), so a
-//! mistake shows before `serve` exists. The data directory is `--data-dir`, else
+//! Every key is optional for the offline commands; `serve` needs `broker` (and, for
+//! `mqtts://`, `ca`, `cert`, `key`), else exit 78. `broker`, when set, is checked as the
+//! device's `[sync]` is (the URL, the files, the key against the certificate) by every
+//! command. `instance` names this hub process in its MQTT client id
+//! (`outpost-hub.<instance>`); each process connected at once needs its own, and without
+//! one a random id is drawn at each start. The data directory is `--data-dir`, else
 //! `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
 
 use std::path::{Path, PathBuf};
@@ -20,11 +24,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::HUB_IDENTITY;
+use super::serve::{ServeSettings, client_id};
 use crate::conn::LinkConfig;
 use crate::protocol::DeviceId;
 
 /// Where the hub keeps its data when neither flag nor file says.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/outpost-hub";
+/// How often `serve` logs its counters.
+pub const SUMMARY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest configuration file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -41,6 +48,9 @@ pub struct ConfigError {
 pub struct Config {
     #[serde(default)]
     pub hub: HubConfig,
+    /// The file it was read from.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// `[hub]`; the same meanings as the device's `[sync]`.
@@ -54,6 +64,8 @@ pub struct HubConfig {
     pub key: Option<PathBuf>,
     #[serde(default)]
     pub allow_plaintext: bool,
+    /// Names this hub process in its MQTT client id, `outpost-hub.<instance>`.
+    pub instance: Option<String>,
 }
 
 impl Config {
@@ -74,7 +86,8 @@ impl Config {
             )));
         }
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-        let config: Config = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        config.path = Some(path.to_path_buf());
         config
             .validate()
             .map_err(|(key, m)| fail(format!("[hub] {key}: {m}")))?;
@@ -88,6 +101,18 @@ impl Config {
             .is_some_and(|d| d.as_os_str().is_empty())
         {
             return Err(("data_dir", "is empty".into()));
+        }
+        if let Some(i) = &h.instance {
+            client_id(Some(i)).map_err(|_| {
+                (
+                    "instance",
+                    format!(
+                        "{:?} is not 1 to {} of A-Z, a-z, 0-9, '.', '_', '-'",
+                        i.chars().take(80).collect::<String>(),
+                        crate::protocol::MAX_ID_LEN - HUB_IDENTITY.len() - 1
+                    ),
+                )
+            })?;
         }
         if let Some(link) = self.link_config() {
             link.validate().map_err(|e| {
@@ -121,6 +146,31 @@ impl Config {
         link.key = h.key.clone();
         link.allow_plaintext = h.allow_plaintext;
         Some(link)
+    }
+
+    /// What `serve` runs with: the link (with this process's client id, see
+    /// [`super::serve::client_id`]), the data directory and the summary interval; an error
+    /// names the file and key (`outpost-hub` exits 78).
+    pub fn serve_settings(&self, flag: Option<&Path>) -> Result<ServeSettings, ConfigError> {
+        let fail = |message: &str| ConfigError {
+            path: self.path.clone().unwrap_or_else(|| PathBuf::from("(none)")),
+            message: message.into(),
+        };
+        if self.path.is_none() {
+            return Err(fail(
+                "serve needs --config FILE with [hub] broker (and ca, cert, key)",
+            ));
+        }
+        let mut link = self
+            .link_config()
+            .ok_or_else(|| fail("[hub] broker: is required by serve"))?;
+        link.client_id = client_id(self.hub.instance.as_deref())
+            .map_err(|e| fail(&format!("[hub] instance: {e}")))?;
+        Ok(ServeSettings {
+            link,
+            data_dir: self.data_dir(flag),
+            summary_every: SUMMARY_EVERY,
+        })
     }
 
     /// `--data-dir`, else `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].

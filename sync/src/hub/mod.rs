@@ -1,17 +1,21 @@
-//! The cloud side, `outpost-hub` (first slice): its configuration ([`config`]), the fleet's
-//! PKI ([`pki`], the only home of `rcgen`), the broker's configuration and ACL ([`broker`]),
-//! its store ([`store`]: the [`HubStore`] trait and `<data_dir>/hub.db`) and enrollment
-//! ([`enroll`], recorded in the hub's own audit chain, `<data_dir>/audit.db`).
+//! The cloud side, `outpost-hub`: its configuration ([`config`]), the fleet's PKI ([`pki`],
+//! the only home of `rcgen`), the broker's configuration and ACL ([`broker`]), its store
+//! ([`store`]: the [`HubStore`] trait and `<data_dir>/hub.db`), enrollment ([`enroll`],
+//! recorded in the hub's own audit chain, `<data_dir>/audit.db`), and serving: what a
+//! device's message does to the store ([`ingest`]) and the loop around the broker link
+//! ([`serve`]).
 //!
 //! Files of the hub's data directory: `hub.db` (owned by [`store`]), `audit.db` (owned by the
 //! policy crate's audit log) and `hub-audit.key` (the key that signs the hub's checkpoints).
-//! Invariant: the hub acts only after its intent is durably in `audit.db` (no record, no
-//! action); the serving loop (ingest, acks) is the next slice.
+//! Invariants: the hub acts only after its intent is durably in `audit.db` (no record, no
+//! action); it acks only what is committed to `hub.db`, and stores nothing a check refused.
 
 pub mod broker;
 pub mod config;
 pub mod enroll;
+pub mod ingest;
 pub mod pki;
+pub mod serve;
 pub mod store;
 
 use std::io::Write;
@@ -56,8 +60,12 @@ pub enum HubError {
     },
     #[error("device {0} is already enrolled")]
     AlreadyEnrolled(String),
+    #[error("ingest for device {device}: {message}")]
+    Ingest { device: String, message: String },
     #[error(transparent)]
     Protocol(#[from] crate::protocol::ProtocolError),
+    #[error(transparent)]
+    Conn(#[from] crate::ConnError),
     #[error(transparent)]
     Key(#[from] outpost_policy::signing::KeyError),
     #[error(transparent)]

@@ -20,10 +20,21 @@
 //!   last telemetry snapshot (JSON, as received).
 //!
 //! Crash rules: WAL, `synchronous = FULL`; each change is one transaction.
+//!
+//! Ingest's writes (the `serve` loop, see [`super::ingest`]) go through [`IngestTx`], one
+//! write transaction that reads before it writes: [`HubStore::begin_ingest`] takes the write
+//! lock first (SQLite `BEGIN IMMEDIATE`; PostgreSQL will lock the device's row with
+//! `SELECT … FOR UPDATE`), so hub processes sharing one `hub.db` never decide on a head
+//! another one is changing. Invariants of the audit tables, kept by ingest: a device's
+//! records are `1..=acked_seq` without a gap (only a continuation of the stored head is
+//! ever inserted), each record's `hash` is what its contents give and links to the previous
+//! one, every stored checkpoint verified against the enrolled key and its record; inserts
+//! are `ON CONFLICT (device_id, seq) DO NOTHING`, so a redelivered batch changes nothing.
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use outpost_policy::audit::{Checkpoint, GENESIS, Record};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{HubError, Result};
@@ -100,7 +111,8 @@ pub struct DeviceRecord {
     pub agent_version: Option<String>,
     pub active_model: Option<String>,
     pub acked_seq: Option<u64>,
-    /// Records the device holds that the hub does not (null until `serve` knows).
+    /// Records the device holds that the hub has not stored: the `audit_last_seq` of its
+    /// last telemetry minus `acked_seq` (null until the device reports one).
     pub audit_lag: Option<u64>,
 }
 
@@ -112,6 +124,9 @@ pub trait HubStore {
     fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
     /// Every enrolled device, by id.
     fn devices(&self) -> Result<Vec<DeviceRecord>>;
+    /// Starts ingest's write transaction, holding the write lock from its first statement;
+    /// dropped without [`IngestTx::commit`], it changes nothing.
+    fn begin_ingest(&mut self) -> Result<Box<dyn IngestTx + '_>>;
 }
 
 /// `<data_dir>/hub.db`.
@@ -181,7 +196,7 @@ impl SqliteStore {
             .conn
             .prepare(
                 "SELECT id, audit_key, enrolled_at, enrolled_by, online, last_seen, \
-                 agent_version, active_model, acked_seq FROM devices \
+                 agent_version, active_model, acked_seq, audit_last_seq FROM devices \
                  WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
             )
             .map_err(&err)?;
@@ -197,13 +212,30 @@ impl SqliteStore {
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, Option<String>>(7)?,
                     r.get::<_, Option<i64>>(8)?,
+                    r.get::<_, Option<i64>>(9)?,
                 ))
             })
             .map_err(&err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, audit_key, enrolled_at, enrolled_by, online, last_seen, agent, model, acked) =
-                row.map_err(&err)?;
+            let (
+                id,
+                audit_key,
+                enrolled_at,
+                enrolled_by,
+                online,
+                last_seen,
+                agent,
+                model,
+                acked,
+                reported,
+            ) = row.map_err(&err)?;
+            let acked = acked.and_then(|a| u64::try_from(a).ok());
+            // What the device says it holds beyond what the hub stored (its telemetry's
+            // `audit_last_seq`); unknown until it reports one.
+            let audit_lag = reported
+                .and_then(|r| u64::try_from(r).ok())
+                .map(|r| r.saturating_sub(acked.unwrap_or(0)));
             out.push(DeviceRecord {
                 groups: self.groups_of(&id)?,
                 id: DeviceId::try_from(id)?,
@@ -214,8 +246,8 @@ impl SqliteStore {
                 last_seen,
                 agent_version: agent,
                 active_model: model,
-                acked_seq: acked.and_then(|a| u64::try_from(a).ok()),
-                audit_lag: None,
+                acked_seq: acked,
+                audit_lag,
             });
         }
         Ok(out)
@@ -267,5 +299,299 @@ impl HubStore for SqliteStore {
 
     fn devices(&self) -> Result<Vec<DeviceRecord>> {
         self.read_devices(None)
+    }
+
+    fn begin_ingest(&mut self) -> Result<Box<dyn IngestTx + '_>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(store_err(&self.path))?;
+        Ok(Box::new(SqliteIngest {
+            tx,
+            path: &self.path,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingest: the write side of the audit tables and of the devices' link columns (`serve`).
+
+/// The stored head of a device's chain: its highest seq (the records below it are all there)
+/// and that record's hash; seq 0 with the genesis hash when nothing is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+/// A row of `audit_alerts`.
+#[derive(Debug, Clone, Copy)]
+pub struct AlertRow<'a> {
+    pub device_id: &'a DeviceId,
+    pub at: &'a str,
+    pub kind: &'a str,
+    pub seq: u64,
+    pub detail: &'a str,
+}
+
+/// Ingest's write transaction ([`HubStore::begin_ingest`]). Times are RFC 3339 UTC. The
+/// caller keeps the audit tables' invariants (module header); this only reads and writes.
+pub trait IngestTx {
+    /// The enrolled device's audit public key (hex), or `None` when not enrolled.
+    fn audit_key(&self, id: &DeviceId) -> Result<Option<String>>;
+    /// The device's stored head.
+    fn audit_head(&self, id: &DeviceId) -> Result<AuditHead>;
+    /// `(seq, hash)` of the stored records `first..=last`, by seq.
+    fn stored_hashes(&self, id: &DeviceId, first: u64, last: u64) -> Result<Vec<(u64, String)>>;
+    /// Inserts records (skipping any seq already stored); how many were new.
+    fn insert_records(&mut self, id: &DeviceId, records: &[Record], at: &str) -> Result<u64>;
+    /// Inserts a verified checkpoint (skipping one whose seq is stored); whether it was new.
+    fn insert_checkpoint(&mut self, id: &DeviceId, cp: &Checkpoint, at: &str) -> Result<bool>;
+    /// Sets the device's `acked_seq` (the new stored head) and `last_seen`.
+    fn set_acked_seq(&mut self, id: &DeviceId, seq: u64, at: &str) -> Result<()>;
+    /// Records an alert, unless one of the same device, kind and seq is there already;
+    /// whether it was new.
+    fn record_alert(&mut self, alert: &AlertRow<'_>) -> Result<bool>;
+    /// The device's link status (`status` topic).
+    fn set_status(
+        &mut self,
+        id: &DeviceId,
+        online: bool,
+        agent_version: &str,
+        at: &str,
+    ) -> Result<()>;
+    /// The device's reported state (JSON) and the model behind its `default` alias.
+    fn set_reported_state(
+        &mut self,
+        id: &DeviceId,
+        json: &str,
+        active_model: Option<&str>,
+        at: &str,
+    ) -> Result<()>;
+    /// The device's last telemetry snapshot (JSON) and, when it says, its last audit seq.
+    fn set_telemetry(
+        &mut self,
+        id: &DeviceId,
+        json: &str,
+        audit_last_seq: Option<u64>,
+        at: &str,
+    ) -> Result<()>;
+    /// Makes every change durable (an fsync of the WAL).
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+struct SqliteIngest<'a> {
+    tx: rusqlite::Transaction<'a>,
+    path: &'a Path,
+}
+
+/// A seq as SQL's BIGINT (ingest refuses larger seqs before they get here).
+fn sql_seq(path: &Path, seq: u64) -> Result<i64> {
+    i64::try_from(seq).map_err(|_| HubError::Store {
+        path: path.to_path_buf(),
+        message: format!("seq {seq} is beyond BIGINT"),
+    })
+}
+
+impl SqliteIngest<'_> {
+    /// Runs an UPDATE of one device's row.
+    fn update_device(&self, sql: &str, params: &[&dyn rusqlite::ToSql]) -> Result<()> {
+        self.tx
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map_err(store_err(self.path))?;
+        Ok(())
+    }
+}
+
+impl IngestTx for SqliteIngest<'_> {
+    fn audit_key(&self, id: &DeviceId) -> Result<Option<String>> {
+        self.tx
+            .prepare_cached("SELECT audit_key FROM devices WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+            .map_err(store_err(self.path))
+    }
+
+    fn audit_head(&self, id: &DeviceId) -> Result<AuditHead> {
+        let row: Option<(i64, String)> = self
+            .tx
+            .prepare_cached(
+                "SELECT seq, hash FROM audit_records WHERE device_id = ?1 \
+                 ORDER BY seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(store_err(self.path))?;
+        Ok(match row {
+            Some((seq, hash)) => AuditHead {
+                seq: u64::try_from(seq).unwrap_or(0),
+                hash,
+            },
+            None => AuditHead {
+                seq: 0,
+                hash: GENESIS.to_string(),
+            },
+        })
+    }
+
+    fn stored_hashes(&self, id: &DeviceId, first: u64, last: u64) -> Result<Vec<(u64, String)>> {
+        let err = store_err(self.path);
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT seq, hash FROM audit_records \
+                 WHERE device_id = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map(
+                params![
+                    id.as_str(),
+                    sql_seq(self.path, first)?,
+                    sql_seq(self.path, last)?
+                ],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .map_err(&err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, hash) = row.map_err(&err)?;
+            out.push((u64::try_from(seq).unwrap_or(0), hash));
+        }
+        Ok(out)
+    }
+
+    fn insert_records(&mut self, id: &DeviceId, records: &[Record], at: &str) -> Result<u64> {
+        let err = store_err(self.path);
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO audit_records \
+                 (device_id, seq, record_json, hash, received_at, ts, actor, action, outcome) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (device_id, seq) DO NOTHING",
+            )
+            .map_err(&err)?;
+        let mut added = 0;
+        for r in records {
+            let json = serde_json::to_string(r).map_err(|e| HubError::Store {
+                path: self.path.to_path_buf(),
+                message: format!("serializing record {}: {e}", r.seq),
+            })?;
+            added += stmt
+                .execute(params![
+                    id.as_str(),
+                    sql_seq(self.path, r.seq)?,
+                    json,
+                    r.hash,
+                    at,
+                    r.ts,
+                    r.actor,
+                    r.action,
+                    r.outcome.as_str(),
+                ])
+                .map_err(&err)? as u64;
+        }
+        Ok(added)
+    }
+
+    fn insert_checkpoint(&mut self, id: &DeviceId, cp: &Checkpoint, at: &str) -> Result<bool> {
+        let json = serde_json::to_string(cp).map_err(|e| HubError::Store {
+            path: self.path.to_path_buf(),
+            message: format!("serializing checkpoint {}: {e}", cp.seq),
+        })?;
+        let seq = sql_seq(self.path, cp.seq)?;
+        let added = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO audit_checkpoints (device_id, seq, checkpoint_json, received_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (device_id, seq) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![id.as_str(), seq, json, at]))
+            .map_err(store_err(self.path))?;
+        Ok(added > 0)
+    }
+
+    fn set_acked_seq(&mut self, id: &DeviceId, seq: u64, at: &str) -> Result<()> {
+        let seq = sql_seq(self.path, seq)?;
+        self.update_device(
+            "UPDATE devices SET acked_seq = ?2, last_seen = ?3 WHERE id = ?1",
+            &[&id.as_str(), &seq, &at],
+        )
+    }
+
+    fn record_alert(&mut self, a: &AlertRow<'_>) -> Result<bool> {
+        let err = store_err(self.path);
+        let seq = sql_seq(self.path, a.seq)?;
+        let seen = self
+            .tx
+            .prepare_cached(
+                "SELECT 1 FROM audit_alerts WHERE device_id = ?1 AND kind = ?2 AND seq = ?3",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![a.device_id.as_str(), a.kind, seq], |_| Ok(()))
+                    .optional()
+            })
+            .map_err(&err)?
+            .is_some();
+        if seen {
+            return Ok(false);
+        }
+        self.tx
+            .prepare_cached(
+                "INSERT INTO audit_alerts (device_id, at, kind, seq, detail) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| s.execute(params![a.device_id.as_str(), a.at, a.kind, seq, a.detail]))
+            .map_err(&err)?;
+        Ok(true)
+    }
+
+    fn set_status(
+        &mut self,
+        id: &DeviceId,
+        online: bool,
+        agent_version: &str,
+        at: &str,
+    ) -> Result<()> {
+        self.update_device(
+            "UPDATE devices SET online = ?2, agent_version = ?3, last_seen = ?4 WHERE id = ?1",
+            &[&id.as_str(), &online, &agent_version, &at],
+        )
+    }
+
+    fn set_reported_state(
+        &mut self,
+        id: &DeviceId,
+        json: &str,
+        active_model: Option<&str>,
+        at: &str,
+    ) -> Result<()> {
+        self.update_device(
+            "UPDATE devices SET reported_json = ?2, active_model = ?3, last_seen = ?4 \
+             WHERE id = ?1",
+            &[&id.as_str(), &json, &active_model, &at],
+        )
+    }
+
+    fn set_telemetry(
+        &mut self,
+        id: &DeviceId,
+        json: &str,
+        audit_last_seq: Option<u64>,
+        at: &str,
+    ) -> Result<()> {
+        let last = audit_last_seq.map(|s| sql_seq(self.path, s)).transpose()?;
+        self.update_device(
+            "UPDATE devices SET telemetry_json = ?2, telemetry_at = ?3, last_seen = ?3, \
+             audit_last_seq = COALESCE(?4, audit_last_seq) WHERE id = ?1",
+            &[&id.as_str(), &json, &at, &last],
+        )
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().map_err(store_err(self.path))
     }
 }

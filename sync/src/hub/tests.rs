@@ -152,4 +152,64 @@ fn config_is_strict_and_names_the_key() {
         "config [hub]\nbroker = \"mqtt://h\"\nallow_plaintext = true",
         "ok: \"/var/lib/outpost-hub\"",
     );
+    check(
+        "config [hub]\ninstance = \"a/b\"",
+        "err: config FILE: [hub] instance: \"a/b\" is not 1 to 52 of A-Z, a-z, 0-9, '.', '_', '-'",
+    );
+    check(
+        &format!("config [hub]\ninstance = \"{}\"", "a".repeat(53)),
+        &format!(
+            "err: config FILE: [hub] instance: \"{}\" is not 1 to 52 of A-Z, a-z, 0-9, '.', '_', '-'",
+            "a".repeat(53)
+        ),
+    );
+    check(
+        &format!("config [hub]\ninstance = \"{}\"", "a".repeat(52)),
+        "ok: \"/var/lib/outpost-hub\"",
+    );
+}
+
+#[test]
+fn serve_needs_a_broker_and_gets_a_client_id_of_its_own() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("hub.toml");
+    let settings = |toml: &str| {
+        std::fs::write(&path, toml).unwrap();
+        Config::load(Some(&path))
+            .unwrap()
+            .serve_settings(None)
+            .map(|s| s.link.client_id.to_string())
+            .map_err(|e| e.to_string().replace(&path.display().to_string(), "FILE"))
+    };
+    assert_eq!(
+        settings("[hub]\n"),
+        Err("config FILE: [hub] broker: is required by serve".into())
+    );
+    assert_eq!(
+        Config::default()
+            .serve_settings(None)
+            .unwrap_err()
+            .to_string(),
+        "config (none): serve needs --config FILE with [hub] broker (and ca, cert, key)"
+    );
+    let plain = "[hub]\nbroker = \"mqtt://127.0.0.1:1883\"\nallow_plaintext = true\n";
+    assert_eq!(
+        settings(&format!("{plain}instance = \"hub-a\"\n")),
+        Ok("outpost-hub.hub-a".into())
+    );
+    // Without an instance, a random id each time: two hubs never share one.
+    let (a, b) = (settings(plain).unwrap(), settings(plain).unwrap());
+    assert_ne!(a, b);
+    for id in [a, b] {
+        let hex = id.strip_prefix("outpost-hub.").unwrap();
+        assert_eq!(hex.len(), 16, "{id}");
+        assert!(hex.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+    }
+}
+
+#[test]
+fn the_broker_takes_no_packet_the_links_would_refuse() {
+    let link = crate::conn::LinkConfig::new("mqtts://h", DeviceId::new("x").unwrap());
+    assert_eq!(super::broker::MAX_PACKET_SIZE, link.max_packet_size);
+    assert!(super::ingest::MAX_AUDIT_BATCH_BYTES <= link.max_packet_size);
 }

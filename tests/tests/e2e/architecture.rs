@@ -187,7 +187,10 @@ fn each_external_library_has_one_home() {
         ("axum", &["agent/src/daemon/"]),
         ("hyper", &["agent/src/daemon/server.rs"]),
         ("hyper_util", &["agent/src/daemon/server.rs"]),
-        ("tracing_subscriber", &["agent/src/logging.rs"]),
+        (
+            "tracing_subscriber",
+            &["agent/src/logging.rs", "sync/src/bin/outpost-hub.rs"],
+        ),
         ("prometheus", &["agent/src/daemon/metrics.rs"]),
         ("nix", &["agent/src/context.rs"]),
         ("indicatif", &["agent/src/commands/models.rs"]),

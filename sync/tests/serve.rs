@@ -1,0 +1,792 @@
+//! `outpost-hub serve` as a real process against a real Mosquitto run from its own
+//! `broker-config`, with simulated devices: a real audit log (`AuditLog`, checkpoints every
+//! few records) read back with `AuditReader`, packed by `protocol::BatchBuilder`, published
+//! over mTLS with the device's enrolled certificate through `conn::Link`, and acks read on
+//! `devices/{id}/audit/ack`. The device does what the agent will: send from its acked
+//! cursor, each batch with the newest checkpoint at or below its last seq, and send again
+//! everything above the cursor when the ack stalls.
+//!
+//! Without Mosquitto these tests skip with a printed reason, except under `CI=true`.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_policy::audit::{
+    AuditLog, AuditReader, AuditSettings, Checkpoint, Entry, Outcome, Query, Record,
+};
+use outpost_policy::signing::KeyPair;
+use outpost_sync::conn::{ConnError, LinkConfig, LinkEvent};
+use outpost_sync::protocol::{
+    self, AuditAck, AuditBatch, BatchBuilder, BatchLimits, DeviceId, Pushed, Topics,
+};
+use support::*;
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+/// A fleet: PKI, enrolled devices (each with its audit key), a running Mosquitto from
+/// `broker-config`, and `hub.toml` for `serve`.
+struct Fleet {
+    tmp: TempDir,
+    port: u16,
+    _broker: Mosquitto,
+}
+
+impl Fleet {
+    fn new(devices: &[(&str, &KeyPair)]) -> Fleet {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path();
+        ok(&hub(dir, &["pki", "init", "--out", "pki"]));
+        for (id, key) in devices {
+            let pem = dir.join(format!("{id}.pub.pem"));
+            key.public().write(&pem).unwrap();
+            ok(&hub(
+                dir,
+                &[
+                    "--data-dir",
+                    "data",
+                    "devices",
+                    "enroll",
+                    "--id",
+                    id,
+                    "--audit-key",
+                    pem.to_str().unwrap(),
+                    "--pki",
+                    "pki",
+                    "--out",
+                    "out",
+                ],
+            ));
+        }
+        let port = free_port();
+        ok(&hub(
+            dir,
+            &[
+                "--data-dir",
+                "data",
+                "broker-config",
+                "--pki",
+                "pki",
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--out",
+                "broker",
+            ],
+        ));
+        let broker = Mosquitto::start(
+            &dir.join("broker/mosquitto.conf"),
+            port,
+            &dir.join("mosquitto.log"),
+        );
+        let d = dir.display();
+        std::fs::write(
+            dir.join("hub.toml"),
+            format!(
+                "[hub]\ndata_dir = \"{d}/data\"\nbroker = \"mqtts://127.0.0.1:{port}\"\n\
+                 ca = \"{d}/pki/ca.pem\"\ncert = \"{d}/pki/hub.pem\"\nkey = \"{d}/pki/hub.key\"\n"
+            ),
+        )
+        .unwrap();
+        Fleet {
+            tmp,
+            port,
+            _broker: broker,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Starts `outpost-hub --config hub.toml serve`, logging to `hub-<name>.log`, and waits
+    /// for `Serving.`.
+    fn start_hub(&self, name: &str) -> HubProcess {
+        let log = self.dir().join(format!("hub-{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(HUB)
+            .args(["--config", "hub.toml", "serve"])
+            .current_dir(self.dir())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut hub = HubProcess { child, log };
+        let starts = hub.log_text().matches("Serving.").count();
+        hub.wait_for_log(|t| t.matches("Serving.").count() > starts, "Serving.");
+        hub
+    }
+
+    fn device_link(&self, id: &str) -> LinkConfig {
+        let dir = self.dir();
+        let mut config = link_config(
+            self.port,
+            id,
+            &dir.join("out/ca.pem"),
+            &dir.join(format!("out/{id}.pem")),
+            &dir.join(format!("out/{id}.key")),
+        );
+        // Big enough to try a packet the broker refuses.
+        config.max_packet_size = 1 << 20;
+        config
+    }
+
+    fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir().join("data/hub.db")).unwrap()
+    }
+
+    fn devices_json(&self) -> serde_json::Value {
+        let out = ok(&hub(
+            self.dir(),
+            &["--config", "hub.toml", "devices", "list", "--json"],
+        ));
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+/// A running `outpost-hub serve`, killed on drop if still running.
+struct HubProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl HubProcess {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for_log(&mut self, done: impl Fn(&str) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if done(&self.log_text()) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the hub exited with {status}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "no {what:?} in the hub's log within 20 s:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// SIGTERM, then the exit code (within 15 s).
+    fn terminate(mut self) -> (Option<i32>, String) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hub did not exit within 15 s of SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGKILL, no questions asked.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A simulated device: its audit log, its link, its acked cursor.
+struct Device {
+    id: DeviceId,
+    topics: Topics,
+    _dir: TempDir,
+    path: PathBuf,
+    log: Option<AuditLog>,
+    client: Client,
+    acked: u64,
+    limits: BatchLimits,
+    /// Every ack received, in order.
+    acks: Vec<u64>,
+    resends: u32,
+}
+
+fn open_log(path: &Path, id: &str, key: &KeyPair, every: u64) -> AuditLog {
+    let copy = KeyPair::from_pem(&key.private_pem(), path).unwrap();
+    let mut settings = AuditSettings::new(id);
+    settings.checkpoint_every = every;
+    AuditLog::open(path, copy, settings).unwrap()
+}
+
+impl Device {
+    async fn connect(
+        fleet: &Fleet,
+        id: &str,
+        key: &KeyPair,
+        checkpoint_every: u64,
+        stop: &CancellationToken,
+    ) -> Device {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("audit.db");
+        let log = open_log(&path, id, key, checkpoint_every);
+        let did = DeviceId::new(id).unwrap();
+        let topics = Topics::new(did.clone());
+        let client = connect(
+            &fleet.device_link(id),
+            session(topics.status().to_string(), topics.subscriptions(&[])),
+            stop,
+        )
+        .await;
+        Device {
+            id: did,
+            topics,
+            _dir: dir,
+            path,
+            log: Some(log),
+            client,
+            acked: 0,
+            limits: BatchLimits {
+                max_records: 50,
+                max_bytes: 128 * 1024,
+            },
+            acks: Vec::new(),
+            resends: 0,
+        }
+    }
+
+    /// Appends `n` records; returns the last seq.
+    fn append(&self, n: usize) -> u64 {
+        let log = self.log.as_ref().unwrap();
+        let mut pending = Vec::new();
+        for i in 0..n {
+            let mut e = Entry::new(
+                "local:test",
+                "inference:run",
+                Outcome::Allowed,
+                &format!("request {i}"),
+            );
+            e.details = serde_json::json!({"tokens": i});
+            pending.push(log.submit(e));
+        }
+        pending
+            .into_iter()
+            .map(|p| p.wait().unwrap().seq)
+            .last()
+            .unwrap_or(0)
+    }
+
+    fn read(&self) -> (Vec<Record>, Vec<Checkpoint>) {
+        let reader = AuditReader::open(&self.path).unwrap();
+        (
+            reader.query(&Query::default()).unwrap(),
+            reader.checkpoints().unwrap(),
+        )
+    }
+
+    /// Sends every record above the cursor, in batches, each with the newest checkpoint at
+    /// or below its last seq; returns the number of batches.
+    async fn send_from_cursor(&mut self) -> usize {
+        let reader = AuditReader::open(&self.path).unwrap();
+        let records = reader
+            .query(&Query {
+                after_seq: Some(self.acked),
+                ..Query::default()
+            })
+            .unwrap();
+        let checkpoints = reader.checkpoints().unwrap();
+        let mut batches = 0;
+        let mut i = 0;
+        while i < records.len() {
+            // The checkpoint for this batch: the newest at or below its last seq, which we
+            // only know once packed; pack, then repack with it (it does not change the count
+            // by more than the builder checks).
+            let probe = pack(&self.id, None, &records[i..], self.limits);
+            let last = records[i + probe - 1].seq;
+            let cp = checkpoints.iter().rev().find(|c| c.seq <= last);
+            let mut b = BatchBuilder::new(&self.id, cp, self.limits).unwrap();
+            let mut n = 0;
+            for r in &records[i..] {
+                if r.seq > last || b.push(r).unwrap() == Pushed::Full {
+                    break;
+                }
+                n += 1;
+            }
+            let batch = b.finish().unwrap();
+            self.publish_raw(self.topics.audit().to_string(), batch.payload)
+                .await;
+            batches += 1;
+            i += n;
+        }
+        batches
+    }
+
+    /// Queues a publish, waiting for room in the link's queue.
+    async fn publish_raw(&mut self, topic: String, payload: Vec<u8>) {
+        loop {
+            match self
+                .client
+                .handle
+                .try_publish(&topic, payload.clone(), false)
+            {
+                Ok(_) => return,
+                Err(ConnError::QueueFull | ConnError::NotConnected) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("publish to {topic}: {e}"),
+            }
+        }
+    }
+
+    /// Reads events for up to `ms`, recording acks; returns the acks of that window.
+    async fn read_acks(&mut self, ms: u64) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let mut got = Vec::new();
+        while let Ok(Some(event)) =
+            tokio::time::timeout_at(deadline, self.client.events.recv()).await
+        {
+            if let Some(seq) = self.on_event(event) {
+                got.push(seq);
+            }
+        }
+        got
+    }
+
+    fn on_event(&mut self, event: LinkEvent) -> Option<u64> {
+        let LinkEvent::Message { topic, payload } = event else {
+            return None;
+        };
+        assert_eq!(topic, self.topics.audit_ack(), "unexpected message");
+        let ack: AuditAck = protocol::decode(&payload, 1024).unwrap();
+        assert_eq!(ack.device_id, self.id);
+        self.acks.push(ack.acked_seq);
+        // An ack never moves the cursor back.
+        self.acked = self.acked.max(ack.acked_seq);
+        Some(ack.acked_seq)
+    }
+
+    /// Waits until the hub has acked `target`, sending again from the cursor whenever the
+    /// ack has not moved for `stall`.
+    async fn drain(&mut self, target: u64, stall: Duration, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut last_progress = tokio::time::Instant::now();
+        let mut seen = self.acked;
+        while self.acked < target {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "acked {} of {target} within {within:?} (acks {:?})",
+                self.acked,
+                self.acks
+            );
+            match tokio::time::timeout(Duration::from_millis(100), self.client.events.recv()).await
+            {
+                Ok(Some(event)) => {
+                    self.on_event(event);
+                }
+                Ok(None) => panic!("the device's link stopped"),
+                Err(_) => {}
+            }
+            if self.acked > seen {
+                seen = self.acked;
+                last_progress = tokio::time::Instant::now();
+            } else if last_progress.elapsed() >= stall && self.acked < target {
+                self.resends += 1;
+                self.send_from_cursor().await;
+                last_progress = tokio::time::Instant::now();
+            }
+        }
+    }
+}
+
+/// How many of `records` fit one batch under `limits`.
+fn pack(id: &DeviceId, cp: Option<&Checkpoint>, records: &[Record], limits: BatchLimits) -> usize {
+    let mut b = BatchBuilder::new(id, cp, limits).unwrap();
+    let mut n = 0;
+    for r in records {
+        if b.push(r).unwrap() == Pushed::Full {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The store holds exactly the device's log: records 1..=n once each, as written, acked n;
+/// every checkpoint one the device signed; no alerts.
+fn assert_store_is(fleet: &Fleet, device: &Device, n: u64) {
+    let (records, checkpoints) = device.read();
+    assert_eq!(records.len() as u64, n);
+    let db = fleet.db();
+    let integrity: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    let mut stmt = db
+        .prepare(
+            "SELECT seq, record_json, hash FROM audit_records WHERE device_id = ?1 ORDER BY seq",
+        )
+        .unwrap();
+    let rows: Vec<(i64, String, String)> = stmt
+        .query_map([device.id.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(rows.len() as u64, n, "records stored");
+    for ((seq, json, hash), original) in rows.iter().zip(&records) {
+        assert_eq!(*seq as u64, original.seq);
+        assert_eq!(json, &serde_json::to_string(original).unwrap());
+        assert_eq!(hash, &original.hash);
+    }
+    let acked: i64 = db
+        .query_row(
+            "SELECT acked_seq FROM devices WHERE id = ?1",
+            [device.id.as_str()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(acked as u64, n);
+    let mut stmt = db
+        .prepare("SELECT checkpoint_json FROM audit_checkpoints WHERE device_id = ?1")
+        .unwrap();
+    let stored: Vec<String> = stmt
+        .query_map([device.id.as_str()], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(!stored.is_empty(), "no checkpoint stored");
+    for json in stored {
+        let cp: Checkpoint = serde_json::from_str(&json).unwrap();
+        assert!(
+            checkpoints.contains(&cp),
+            "a checkpoint the device did not sign: {json}"
+        );
+    }
+    let alerts: i64 = db
+        .query_row("SELECT COUNT(*) FROM audit_alerts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(alerts, 0);
+}
+
+fn alerts(fleet: &Fleet) -> Vec<String> {
+    let db = fleet.db();
+    let mut stmt = db
+        .prepare("SELECT device_id || ' ' || kind || '@' || seq FROM audit_alerts ORDER BY rowid")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stores_and_acks_and_refuses_hostile_input_without_stopping() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+
+    // Configuration errors are exit 78, before anything connects.
+    let dir = fleet.dir();
+    std::fs::write(dir.join("nobroker.toml"), "[hub]\ndata_dir = \"data\"\n").unwrap();
+    let (code, err) = failed(&hub(dir, &["--config", "nobroker.toml", "serve"]));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("nobroker.toml") && err.contains("[hub] broker: is required by serve"),
+        "{err}"
+    );
+    let (code, err) = failed(&hub(dir, &["serve"]));
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("serve needs --config FILE"), "{err}");
+    std::fs::write(dir.join("badinstance.toml"), "[hub]\ninstance = \"a/b\"\n").unwrap();
+    let (code, err) = failed(&hub(dir, &["--config", "badinstance.toml", "serve"]));
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("[hub] instance"), "{err}");
+
+    let hub_a = fleet.start_hub("a");
+    let log = hub_a.log_text();
+    assert!(
+        log.contains(&format!("broker=mqtts://127.0.0.1:{}", fleet.port)),
+        "{log}"
+    );
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 10, &stop).await;
+
+    // Status, reported state, telemetry; then batches, acked in order, no resend needed.
+    let topics = dev.topics.clone();
+    dev.publish_raw(
+        topics.status().into(),
+        br#"{"v":1,"state":"online","agent_version":"0.9.1"}"#.to_vec(),
+    )
+    .await;
+    dev.publish_raw(
+        topics.state_reported().into(),
+        br#"{"v":1,"models":[],"aliases":{"default":"smollm2:1"},"policy_version":null,"last_acked_seq":0}"#.to_vec(),
+    )
+    .await;
+    dev.publish_raw(
+        topics.telemetry().into(),
+        br#"{"v":1,"ts":"2026-12-01T12:00:00.000Z","metrics":{"audit_last_seq":33}}"#.to_vec(),
+    )
+    .await;
+    dev.limits.max_records = 10;
+    assert_eq!(dev.append(25), 25);
+    assert_eq!(dev.send_from_cursor().await, 3);
+    dev.drain(25, Duration::from_secs(30), Duration::from_secs(20))
+        .await;
+    assert_eq!(dev.resends, 0);
+    // Batches that arrive together share a transaction and one ack.
+    assert!(dev.acks.windows(2).all(|w| w[0] < w[1]), "{:?}", dev.acks);
+    assert_eq!(dev.acks.last(), Some(&25));
+
+    // Hostile input on the device's own topics: refused, no ack, the hub keeps going.
+    let (records, checkpoints) = dev.read();
+    let id = dev.id.clone();
+    let batch = |records: &[Record], cp: Option<&Checkpoint>| AuditBatch {
+        v: protocol::V1,
+        device_id: id.clone(),
+        first_seq: records[0].seq,
+        last_seq: records[records.len() - 1].seq,
+        records: records.to_vec(),
+        checkpoint: cp.cloned(),
+    };
+    let mut edited = records[20..25].to_vec();
+    edited[2].actor = "local:mallory".into();
+    let mut forged = checkpoints.last().unwrap().clone();
+    forged.signature = forged.signature.replace('a', "b").replace('1', "2");
+    let mut other = batch(&records[20..25], None);
+    other.device_id = DeviceId::new("dev-B").unwrap();
+    let hostile: Vec<(String, Vec<u8>)> = vec![
+        (topics.audit().into(), b"{\"v\":1,".to_vec()),
+        (
+            topics.audit().into(),
+            serde_json::to_string(&batch(&records[20..25], None))
+                .unwrap()
+                .replacen("{\"v\":1", "{\"v\":2", 1)
+                .into_bytes(),
+        ),
+        (topics.audit().into(), serde_json::to_vec(&other).unwrap()),
+        (
+            topics.audit().into(),
+            serde_json::to_vec(&batch(&edited, None)).unwrap(),
+        ),
+        (
+            topics.audit().into(),
+            serde_json::to_vec(&batch(&records[20..25], Some(&forged))).unwrap(),
+        ),
+        (
+            topics.telemetry().into(),
+            format!(
+                r#"{{"v":1,"ts":"t","metrics":{{"x":"{}"}}}}"#,
+                "y".repeat(100_000)
+            )
+            .into_bytes(),
+        ),
+        (topics.status().into(), b"offline".to_vec()),
+    ];
+    for (topic, payload) in hostile {
+        dev.publish_raw(topic, payload).await;
+    }
+    // Then a genuine duplicate: its ack is the only one (one device's messages reach the
+    // hub in order, and it acks after each commit).
+    let dup = serde_json::to_vec(&batch(&records[20..25], checkpoints.last())).unwrap();
+    dev.publish_raw(topics.audit().into(), dup).await;
+    let got = dev.read_acks(1500).await;
+    assert_eq!(got, [25], "acks after the hostile batches");
+    assert_eq!(
+        alerts(&fleet),
+        ["dev-A break@23", "dev-A forged_checkpoint@20"]
+    );
+
+    // A packet over the broker's limit: the broker drops the device (the hub never sees
+    // it), the device reconnects and carries on.
+    dev.publish_raw(topics.audit().into(), vec![b' '; 300 * 1024])
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut dropped = false;
+    loop {
+        match tokio::time::timeout_at(deadline, dev.client.events.recv()).await {
+            Ok(Some(LinkEvent::Disconnected { .. })) => dropped = true,
+            Ok(Some(LinkEvent::Connected)) if dropped => break,
+            Ok(Some(_)) => {}
+            _ => panic!("the device was not dropped and reconnected"),
+        }
+    }
+    // Its will said offline; back online, as the agent does after each connect.
+    dev.publish_raw(
+        topics.status().into(),
+        br#"{"v":1,"state":"online","agent_version":"0.9.1"}"#.to_vec(),
+    )
+    .await;
+    dev.append(5);
+    dev.send_from_cursor().await;
+    dev.drain(30, Duration::from_secs(3), Duration::from_secs(20))
+        .await;
+    assert_store_is_prefix(&fleet, &dev, 30);
+
+    // devices list sees the link status, the model, the acked seq and the lag.
+    let list = fleet.devices_json();
+    let d = &list[0];
+    assert_eq!(d["id"], "dev-A");
+    assert_eq!(d["online"], true);
+    assert_eq!(d["agent_version"], "0.9.1");
+    assert_eq!(d["active_model"], "smollm2:1");
+    assert_eq!(d["acked_seq"], 30);
+    assert_eq!(d["audit_lag"], 3);
+    assert!(d["last_seen"].is_string());
+
+    // SIGTERM: exit 0, the counters in the last line.
+    let (code, log) = hub_a.terminate();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("Connection lost."), "{log}");
+    let last = log.lines().rev().find(|l| l.contains("Stopped.")).unwrap();
+    for field in [
+        "batches_stored=4",
+        "records_stored=30",
+        "alerts=break=1,forged_checkpoint=1",
+        "batches_refused=malformed=1,unknown_version=1,wrong_device=1",
+        "refused=too_large=1,malformed=1",
+        "store_errors=0",
+    ] {
+        assert!(last.contains(field), "{field} missing: {last}");
+    }
+    assert!(log.contains("Audit chain alert; batch refused."), "{log}");
+    stop.cancel();
+}
+
+/// Like [`assert_store_is`], for a store that also holds alerts.
+fn assert_store_is_prefix(fleet: &Fleet, device: &Device, n: u64) {
+    let db = fleet.db();
+    let (count, max): (i64, i64) = db
+        .query_row(
+            "SELECT COUNT(*), MAX(seq) FROM audit_records WHERE device_id = ?1",
+            [device.id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((count as u64, max as u64), (n, n));
+    let (records, _) = device.read();
+    let mut stmt = db
+        .prepare("SELECT record_json FROM audit_records WHERE device_id = ?1 ORDER BY seq")
+        .unwrap();
+    let stored: Vec<String> = stmt
+        .query_map([device.id.as_str()], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    for (json, original) in stored.iter().zip(&records) {
+        assert_eq!(json, &serde_json::to_string(original).unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_mid_ingest_ends_with_every_record_once() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 100, &stop).await;
+    dev.limits.max_records = 20;
+
+    let mut total = 0;
+    for round in 0..3 {
+        let hub = fleet.start_hub("a");
+        total = dev.append(2000);
+        dev.send_from_cursor().await;
+        // Kill it as soon as its first ack of this round arrives: the rest is in flight.
+        let before = dev.acked;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while dev.acked == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: no ack"
+            );
+            if let Ok(Some(e)) =
+                tokio::time::timeout(Duration::from_millis(100), dev.client.events.recv()).await
+            {
+                dev.on_event(e);
+            }
+        }
+        hub.kill();
+        assert!(
+            dev.acked < total,
+            "round {round}: everything was acked before the kill"
+        );
+    }
+    let hub = fleet.start_hub("a");
+    let started = Instant::now();
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(60))
+        .await;
+    eprintln!(
+        "drained {total} records after the last restart in {:?} ({} resends)",
+        started.elapsed(),
+        dev.resends
+    );
+    assert_store_is(&fleet, &dev, total);
+    let (code, log) = hub.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_side_by_side_share_the_work_and_the_store() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+    let a = fleet.start_hub("a");
+    let b = fleet.start_hub("b");
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 100, &stop).await;
+    dev.limits.max_records = 20;
+    let total = dev.append(1000);
+    let started = Instant::now();
+    dev.send_from_cursor().await;
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(60))
+        .await;
+    eprintln!(
+        "two hubs drained {total} records in {:?} ({} resends)",
+        started.elapsed(),
+        dev.resends
+    );
+    assert_store_is(&fleet, &dev, total);
+
+    for (name, hub) in [("a", a), ("b", b)] {
+        let (code, log) = hub.terminate();
+        assert_eq!(code, Some(0), "{log}");
+        // One client id each: neither took the other's connection over.
+        assert!(!log.contains("Connection lost."), "hub {name}: {log}");
+        let last = log.lines().rev().find(|l| l.contains("Stopped.")).unwrap();
+        eprintln!("hub {name}: {last}");
+        assert!(
+            !last.contains("received=0 "),
+            "hub {name} got nothing: {last}"
+        );
+    }
+    stop.cancel();
+}

@@ -1,0 +1,194 @@
+//! The harness the broker tests share (`mod support;` in each test binary): a real Mosquitto
+//! (`/usr/sbin/mosquitto`) run from the configuration `outpost-hub broker-config` writes,
+//! on a free port, killed by PID on drop; `outpost-hub` runs; `sync::conn::Link` clients.
+//! Without Mosquitto, broker tests skip with a printed reason, except under `CI=true`.
+
+// Test helpers panic on what they cannot set up; each test binary uses a part of them.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use outpost_policy::signing::KeyPair;
+use outpost_sync::conn::{Backoff, Link, LinkConfig, LinkEvent, LinkHandle, Session, Will};
+use outpost_sync::protocol::{DeviceId, DeviceTopic, device_topic};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+pub const HUB: &str = env!("CARGO_BIN_EXE_outpost-hub");
+
+pub fn mosquitto() -> Option<&'static Path> {
+    let path = Path::new(MOSQUITTO);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{MOSQUITTO} is missing and CI=true: broker tests must run"
+    );
+    eprintln!("skipped: {MOSQUITTO} is not installed");
+    None
+}
+
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Runs `outpost-hub` with `args` in `dir`.
+pub fn hub(dir: &Path, args: &[&str]) -> Output {
+    Command::new(HUB)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The exit code and the one `error:` line of a failed run.
+pub fn failed(out: &Output) -> (i32, String) {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// A device's audit public key, as `outpost keys device` prints it.
+pub fn audit_key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.pub.pem"));
+    KeyPair::generate().unwrap().public().write(&path).unwrap();
+    path
+}
+
+/// A Mosquitto process, killed on drop.
+pub struct Mosquitto(pub Child);
+
+impl Mosquitto {
+    pub fn start(conf: &Path, port: u16, log: &Path) -> Mosquitto {
+        let log_file = std::fs::File::create(log).unwrap();
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let mut broker = Mosquitto(child);
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return broker;
+            }
+            if let Ok(Some(status)) = broker.0.try_wait() {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("mosquitto exited with {status}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("mosquitto did not listen on port {port} within 5 s");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn link_config(port: u16, id: &str, ca: &Path, cert: &Path, key: &Path) -> LinkConfig {
+    let mut config = LinkConfig::new(
+        format!("mqtts://127.0.0.1:{port}"),
+        DeviceId::new(id).unwrap(),
+    );
+    config.ca = Some(ca.to_path_buf());
+    config.cert = Some(cert.to_path_buf());
+    config.key = Some(key.to_path_buf());
+    config.backoff = Backoff {
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(500),
+    };
+    config
+}
+
+pub fn topic(id: &str, kind: DeviceTopic) -> String {
+    device_topic(&DeviceId::new(id).unwrap(), kind)
+}
+
+pub fn session(will_topic: String, subscriptions: Vec<String>) -> Session {
+    Session {
+        will: Will {
+            topic: will_topic,
+            payload: br#"{"v":1,"state":"offline","agent_version":"test"}"#.to_vec(),
+        },
+        subscriptions,
+    }
+}
+
+pub struct Client {
+    pub handle: LinkHandle,
+    pub events: mpsc::Receiver<LinkEvent>,
+}
+
+pub async fn connect(config: &LinkConfig, session: Session, stop: &CancellationToken) -> Client {
+    let (handle, mut events, _task) = Link::spawn(config, session, stop.clone()).unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(LinkEvent::Connected)) => break,
+            Ok(Some(LinkEvent::ConnectFailed { reason, .. })) => {
+                panic!("{} could not connect: {reason}", config.client_id)
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("{} did not connect within 10 s", config.client_id),
+        }
+    }
+    // The subscriptions are queued before Connected; give the broker a moment to grant them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Client { handle, events }
+}
+
+/// Publishes and waits for the broker's PubAck (Mosquitto acks a publish its ACL drops).
+pub async fn publish(client: &mut Client, topic: &str, body: &[u8]) {
+    let id = client
+        .handle
+        .try_publish(topic, body.to_vec(), false)
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), client.events.recv()).await {
+            Ok(Some(LinkEvent::PubAck(got))) if got == id => return,
+            Ok(Some(_)) => {}
+            _ => panic!("no PubAck for {topic}"),
+        }
+    }
+}
+
+/// Messages received within `ms` milliseconds, or until one with `until` as payload.
+pub async fn received(
+    client: &mut Client,
+    ms: u64,
+    until: Option<&[u8]>,
+) -> Vec<(String, Vec<u8>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    let mut out = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, client.events.recv()).await {
+        if let LinkEvent::Message { topic, payload } = event {
+            let done = until == Some(payload.as_slice());
+            out.push((topic, payload));
+            if done {
+                break;
+            }
+        }
+    }
+    out
+}
