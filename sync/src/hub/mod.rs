@@ -1,13 +1,16 @@
 //! The cloud side, `outpost-hub` (first slice): its configuration ([`config`]), the fleet's
 //! PKI ([`pki`], the only home of `rcgen`), the broker's configuration and ACL ([`broker`]),
-//! its store ([`store`]: the [`HubStore`] trait and `<data_dir>/hub.db`) and enrollment
-//! ([`enroll`], recorded in the hub's own audit chain, `<data_dir>/audit.db`).
+//! its store ([`store`]: the [`HubStore`] trait and `<data_dir>/hub.db`), enrollment
+//! ([`enroll`], recorded in the hub's own audit chain, `<data_dir>/audit.db`) and the
+//! auditors' reads of each device's chain as the hub holds it ([`audit`]: query, export,
+//! verify against the enrolled key).
 //!
 //! Files of the hub's data directory: `hub.db` (owned by [`store`]), `audit.db` (owned by the
 //! policy crate's audit log) and `hub-audit.key` (the key that signs the hub's checkpoints).
 //! Invariant: the hub acts only after its intent is durably in `audit.db` (no record, no
 //! action); the serving loop (ingest, acks) is the next slice.
 
+pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod enroll;
@@ -56,6 +59,12 @@ pub enum HubError {
     },
     #[error("device {0} is already enrolled")]
     AlreadyEnrolled(String),
+    #[error("device {0} is not enrolled on this hub")]
+    NotEnrolled(String),
+    #[error("device {device}'s enrolled audit key {key:?} is not an Ed25519 public key")]
+    EnrolledKey { device: String, key: String },
+    #[error("the hub's copy of device {device}'s audit chain: {message}")]
+    Chain { device: String, message: String },
     #[error(transparent)]
     Protocol(#[from] crate::protocol::ProtocolError),
     #[error(transparent)]
