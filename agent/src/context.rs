@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use outpost_policy::audit::{self, AuditError, AuditLog, AuditSettings, Entry, Outcome};
+use outpost_policy::audit::{AuditError, AuditLog, AuditSettings, Entry, Outcome};
 use outpost_policy::identity::{PinnedKey, Verifier};
 use outpost_policy::rbac::{Action, Policy};
 use outpost_policy::revocation::RevocationList;
@@ -325,67 +325,13 @@ pub fn audited_local<T>(
     })
 }
 
-/// Seconds in `90s`, `30m`, `2h`, `7d` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("'{s}' is not a duration like 90s, 30m, 2h or 7d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => anyhow::bail!("'{s}' is not a duration like 90s, 30m, 2h or 7d"),
-    };
-    n.checked_mul(mult)
-        .filter(|&v| v <= 100 * 365 * 86_400)
-        .ok_or_else(|| anyhow::anyhow!("'{s}' is too long"))
-}
-
-/// RFC 3339 (any offset) or an age before now, as the log's own timestamp format.
-pub fn parse_time(s: &str) -> anyhow::Result<String> {
-    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-        return Ok(audit::format_ts(t));
-    }
-    let secs = parse_duration(s).map_err(|_| {
-        anyhow::anyhow!("'{s}' is neither an RFC 3339 time nor an age like 30m, 2h or 7d")
-    })?;
-    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(i64::try_from(secs)?);
-    Ok(audit::format_ts(t))
-}
+/// Durations and times as people write them: one parser for the device's and the hub's
+/// commands, in the policy crate.
+pub use outpost_policy::time::{parse_duration, parse_time};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn check_duration(input: &str, expect: Option<u64>) {
-        assert_eq!(parse_duration(input).ok(), expect, "{input}");
-    }
-
-    #[test]
-    fn durations() {
-        check_duration("90", Some(90));
-        check_duration("90s", Some(90));
-        check_duration("30m", Some(1800));
-        check_duration("2h", Some(7200));
-        check_duration("7d", Some(604_800));
-        check_duration("7w", None);
-        check_duration("", None);
-        check_duration("-5m", None);
-        check_duration("99999999999d", None);
-    }
-
-    #[test]
-    fn times_are_rfc3339_or_ages() {
-        let t = parse_time("2026-01-02T03:04:05+01:00").unwrap();
-        assert!(t.starts_with("2026-01-02T02:04:05"), "{t}");
-        let age = parse_time("1h").unwrap();
-        let now = audit::format_ts(time::OffsetDateTime::now_utc());
-        assert!(age < now, "{age} vs {now}");
-        assert!(parse_time("yesterday").is_err());
-    }
 
     #[test]
     fn the_data_directory_names_its_files() {

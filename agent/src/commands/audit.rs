@@ -86,19 +86,7 @@ pub fn run(ctx: &Context, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let q = time_range(&range)?;
             let n = match &output {
                 Some(path) => {
-                    let mut tmp = tempfile::NamedTempFile::new_in(
-                        path.parent()
-                            .filter(|p| !p.as_os_str().is_empty())
-                            .unwrap_or(".".as_ref()),
-                    )
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                    let n = {
-                        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-                        audit::export(&r, &q, format, &ctx.device_id(), key.as_ref(), &mut w)?
-                    };
-                    tmp.persist(path)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    n
+                    audit::export_to_file(&r, &q, format, &ctx.device_id(), key.as_ref(), path)?
                 }
                 None => {
                     let stdout = std::io::stdout();
@@ -183,49 +171,13 @@ fn emit(ctx: &Context, r: &Record) -> anyhow::Result<()> {
 }
 
 fn print_record(r: &Record) {
-    println!(
-        "{:>6} {} {:<8} {:<20} {:<16} {:<16} {}",
-        r.seq,
-        r.ts,
-        r.outcome.as_str(),
-        r.actor,
-        r.action,
-        r.resource.as_deref().unwrap_or("-"),
-        r.reason
-    );
+    println!("{}", r.summary_line());
 }
 
 fn print_report(ctx: &Context, r: &VerifyReport) -> anyhow::Result<()> {
     if ctx.json {
         return print_json(r);
     }
-    let range = match (r.first_seq, r.last_seq) {
-        (Some(a), Some(b)) => format!("seq {a} to {b}"),
-        _ => "no records".into(),
-    };
-    let key = if r.key == "pinned" {
-        "against the pinned device key"
-    } else {
-        "against the key stored in the log (pass --public-key to pin one)"
-    };
-    let reach = match (r.signed_through, r.last_seq) {
-        (None, Some(_)) => "; no record is covered by a checkpoint yet".to_string(),
-        (Some(s), Some(l)) if s < l => {
-            format!("; signed through seq {s}, later records not covered by a checkpoint yet")
-        }
-        _ => String::new(),
-    };
-    if r.ok {
-        println!(
-            "Audit log OK: {} records ({range}), {} checkpoint signatures checked {key}{reach}.",
-            r.records, r.checkpoints
-        );
-    } else {
-        println!(
-            "Audit log FAILED at seq {}: {}",
-            r.bad_seq.unwrap_or(0),
-            r.reason.as_deref().unwrap_or("unknown")
-        );
-    }
+    println!("{}", r.summary());
     Ok(())
 }

@@ -5,10 +5,14 @@
 //! JSONL lines: first `{"device": {"format": "outpost-audit-1", "device_id", "public_key",
 //! "exported_at"}}`, then `{"record": {…}}` per record in seq order, then
 //! `{"checkpoint": {…}}` for each checkpoint inside the exported range.
+//!
+//! Records come from any [`RecordSource`]: the device's `audit.db` or the hub's copy of a
+//! device's chain write the same export.
 
 use std::io::Write;
+use std::path::Path;
 
-use super::{AuditError, AuditReader, Query, Record, now_rfc3339};
+use super::{AuditError, Query, Record, RecordSource, now_rfc3339};
 use crate::signing::PublicKey;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +42,11 @@ fn io(e: std::io::Error) -> AuditError {
     AuditError::Export(format!("writing the export: {e}"))
 }
 
-/// Writes the records `q` selects (its time range; other filters would break the chain and
-/// are refused) to `out`. Returns the number of records written.
+/// Writes the records `q` selects from `source` (its time range; other filters would break
+/// the chain and are refused) to `out`, under the header naming `device_id` and
+/// `public_key`. Returns the number of records written.
 pub fn export(
-    reader: &AuditReader,
+    source: &dyn RecordSource,
     q: &Query,
     format: Format,
     device_id: &str,
@@ -67,7 +72,7 @@ pub fn export(
         }
         Format::Csv => writeln!(out, "{}", CSV_COLUMNS.join(",")).map_err(io)?,
     }
-    reader.for_each(q, |r| {
+    source.for_each_record(q, &mut |r| {
         count += 1;
         range = Some(range.map_or((r.seq, r.seq), |(a, _)| (a, r.seq)));
         match format {
@@ -81,7 +86,7 @@ pub fn export(
     if format == Format::Jsonl
         && let Some((first, last)) = range
     {
-        for cp in reader.checkpoints()? {
+        for cp in source.checkpoints()? {
             if (first..=last).contains(&cp.seq) {
                 let line = serde_json::json!({ "checkpoint": cp });
                 writeln!(out, "{line}").map_err(io)?;
@@ -90,6 +95,32 @@ pub fn export(
     }
     out.flush().map_err(io)?;
     Ok(count)
+}
+
+/// [`export`] into the file at `path`, which appears whole or not at all (written beside it
+/// under a temporary name, then renamed over it).
+pub fn export_to_file(
+    source: &dyn RecordSource,
+    q: &Query,
+    format: Format,
+    device_id: &str,
+    public_key: Option<&PublicKey>,
+    path: &Path,
+) -> Result<u64, AuditError> {
+    let cannot = |e: &dyn std::fmt::Display| {
+        AuditError::Export(format!("cannot write {}: {e}", path.display()))
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| cannot(&e))?;
+    let n = {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        export(source, q, format, device_id, public_key, &mut w)?
+    };
+    tmp.persist(path).map_err(|e| cannot(&e.error))?;
+    Ok(n)
 }
 
 fn csv_row(r: &Record) -> String {

@@ -6,9 +6,11 @@
 //! - `schema`: `audit.db`'s tables and triggers, its schema version and migrations;
 //! - `writer`: the append side, one writer thread per process with group commit and
 //!   checkpoints ([`AuditLog`], [`AuditSettings`]);
-//! - `reader`: the read side, read-only queries ([`AuditReader`], [`Query`]);
-//! - `verify`: the chain and checkpoint checks, on the database or a JSONL export;
-//! - `export`: JSONL and CSV exports.
+//! - `reader`: the read side, read-only queries ([`AuditReader`], [`Query`]), and
+//!   [`RecordSource`], what exports read from (this log or another store of a chain);
+//! - `verify`: the chain and checkpoint rules ([`ChainVerifier`]), on the database, a JSONL
+//!   export or records from any other source;
+//! - `export`: JSONL and CSV exports, from any [`RecordSource`].
 //!
 //! Invariant: only this module opens `audit.db`; appends go through the writer thread, and
 //! reading never changes the file.
@@ -22,12 +24,12 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
-pub use export::{Format, export};
-pub use reader::{AuditReader, Query};
+pub use export::{Format, export, export_to_file};
+pub use reader::{AuditReader, Query, RecordSource};
 pub use record::{
     Checkpoint, Entry, GENESIS, MAX_DETAILS, Outcome, Record, format_ts, now_rfc3339,
 };
-pub use verify::{VerifyReport, verify_export, verify_log};
+pub use verify::{ChainVerifier, VerifyReport, parse_record, verify_export, verify_log};
 pub use writer::{AuditLog, AuditSettings, Pending, Unqueued};
 
 #[derive(Debug, Clone, thiserror::Error)]

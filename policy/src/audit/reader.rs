@@ -1,6 +1,7 @@
 //! The read side: [`AuditReader`] opens `audit.db` read-only and changes nothing; queries
 //! with filters and paging, the checkpoints, and the raw rows verification reads without
-//! trusting their types.
+//! trusting their types. [`RecordSource`] is what exports read from: `AuditReader`, or any
+//! other store of one device's chain (the hub's copy), so the export format has one writer.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +25,34 @@ pub struct Query {
     pub limit: Option<u64>,
     /// The newest `limit` records (still returned oldest first).
     pub newest: bool,
+}
+
+/// Where one device's records and checkpoints come from: the local `audit.db`
+/// ([`AuditReader`]) or another store of the same chain (the hub's copy).
+pub trait RecordSource {
+    /// Streams the records `q` selects, oldest first (seq order), without holding them all.
+    fn for_each_record(
+        &self,
+        q: &Query,
+        f: &mut dyn FnMut(Record) -> Result<(), AuditError>,
+    ) -> Result<(), AuditError>;
+
+    /// Every checkpoint, by seq.
+    fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError>;
+}
+
+impl RecordSource for AuditReader {
+    fn for_each_record(
+        &self,
+        q: &Query,
+        f: &mut dyn FnMut(Record) -> Result<(), AuditError>,
+    ) -> Result<(), AuditError> {
+        self.for_each(q, f)
+    }
+
+    fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
+        AuditReader::checkpoints(self)
+    }
 }
 
 /// The read side: opens `audit.db` read-only, changes nothing.

@@ -179,6 +179,21 @@ pub(super) fn hash_hex(body: &str) -> String {
 }
 
 impl Record {
+    /// One line for people, as `audit query` prints it on the device and the hub: seq, time,
+    /// outcome, actor, action, resource, reason, in fixed-width columns.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "{:>6} {} {:<8} {:<20} {:<16} {:<16} {}",
+            self.seq,
+            self.ts,
+            self.outcome.as_str(),
+            self.actor,
+            self.action,
+            self.resource.as_deref().unwrap_or("-"),
+            self.reason
+        )
+    }
+
     /// The hash this record's contents give (what `hash` must be).
     pub fn compute_hash(&self) -> String {
         let details = jcs::to_string(&self.details).unwrap_or_default();

@@ -537,3 +537,68 @@ fn try_submit_never_waits_and_gives_back_what_it_could_not_queue() {
     );
     f.check(None);
 }
+
+#[test]
+fn records_from_another_store_verify_by_the_same_rules() {
+    let f = Fixture::new();
+    f.write(12, 5);
+    let reader = AuditReader::open(&f.path()).unwrap();
+    let records = reader.query(&Query::default()).unwrap();
+    let run = |records: &[Record], checkpoints: Vec<Checkpoint>| {
+        let mut v = ChainVerifier::new(true, checkpoints);
+        for r in records {
+            v.feed_record(r, None);
+        }
+        v.finish(Some(&f.key.public()), false)
+    };
+    // The same report as the log's own verification.
+    let from_records = run(&records, reader.checkpoints().unwrap());
+    assert_eq!(
+        from_records,
+        verify_log(&reader, Some(&f.key.public())).unwrap()
+    );
+    assert!(from_records.ok && from_records.signed_through == Some(12));
+
+    // An edited record, a gap, a checkpoint by another key: the first bad seq, as for the log.
+    let mut edited = records.clone();
+    edited[3].reason = "nothing".into();
+    let r = run(&edited, reader.checkpoints().unwrap());
+    assert_eq!(r.bad_seq, Some(4), "{r:?}");
+    let mut gap = records.clone();
+    gap.remove(7);
+    let r = run(&gap, reader.checkpoints().unwrap());
+    assert_eq!(
+        (r.bad_seq, r.reason.as_deref()),
+        (Some(8), Some("record 8 is missing (deleted)"))
+    );
+    let mut cps = reader.checkpoints().unwrap();
+    let other = KeyPair::generate().unwrap();
+    cps[1].public_key = other.public_hex();
+    cps[1].signature = other.sign_hex(cps[1].signed_message().as_bytes());
+    let r = run(&records, cps);
+    assert_eq!(r.bad_seq, Some(10), "{r:?}");
+
+    // A record the source could not read, and one it found wrong: malformed, in place.
+    let mut v = ChainVerifier::new(true, reader.checkpoints().unwrap());
+    v.feed_record(&records[0], None);
+    v.feed_unreadable(2, "not JSON");
+    let r = v.finish(Some(&f.key.public()), false);
+    assert_eq!(
+        (r.bad_seq, r.reason.as_deref()),
+        (Some(2), Some("record 2 is malformed: not JSON"))
+    );
+    let mut v = ChainVerifier::new(true, Vec::new());
+    v.feed_record(&records[0], Some("its ts column disagrees".into()));
+    let r = v.finish(None, false);
+    assert_eq!(r.bad_seq, Some(1), "{r:?}");
+
+    // The line people read.
+    assert!(from_records.summary().starts_with(
+        "Audit log OK: 12 records (seq 1 to 12), 3 checkpoint signatures checked against the \
+         pinned device key"
+    ));
+    assert_eq!(
+        run(&gap, reader.checkpoints().unwrap()).summary(),
+        "Audit log FAILED at seq 8: record 8 is missing (deleted)"
+    );
+}

@@ -1,4 +1,7 @@
-//! Verification of the chain and its checkpoints, from `audit.db` or from a JSONL export.
+//! Verification of the chain and its checkpoints: one set of rules ([`ChainVerifier`]) for
+//! every source of records: `audit.db` ([`verify_log`]), a JSONL export ([`verify_export`]),
+//! and any other store of a device's chain (the hub's copy feeds records to a
+//! `ChainVerifier` itself).
 //!
 //! Reports the first bad seq and why: a record missing (deleted), a record whose `prev_hash`
 //! does not link (reordered or inserted), a record whose contents do not give its hash
@@ -22,8 +25,9 @@
 use std::collections::HashMap;
 use std::io::BufRead;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::reader::RawRecord;
 use super::{AuditError, AuditReader, Checkpoint, GENESIS, Record};
 use crate::signing::PublicKey;
 
@@ -65,6 +69,40 @@ pub struct VerifyReport {
     pub key: &'static str,
 }
 
+impl VerifyReport {
+    /// The report for people, as `audit verify` prints it on the device and the hub: one
+    /// line, "Audit log OK: …" or "Audit log FAILED at seq N: why".
+    pub fn summary(&self) -> String {
+        if !self.ok {
+            return format!(
+                "Audit log FAILED at seq {}: {}",
+                self.bad_seq.unwrap_or(0),
+                self.reason.as_deref().unwrap_or("unknown")
+            );
+        }
+        let range = match (self.first_seq, self.last_seq) {
+            (Some(a), Some(b)) => format!("seq {a} to {b}"),
+            _ => "no records".into(),
+        };
+        let key = if self.key == "pinned" {
+            "against the pinned device key"
+        } else {
+            "against the key stored in the log (pass --public-key to pin one)"
+        };
+        let reach = match (self.signed_through, self.last_seq) {
+            (None, Some(_)) => "; no record is covered by a checkpoint yet".to_string(),
+            (Some(s), Some(l)) if s < l => {
+                format!("; signed through seq {s}, later records not covered by a checkpoint yet")
+            }
+            _ => String::new(),
+        };
+        format!(
+            "Audit log OK: {} records ({range}), {} checkpoint signatures checked {key}{reach}.",
+            self.records, self.checkpoints
+        )
+    }
+}
+
 struct Chain {
     /// Whether the first record must be seq 1 (a whole log) or may start anywhere (an export
     /// of a time range).
@@ -96,15 +134,15 @@ impl Chain {
         }
     }
 
-    /// One record, in order; `matches`: whether its contents give its `hash`.
-    fn feed(&mut self, seq: i64, prev_hash: &str, hash: &str, matches: Result<bool, String>) {
+    /// Counts a record and checks that it comes next; its seq when it does.
+    fn place(&mut self, seq: i64, prev_hash: &str) -> Option<u64> {
         if self.error.is_some() {
-            return;
+            return None;
         }
         self.records += 1;
         let Ok(seq) = u64::try_from(seq) else {
             self.fail(0, format!("record with negative seq {seq}"));
-            return;
+            return None;
         };
         let expected = match self.next_seq {
             Some(n) => n,
@@ -124,11 +162,28 @@ impl Chain {
             } else {
                 format!("records {expected} to {} are missing (deleted)", seq - 1)
             };
-            return self.fail(expected, what);
+            self.fail(expected, what);
+            return None;
         }
         if seq < expected {
-            return self.fail(seq, format!("record {seq} appears out of order"));
+            self.fail(seq, format!("record {seq} appears out of order"));
+            return None;
         }
+        Some(seq)
+    }
+
+    /// A record that could not be read at all, stored at `seq`.
+    fn feed_unreadable(&mut self, seq: i64, why: &str) {
+        if let Some(seq) = self.place(seq, "") {
+            self.fail(seq, format!("record {seq} is malformed: {why}"));
+        }
+    }
+
+    /// One record, in order; `matches`: whether its contents give its `hash`.
+    fn feed(&mut self, seq: i64, prev_hash: &str, hash: &str, matches: Result<bool, String>) {
+        let Some(seq) = self.place(seq, prev_hash) else {
+            return;
+        };
         if prev_hash != self.prev_hash {
             return self.fail(
                 seq,
@@ -250,22 +305,100 @@ impl Chain {
     }
 }
 
+/// The chain rules over records from any source: records are fed in seq order, then
+/// [`finish`](Self::finish) checks the checkpoints against them. `verify_log` and
+/// `verify_export` are built on it, and so is the hub's verification of its copy of a
+/// device's chain, so every verifier applies the same rules.
+pub struct ChainVerifier {
+    chain: Chain,
+    checkpoints: Vec<Checkpoint>,
+    buf: String,
+}
+
+impl std::fmt::Debug for ChainVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainVerifier")
+            .field("records", &self.chain.records)
+            .field("checkpoints", &self.checkpoints.len())
+            .field("error", &self.chain.error)
+            .finish()
+    }
+}
+
+impl ChainVerifier {
+    /// `whole_log`: the records are a whole log, so the first must be seq 1 (a local log, the
+    /// hub's copy); otherwise they may start anywhere (an export of a time range).
+    /// `checkpoints`: every checkpoint over these records, in any order.
+    pub fn new(whole_log: bool, mut checkpoints: Vec<Checkpoint>) -> Self {
+        checkpoints.sort_by_key(|c| c.seq);
+        Self {
+            chain: Chain::new(whole_log, &checkpoints),
+            checkpoints,
+            buf: String::with_capacity(1024),
+        }
+    }
+
+    /// The next record. `problem`: what the source found wrong with it besides the chain
+    /// (fields other than the format's, a store's index columns that disagree with it);
+    /// the record is then reported as malformed, at its place in the chain.
+    pub fn feed_record(&mut self, r: &Record, problem: Option<String>) {
+        let matches = match problem {
+            Some(p) => Err(p),
+            None => Ok(r.compute_hash() == r.hash),
+        };
+        self.chain.feed(
+            i64::try_from(r.seq).unwrap_or(i64::MAX),
+            &r.prev_hash,
+            &r.hash,
+            matches,
+        );
+    }
+
+    /// The next record, stored at `seq`, could not be read as a record at all.
+    pub fn feed_unreadable(&mut self, seq: i64, why: &str) {
+        self.chain.feed_unreadable(seq, why);
+    }
+
+    /// A row of `audit.db` as stored, without trusting its types.
+    fn feed_raw(&mut self, raw: &RawRecord<'_>) {
+        let matches = raw.hash_matches(&mut self.buf);
+        self.chain.feed(raw.seq, raw.prev_hash, raw.hash, matches);
+    }
+
+    /// Checks the checkpoints against the records fed. `key`: the key every signature must
+    /// verify under (else each checkpoint's own, and the report says `"key": "log"`);
+    /// `require_signed`: fail when records were fed but no checkpoint covers any of them
+    /// (an auditor's pinned key must sign something).
+    pub fn finish(self, key: Option<&PublicKey>, require_signed: bool) -> VerifyReport {
+        self.chain.finish(&self.checkpoints, key, require_signed)
+    }
+}
+
+/// A record in the export format (a JSON object with exactly the format's fields), and what
+/// is wrong with its shape, if anything. `Err`: it is not a record at all.
+pub fn parse_record(v: &serde_json::Value) -> Result<(Record, Option<String>), serde_json::Error> {
+    let fields_ok = v.as_object().is_some_and(|o| {
+        o.len() == RECORD_FIELDS.len() && RECORD_FIELDS.iter().all(|f| o.contains_key(*f))
+    });
+    let record = Record::deserialize(v)?;
+    let problem =
+        (!fields_ok).then(|| format!("its fields are not exactly {}", RECORD_FIELDS.join(", ")));
+    Ok((record, problem))
+}
+
 /// Verifies the whole log. `pinned`: the device public key the auditor trusts; without it,
 /// the key stored with the checkpoints is used (and the report says so).
 pub fn verify_log(
     reader: &AuditReader,
     pinned: Option<&PublicKey>,
 ) -> Result<VerifyReport, AuditError> {
-    let checkpoints = reader.checkpoints()?;
-    let mut chain = Chain::new(true, &checkpoints);
-    let mut buf = String::with_capacity(1024);
+    let mut verifier = ChainVerifier::new(true, reader.checkpoints()?);
     reader.for_each_raw(|raw| {
-        let matches = raw.hash_matches(&mut buf);
-        chain.feed(raw.seq, raw.prev_hash, raw.hash, matches);
+        verifier.feed_raw(raw);
         Ok(())
     })?;
     // A log cut short by a crash has an unsigned tail, or no checkpoint at all: not an error.
-    Ok(chain.finish(&checkpoints, pinned, false))
+    Ok(verifier.finish(pinned, false))
 }
 
 /// Verifies a JSONL export (see `export`): its records may start anywhere, but must be
@@ -274,7 +407,7 @@ pub fn verify_export(
     mut input: impl BufRead,
     pinned: Option<&PublicKey>,
 ) -> Result<VerifyReport, AuditError> {
-    let mut records: Vec<(Record, bool)> = Vec::new();
+    let mut records: Vec<(Record, Option<String>)> = Vec::new();
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut exported_key: Option<PublicKey> = None;
     let mut line = String::new();
@@ -300,11 +433,7 @@ pub fn verify_export(
             .map_err(|e| AuditError::Export(format!("line {n} is not JSON: {e}")))?;
         let bad = |e: serde_json::Error| AuditError::Export(format!("line {n}: {e}"));
         if let Some(r) = v.get("record") {
-            let fields_ok = r.as_object().is_some_and(|o| {
-                o.len() == RECORD_FIELDS.len() && RECORD_FIELDS.iter().all(|f| o.contains_key(*f))
-            });
-            let record: Record = serde_json::from_value(r.clone()).map_err(bad)?;
-            records.push((record, fields_ok));
+            records.push(parse_record(r).map_err(bad)?);
         } else if let Some(c) = v.get("checkpoint") {
             checkpoints.push(serde_json::from_value(c.clone()).map_err(bad)?);
         } else if let Some(d) = v.get("device") {
@@ -318,21 +447,12 @@ pub fn verify_export(
             )));
         }
     }
-    checkpoints.sort_by_key(|c| c.seq);
-    let mut chain = Chain::new(false, &checkpoints);
-    for (r, fields_ok) in &records {
-        let matches = if *fields_ok {
-            Ok(r.compute_hash() == r.hash)
-        } else {
-            Err(format!(
-                "its fields are not exactly {}",
-                RECORD_FIELDS.join(", ")
-            ))
-        };
-        chain.feed(r.seq as i64, &r.prev_hash, &r.hash, matches);
+    let mut verifier = ChainVerifier::new(false, checkpoints);
+    for (r, problem) in records {
+        verifier.feed_record(&r, problem);
     }
     let key = pinned.cloned().or(exported_key);
-    let mut report = chain.finish(&checkpoints, key.as_ref(), pinned.is_some());
+    let mut report = verifier.finish(key.as_ref(), pinned.is_some());
     if pinned.is_none() {
         report.key = "log";
     }

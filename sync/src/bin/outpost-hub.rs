@@ -7,22 +7,26 @@
 //! Logs are `tracing` events on stderr (`RUST_LOG` sets the filter; default `info` for
 //! `serve`, `warn` for the other commands, whose output is what they print).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use outpost_policy::audit::{Format, Outcome, Query};
+use outpost_policy::time::parse_time;
+use outpost_sync::hub::audit::DeviceChain;
 use outpost_sync::hub::config::Config;
 use outpost_sync::hub::enroll::{EnrollRequest, enroll};
 use outpost_sync::hub::serve::{ServeSettings, Server};
-use outpost_sync::hub::{HubStore, SqliteStore, broker, pki};
+use outpost_sync::hub::{HubError, HubStore, SqliteStore, broker, pki};
 use outpost_sync::protocol::{DeviceId, GroupId};
 
 /// Exit status for a configuration error (sysexits.h EX_CONFIG).
 const EX_CONFIG: u8 = 78;
 
-/// The Outpost hub: the fleet's PKI, enrollment, broker configuration, and `serve`, which
-/// stores and acks what devices send.
+/// The Outpost hub: the fleet's PKI, enrollment, broker configuration, `serve` (which
+/// stores and acks what devices send) and the auditors' reads of each device's audit chain.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-hub", version)]
 struct Cli {
@@ -51,6 +55,78 @@ enum Command {
     /// Connect to the broker and ingest what devices send (audit, status, state,
     /// telemetry) until SIGTERM or SIGINT; needs --config with [hub] broker, ca, cert, key.
     Serve,
+    /// Read, export and verify a device's audit chain as the hub holds it (changes nothing).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `outpost audit …` of the device, on the hub's copy: same filters, formats and exit codes.
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Records matching filters, oldest first.
+    Query {
+        #[command(flatten)]
+        device: DeviceArg,
+        #[command(flatten)]
+        range: TimeRange,
+        #[arg(long)]
+        actor: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        /// allowed, denied, success or failure.
+        #[arg(long)]
+        outcome: Option<String>,
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write records with the checkpoints and the device's enrolled public key.
+    Export {
+        #[command(flatten)]
+        device: DeviceArg,
+        #[command(flatten)]
+        range: TimeRange,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Write here instead of stdout.
+        #[arg(short, long, visible_alias = "out", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Check the hub's copy from seq 1: the chain and every checkpoint signature against the
+    /// enrolled key; exit 1 naming the first bad seq. Alerts recorded for the device are
+    /// shown too.
+    Verify {
+        #[command(flatten)]
+        device: DeviceArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DeviceArg {
+    /// The enrolled device whose chain to read.
+    #[arg(long = "device", value_name = "ID")]
+    id: String,
+}
+
+#[derive(Debug, Args)]
+struct TimeRange {
+    /// From this time: RFC 3339 or an age like 30m, 2h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Before this time (same forms).
+    #[arg(long)]
+    until: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,7 +221,7 @@ fn main() -> ExitCode {
     }
     let data_dir = config.data_dir(cli.data_dir.as_deref());
     match run(cli.command, &data_dir) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -194,9 +270,10 @@ fn serve(settings: ServeSettings) -> anyhow::Result<()> {
     })
 }
 
-fn run(command: Command, data_dir: &Path) -> anyhow::Result<()> {
+fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => anyhow::bail!("serve is run by main"),
+        Command::Audit(cmd) => return audit_command(cmd, data_dir),
         Command::Pki(PkiCommand::Init { out, broker_hosts }) => {
             let paths = pki::init(&out, &broker_hosts)?;
             println!(
@@ -284,7 +361,117 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outpost-hub audit …`: reads `hub.db` read-only; output as the device's `outpost audit`.
+fn audit_command(cmd: AuditCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let open = |device: &DeviceArg| -> anyhow::Result<(SqliteStore, DeviceId)> {
+        let id = DeviceId::new(&device.id)?;
+        Ok((SqliteStore::open_read_only(data_dir)?, id))
+    };
+    match cmd {
+        AuditCommand::Query {
+            device,
+            range,
+            actor,
+            action,
+            outcome,
+            limit,
+            json,
+        } => {
+            let outcome = outcome
+                .map(|o| {
+                    Outcome::parse(&o).ok_or_else(|| {
+                        anyhow::anyhow!("--outcome must be allowed, denied, success or failure")
+                    })
+                })
+                .transpose()?;
+            let q = Query {
+                actor,
+                action,
+                outcome,
+                limit,
+                ..time_range(&range)?
+            };
+            let (store, id) = open(&device)?;
+            let chain = DeviceChain::open(&store, &id)?;
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            if json {
+                // The device's one pretty JSON array, streamed element by element.
+                use serde::ser::{SerializeSeq, Serializer as _};
+                let mut ser = serde_json::Serializer::pretty(&mut w);
+                let mut seq = ser.serialize_seq(None)?;
+                chain.for_each(&q, |r| {
+                    seq.serialize_element(&r).map_err(|e| stdout_err(e.into()))
+                })?;
+                seq.end()?;
+                writeln!(w)?;
+            } else {
+                chain.for_each(&q, |r| {
+                    writeln!(w, "{}", r.summary_line()).map_err(stdout_err)
+                })?;
+            }
+            w.flush()?;
+        }
+        AuditCommand::Export {
+            device,
+            range,
+            format,
+            output,
+        } => {
+            let format = match format {
+                ExportFormat::Jsonl => Format::Jsonl,
+                ExportFormat::Csv => Format::Csv,
+            };
+            let q = time_range(&range)?;
+            let (store, id) = open(&device)?;
+            let chain = DeviceChain::open(&store, &id)?;
+            match &output {
+                Some(path) => {
+                    let n = chain.export_to_file(&q, format, path)?;
+                    eprintln!("Exported {n} records to {}.", path.display());
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut w = std::io::BufWriter::new(stdout.lock());
+                    chain.export(&q, format, &mut w)?;
+                }
+            }
+        }
+        AuditCommand::Verify { device, json } => {
+            let (store, id) = open(&device)?;
+            let report = DeviceChain::open(&store, &id)?.verify()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.summary());
+            }
+            return Ok(if report.chain.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stdout_err(source: std::io::Error) -> HubError {
+    HubError::Io {
+        what: "writing",
+        path: "standard output".into(),
+        source,
+    }
+}
+
+fn time_range(r: &TimeRange) -> anyhow::Result<Query> {
+    Ok(Query {
+        since: r.since.as_deref().map(parse_time).transpose()?,
+        until: r.until.as_deref().map(parse_time).transpose()?,
+        ..Query::default()
+    })
 }
 
 /// `local:<user>` for whoever runs the command: `$USER`, else the uid.

@@ -1,15 +1,17 @@
 //! The cloud side, `outpost-hub`: its configuration ([`config`]), the fleet's PKI ([`pki`],
 //! the only home of `rcgen`), the broker's configuration and ACL ([`broker`]), its store
 //! ([`store`]: the [`HubStore`] trait and `<data_dir>/hub.db`), enrollment ([`enroll`],
-//! recorded in the hub's own audit chain, `<data_dir>/audit.db`), and serving: what a
-//! device's message does to the store ([`ingest`]) and the loop around the broker link
-//! ([`serve`]).
+//! recorded in the hub's own audit chain, `<data_dir>/audit.db`), serving: what a device's
+//! message does to the store ([`ingest`]) and the loop around the broker link ([`serve`]),
+//! and the auditors' reads of each device's chain as the hub holds it ([`audit`]: query,
+//! export, verify against the enrolled key).
 //!
 //! Files of the hub's data directory: `hub.db` (owned by [`store`]), `audit.db` (owned by the
 //! policy crate's audit log) and `hub-audit.key` (the key that signs the hub's checkpoints).
 //! Invariants: the hub acts only after its intent is durably in `audit.db` (no record, no
 //! action); it acks only what is committed to `hub.db`, and stores nothing a check refused.
 
+pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod enroll;
@@ -62,6 +64,12 @@ pub enum HubError {
     AlreadyEnrolled(String),
     #[error("ingest for device {device}: {message}")]
     Ingest { device: String, message: String },
+    #[error("device {0} is not enrolled on this hub")]
+    NotEnrolled(String),
+    #[error("device {device}'s enrolled audit key {key:?} is not an Ed25519 public key")]
+    EnrolledKey { device: String, key: String },
+    #[error("the hub's copy of device {device}'s audit chain: {message}")]
+    Chain { device: String, message: String },
     #[error(transparent)]
     Protocol(#[from] crate::protocol::ProtocolError),
     #[error(transparent)]

@@ -30,11 +30,16 @@
 //! ever inserted), each record's `hash` is what its contents give and links to the previous
 //! one, every stored checkpoint verified against the enrolled key and its record; inserts
 //! are `ON CONFLICT (device_id, seq) DO NOTHING`, so a redelivered batch changes nothing.
+//!
+//! Reading: the auditors' commands open the file with [`SqliteStore::open_read_only`], which
+//! creates, migrates and writes nothing (an auditor changes nothing). The audit reads stream
+//! a device's records row by row (a device may have millions), with the device log's filters
+//! as bound parameters, in SQL PostgreSQL also runs.
 
 use std::path::{Path, PathBuf};
 
-use outpost_policy::audit::{Checkpoint, GENESIS, Record};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use outpost_policy::audit::{Checkpoint, GENESIS, Query, Record};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{HubError, Result};
@@ -127,6 +132,46 @@ pub trait HubStore {
     /// Starts ingest's write transaction, holding the write lock from its first statement;
     /// dropped without [`IngestTx::commit`], it changes nothing.
     fn begin_ingest(&mut self) -> Result<Box<dyn IngestTx + '_>>;
+
+    // Audit reads (the auditors' commands): what ingest stored, never changed.
+
+    /// Streams `device`'s stored records that `q` selects (the device log's filters: time
+    /// range, actor, action, outcome, `after_seq`, `limit`, `newest`), in seq order, one
+    /// borrowed row at a time.
+    fn for_each_audit_record(
+        &self,
+        device: &DeviceId,
+        q: &Query,
+        f: &mut dyn FnMut(&StoredRecord<'_>) -> Result<()>,
+    ) -> Result<()>;
+    /// `device`'s stored checkpoints, by seq.
+    fn audit_checkpoints(&self, device: &DeviceId) -> Result<Vec<Checkpoint>>;
+    /// How many alerts were recorded for `device`, and the newest `newest` of them (oldest
+    /// first).
+    fn audit_alerts(&self, device: &DeviceId, newest: u64) -> Result<(u64, Vec<AuditAlert>)>;
+}
+
+/// One stored record of a device's chain, borrowed from the store while streaming:
+/// `record_json` is the record as the device sent it, the other columns index it.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredRecord<'a> {
+    pub seq: i64,
+    pub record_json: &'a str,
+    pub hash: &'a str,
+    pub ts: Option<&'a str>,
+    pub actor: Option<&'a str>,
+    pub action: Option<&'a str>,
+    pub outcome: Option<&'a str>,
+}
+
+/// A break, fork, truncation or forged checkpoint that ingest saw from a device (and
+/// refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditAlert {
+    pub at: String,
+    pub kind: String,
+    pub seq: Option<u64>,
+    pub detail: String,
 }
 
 /// `<data_dir>/hub.db`.
@@ -170,6 +215,39 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", i as i64 + 1)
                 .map_err(&err)?;
             tx.commit().map_err(&err)?;
+        }
+        Ok(Self { path, conn })
+    }
+
+    /// Opens an existing `<data_dir>/hub.db` for reading only: nothing is created, migrated
+    /// or written. A file of another schema version is refused (an older one is migrated by
+    /// the next command that writes, e.g. `devices enroll` or `serve`).
+    pub fn open_read_only(data_dir: &Path) -> Result<Self> {
+        let path = data_dir.join(Self::FILE);
+        let err = store_err(&path);
+        if !path.exists() {
+            return Err(HubError::Store {
+                path,
+                message: "no hub store here (no device has been enrolled)".into(),
+            });
+        }
+        // On a read-only disk SQLite cannot create the WAL index; `immutable` tells it no one
+        // can write there, which is then true (as the registry does).
+        let (conn, found) = open_read_only_db(&path, false)
+            .or_else(|_| open_read_only_db(&path, true))
+            .map_err(&err)?;
+        let known = MIGRATIONS.len() as i64;
+        if found > known {
+            return Err(HubError::Schema { path, found, known });
+        }
+        if found < known {
+            return Err(HubError::Store {
+                path,
+                message: format!(
+                    "schema version {found} is older than this hub's ({known}); a command that \
+                     writes (devices enroll, serve) migrates it; nothing was changed"
+                ),
+            });
         }
         Ok(Self { path, conn })
     }
@@ -254,6 +332,32 @@ impl SqliteStore {
     }
 }
 
+/// A read-only connection to `path` and its schema version (read, so a failure to open shows
+/// here: SQLite opens lazily).
+fn open_read_only_db(path: &Path, immutable: bool) -> rusqlite::Result<(Connection, i64)> {
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    if immutable {
+        uri.push_str("?immutable=1");
+    }
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    Ok((conn, version))
+}
+
 fn store_err(path: &Path) -> impl Fn(rusqlite::Error) -> HubError + use<> {
     let path = path.to_path_buf();
     move |e| HubError::Store {
@@ -310,6 +414,109 @@ impl HubStore for SqliteStore {
             tx,
             path: &self.path,
         }))
+    }
+
+    fn for_each_audit_record(
+        &self,
+        device: &DeviceId,
+        q: &Query,
+        f: &mut dyn FnMut(&StoredRecord<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let err = store_err(&self.path);
+        let (sql, args) = audit_records_sql(device, q);
+        let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(&err)?;
+        while let Some(row) = rows.next().map_err(&err)? {
+            let text = |i: usize| -> Result<&str> {
+                row.get_ref(i)
+                    .and_then(|v| v.as_str().map_err(Into::into))
+                    .map_err(&err)
+            };
+            let opt_text = |i: usize| -> Result<Option<&str>> {
+                row.get_ref(i)
+                    .and_then(|v| v.as_str_or_null().map_err(Into::into))
+                    .map_err(&err)
+            };
+            let stored = StoredRecord {
+                seq: row.get(0).map_err(&err)?,
+                record_json: text(1)?,
+                hash: text(2)?,
+                ts: opt_text(3)?,
+                actor: opt_text(4)?,
+                action: opt_text(5)?,
+                outcome: opt_text(6)?,
+            };
+            f(&stored)?;
+        }
+        Ok(())
+    }
+
+    fn audit_checkpoints(&self, device: &DeviceId) -> Result<Vec<Checkpoint>> {
+        let err = store_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT seq, checkpoint_json FROM audit_checkpoints WHERE device_id = ?1 \
+                 ORDER BY seq",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([device.as_str()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(&err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, json) = row.map_err(&err)?;
+            let bad = |why: String| HubError::Store {
+                path: self.path.clone(),
+                message: format!("checkpoint {seq} of device {device} {why}"),
+            };
+            let cp: Checkpoint = serde_json::from_str(&json)
+                .map_err(|e| bad(format!("is not a checkpoint: {e}")))?;
+            if i64::try_from(cp.seq).ok() != Some(seq) {
+                return Err(bad(format!("says it is checkpoint {}", cp.seq)));
+            }
+            out.push(cp);
+        }
+        Ok(out)
+    }
+
+    fn audit_alerts(&self, device: &DeviceId, newest: u64) -> Result<(u64, Vec<AuditAlert>)> {
+        let err = store_err(&self.path);
+        let count: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM audit_alerts WHERE device_id = ?1",
+                [device.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(&err)?;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT at, kind, seq, detail FROM audit_alerts WHERE device_id = ?1 \
+                 ORDER BY at DESC, seq DESC LIMIT ?2",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map(
+                params![device.as_str(), i64::try_from(newest).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(AuditAlert {
+                        at: r.get(0)?,
+                        kind: r.get(1)?,
+                        seq: r
+                            .get::<_, Option<i64>>(2)?
+                            .and_then(|s| u64::try_from(s).ok()),
+                        detail: r.get(3)?,
+                    })
+                },
+            )
+            .map_err(&err)?;
+        let mut alerts = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(&err)?;
+        alerts.reverse();
+        Ok((u64::try_from(count).unwrap_or(0), alerts))
     }
 }
 
@@ -594,4 +801,52 @@ impl IngestTx for SqliteIngest<'_> {
     fn commit(self: Box<Self>) -> Result<()> {
         self.tx.commit().map_err(store_err(self.path))
     }
+}
+
+/// The statement and its parameters for [`HubStore::for_each_audit_record`]: every value
+/// bound, never spliced; no SQLite-only syntax (`newest` is a subquery, not `LIMIT -1`).
+fn audit_records_sql(device: &DeviceId, q: &Query) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let int = |v: u64| Value::Integer(i64::try_from(v).unwrap_or(i64::MAX));
+    let mut args: Vec<Value> = vec![Value::Text(device.to_string())];
+    let mut clauses = vec!["device_id = ?1".to_string()];
+    let mut add = |clause: &str, v: Value| {
+        args.push(v);
+        clauses.push(format!("{clause} ?{}", args.len()));
+    };
+    if let Some(s) = &q.since {
+        add("ts >=", Value::Text(s.clone()));
+    }
+    if let Some(u) = &q.until {
+        add("ts <", Value::Text(u.clone()));
+    }
+    if let Some(a) = &q.actor {
+        add("actor =", Value::Text(a.clone()));
+    }
+    if let Some(a) = &q.action {
+        add("action =", Value::Text(a.clone()));
+    }
+    if let Some(o) = q.outcome {
+        add("outcome =", Value::Text(o.as_str().to_string()));
+    }
+    if let Some(s) = q.after_seq {
+        add("seq >", int(s));
+    }
+    let select = format!(
+        "SELECT seq, record_json, hash, ts, actor, action, outcome FROM audit_records WHERE {}",
+        clauses.join(" AND ")
+    );
+    let sql = match q.limit {
+        None => format!("{select} ORDER BY seq"),
+        Some(l) => {
+            args.push(int(l));
+            let n = args.len();
+            if q.newest {
+                format!("SELECT * FROM ({select} ORDER BY seq DESC LIMIT ?{n}) newest ORDER BY seq")
+            } else {
+                format!("{select} ORDER BY seq LIMIT ?{n}")
+            }
+        }
+    };
+    (sql, args)
 }

@@ -213,3 +213,130 @@ fn the_broker_takes_no_packet_the_links_would_refuse() {
     assert_eq!(super::broker::MAX_PACKET_SIZE, link.max_packet_size);
     assert!(super::ingest::MAX_AUDIT_BATCH_BYTES <= link.max_packet_size);
 }
+
+/// Seqs of `edge-01`'s stored records that `q` selects, through the read-only store.
+fn audit_seqs(dir: &std::path::Path, q: outpost_policy::audit::Query) -> Vec<i64> {
+    let store = SqliteStore::open_read_only(dir).unwrap();
+    let mut seqs = Vec::new();
+    store
+        .for_each_audit_record(&DeviceId::new("edge-01").unwrap(), &q, &mut |r| {
+            seqs.push(r.seq);
+            Ok(())
+        })
+        .unwrap();
+    seqs
+}
+
+#[test]
+fn audit_reads_filter_page_and_never_write() {
+    use outpost_policy::audit::{Outcome, Query};
+    let dir = TempDir::new().unwrap();
+    // Read-only: nothing there is an error, and nothing is created.
+    let err = SqliteStore::open_read_only(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("no hub store here"), "{err}");
+    assert!(!dir.path().join(SqliteStore::FILE).exists());
+
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    store.enroll(&device("edge-01", &[])).unwrap();
+    store.enroll(&device("edge-02", &[])).unwrap();
+    drop(store);
+    let conn = rusqlite::Connection::open(dir.path().join(SqliteStore::FILE)).unwrap();
+    for (device, seq) in (1..=10).map(|s| ("edge-01", s)).chain([("edge-02", 3)]) {
+        let outcome = if seq % 2 == 0 { "denied" } else { "allowed" };
+        conn.execute(
+            "INSERT INTO audit_records VALUES (?1, ?2, '{}', 'h', 'now', ?3, ?4, 'x:y', ?5)",
+            rusqlite::params![
+                device,
+                seq,
+                format!("2026-01-01T00:00:{seq:02}.000Z"),
+                if seq <= 5 { "alice" } else { "bob" },
+                outcome
+            ],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let q = Query::default;
+    assert_eq!(audit_seqs(dir.path(), q()), (1..=10).collect::<Vec<_>>());
+    for (query, want) in [
+        (
+            Query {
+                limit: Some(3),
+                ..q()
+            },
+            vec![1, 2, 3],
+        ),
+        (
+            Query {
+                limit: Some(3),
+                newest: true,
+                ..q()
+            },
+            vec![8, 9, 10],
+        ),
+        (
+            Query {
+                newest: true,
+                ..q()
+            },
+            (1..=10).collect(),
+        ),
+        (
+            Query {
+                after_seq: Some(7),
+                ..q()
+            },
+            vec![8, 9, 10],
+        ),
+        (
+            Query {
+                after_seq: Some(2),
+                limit: Some(2),
+                ..q()
+            },
+            vec![3, 4],
+        ),
+        (
+            Query {
+                since: Some("2026-01-01T00:00:04.000Z".into()),
+                until: Some("2026-01-01T00:00:07.000Z".into()),
+                ..q()
+            },
+            vec![4, 5, 6],
+        ),
+        (
+            Query {
+                actor: Some("bob".into()),
+                outcome: Some(Outcome::Denied),
+                ..q()
+            },
+            vec![6, 8, 10],
+        ),
+        (
+            Query {
+                action: Some("x:y' OR '1'='1".into()),
+                ..q()
+            },
+            vec![],
+        ),
+    ] {
+        assert_eq!(audit_seqs(dir.path(), query.clone()), want, "{query:?}");
+    }
+
+    // The read-only store refuses to write, and refuses a schema it does not know exactly.
+    let mut ro = SqliteStore::open_read_only(dir.path()).unwrap();
+    let err = ro.enroll(&device("edge-03", &[])).unwrap_err();
+    assert!(err.to_string().contains("readonly"), "{err}");
+    drop(ro);
+    for (version, says) in [
+        (1, "older than this hub's"),
+        (99, "newer than this hub knows"),
+    ] {
+        let conn = rusqlite::Connection::open(dir.path().join(SqliteStore::FILE)).unwrap();
+        conn.pragma_update(None, "user_version", version).unwrap();
+        drop(conn);
+        let err = SqliteStore::open_read_only(dir.path()).unwrap_err();
+        assert!(err.to_string().contains(says), "{version}: {err}");
+    }
+}

@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod durability;
 mod faults;
+mod fleet;
 mod golden;
 mod inference;
 mod models;

@@ -1,0 +1,486 @@
+//! Sync end to end, as a fleet runs it: `outpost-hub pki init`, `devices enroll` with the
+//! device's real audit key, a real Mosquitto started from `outpost-hub broker-config` (TLS,
+//! per-device ACL), `outpost-hub serve`, and `outpost daemon` with `[sync]`. Records are
+//! written while brokers, agents and hubs are killed; at the end the hub holds every record
+//! of the device exactly once, in order, with the same hashes, and its chain verifies.
+//! Without Mosquitto these tests skip with a printed reason, except under `CI=true`.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags};
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::daemon::Agent;
+use crate::support::{Run, skip, workspace_bin};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+const DEVICE: &str = "edge-1";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) on drop.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {}", self.child.id());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The cloud side: PKI, a hub data directory, a broker and hub processes.
+struct Fleet {
+    dir: TempDir,
+    port: u16,
+    broker: Option<Proc>,
+    hub: Option<Proc>,
+}
+
+impl Fleet {
+    fn new() -> Option<Fleet> {
+        if !Path::new(MOSQUITTO).exists() {
+            return skip(&format!("{MOSQUITTO} is not installed"));
+        }
+        let f = Fleet {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            broker: None,
+            hub: None,
+        };
+        // Before the config exists: loading it checks the files it names.
+        f.hub_run(false, &["pki", "init", "--out", f.pki().to_str().unwrap()])
+            .ok();
+        let conf = format!(
+            "[hub]\ndata_dir = \"{}\"\nbroker = \"mqtts://127.0.0.1:{}\"\nca = \"{}\"\n\
+             cert = \"{}\"\nkey = \"{}\"\n",
+            f.hub_data().display(),
+            f.port,
+            f.pki().join("ca.pem").display(),
+            f.pki().join("hub.pem").display(),
+            f.pki().join("hub.key").display(),
+        );
+        std::fs::write(f.hub_config(), conf).unwrap();
+        Some(f)
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+    fn hub_data(&self) -> PathBuf {
+        self.dir.path().join("hub-data")
+    }
+    fn hub_config(&self) -> PathBuf {
+        self.dir.path().join("hub.toml")
+    }
+
+    fn hub_cli(&self, args: &[&str]) -> Run {
+        self.hub_run(true, args)
+    }
+
+    fn hub_run(&self, with_config: bool, args: &[&str]) -> Run {
+        let mut cmd = Command::new(workspace_bin("outpost-hub"));
+        if with_config {
+            cmd.arg("--config").arg(self.hub_config());
+        }
+        let out = cmd.args(args).output().unwrap();
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Enrolls the agent's device with its real audit key and gives its config a `[sync]`.
+    fn enroll(&self, agent: &Agent, extra_sync: &str) {
+        let key = self.dir.path().join(format!("{DEVICE}.audit.pem"));
+        std::fs::write(&key, agent.d.run(&["keys", "device"]).ok()).unwrap();
+        let out = self.dir.path().join("devices");
+        self.hub_cli(&[
+            "devices",
+            "enroll",
+            "--id",
+            DEVICE,
+            "--group",
+            "lab",
+            "--audit-key",
+            key.to_str().unwrap(),
+            "--pki",
+            self.pki().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .ok();
+        let mut config = OpenOptions::new()
+            .append(true)
+            .open(&agent.d.config)
+            .unwrap();
+        write!(
+            config,
+            "\n[sync]\nbroker = \"mqtts://127.0.0.1:{}\"\nca = \"{}\"\ncert = \"{}\"\n\
+             key = \"{}\"\n{extra_sync}\n",
+            self.port,
+            out.join("ca.pem").display(),
+            out.join(format!("{DEVICE}.pem")).display(),
+            out.join(format!("{DEVICE}.key")).display(),
+        )
+        .unwrap();
+    }
+
+    fn start_broker(&mut self) {
+        let conf_dir = self.dir.path().join("broker");
+        if !conf_dir.join("mosquitto.conf").exists() {
+            self.hub_cli(&[
+                "broker-config",
+                "--pki",
+                self.pki().to_str().unwrap(),
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--out",
+                conf_dir.to_str().unwrap(),
+            ])
+            .ok();
+        }
+        let log = self.dir.path().join("mosquitto.log");
+        let broker = Proc::spawn(
+            Command::new(MOSQUITTO)
+                .arg("-c")
+                .arg(conf_dir.join("mosquitto.conf")),
+            &log,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen: {}",
+                broker.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        self.broker = Some(broker);
+    }
+
+    fn kill_broker(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.signal("KILL");
+        }
+    }
+
+    fn start_hub(&mut self) {
+        let log = self.dir.path().join("hub.log");
+        let hub = Proc::spawn(
+            Command::new(workspace_bin("outpost-hub"))
+                .arg("--config")
+                .arg(self.hub_config())
+                .arg("serve"),
+            &log,
+        );
+        self.hub = Some(hub);
+    }
+
+    fn kill_hub(&mut self) {
+        if let Some(h) = self.hub.take() {
+            h.signal("KILL");
+        }
+    }
+
+    /// The hub's copy of the device's chain: (seq, hash) in seq order.
+    fn hub_records(&self) -> Vec<(u64, String)> {
+        let path = self.hub_data().join("hub.db");
+        let Ok(c) = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+            return Vec::new();
+        };
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        let Ok(mut stmt) =
+            c.prepare("SELECT seq, hash FROM audit_records WHERE device_id = ?1 ORDER BY seq")
+        else {
+            return Vec::new();
+        };
+        stmt.query_map([DEVICE], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!(
+            "--- hub.log (tail)\n{}\n--- mosquitto.log (tail)\n{}",
+            tail(&read("hub.log"), 40),
+            tail(&read("mosquitto.log"), 20)
+        )
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The device's chain: (seq, hash) in seq order, read from its audit.db.
+fn device_records(agent: &Agent) -> Vec<(u64, String)> {
+    let c = Connection::open_with_flags(
+        agent.d.data.join("audit.db"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut stmt = c
+        .prepare("SELECT seq, hash FROM records ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn sync_status(agent: &Agent) -> Value {
+    agent.d.run(&["sync", "status", "--json"]).json()
+}
+
+/// Waits until the hub holds every record the device has (the device's cursor says so too),
+/// then checks the hub's copy: every seq once, from 1, in order, with the device's hashes.
+fn assert_drained(fleet: &Fleet, agent: &Agent, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let device = device_records(agent);
+        let status = sync_status(agent);
+        let hub = fleet.hub_records();
+        let last = device.last().map_or(0, |r| r.0);
+        if status["last_acked_seq"] == last && hub.len() as u64 == last {
+            assert_eq!(status["pending_records"], 0, "{status}");
+            assert_eq!(
+                hub, device,
+                "the hub's copy differs from the device's chain"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained after {limit:?}: device at seq {last}, hub holds {} records, \
+             status {status}\n{}\n--- agent log (tail)\n{}",
+            hub.len(),
+            fleet.logs(),
+            tail(&agent.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Appends `count` records to the agent's audit log from another process (the audit log
+/// takes appends from several processes into one chain).
+fn append_records(agent: &Agent, count: u64) {
+    let out = Command::new(workspace_bin("audit-writer"))
+        .arg(&agent.d.data)
+        .arg(DEVICE)
+        .arg(count.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit-writer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An audit-writer appending until killed.
+fn writer(agent: &Agent) -> Proc {
+    let log = agent.d.root.path().join("writer.log");
+    Proc::spawn(
+        Command::new(workspace_bin("audit-writer"))
+            .arg(&agent.d.data)
+            .arg(DEVICE),
+        &log,
+    )
+}
+
+fn agent(fleet: &Fleet, extra_sync: &str) -> Agent {
+    let agent = Agent::new("");
+    fleet.enroll(&agent, extra_sync);
+    agent
+}
+
+#[test]
+fn records_reach_the_hub_once_in_order_and_the_status_and_metrics_say_so() {
+    let Some(mut fleet) = Fleet::new() else {
+        return;
+    };
+    fleet.start_broker();
+    fleet.start_hub();
+    let mut agent = agent(&fleet, "telemetry_interval_secs = 1");
+    agent.start();
+    append_records(&agent, 1234);
+    assert_drained(&fleet, &agent, Duration::from_secs(60));
+    let status = sync_status(&agent);
+    assert_eq!(status["connected"], true, "{status}");
+    assert_eq!(status["daemon_running"], true, "{status}");
+
+    let token = agent.token("ops", "operator", &[]);
+    let metrics = agent.request("GET", "/metrics", Some(&token), None);
+    let text = metrics.text();
+    for line in ["outpost_sync_connected 1", "outpost_sync_pending_records 0"] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    let acked = status["last_acked_seq"].as_u64().unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("outpost_sync_acked_seq {acked}")),
+        "{text}"
+    );
+
+    // The hub knows the device: online, its version, its lag.
+    let devices = fleet.hub_cli(&["devices", "list", "--json"]).json();
+    let d = &devices[0];
+    assert_eq!(d["id"], DEVICE, "{devices}");
+    assert_eq!(d["online"], true, "{devices}");
+    assert!(d["acked_seq"].as_u64().unwrap() >= acked, "{devices}");
+
+    // SIGTERM: the daemon flushes and stops cleanly; the broker then holds its offline
+    // status (the hub records it).
+    agent.signal("TERM");
+    assert_eq!(
+        agent.wait(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let devices = fleet.hub_cli(&["devices", "list", "--json"]).json();
+        if devices[0]["online"] == false {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still online: {devices}\n{}",
+            fleet.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_device_offline_with_a_large_backlog_drains_it_while_writing_more() {
+    let Some(mut fleet) = Fleet::new() else {
+        return;
+    };
+    let mut agent = agent(&fleet, "");
+    // 100,000 records written while no broker exists.
+    append_records(&agent, 100_000);
+    agent.start();
+    std::thread::sleep(Duration::from_secs(1));
+    let status = sync_status(&agent);
+    assert_eq!(status["connected"], false, "{status}");
+    assert!(
+        status["pending_records"].as_u64().unwrap() >= 100_000,
+        "{status}"
+    );
+    fleet.start_broker();
+    fleet.start_hub();
+    let w = writer(&agent);
+    std::thread::sleep(Duration::from_secs(3));
+    w.signal("KILL");
+    drop(w);
+    assert_drained(&fleet, &agent, Duration::from_secs(240));
+}
+
+#[test]
+fn broker_restarts_lose_nothing_while_records_are_written() {
+    let Some(mut fleet) = Fleet::new() else {
+        return;
+    };
+    fleet.start_broker();
+    fleet.start_hub();
+    let mut agent = agent(&fleet, "");
+    agent.start();
+    let w = writer(&agent);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(1500));
+        fleet.kill_broker();
+        std::thread::sleep(Duration::from_millis(700));
+        fleet.start_broker();
+    }
+    w.signal("KILL");
+    drop(w);
+    assert_drained(&fleet, &agent, Duration::from_secs(120));
+    let status = sync_status(&agent);
+    assert!(status["last_error"].is_string(), "{status}");
+}
+
+#[test]
+fn agents_and_hubs_killed_mid_sync_lose_and_duplicate_nothing() {
+    let Some(mut fleet) = Fleet::new() else {
+        return;
+    };
+    fleet.start_broker();
+    fleet.start_hub();
+    let mut agent = agent(&fleet, "batch_max_records = 50");
+    append_records(&agent, 20_000);
+    agent.start();
+    let w = writer(&agent);
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(700));
+        if round % 2 == 0 {
+            agent.signal("KILL");
+            let _ = agent.wait(Duration::from_secs(5));
+            agent.start();
+        } else {
+            fleet.kill_hub();
+            std::thread::sleep(Duration::from_millis(300));
+            fleet.start_hub();
+        }
+    }
+    w.signal("KILL");
+    drop(w);
+    assert_drained(&fleet, &agent, Duration::from_secs(180));
+}
