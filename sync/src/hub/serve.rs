@@ -296,6 +296,8 @@ struct Worker {
     metrics: Arc<Metrics>,
     parked: Vec<Parked>,
     parked_bytes: usize,
+    /// [`PARK_FOR`], shorter in tests.
+    park_for: Duration,
 }
 
 impl Worker {
@@ -306,6 +308,7 @@ impl Worker {
             metrics,
             parked: Vec::new(),
             parked_bytes: 0,
+            park_for: PARK_FOR,
         }
     }
 
@@ -470,7 +473,7 @@ impl Worker {
         let mut done_items = Vec::new();
         let mut done = Vec::new();
         for (p, h) in parked.into_iter().zip(handled) {
-            if matches!(h.outcome, Outcome::Ahead { .. }) && p.since.elapsed() < PARK_FOR {
+            if matches!(h.outcome, Outcome::Ahead { .. }) && p.since.elapsed() < self.park_for {
                 self.parked_bytes += p.item.bytes;
                 self.parked.push(p);
             } else {
@@ -598,7 +601,8 @@ impl Server {
         self.metrics.clone()
     }
 
-    /// Serves until `shutdown`, then stops as the module header says.
+    /// Serves until `shutdown`, then stops as the module header says; an error when it
+    /// stopped for another reason (the link or a thread gone), so the exit is a failure.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let Server {
             settings,
@@ -650,6 +654,8 @@ impl Server {
         let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut retry = tokio::time::interval(PARK_RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Why serving stopped other than by shutdown: the exit is then a failure.
+        let mut failure: Option<&'static str> = None;
         loop {
             tokio::select! {
                 biased;
@@ -672,7 +678,7 @@ impl Server {
                             _ = shutdown.cancelled() => break,
                             sent = messages.send(Message { topic, payload }) => {
                                 if sent.is_err() {
-                                    error!("The ingest thread has stopped; stopping.");
+                                    failure = Some("the ingest threads stopped");
                                     break;
                                 }
                             }
@@ -682,14 +688,17 @@ impl Server {
                     Some(LinkEvent::ConnectFailed { .. } | LinkEvent::Disconnected { .. }) => {}
                     Some(LinkEvent::PubAck(_)) => {}
                     None => {
-                        error!("The broker link has stopped; stopping.");
+                        failure = Some("the broker link stopped");
                         break;
                     }
                 },
             }
         }
 
-        info!("Stopping.");
+        match failure {
+            Some(why) => error!(reason = why, "Stopping."),
+            None => info!("Stopping."),
+        }
         // A link waiting to hand over an event sees the receiver gone and goes on.
         drop(events);
         // The threads finish what they were given (the acks queued), and return.
@@ -702,7 +711,10 @@ impl Server {
         });
         match tokio::time::timeout(INGEST_GRACE, joined).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(_) => error!("An ingest thread failed."),
+            Ok(_) => {
+                error!("An ingest thread failed.");
+                failure = failure.or(Some("an ingest thread failed"));
+            }
             Err(_) => warn!(
                 grace_secs = INGEST_GRACE.as_secs(),
                 "The ingest threads did not finish in time; what they had not committed is not acked."
@@ -711,6 +723,12 @@ impl Server {
         link_stop.cancel();
         let _ = link_task.await;
         metrics.log("Stopped.");
-        Ok(())
+        match failure {
+            Some(why) => Err(super::HubError::Serve(why.into())),
+            None => Ok(()),
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;
