@@ -1,6 +1,6 @@
 //! `outpost-hub serve`: the hub's ingest loop. One broker link ([`crate::conn::Link`]) with
-//! the hub's shared subscriptions (`$share/hub/…`, so hubs side by side split the load), one
-//! ingest thread that owns `hub.db`, and the acks.
+//! the hub's shared subscriptions (`$share/hub/…`, so hubs side by side split the load), a
+//! prepare thread, an ingest thread that owns `hub.db`, and the acks.
 //!
 //! Flow: the link's messages go, in the order they arrived, through bounded queues to two
 //! threads (their work is blocking or CPU-bound and never runs on the async runtime): the
@@ -8,8 +8,8 @@
 //! ([`ingest::prepare`]: decoding, the hash chain inside a batch); the ingest thread
 //! ([`INGEST_THREAD`]), which owns `hub.db`, takes what is queued (up to [`MAX_GROUP`]
 //! messages), applies them in ONE write transaction ([`ingest::apply`]) and commits: one
-//! fsync for the group. The two overlap, so hashing and storing use two cores. Only after the commit does it
-//! publish the acks (`AuditAck` with the device's stored head; one per device per group),
+//! fsync for the group. The two overlap, so hashing and storing use two cores. Only after
+//! the commit does the ingest thread publish the acks (`AuditAck` with the device's stored head; one per device per group),
 //! through [`LinkHandle::try_publish`], which never waits: an ack refused (link down, queue
 //! full) is logged at debug and counted, and the device's resend gets a duplicate's ack.
 //!
