@@ -62,6 +62,8 @@ pub enum HubError {
     },
     #[error("device {0} is already enrolled")]
     AlreadyEnrolled(String),
+    #[error("serving stopped: {0}")]
+    Serve(String),
     #[error("ingest for device {device}: {message}")]
     Ingest { device: String, message: String },
     #[error("device {0} is not enrolled on this hub")]

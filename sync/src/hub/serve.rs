@@ -1,13 +1,15 @@
 //! `outpost-hub serve`: the hub's ingest loop. One broker link ([`crate::conn::Link`]) with
-//! the hub's shared subscriptions (`$share/hub/…`, so hubs side by side split the load), one
-//! ingest thread that owns `hub.db`, and the acks.
+//! the hub's shared subscriptions (`$share/hub/…`, so hubs side by side split the load), a
+//! prepare thread, an ingest thread that owns `hub.db`, and the acks.
 //!
-//! Flow: the link's messages go, in the order they arrived, through a bounded queue to the
-//! ingest thread ([`INGEST_THREAD`]; SQLite is blocking and never runs on the async
-//! runtime). The thread takes what is queued (up to [`MAX_GROUP`] messages), reads and checks
-//! each without the store ([`ingest::prepare`]), then applies them in ONE write transaction
-//! ([`ingest::apply`]) and commits: one fsync for the group. Only after the commit does it
-//! publish the acks (`AuditAck` with the device's stored head; one per device per group),
+//! Flow: the link's messages go, in the order they arrived, through bounded queues to two
+//! threads (their work is blocking or CPU-bound and never runs on the async runtime): the
+//! prepare thread ([`PREPARE_THREAD`]) reads and checks each one without the store
+//! ([`ingest::prepare`]: decoding, the hash chain inside a batch); the ingest thread
+//! ([`INGEST_THREAD`]), which owns `hub.db`, takes what is queued (up to [`MAX_GROUP`]
+//! messages), applies them in ONE write transaction ([`ingest::apply`]) and commits: one
+//! fsync for the group. The two overlap, so hashing and storing use two cores. Only after
+//! the commit does the ingest thread publish the acks (`AuditAck` with the device's stored head; one per device per group),
 //! through [`LinkHandle::try_publish`], which never waits: an ack refused (link down, queue
 //! full) is logged at debug and counted, and the device's resend gets a duplicate's ack.
 //!
@@ -31,9 +33,9 @@
 //!   processes with one client id would take each other's connection over and over.
 //! - Its last will is the retained `offline` status on `hubs/outpost-hub/status`; `online`
 //!   is published, retained, after every connect.
-//! - Shutdown: stop reading the link; the ingest thread finishes what it was given (and
-//!   queues its acks) within [`INGEST_GRACE`]; then the link stops gracefully (its queued
-//!   publishes acked, the offline status, DISCONNECT).
+//! - Shutdown: stop reading the link; the two threads finish what they were given (the
+//!   acks queued) within [`INGEST_GRACE`]; parked batches are dropped unacked; then the link
+//!   stops gracefully (its queued publishes acked, the offline status, DISCONNECT).
 //! - Counters ([`Metrics`]) are logged every `summary_every` and at shutdown; alerts are
 //!   also rows of `audit_alerts`.
 
@@ -56,11 +58,11 @@ use crate::protocol::{
     self, AuditAck, DeviceId, DeviceTopic, LinkState, Status, V1, device_topic, hub_status_topic,
 };
 
-/// Messages waiting for the ingest thread; when full, the link waits (back-pressure).
+/// Messages waiting for each of the two threads; when full, the link waits (back-pressure).
 pub const WORK_QUEUE: usize = 1024;
 /// Most messages applied in one transaction.
 pub const MAX_GROUP: usize = 128;
-/// How long shutdown waits for the ingest thread to finish what it was given.
+/// How long shutdown waits for the threads to finish what they were given.
 pub const INGEST_GRACE: Duration = Duration::from_secs(5);
 /// How long an `ahead` batch waits for the head to reach it (another hub storing the
 /// batch before it, or a redelivery) before it is acked with the head as it is.
@@ -71,6 +73,8 @@ pub const PARK_MAX_BYTES: usize = 16 << 20;
 pub const PARK_RETRY: Duration = Duration::from_millis(25);
 /// The ingest thread's name.
 pub const INGEST_THREAD: &str = "hub-ingest";
+/// The prepare thread's name.
+pub const PREPARE_THREAD: &str = "hub-prepare";
 /// Largest ack or status the hub publishes.
 const MAX_OWN_MESSAGE: usize = 1024;
 
@@ -244,13 +248,34 @@ impl Metrics {
 // ---------------------------------------------------------------------------------------------
 // The ingest thread
 
-/// What the ingest thread is given.
+/// A message from the link, for the prepare thread.
 #[derive(Debug)]
+struct Message {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// What the ingest thread is given.
 enum Work {
-    /// A message from the link.
-    Message { topic: String, payload: Vec<u8> },
+    /// A message, read and checked by the prepare thread.
+    Item(Item),
     /// Time to try the parked batches again.
     Tick,
+}
+
+/// The prepare thread: reads and checks each message (decoding, the hash chain inside a
+/// batch) without the store, in order, and hands it to the ingest thread.
+fn prepare_loop(mut messages: mpsc::Receiver<Message>, work: mpsc::Sender<Work>) {
+    while let Some(m) = messages.blocking_recv() {
+        let item = Item {
+            prepared: ingest::prepare(&m.topic, &m.payload),
+            bytes: m.payload.len(),
+        };
+        if work.blocking_send(Work::Item(item)).is_err() {
+            break;
+        }
+    }
+    debug!("Prepare thread done.");
 }
 
 /// A message read and checked, with its size (what parking it costs).
@@ -271,6 +296,8 @@ struct Worker {
     metrics: Arc<Metrics>,
     parked: Vec<Parked>,
     parked_bytes: usize,
+    /// [`PARK_FOR`], shorter in tests.
+    park_for: Duration,
 }
 
 impl Worker {
@@ -281,6 +308,7 @@ impl Worker {
             metrics,
             parked: Vec::new(),
             parked_bytes: 0,
+            park_for: PARK_FOR,
         }
     }
 
@@ -291,10 +319,7 @@ impl Worker {
             let mut next = Some(first);
             while let Some(work) = next {
                 match work {
-                    Work::Message { topic, payload } => group.push(Item {
-                        prepared: ingest::prepare(&topic, &payload),
-                        bytes: payload.len(),
-                    }),
+                    Work::Item(item) => group.push(item),
                     Work::Tick => tick = true,
                 }
                 next = if group.len() < MAX_GROUP {
@@ -448,7 +473,7 @@ impl Worker {
         let mut done_items = Vec::new();
         let mut done = Vec::new();
         for (p, h) in parked.into_iter().zip(handled) {
-            if matches!(h.outcome, Outcome::Ahead { .. }) && p.since.elapsed() < PARK_FOR {
+            if matches!(h.outcome, Outcome::Ahead { .. }) && p.since.elapsed() < self.park_for {
                 self.parked_bytes += p.item.bytes;
                 self.parked.push(p);
             } else {
@@ -576,7 +601,8 @@ impl Server {
         self.metrics.clone()
     }
 
-    /// Serves until `shutdown`, then stops as the module header says.
+    /// Serves until `shutdown`, then stops as the module header says; an error when it
+    /// stopped for another reason (the link or a thread gone), so the exit is a failure.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let Server {
             settings,
@@ -604,21 +630,32 @@ impl Server {
             "Starting."
         );
 
-        let (queue, queue_rx) = mpsc::channel::<Work>(WORK_QUEUE);
+        let (messages, messages_rx) = mpsc::channel::<Message>(WORK_QUEUE);
+        let (work, work_rx) = mpsc::channel::<Work>(WORK_QUEUE);
         let worker = Worker::new(store, link.clone(), metrics.clone());
-        let thread = std::thread::Builder::new()
-            .name(INGEST_THREAD.into())
-            .spawn(move || worker.run(queue_rx))
-            .map_err(|e| super::HubError::Io {
-                what: "starting the ingest thread for",
-                path: settings.data_dir.clone(),
-                source: e,
-            })?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| super::HubError::Io {
+                    what: "starting a thread to serve",
+                    path: settings.data_dir.clone(),
+                    source: e,
+                })
+        };
+        let ingest_thread = spawn(INGEST_THREAD, Box::new(move || worker.run(work_rx)))?;
+        let prepare_work = work.clone();
+        let prepare_thread = spawn(
+            PREPARE_THREAD,
+            Box::new(move || prepare_loop(messages_rx, prepare_work)),
+        )?;
 
         let every = settings.summary_every;
         let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut retry = tokio::time::interval(PARK_RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Why serving stopped other than by shutdown: the exit is then a failure.
+        let mut failure: Option<&'static str> = None;
         loop {
             tokio::select! {
                 biased;
@@ -626,7 +663,7 @@ impl Server {
                 _ = summary.tick() => metrics.log("Ingest summary."),
                 // Skipped when the queue is full: the thread is busy and retries after
                 // each group that stored something anyway.
-                _ = retry.tick() => { let _ = queue.try_send(Work::Tick); }
+                _ = retry.tick() => { let _ = work.try_send(Work::Tick); }
                 event = events.recv() => match event {
                     Some(LinkEvent::Connected) => {
                         if let Err(e) = link.try_publish(&status_topic, online.clone(), true) {
@@ -639,9 +676,9 @@ impl Server {
                         tokio::select! {
                             biased;
                             _ = shutdown.cancelled() => break,
-                            sent = queue.send(Work::Message { topic, payload }) => {
+                            sent = messages.send(Message { topic, payload }) => {
                                 if sent.is_err() {
-                                    error!("The ingest thread has stopped; stopping.");
+                                    failure = Some("the ingest threads stopped");
                                     break;
                                 }
                             }
@@ -651,30 +688,47 @@ impl Server {
                     Some(LinkEvent::ConnectFailed { .. } | LinkEvent::Disconnected { .. }) => {}
                     Some(LinkEvent::PubAck(_)) => {}
                     None => {
-                        error!("The broker link has stopped; stopping.");
+                        failure = Some("the broker link stopped");
                         break;
                     }
                 },
             }
         }
 
-        info!("Stopping.");
+        match failure {
+            Some(why) => error!(reason = why, "Stopping."),
+            None => info!("Stopping."),
+        }
         // A link waiting to hand over an event sees the receiver gone and goes on.
         drop(events);
-        // The ingest thread applies what it was given, queues the acks, and returns.
-        drop(queue);
-        let joined = tokio::task::spawn_blocking(move || thread.join());
+        // The threads finish what they were given (the acks queued), and return.
+        drop(messages);
+        drop(work);
+        let joined = tokio::task::spawn_blocking(move || {
+            let prepared = prepare_thread.join();
+            let ingested = ingest_thread.join();
+            prepared.and(ingested)
+        });
         match tokio::time::timeout(INGEST_GRACE, joined).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(_) => error!("The ingest thread failed."),
+            Ok(_) => {
+                error!("An ingest thread failed.");
+                failure = failure.or(Some("an ingest thread failed"));
+            }
             Err(_) => warn!(
                 grace_secs = INGEST_GRACE.as_secs(),
-                "The ingest thread did not finish in time; what it had not committed is not acked."
+                "The ingest threads did not finish in time; what they had not committed is not acked."
             ),
         }
         link_stop.cancel();
         let _ = link_task.await;
         metrics.log("Stopped.");
-        Ok(())
+        match failure {
+            Some(why) => Err(super::HubError::Serve(why.into())),
+            None => Ok(()),
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;
