@@ -281,7 +281,6 @@ impl SyncLoop {
             stats: self.stats,
             reader: None,
             checkpoints: Vec::new(),
-            checkpoints_at: None,
             inflight: VecDeque::new(),
             last_progress: Instant::now(),
             telemetry: VecDeque::new(),
@@ -327,9 +326,8 @@ struct Uplink {
     /// The encoded online status.
     online: Vec<u8>,
     reader: Option<AuditReader>,
-    /// The log's checkpoints in seq order, and when they were read.
+    /// The log's checkpoints in seq order, as read so far.
     checkpoints: Vec<Checkpoint>,
-    checkpoints_at: Option<Instant>,
     /// The outbox's cursor, mirrored.
     cursor: u64,
     inflight: VecDeque<InFlight>,
@@ -560,13 +558,13 @@ impl Uplink {
         self.reader.as_ref()
     }
 
-    /// Re-reads the log's checkpoints (at most once per poll interval: batches built in
-    /// between carry an older checkpoint, which is as valid).
+    /// Reads the checkpoints signed since the last look (one indexed query; the list is
+    /// short: one per `checkpoint_every` records).
     fn refresh_checkpoints(&mut self) {
-        self.checkpoints_at = Some(Instant::now());
+        let after = self.checkpoints.last().map_or(0, |c| c.seq);
         let Some(reader) = self.reader() else { return };
-        match reader.checkpoints() {
-            Ok(c) => self.checkpoints = c,
+        match reader.checkpoints_after(after) {
+            Ok(new) => self.checkpoints.extend(new),
             Err(e) => warn!(error = %e, "The audit log's checkpoints cannot be read."),
         }
     }
@@ -641,12 +639,7 @@ impl Uplink {
     fn next_batch(&mut self, from: u64) -> Result<Option<EncodedBatch>, String> {
         let limits = self.settings.batch;
         let device = self.topics.device_id().clone();
-        if self
-            .checkpoints_at
-            .is_none_or(|t| t.elapsed() >= self.settings.poll_interval)
-        {
-            self.refresh_checkpoints();
-        }
+        self.refresh_checkpoints();
         let Some(reader) = self.reader.as_ref() else {
             return Ok(None);
         };

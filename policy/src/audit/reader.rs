@@ -161,16 +161,23 @@ impl AuditReader {
     }
 
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
+        self.checkpoints_after(0)
+    }
+
+    /// The checkpoints over seqs above `seq`, by seq (a reader following the log reads only
+    /// what is new).
+    pub fn checkpoints_after(&self, seq: u64) -> Result<Vec<Checkpoint>, AuditError> {
         let err = store_err(&self.path);
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare_cached(
                 "SELECT device_id, seq, hash, ts, public_key, signature FROM checkpoints
-                 ORDER BY seq",
+                 WHERE seq > ?1 ORDER BY seq",
             )
             .map_err(&err)?;
+        let after = i64::try_from(seq).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map([], |r| {
+            .query_map([after], |r| {
                 Ok(Checkpoint {
                     device_id: r.get(0)?,
                     seq: r.get::<_, i64>(1)? as u64,

@@ -303,6 +303,19 @@ fn assert_drained(fleet: &Fleet, agent: &Agent, limit: Duration) {
                 hub, device,
                 "the hub's copy differs from the device's chain"
             );
+            // The hub's copy verifies on its own, against the key the device enrolled with.
+            let verify = fleet.hub_cli(&["audit", "verify", "--device", DEVICE, "--json"]);
+            let report = verify.json();
+            assert_eq!(report["ok"], true, "{report}");
+            assert_eq!(report["records"], last, "{report}");
+            // The writer signs a checkpoint every 100 records: they reached the hub too.
+            assert!(
+                report["signed_through"]
+                    .as_u64()
+                    .is_some_and(|s| s + 100 > last),
+                "{report}"
+            );
+            eprintln!("drained {} records; the hub's copy verifies", hub.len());
             return;
         }
         assert!(
