@@ -121,7 +121,14 @@ pub trait DeviceSource: Send + Sync + 'static {
     fn reported(&self) -> Result<Reported, String>;
     /// A metrics snapshot for telemetry (the loop adds its own figures).
     fn telemetry(&self) -> serde_json::Map<String, serde_json::Value>;
+    /// A message from the cloud was refused (malformed, an unknown schema version, for
+    /// another device): the agent records it in the audit log. The loop calls this at most
+    /// once per [`REFUSAL_AUDIT_EVERY`], with how many refusals it did not report since.
+    fn refused(&self, topic: &str, reason: &str, unreported: u64);
 }
+
+/// How often, at most, a refused message is audited (a flood must not flood the log).
+pub const REFUSAL_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
 /// What the loop has done, for `/metrics`; updated as it goes.
 #[derive(Debug, Default)]
@@ -223,7 +230,9 @@ impl SyncLoop {
             });
         match spawned {
             Ok(_) => {
-                let _ = finished.await;
+                if finished.await.is_err() {
+                    error!("The sync thread stopped unexpectedly; sync is off until a restart.");
+                }
             }
             Err(e) => error!(error = %e, "Sync is off: its thread could not be started."),
         }
@@ -275,7 +284,13 @@ impl SyncLoop {
             outbox,
             link,
             topics,
-            online,
+            online_status: online,
+            up: false,
+            best_ack: None,
+            timeouts: 0,
+            checkpoint_acked: 0,
+            refusals: 0,
+            refusal_audited: None,
             settings: self.settings,
             source: self.source,
             stats: self.stats,
@@ -305,6 +320,8 @@ impl SyncLoop {
 #[derive(Debug)]
 struct InFlight {
     last_seq: u64,
+    /// The seq of the checkpoint it carries.
+    checkpoint: Option<u64>,
 }
 
 /// A telemetry snapshot sent and not yet PubAcked.
@@ -324,7 +341,19 @@ struct Uplink {
     link: LinkHandle,
     topics: Topics,
     /// The encoded online status.
-    online: Vec<u8>,
+    online_status: Vec<u8>,
+    /// Connected, as this loop has seen it (set on `Connected`, cleared on `Disconnected`):
+    /// nothing is sent between the link's reconnect and the rewind that follows it.
+    up: bool,
+    /// The highest ack received since the last rewind (the hub's head as it last said).
+    best_ack: Option<u64>,
+    /// Ack timeouts in a row without progress.
+    timeouts: u32,
+    /// The newest checkpoint that went up in a batch the hub acknowledged.
+    checkpoint_acked: u64,
+    /// Refused messages since the last one audited, and when that was.
+    refusals: u64,
+    refusal_audited: Option<Instant>,
     reader: Option<AuditReader>,
     /// The log's checkpoints in seq order, as read so far.
     checkpoints: Vec<Checkpoint>,
@@ -375,7 +404,7 @@ impl Uplink {
     /// Waits, up to [`FLUSH_GRACE`], for the acks of what is in flight.
     async fn flush(&mut self, events: &mut mpsc::Receiver<LinkEvent>) {
         self.stopping = true;
-        if self.inflight.is_empty() || !self.link.is_connected() {
+        if self.inflight.is_empty() || !self.up {
             return;
         }
         info!(
@@ -383,7 +412,7 @@ impl Uplink {
             "Stopping: waiting for the hub's acks of the batches in flight."
         );
         let deadline = Instant::now() + FLUSH_GRACE;
-        while !self.inflight.is_empty() && self.link.is_connected() {
+        while !self.inflight.is_empty() && self.up {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!(batches = self.inflight.len(), last_acked_seq = self.cursor,
@@ -424,8 +453,9 @@ impl Uplink {
             LinkEvent::Connected => self.on_connected(),
             LinkEvent::ConnectFailed { reason, .. } => self.note_error(&reason),
             LinkEvent::Disconnected { reason, .. } => {
+                self.up = false;
                 self.stats.connected.store(false, Ordering::Relaxed);
-                self.inflight.clear();
+                self.rewind(None);
                 self.telemetry.clear();
                 if let Err(e) = self.outbox.set_connected(false) {
                     warn!(error = %e, "The outbox could not record the disconnect.");
@@ -450,15 +480,11 @@ impl Uplink {
             warn!(error = %e, "The outbox could not record the connection.");
         }
         // Whatever was in flight before is forgotten by the link: start from the cursor.
-        match self.outbox.rewind() {
-            Ok(c) => self.cursor = c,
-            Err(e) => warn!(error = %e, "The outbox could not be read."),
-        }
-        self.inflight.clear();
+        self.up = true;
+        self.rewind(None);
         self.telemetry.clear();
-        self.last_progress = Instant::now();
         let status = self.topics.status().to_string();
-        self.publish(&status, self.online.clone(), true);
+        self.publish(&status, self.online_status.clone(), true);
         self.publish_state(true);
         self.fill();
         self.send_telemetry();
@@ -469,32 +495,56 @@ impl Uplink {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "An audit ack was refused.");
+                self.refused(&e.to_string());
                 return;
             }
         };
         if &ack.device_id != self.topics.device_id() {
             warn!(names = %ack.device_id, "An audit ack for another device was refused.");
+            self.refused(&format!("an audit ack names device {}", ack.device_id));
             return;
         }
-        match self.outbox.ack(ack.acked_seq) {
+        let a = ack.acked_seq;
+        let applied = match self.outbox.ack(a) {
+            // The hub holds more than this process sent since its last rewind, so it holds
+            // everything sent: the cursor moves to that, never beyond (a hub cannot make the
+            // device skip records it was never sent).
+            Err(OutboxError::AckBeyondSent { sent, .. }) => {
+                debug!(
+                    acked = a,
+                    sent, "The hub holds more than was sent since the rewind."
+                );
+                self.outbox.ack(sent)
+            }
+            other => other,
+        };
+        match applied {
             Ok(Acked::Advanced { to, .. }) => {
                 self.cursor = to;
                 SyncStats::set(&self.stats.last_acked_seq, to);
-                self.last_progress = Instant::now();
-                while self.inflight.front().is_some_and(|b| b.last_seq <= to) {
-                    self.inflight.pop_front();
-                }
                 debug!(acked_seq = to, "Audit records acknowledged.");
-                if !self.stopping {
-                    self.fill();
-                }
             }
             Ok(Acked::Stale { .. }) => {}
-            // An ack of a batch sent before the last rewind: it comes again.
-            Err(OutboxError::AckBeyondSent { acked, sent, .. }) => {
-                debug!(acked, sent, "An ack above what was sent since the rewind.");
+            Err(e) => {
+                self.note_error(&format!("recording an audit ack: {e}"));
+                return;
             }
-            Err(e) => self.note_error(&format!("recording an audit ack: {e}")),
+        }
+        // The hub has every record up to `a`: those batches are done, even below the cursor
+        // (after a rewind to a hub that lost records).
+        while let Some(done) = self.inflight.front().filter(|b| b.last_seq <= a) {
+            if let Some(cp) = done.checkpoint {
+                self.checkpoint_acked = self.checkpoint_acked.max(cp);
+            }
+            self.inflight.pop_front();
+        }
+        if self.best_ack.is_none_or(|b| a > b) {
+            self.best_ack = Some(a);
+            self.last_progress = Instant::now();
+            self.timeouts = 0;
+        }
+        if !self.stopping {
+            self.fill();
         }
     }
 
@@ -526,25 +576,71 @@ impl Uplink {
             }
         }
         if !self.inflight.is_empty() && self.last_progress.elapsed() >= self.settings.ack_timeout {
-            info!(
-                from_seq = self.cursor + 1,
-                waited_secs = self.settings.ack_timeout.as_secs(),
-                "No audit ack came: sending again from the cursor."
-            );
-            SyncStats::add(&self.stats.resends, 1);
-            match self.outbox.rewind() {
-                Ok(c) => self.cursor = c,
-                Err(e) => warn!(error = %e, "The outbox could not be read."),
-            }
-            self.inflight.clear();
-            self.last_progress = Instant::now();
+            self.on_ack_timeout();
         }
         self.fill();
+        self.send_checkpoint();
         self.send_telemetry();
         if let Ok(s) = self.outbox.status() {
             SyncStats::set(&self.stats.telemetry_queued_bytes, s.telemetry_queued_bytes);
             SyncStats::set(&self.stats.telemetry_dropped, s.telemetry_dropped);
         }
+    }
+
+    /// Reports a refused ack to the agent's audit log, at most once per
+    /// [`REFUSAL_AUDIT_EVERY`].
+    fn refused(&mut self, reason: &str) {
+        self.refusals += 1;
+        if self
+            .refusal_audited
+            .is_some_and(|t| t.elapsed() < REFUSAL_AUDIT_EVERY)
+        {
+            return;
+        }
+        self.refusal_audited = Some(Instant::now());
+        let topic = self.topics.audit_ack().to_string();
+        self.source.refused(&topic, reason, self.refusals - 1);
+        self.refusals = 0;
+    }
+
+    /// No ack moved for `ack_timeout` with batches out: send again, from the cursor, or from
+    /// the hub's head when the hub said it holds less than it acknowledged before.
+    fn on_ack_timeout(&mut self) {
+        self.timeouts += 1;
+        SyncStats::add(&self.stats.resends, 1);
+        let cursor = self.cursor;
+        let behind = self.best_ack.filter(|&h| h < cursor);
+        if let Some(h) = behind {
+            self.note_error(&format!(
+                "the hub holds this device's records only up to seq {h}, below seq {cursor} it \
+                 acknowledged before (restored from an older copy?): sending from seq {} again",
+                h + 1
+            ));
+        } else if self.timeouts >= 3 {
+            self.note_error(&format!(
+                "no ack from the hub for the records after seq {cursor} ({} tries): the hub may \
+                 be refusing them; see its alerts (outpost-hub audit verify --device {})",
+                self.timeouts,
+                self.topics.device_id()
+            ));
+        }
+        info!(
+            from_seq = behind.unwrap_or(cursor) + 1,
+            waited_secs = self.settings.ack_timeout.as_secs(),
+            "No audit ack came: sending again."
+        );
+        self.rewind(behind);
+    }
+
+    /// Starts sending again after `to` (the cursor when `None`): nothing is in flight.
+    fn rewind(&mut self, to: Option<u64>) {
+        match self.outbox.rewind_to(to.unwrap_or(u64::MAX)) {
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "The outbox could not be read."),
+        }
+        self.inflight.clear();
+        self.best_ack = None;
+        self.last_progress = Instant::now();
     }
 
     /// The audit log, opened read-only once it exists.
@@ -567,6 +663,14 @@ impl Uplink {
             Ok(new) => self.checkpoints.extend(new),
             Err(e) => warn!(error = %e, "The audit log's checkpoints cannot be read."),
         }
+        // Batches start after "sent": older checkpoints than the newest at or below it are
+        // no longer needed (the list stays short however long the log).
+        let floor = self.outbox.sent_seq();
+        let keep = self
+            .checkpoints
+            .partition_point(|c| c.seq <= floor)
+            .saturating_sub(1);
+        self.checkpoints.drain(..keep);
     }
 
     fn audit_last_seq(&mut self) -> Option<u64> {
@@ -581,6 +685,7 @@ impl Uplink {
             Err(e) => {
                 warn!(error = %e, "The audit log cannot be read.");
                 self.reader = None;
+                self.checkpoints.clear();
                 None
             }
         }
@@ -591,46 +696,102 @@ impl Uplink {
         if self.stopping {
             return;
         }
-        while self.inflight.len() < self.settings.window && self.link.is_connected() {
+        while self.inflight.len() < self.settings.window && self.up {
             let from = self.outbox.sent_seq();
-            let batch = match self.next_batch(from) {
-                Ok(Some(b)) => b,
+            match self.next_batch(from) {
+                Ok(Some(batch)) => {
+                    let last = batch.last_seq;
+                    if !self.send_batch(batch) {
+                        return;
+                    }
+                    self.outbox.note_sent(last);
+                }
                 Ok(None) => return,
                 Err(e) => {
                     self.note_error(&e);
                     return;
                 }
-            };
-            let (first, last, count, len) = (
-                batch.first_seq,
-                batch.last_seq,
-                batch.records,
-                batch.payload.len(),
-            );
-            let topic = self.topics.audit().to_string();
-            match self.link.try_publish(&topic, batch.payload, false) {
-                Ok(_) => {
-                    if self.inflight.is_empty() {
-                        self.last_progress = Instant::now();
-                    }
-                    self.outbox.note_sent(last);
-                    self.inflight.push_back(InFlight { last_seq: last });
-                    SyncStats::add(&self.stats.batches_sent, 1);
-                    SyncStats::add(&self.stats.records_sent, count as u64);
-                    SyncStats::add(&self.stats.bytes_sent, len as u64);
-                    debug!(
-                        first_seq = first,
-                        last_seq = last,
-                        records = count,
-                        bytes = len,
-                        "Audit batch sent."
-                    );
+            }
+        }
+    }
+
+    /// Once every record is acknowledged, a checkpoint signed since the last one the hub
+    /// took goes up on its own, with its record (a batch the hub already holds): otherwise
+    /// the tail of a quiet log would stay unsigned at the hub until more records come.
+    fn send_checkpoint(&mut self) {
+        if !self.up
+            || self.stopping
+            || !self.inflight.is_empty()
+            || self.outbox.sent_seq() != self.cursor
+        {
+            return;
+        }
+        self.refresh_checkpoints();
+        let Some(cp) = newest_at_or_below(&self.checkpoints, self.cursor).map(|c| c.seq) else {
+            return;
+        };
+        if cp <= self.checkpoint_acked {
+            return;
+        }
+        let device = self.topics.device_id().clone();
+        let limits = self.settings.batch;
+        let q = Query {
+            after_seq: Some(cp - 1),
+            limit: Some(1),
+            ..Query::default()
+        };
+        let Some(reader) = self.reader.as_ref() else {
+            return;
+        };
+        let batch = reader
+            .query(&q)
+            .map_err(|e| format!("reading the audit log: {e}"))
+            .and_then(|r| pack(&device, &r, &self.checkpoints, cp, limits));
+        match batch {
+            Ok(Some(b)) if b.last_seq == cp => {
+                self.send_batch(b);
+            }
+            Ok(_) => {}
+            Err(e) => self.note_error(&e),
+        }
+    }
+
+    /// Hands a batch to the link; false when it was not taken (not connected, queue full).
+    fn send_batch(&mut self, batch: EncodedBatch) -> bool {
+        let (first, last, count, len) = (
+            batch.first_seq,
+            batch.last_seq,
+            batch.records,
+            batch.payload.len(),
+        );
+        let checkpoint = newest_at_or_below(&self.checkpoints, last).map(|c| c.seq);
+        let topic = self.topics.audit().to_string();
+        match self.link.try_publish(&topic, batch.payload, false) {
+            Ok(_) => {
+                if self.inflight.is_empty() {
+                    self.last_progress = Instant::now();
                 }
-                Err(ConnError::NotConnected | ConnError::Closed | ConnError::QueueFull) => return,
-                Err(e) => {
-                    self.note_error(&format!("sending audit records {first}..={last}: {e}"));
-                    return;
-                }
+                self.inflight.push_back(InFlight {
+                    last_seq: last,
+                    checkpoint,
+                });
+                SyncStats::add(&self.stats.batches_sent, 1);
+                SyncStats::add(&self.stats.records_sent, count as u64);
+                SyncStats::add(&self.stats.bytes_sent, len as u64);
+                debug!(
+                    first_seq = first,
+                    last_seq = last,
+                    records = count,
+                    bytes = len,
+                    checkpoint,
+                    "Audit batch sent."
+                );
+                true
+            }
+            Err(ConnError::NotConnected | ConnError::Closed | ConnError::QueueFull) => false,
+            Err(e) => {
+                self.note_error(&format!("sending audit records {first}..={last}: {e}"));
+                false
             }
         }
     }
@@ -682,7 +843,7 @@ impl Uplink {
 
     /// Publishes `state/reported` if it changed since the last publish (or `force`).
     fn publish_state(&mut self, force: bool) {
-        if !self.link.is_connected() || self.stopping {
+        if !self.up || self.stopping {
             return;
         }
         let reported = match self.source.reported() {
@@ -758,7 +919,7 @@ impl Uplink {
 
     /// Sends queued snapshots not yet in flight.
     fn send_telemetry(&mut self) {
-        if !self.link.is_connected() || self.telemetry.len() >= TELEMETRY_WINDOW {
+        if !self.up || self.telemetry.len() >= TELEMETRY_WINDOW {
             return;
         }
         let after = self.telemetry.back().map_or(i64::MIN, |t| t.row);

@@ -189,7 +189,8 @@ pub struct Outbox {
     lock: Option<File>,
     /// Read-only: whether a writer held the lock when this was opened.
     writer_running: bool,
-    /// Highest audit seq handed to the link by this process (starts at the cursor).
+    /// Highest audit seq handed to the link by this process since the last rewind (starts
+    /// at the cursor).
     sent_seq: u64,
     /// Tests: abort the process inside the next write transaction, before it commits.
     #[cfg(test)]
@@ -351,9 +352,17 @@ impl Outbox {
     /// Forgets what was sent above the cursor, so it is sent again (after a reconnect, or
     /// when acks stopped coming): the next batch starts right after the cursor.
     pub fn rewind(&mut self) -> Result<u64> {
+        self.rewind_to(u64::MAX)
+    }
+
+    /// Sets "sent" back to `seq`, at most the cursor: the next batch starts right after it.
+    /// Below the cursor only when the hub no longer holds records it acknowledged (restored
+    /// from an older copy): they are still in the audit log, so they go again; the cursor
+    /// itself never moves back.
+    pub fn rewind_to(&mut self, seq: u64) -> Result<u64> {
         let cursor = self.last_acked_seq()?;
-        self.sent_seq = cursor;
-        Ok(cursor)
+        self.sent_seq = seq.min(cursor);
+        Ok(self.sent_seq)
     }
 
     /// The highest audit seq sent by this process, or the cursor.
@@ -674,6 +683,11 @@ mod tests {
                     o.note_sent(n());
                     format!("sent {}", o.sent_seq())
                 }
+                "rewind-to" => {
+                    let o = w.as_mut().unwrap();
+                    let r = o.rewind_to(n()).map(|s| format!("sent {s}"));
+                    r.unwrap_or_else(|e| format!("err: {e}"))
+                }
                 "rewind" => {
                     let o = w.as_mut().unwrap();
                     let r = o
@@ -739,7 +753,7 @@ acked=5 queued=0/0B dropped=0 connected=false writer=true error=None"
         // Across a reopen: the cursor is kept, and "sent" starts again at it.
         check(
             dir.path(),
-            "open; status; ack 4; ack 6; sent 12; ack 12; sent 20; rewind; ack 15; sent 20; ack 15; close; open; status",
+            "open; status; ack 4; ack 6; sent 12; ack 12; sent 20; rewind; ack 15; sent 20; ack 15; rewind-to 9; ack 12; rewind-to 40; close; open; status",
             &format!(
                 "
 opened
@@ -753,6 +767,9 @@ rewound to 12, sent 12
 err: outbox {p}/outbox.db: an ack for audit seq 15 is above the highest seq sent (12); refused
 sent 20
 Advanced {{ from: 12, to: 15 }}
+sent 9
+Stale {{ cursor: 15 }}
+sent 15
 closed
 opened
 acked=15 queued=0/0B dropped=0 connected=false writer=true error=None"

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use outpost_policy::audit::{Entry, Outcome};
 use outpost_sync::conn::LinkConfig;
 use outpost_sync::device::{DeviceSource, Reported, Settings, SyncLoop, SyncStats};
 use outpost_sync::protocol::{BatchLimits, ReportedModel};
@@ -64,6 +65,13 @@ impl DeviceSource for AgentSource {
             });
         }
         Ok(out)
+    }
+
+    fn refused(&self, topic: &str, reason: &str, unreported: u64) {
+        let mut entry = Entry::new("outpost-sync", "sync:receive", Outcome::Denied, reason);
+        entry.resource = Some(topic.to_string());
+        entry.details = serde_json::json!({ "refused_since_last_record": unreported });
+        self.state.note(entry);
     }
 
     fn telemetry(&self) -> serde_json::Map<String, serde_json::Value> {
