@@ -125,7 +125,14 @@ pub trait DeviceSource: Send + Sync + 'static {
     /// another device): the agent records it in the audit log. The loop calls this at most
     /// once per [`REFUSAL_AUDIT_EVERY`], with how many refusals it did not report since.
     fn refused(&self, topic: &str, reason: &str, unreported: u64);
+    /// A backlog was drained (every record acknowledged after at least
+    /// [`DRAINED_AFTER_BATCHES`] batches): a moment to give freed memory back.
+    fn drained(&self) {}
 }
+
+/// Batches sent since the loop was last idle, above which reaching idle calls
+/// [`DeviceSource::drained`].
+pub const DRAINED_AFTER_BATCHES: u64 = 64;
 
 /// How often, at most, a refused message is audited (a flood must not flood the log).
 pub const REFUSAL_AUDIT_EVERY: Duration = Duration::from_secs(60);
@@ -289,6 +296,7 @@ impl SyncLoop {
             best_ack: None,
             timeouts: 0,
             checkpoint_acked: 0,
+            busy_batches: 0,
             refusals: 0,
             refusal_audited: None,
             settings: self.settings,
@@ -351,6 +359,8 @@ struct Uplink {
     timeouts: u32,
     /// The newest checkpoint that went up in a batch the hub acknowledged.
     checkpoint_acked: u64,
+    /// Batches sent since the loop was last idle.
+    busy_batches: u64,
     /// Refused messages since the last one audited, and when that was.
     refusals: u64,
     refusal_audited: Option<Instant>,
@@ -581,6 +591,17 @@ impl Uplink {
         self.fill();
         self.send_checkpoint();
         self.send_telemetry();
+        if self.up && self.inflight.is_empty() && self.busy_batches > 0 {
+            if self.busy_batches >= DRAINED_AFTER_BATCHES {
+                info!(
+                    batches = self.busy_batches,
+                    last_acked_seq = self.cursor,
+                    "Audit backlog drained."
+                );
+                self.source.drained();
+            }
+            self.busy_batches = 0;
+        }
         if let Ok(s) = self.outbox.status() {
             SyncStats::set(&self.stats.telemetry_queued_bytes, s.telemetry_queued_bytes);
             SyncStats::set(&self.stats.telemetry_dropped, s.telemetry_dropped);
@@ -776,6 +797,7 @@ impl Uplink {
                     checkpoint,
                 });
                 SyncStats::add(&self.stats.batches_sent, 1);
+                self.busy_batches += 1;
                 SyncStats::add(&self.stats.records_sent, count as u64);
                 SyncStats::add(&self.stats.bytes_sent, len as u64);
                 debug!(

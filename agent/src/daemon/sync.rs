@@ -74,6 +74,11 @@ impl DeviceSource for AgentSource {
         self.state.note(entry);
     }
 
+    /// The memory that read and packed the backlog goes back to the system.
+    fn drained(&self) {
+        crate::sys::release_free_memory();
+    }
+
     fn telemetry(&self) -> serde_json::Map<String, serde_json::Value> {
         let model = self.state.current_model();
         let mut m = serde_json::Map::new();
