@@ -55,11 +55,13 @@
 //!   is published, retained, after every connect.
 //! - Shutdown, in order: (1) stop taking messages: the link unsubscribes
 //!   ([`LinkHandle::stop_receiving`]), so the broker hands what this hub has not read to the
-//!   other hubs; what arrives until the broker confirms (UNSUBACK, at most
-//!   [`UNSUBSCRIBE_GRACE`]) is handled as usual; (2) the threads finish what they were given
-//!   (the acks queued) within [`INGEST_GRACE`], parked batches still tried for up to
-//!   [`SHUTDOWN_PARK_WAIT`] (the batch before them is usually in another hub's hands), then
-//!   dropped unacked; a message the broker still delivers meanwhile is shed; (3) the link
+//!   other hubs; what arrives until the broker has confirmed (UNSUBACK) and then been quiet
+//!   for [`UNSUBSCRIBE_QUIET`] (it still sends what it had queued for this client), at most
+//!   [`UNSUBSCRIBE_GRACE`] in all, is handled as usual; (2) the threads finish what they were given
+//!   (the acks queued) within [`INGEST_GRACE`]; parked batches are still tried as long as
+//!   they move (the batch before them is usually in another hub's hands, and the two hubs
+//!   store their halves of a stream in turn): until none has been stored for
+//!   [`SHUTDOWN_PARK_WAIT`], or [`SHUTDOWN_PARK_MAX`] in all, then dropped unacked; a message the broker still delivers meanwhile is shed; (3) the link
 //!   stops gracefully (its queued publishes acked, the offline status, DISCONNECT).
 //! - Counters ([`Metrics`]) are logged every `summary_every` and at shutdown; alerts are
 //!   also rows of `audit_alerts`. The first sighting of an alert is logged at `error`, a
@@ -94,12 +96,18 @@ pub const QUEUE_MAX_BYTES: usize = 32 << 20;
 pub const MESSAGE_OVERHEAD: usize = 256;
 /// Most messages applied in one transaction.
 pub const MAX_GROUP: usize = 128;
-/// How long shutdown waits for the broker to confirm the unsubscribe.
+/// How long shutdown waits for the broker to confirm the unsubscribe and send what it had
+/// queued for this hub.
 pub const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(2);
+/// After the broker confirmed the unsubscribe, how long without a message ends step (1) of
+/// the shutdown (what the broker had queued for this hub still comes).
+pub const UNSUBSCRIBE_QUIET: Duration = Duration::from_millis(200);
 /// How long shutdown waits for the threads to finish what they were given.
 pub const INGEST_GRACE: Duration = Duration::from_secs(5);
-/// How long, at shutdown, parked batches are still tried (within [`INGEST_GRACE`]).
+/// At shutdown, how long parked batches are still tried after the last one was stored.
 pub const SHUTDOWN_PARK_WAIT: Duration = Duration::from_secs(1);
+/// At shutdown, the most time parked batches are still tried (within [`INGEST_GRACE`]).
+pub const SHUTDOWN_PARK_MAX: Duration = Duration::from_secs(4);
 /// How long an `ahead` batch waits for the head to reach it (another hub storing the
 /// batch before it, or a redelivery) before it is acked with the head as it is.
 pub const PARK_FOR: Duration = Duration::from_secs(5);
@@ -107,7 +115,7 @@ pub const PARK_FOR: Duration = Duration::from_secs(5);
 /// it is acked at once.
 pub const PARK_MAX_BYTES: usize = 16 << 20;
 /// How often parked batches are tried again while there are any.
-pub const PARK_RETRY: Duration = Duration::from_millis(25);
+pub const PARK_RETRY: Duration = Duration::from_millis(10);
 /// How often unsent acks are tried again while connected.
 pub const ACK_RETRY: Duration = Duration::from_millis(250);
 /// The ingest thread's name.
@@ -159,6 +167,7 @@ pub struct Metrics {
     acks_unsent: AtomicU64,
     store_errors: AtomicU64,
     subscribe_refused: AtomicU64,
+    disconnects: AtomicU64,
 }
 
 /// The counters at one instant; label maps hold only the labels seen.
@@ -193,6 +202,8 @@ pub struct MetricsSnapshot {
     pub store_errors: u64,
     /// Filters the broker refused to subscribe the hub to.
     pub subscribe_refused: u64,
+    /// Connections to the broker lost (the link reconnects).
+    pub disconnects: u64,
 }
 
 fn inc(c: &AtomicU64, by: u64) {
@@ -272,6 +283,7 @@ impl Metrics {
             acks_unsent: get(&self.acks_unsent),
             store_errors: get(&self.store_errors),
             subscribe_refused: get(&self.subscribe_refused),
+            disconnects: get(&self.disconnects),
         }
     }
 
@@ -297,6 +309,7 @@ impl Metrics {
             acks_unsent = s.acks_unsent,
             store_errors = s.store_errors,
             subscribe_refused = s.subscribe_refused,
+            disconnects = s.disconnects,
             "{message}"
         );
     }
@@ -514,14 +527,22 @@ impl Worker {
         pending && last.elapsed() >= every
     }
 
-    /// At shutdown (the queue closed and emptied): parked batches are tried a little longer
-    /// (the batch before them is usually being stored by another hub right now), the rest
-    /// dropped unacked; unsent acks get one last try.
+    /// At shutdown (the queue closed and emptied): parked batches are tried as long as
+    /// they move (the batch before them is usually being stored by another hub right now),
+    /// the rest dropped unacked; unsent acks get one last try.
     fn finish(&mut self) {
-        let until = Instant::now() + SHUTDOWN_PARK_WAIT;
-        while !self.parked.is_empty() && Instant::now() < until {
+        let started = Instant::now();
+        let mut moved = Instant::now();
+        while !self.parked.is_empty()
+            && moved.elapsed() < SHUTDOWN_PARK_WAIT
+            && started.elapsed() < SHUTDOWN_PARK_MAX
+        {
             std::thread::sleep(PARK_RETRY);
+            let before = self.parked.len();
             self.retry_parked();
+            if self.parked.len() < before {
+                moved = Instant::now();
+            }
         }
         if !self.parked.is_empty() {
             info!(
@@ -971,7 +992,8 @@ impl Server {
                         );
                     }
                     // The link logs these itself and reconnects.
-                    Some(LinkEvent::ConnectFailed { .. } | LinkEvent::Disconnected { .. }) => {}
+                    Some(LinkEvent::Disconnected { .. }) => inc(&metrics.disconnects, 1),
+                    Some(LinkEvent::ConnectFailed { .. }) => {}
                     Some(LinkEvent::PubAck(_)) => {}
                     None => {
                         failure = Some("the broker link stopped");
@@ -992,15 +1014,26 @@ impl Server {
             tokio::pin!(stopped);
             let grace = tokio::time::sleep(UNSUBSCRIBE_GRACE);
             tokio::pin!(grace);
+            // After the confirmation, until the link has been quiet for UNSUBSCRIBE_QUIET:
+            // the broker still sends what it had queued for this client.
+            let quiet = tokio::time::sleep(UNSUBSCRIBE_GRACE);
+            tokio::pin!(quiet);
+            let mut confirmed = false;
             loop {
                 tokio::select! {
                     biased;
-                    _ = &mut stopped => break,
+                    _ = &mut stopped, if !confirmed => {
+                        confirmed = true;
+                        quiet.as_mut().reset(tokio::time::Instant::now() + UNSUBSCRIBE_QUIET);
+                    }
+                    _ = &mut quiet, if confirmed => break,
                     _ = &mut grace => {
-                        warn!(
-                            grace_secs = UNSUBSCRIBE_GRACE.as_secs(),
-                            "The broker did not confirm the unsubscribe in time; stopping anyway."
-                        );
+                        if !confirmed {
+                            warn!(
+                                grace_secs = UNSUBSCRIBE_GRACE.as_secs(),
+                                "The broker did not confirm the unsubscribe in time; stopping anyway."
+                            );
+                        }
                         break;
                     }
                     event = events.recv() => match event {
@@ -1009,19 +1042,16 @@ impl Server {
                                 failure = Some("the ingest threads stopped");
                                 break;
                             }
+                            if confirmed {
+                                quiet.as_mut().reset(tokio::time::Instant::now() + UNSUBSCRIBE_QUIET);
+                            }
                         }
                         Some(_) => {}
                         None => break,
                     },
                 }
             }
-            // Already among the events when the confirmation came.
-            while let Ok(event) = events.try_recv() {
-                if let LinkEvent::Message { topic, payload } = event {
-                    intake.take(topic, payload);
-                }
-            }
-            debug!("No longer subscribed.");
+            debug!(confirmed, "No longer taking messages.");
         }
         // (2) The threads finish what they were given (the acks queued), and return; the
         // link's events are still read (a message the broker still delivers is shed), so it
