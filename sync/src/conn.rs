@@ -559,7 +559,8 @@ pub enum LinkEvent {
     Connected,
     /// A connection attempt failed; the next one follows after `retry_in`.
     ConnectFailed { reason: String, retry_in: Duration },
-    /// An established connection was lost; every publish not acked is forgotten.
+    /// An established connection was lost; every publish not acked is forgotten. What the
+    /// link had read from it (messages, PubAcks) was reported before this.
     Disconnected { reason: String, retry_in: Duration },
     /// A message on a subscribed topic.
     Message { topic: String, payload: Vec<u8> },

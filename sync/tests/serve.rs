@@ -602,6 +602,11 @@ async fn serve_stores_and_acks_and_refuses_hostile_input_without_stopping() {
             topics.audit().into(),
             serde_json::to_vec(&batch(&edited, None)).unwrap(),
         ),
+        // The same broken batch again (a device resending it): the same alert.
+        (
+            topics.audit().into(),
+            serde_json::to_vec(&batch(&edited, None)).unwrap(),
+        ),
         (
             topics.audit().into(),
             serde_json::to_vec(&batch(&records[20..25], Some(&forged))).unwrap(),
@@ -676,14 +681,19 @@ async fn serve_stores_and_acks_and_refuses_hostile_input_without_stopping() {
     for field in [
         "batches_stored=4",
         "records_stored=30",
-        "alerts=break=1,forged_checkpoint=1",
+        "alerts=break=2,forged_checkpoint=1",
         "batches_refused=malformed=1,unknown_version=1,wrong_device=1",
         "refused=too_large=1,malformed=1",
         "store_errors=0",
     ] {
         assert!(last.contains(field), "{field} missing: {last}");
     }
-    assert!(log.contains("Audit chain alert; batch refused."), "{log}");
+    // Each alert is logged at `error` when first seen; the repeat only at `debug`.
+    assert_eq!(
+        log.matches("Audit chain alert; batch refused.").count(),
+        2,
+        "{log}"
+    );
     stop.cancel();
 }
 

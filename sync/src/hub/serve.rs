@@ -375,7 +375,7 @@ impl Intake {
             .send(Message {
                 topic,
                 payload,
-                permit: Some(permit),
+                permit,
             })
             .is_ok()
     }
@@ -400,7 +400,7 @@ impl Intake {
 struct Message {
     topic: String,
     payload: Vec<u8>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: OwnedSemaphorePermit,
 }
 
 /// What the ingest thread is given.
@@ -418,7 +418,7 @@ fn prepare_loop(messages: queue::Receiver<Message>, work: queue::Sender<Work>) {
         let item = Item {
             prepared: ingest::prepare(&m.topic, &m.payload),
             bytes: m.payload.len(),
-            _permit: m.permit,
+            _permit: Some(m.permit),
         };
         if work.send(Work::Item(item)).is_err() {
             break;
@@ -428,7 +428,7 @@ fn prepare_loop(messages: queue::Receiver<Message>, work: queue::Sender<Work>) {
 }
 
 /// A message read and checked, with its size (what parking it costs) and its share of the
-/// budget (returned when it is dropped).
+/// budget (returned when it is dropped; `None` only in tests).
 struct Item {
     prepared: Prepared,
     bytes: usize,

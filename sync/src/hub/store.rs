@@ -15,7 +15,7 @@
 //! - `audit_checkpoints(device_id, seq, checkpoint_json, received_at)`: the device's signed
 //!   checkpoints (`Checkpoint` as serde writes it) that the hub verified.
 //! - `audit_alerts(device_id, at, kind, seq, detail)`: breaks, forks, truncations and forged
-//!   checkpoints the hub saw (kept: they are evidence).
+//!   checkpoints the hub saw, and a hub found behind a device (kept: they are evidence).
 //! - `devices` also keeps the device's last reported audit seq, its reported state and its
 //!   last telemetry snapshot (JSON, as received).
 //!
@@ -168,7 +168,7 @@ pub struct StoredRecord<'a> {
 }
 
 /// A break, fork, truncation or forged checkpoint that ingest saw from a device (and
-/// refused).
+/// refused), or the hub found behind the device (`behind`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditAlert {
     pub at: String,
