@@ -842,7 +842,7 @@ impl Link {
                         if connected_at.is_some() {
                             self.stop(&broker).await;
                         }
-                        lock(&self.shared).stopped = true;
+                        self.mark_stopped();
                         info!(broker = %broker, "Link stopped.");
                         return;
                     }
@@ -875,7 +875,7 @@ impl Link {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    lock(&self.shared).stopped = true;
+                    self.mark_stopped();
                     info!(broker = %broker, "Link stopped.");
                     return;
                 }
@@ -963,6 +963,12 @@ impl Link {
             _ => {}
         }
         false
+    }
+
+    /// The task ends: handles refuse from now on, and nothing is subscribed any more.
+    fn mark_stopped(&self) {
+        lock(&self.shared).stopped = true;
+        self.unsubscribed.send_replace(true);
     }
 
     /// One UNSUBSCRIBE confirmed.

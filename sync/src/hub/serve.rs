@@ -337,6 +337,7 @@ struct Intake {
 
 impl Intake {
     fn new(max: usize, messages: queue::Sender<Message>, metrics: Arc<Metrics>) -> Self {
+        let max = max.min(Semaphore::MAX_PERMITS);
         Self {
             budget: Arc::new(Semaphore::new(max)),
             max,
@@ -889,9 +890,17 @@ fn status(state: LinkState) -> Result<Vec<u8>> {
 }
 
 impl Server {
-    /// Opens (creating) `<data_dir>/hub.db` and checks the link's configuration.
+    /// Opens (creating) `<data_dir>/hub.db` and checks the link's configuration (and that
+    /// the byte budget holds the largest packet the link takes).
     pub fn open(settings: ServeSettings) -> Result<Server> {
         settings.link.validate()?;
+        let largest = settings.link.max_packet_size + MESSAGE_OVERHEAD;
+        if settings.queue_max_bytes < largest {
+            return Err(super::HubError::Serve(format!(
+                "queue_max_bytes ({}) must hold at least one packet of max_packet_size ({} bytes)",
+                settings.queue_max_bytes, settings.link.max_packet_size
+            )));
+        }
         let dir = make_dir(&settings.data_dir)?;
         let store = SqliteStore::open(&dir)?;
         Ok(Server {
