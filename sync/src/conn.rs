@@ -24,9 +24,18 @@
 //! - Every failed attempt, the first connect after start included, waits a capped
 //!   exponential backoff with full jitter ([`Backoff`]: uniform in `[0, min(cap, base·2ⁿ)]`);
 //!   the attempt count resets once a connection has stayed up for [`STABLE_AFTER`].
-//! - Subscriptions are issued after every ConnAck. The last will is the session's retained
-//!   offline status (QoS 1); since a broker drops the will on a clean DISCONNECT, a graceful
-//!   stop publishes that same message itself, after what is queued, then disconnects.
+//!   What rumqttc had read from a connection that then failed (its `state.events`: messages,
+//!   PubAcks) is reported before [`LinkEvent::Disconnected`] and nothing of it survives
+//!   into the next connection (its packet ids would shift the PubAck mapping); its
+//!   packet-id collision state is cleared too (it would hold back every later publish).
+//! - Subscriptions are issued after every ConnAck, in one SUBSCRIBE; filters the broker
+//!   refuses (SubAck failure, e.g. its ACL) are reported as
+//!   [`LinkEvent::SubscribeRefused`]. [`LinkHandle::stop_receiving`] unsubscribes from all
+//!   of them, for good (no SUBSCRIBE after a reconnect): a stopping consumer on a shared
+//!   subscription hands what it has not read to the others without closing its connection.
+//!   The last will is the session's retained offline status (QoS 1); since a broker drops
+//!   the will on a clean DISCONNECT, a graceful stop publishes that same message itself,
+//!   after what is queued, then disconnects.
 //! - Time is `tokio::time` only.
 
 use std::collections::{HashMap, VecDeque};
@@ -38,14 +47,14 @@ use std::time::Duration;
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
-    TlsConfiguration, Transport,
+    SubscribeFilter, TlsConfiguration, Transport,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -550,12 +559,16 @@ pub enum LinkEvent {
     Connected,
     /// A connection attempt failed; the next one follows after `retry_in`.
     ConnectFailed { reason: String, retry_in: Duration },
-    /// An established connection was lost; every publish not acked is forgotten.
+    /// An established connection was lost; every publish not acked is forgotten. What the
+    /// link had read from it (messages, PubAcks) was reported before this.
     Disconnected { reason: String, retry_in: Duration },
     /// A message on a subscribed topic.
     Message { topic: String, payload: Vec<u8> },
     /// The broker has this publish (QoS 1 PubAck).
     PubAck(PublishId),
+    /// The broker refused these session filters (SubAck failure: its ACL, a bad filter);
+    /// no message arrives on them on this connection. The link carries on.
+    SubscribeRefused { filters: Vec<String> },
 }
 
 /// What the handle and the link task share; taken only for short, non-async sections.
@@ -566,6 +579,21 @@ struct Shared {
     next_id: u64,
     /// Publishes handed to rumqttc, not yet written (rumqttc writes them in this order).
     unwritten: VecDeque<PublishId>,
+    /// [`LinkHandle::stop_receiving`] was called: no SUBSCRIBE after a ConnAck any more.
+    unsubscribing: bool,
+    /// UNSUBSCRIBEs queued on this connection whose UNSUBACK has not come yet.
+    unsubacks_due: usize,
+    /// Every filter's UNSUBSCRIBE is queued on this connection.
+    unsubscribes_queued: bool,
+}
+
+impl Shared {
+    /// Whether the broker holds none of the session's subscriptions for us any more: every
+    /// UNSUBSCRIBE confirmed, or the connection they were on is gone (sessions are clean).
+    fn unsubscribed(&self) -> bool {
+        self.unsubscribing
+            && (!self.connected || (self.unsubscribes_queued && self.unsubacks_due == 0))
+    }
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -576,12 +604,17 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Publishes to the broker through the link; cheap to clone, never waits.
+/// Publishes to the broker through the link; cheap to clone, never waits (but for
+/// [`LinkHandle::stop_receiving`]).
 #[derive(Clone)]
 pub struct LinkHandle {
     client: AsyncClient,
     shared: Arc<Mutex<Shared>>,
     max_packet_size: usize,
+    /// The session's filters, for [`LinkHandle::stop_receiving`].
+    subscriptions: Arc<[String]>,
+    /// Set once [`Shared::unsubscribed`] holds.
+    unsubscribed: Arc<watch::Sender<bool>>,
 }
 
 impl fmt::Debug for LinkHandle {
@@ -639,6 +672,50 @@ impl LinkHandle {
         lock(&self.shared).connected
     }
 
+    /// Stops the broker sending messages, for good, without closing the connection (the
+    /// caller can still publish, e.g. its last acks): UNSUBSCRIBE from every session filter
+    /// now, and no SUBSCRIBE after a reconnect. Returns once the broker has confirmed every
+    /// UNSUBSCRIBE (UNSUBACK: each message it sent before is already among the events), or
+    /// there is no connection (a clean session holds no subscription); the caller bounds
+    /// the wait. A broker may still deliver a message it had queued for this client before
+    /// the UNSUBSCRIBE; the caller decides what to do with one that comes later.
+    pub async fn stop_receiving(&self) {
+        let mut done = self.unsubscribed.subscribe();
+        let mut left: VecDeque<String> = self.subscriptions.iter().cloned().collect();
+        {
+            let mut shared = lock(&self.shared);
+            shared.unsubscribing = true;
+            shared.unsubscribes_queued = false;
+        }
+        loop {
+            {
+                let mut shared = lock(&self.shared);
+                let already = *self.unsubscribed.borrow();
+                if already || shared.stopped || !shared.connected {
+                    // A reconnect since: nothing was subscribed on it.
+                    self.unsubscribed.send_replace(true);
+                    break;
+                }
+                while let Some(filter) = left.front() {
+                    if self.client.try_unsubscribe(filter.clone()).is_err() {
+                        break; // rumqttc's queue is full: again in a moment.
+                    }
+                    shared.unsubacks_due += 1;
+                    left.pop_front();
+                }
+                if left.is_empty() {
+                    shared.unsubscribes_queued = true;
+                    if shared.unsubscribed() {
+                        self.unsubscribed.send_replace(true);
+                    }
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = done.wait_for(|d| *d).await;
+    }
+
     /// The largest packet the link accepts.
     pub fn max_packet_size(&self) -> usize {
         self.max_packet_size
@@ -655,6 +732,8 @@ pub struct Link {
     events: mpsc::Sender<LinkEvent>,
     /// rumqttc packet id → our id, for publishes written and not yet acked.
     inflight: HashMap<u16, PublishId>,
+    /// Set once [`Shared::unsubscribed`] holds (shared with the handles).
+    unsubscribed: Arc<watch::Sender<bool>>,
 }
 
 impl fmt::Debug for Link {
@@ -705,10 +784,13 @@ impl Link {
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let unsubscribed = Arc::new(watch::Sender::new(false));
         let handle = LinkHandle {
             client: client.clone(),
             shared: shared.clone(),
             max_packet_size: c.max_packet_size,
+            subscriptions: session.subscriptions.clone().into(),
+            unsubscribed: unsubscribed.clone(),
         };
         let link = Link {
             config,
@@ -718,6 +800,7 @@ impl Link {
             shared,
             events,
             inflight: HashMap::new(),
+            unsubscribed,
         };
         Ok((link, handle, events_rx))
     }
@@ -759,7 +842,7 @@ impl Link {
                         if connected_at.is_some() {
                             self.stop(&broker).await;
                         }
-                        lock(&self.shared).stopped = true;
+                        self.mark_stopped();
                         info!(broker = %broker, "Link stopped.");
                         return;
                     }
@@ -774,7 +857,7 @@ impl Link {
                     Err(e) => break e,
                 }
             };
-            self.forget_in_flight();
+            self.forget_in_flight(&broker).await;
             if connected_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER) {
                 attempt = 0;
             }
@@ -792,7 +875,7 @@ impl Link {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    lock(&self.shared).stopped = true;
+                    self.mark_stopped();
                     info!(broker = %broker, "Link stopped.");
                     return;
                 }
@@ -807,16 +890,25 @@ impl Link {
             Event::Incoming(Incoming::ConnAck(_)) => {
                 {
                     // Subscriptions are queued before any publish can be (handles wait for
-                    // `connected`), so the broker sees them first.
+                    // `connected`), so the broker sees them first. One SUBSCRIBE: its
+                    // SubAck's codes are in the session's order.
                     let mut shared = lock(&self.shared);
-                    for filter in &self.session.subscriptions {
-                        if let Err(e) = self.client.try_subscribe(filter.clone(), QoS::AtLeastOnce)
-                        {
-                            warn!(broker, filter = %filter, error = %e, "Subscribe not queued.");
+                    let filters = &self.session.subscriptions;
+                    if !shared.unsubscribing && !filters.is_empty() {
+                        let many = filters
+                            .iter()
+                            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                        if let Err(e) = self.client.try_subscribe_many(many) {
+                            warn!(broker, error = %e, "Subscribe not queued.");
                         }
                     }
                     shared.connected = true;
                     shared.unwritten.clear();
+                    shared.unsubacks_due = 0;
+                    shared.unsubscribes_queued = shared.unsubscribing;
+                    if shared.unsubscribed() {
+                        self.unsubscribed.send_replace(true);
+                    }
                 }
                 info!(broker, "Connected.");
                 emit(&self.events, LinkEvent::Connected).await;
@@ -848,28 +940,79 @@ impl Link {
                 .await;
             }
             Event::Incoming(Incoming::SubAck(ack)) => {
-                let refused = ack
+                // The only SUBSCRIBE is the session's, its filters in order.
+                let filters: Vec<String> = ack
                     .return_codes
                     .iter()
-                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    .count();
-                if refused > 0 {
-                    warn!(broker, refused, "The broker refused subscriptions.");
+                    .enumerate()
+                    .filter(|(_, c)| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .map(|(i, _)| {
+                        self.session
+                            .subscriptions
+                            .get(i)
+                            .cloned()
+                            .unwrap_or_else(|| format!("(filter {i})"))
+                    })
+                    .collect();
+                if !filters.is_empty() {
+                    warn!(broker, filters = ?filters, "The broker refused subscriptions.");
+                    emit(&self.events, LinkEvent::SubscribeRefused { filters }).await;
                 }
             }
+            Event::Incoming(Incoming::UnsubAck(_)) => self.on_unsuback(),
             _ => {}
         }
         false
     }
 
-    /// After an error: nothing handed to rumqttc survives (the session is clean), so clear
-    /// its queue and ours, under the lock, before handles can publish again.
-    fn forget_in_flight(&mut self) {
+    /// The task ends: handles refuse from now on, and nothing is subscribed any more.
+    fn mark_stopped(&self) {
+        lock(&self.shared).stopped = true;
+        self.unsubscribed.send_replace(true);
+    }
+
+    /// One UNSUBSCRIBE confirmed.
+    fn on_unsuback(&self) {
         let mut shared = lock(&self.shared);
-        shared.connected = false;
+        shared.unsubacks_due = shared.unsubacks_due.saturating_sub(1);
+        if shared.unsubscribed() {
+            self.unsubscribed.send_replace(true);
+        }
+    }
+
+    /// After an error: nothing handed to rumqttc survives (the session is clean). What
+    /// rumqttc had already read from the connection and not yet returned (messages,
+    /// PubAcks, in `state.events`) is reported first; then its queues, its buffered events
+    /// and its collision state are cleared with ours, under the lock, before handles can
+    /// publish again. (rumqttc's own `clean` keeps the events and the collision: the events
+    /// would come out after the next ConnAck, an old `Outgoing::Publish` among them taking
+    /// a new publish's id; a collision left set holds back every publish and fails the
+    /// connection two keep-alives later, again and again.)
+    async fn forget_in_flight(&mut self, broker: &str) {
+        {
+            let mut shared = lock(&self.shared);
+            shared.connected = false;
+            if shared.unsubscribed() {
+                self.unsubscribed.send_replace(true);
+            }
+        }
+        while let Some(event) = self.eventloop.state.events.pop_front() {
+            match event {
+                // For a connection that is gone.
+                Event::Incoming(Incoming::SubAck(_) | Incoming::UnsubAck(_)) => {}
+                event => {
+                    self.on_event(event, broker).await;
+                }
+            }
+        }
+        let mut shared = lock(&self.shared);
         self.eventloop.clean();
         self.eventloop.pending.clear();
+        self.eventloop.state.events.clear();
+        self.eventloop.state.collision = None;
+        self.eventloop.state.collision_ping_count = 0;
         shared.unwritten.clear();
+        shared.unsubacks_due = 0;
         self.inflight.clear();
     }
 
@@ -942,10 +1085,15 @@ impl Link {
                         self.inflight.insert(pkid, id);
                     }
                 }
+                Ok(Ok(Event::Incoming(Incoming::UnsubAck(_)))) => self.on_unsuback(),
                 Ok(Ok(_)) => {}
             }
         }
-        lock(&self.shared).connected = false;
+        let mut shared = lock(&self.shared);
+        shared.connected = false;
+        if shared.unsubscribing {
+            self.unsubscribed.send_replace(true);
+        }
     }
 }
 
@@ -971,4 +1119,4 @@ fn describe(e: &ConnectionError) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

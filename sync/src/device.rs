@@ -480,6 +480,7 @@ impl Uplink {
                 }
             }
             LinkEvent::PubAck(id) => self.on_puback(id),
+            LinkEvent::SubscribeRefused { .. } => {}
         }
     }
 

@@ -45,6 +45,21 @@ pub const HUB_SHARE_GROUP: &str = "hub";
 /// Longest device or group id.
 pub const MAX_ID_LEN: usize = 64;
 
+// Size caps, shared by both ends: a receiver decodes with them ([`decode`]'s `max_len`), a
+// sender should never produce more.
+
+/// Largest audit batch payload: the links' default packet limit (a device's
+/// `batch_max_bytes` must fit both).
+pub const MAX_AUDIT_BATCH_BYTES: usize = 256 * 1024;
+/// Largest [`Status`] payload.
+pub const MAX_STATUS_BYTES: usize = 4 * 1024;
+/// Largest [`ReportedState`] payload.
+pub const MAX_STATE_BYTES: usize = 64 * 1024;
+/// Largest [`Telemetry`] payload.
+pub const MAX_TELEMETRY_BYTES: usize = 64 * 1024;
+/// Largest [`AuditAck`] payload.
+pub const MAX_ACK_BYTES: usize = 4096;
+
 /// Why bytes or a topic were refused; each variant names what it was looking at.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {

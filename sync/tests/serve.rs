@@ -306,6 +306,17 @@ impl Device {
     /// Sends every record above the cursor, in batches, each with the newest checkpoint at
     /// or below its last seq; returns the number of batches.
     async fn send_from_cursor(&mut self) -> usize {
+        let batches = self.batches_from_cursor();
+        let n = batches.len();
+        for payload in batches {
+            self.publish_raw(self.topics.audit().to_string(), payload)
+                .await;
+        }
+        n
+    }
+
+    /// The payloads [`Device::send_from_cursor`] sends.
+    fn batches_from_cursor(&self) -> Vec<Vec<u8>> {
         let reader = AuditReader::open(&self.path).unwrap();
         let records = reader
             .query(&Query {
@@ -314,7 +325,7 @@ impl Device {
             })
             .unwrap();
         let checkpoints = reader.checkpoints().unwrap();
-        let mut batches = 0;
+        let mut batches = Vec::new();
         let mut i = 0;
         while i < records.len() {
             // The checkpoint for this batch: the newest at or below its last seq, which we
@@ -331,10 +342,7 @@ impl Device {
                 }
                 n += 1;
             }
-            let batch = b.finish().unwrap();
-            self.publish_raw(self.topics.audit().to_string(), batch.payload)
-                .await;
-            batches += 1;
+            batches.push(b.finish().unwrap().payload);
             i += n;
         }
         batches
@@ -594,6 +602,11 @@ async fn serve_stores_and_acks_and_refuses_hostile_input_without_stopping() {
             topics.audit().into(),
             serde_json::to_vec(&batch(&edited, None)).unwrap(),
         ),
+        // The same broken batch again (a device resending it): the same alert.
+        (
+            topics.audit().into(),
+            serde_json::to_vec(&batch(&edited, None)).unwrap(),
+        ),
         (
             topics.audit().into(),
             serde_json::to_vec(&batch(&records[20..25], Some(&forged))).unwrap(),
@@ -668,14 +681,19 @@ async fn serve_stores_and_acks_and_refuses_hostile_input_without_stopping() {
     for field in [
         "batches_stored=4",
         "records_stored=30",
-        "alerts=break=1,forged_checkpoint=1",
+        "alerts=break=2,forged_checkpoint=1",
         "batches_refused=malformed=1,unknown_version=1,wrong_device=1",
         "refused=too_large=1,malformed=1",
         "store_errors=0",
     ] {
         assert!(last.contains(field), "{field} missing: {last}");
     }
-    assert!(log.contains("Audit chain alert; batch refused."), "{log}");
+    // Each alert is logged at `error` when first seen; the repeat only at `debug`.
+    assert_eq!(
+        log.matches("Audit chain alert; batch refused.").count(),
+        2,
+        "{log}"
+    );
     stop.cancel();
 }
 
@@ -791,5 +809,128 @@ async fn hubs_side_by_side_share_the_work_and_the_store() {
             "hub {name} got nothing: {last}"
         );
     }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
+    use outpost_sync::hub::config::Config;
+    use outpost_sync::hub::serve::Server;
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+    // The hub in this process, with a short keep-alive (the broker drops a client silent
+    // for 1.5 × keep-alive) and a small byte budget.
+    let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
+    let mut settings = config.serve_settings(None).unwrap();
+    settings.link.keep_alive = Duration::from_secs(2);
+    settings.queue_max_bytes = 2 << 20;
+    let server = Server::open(settings).unwrap();
+    let metrics = server.metrics();
+    let hub_stop = CancellationToken::new();
+    let hub_task = tokio::spawn(server.run(hub_stop.clone()));
+
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 50, &stop).await;
+    dev.limits.max_records = 20;
+    dev.append(20);
+    dev.send_from_cursor().await;
+    dev.drain(20, Duration::from_secs(2), Duration::from_secs(20))
+        .await;
+
+    // Another writer holds hub.db for 7 s (the hub's busy timeout is 10 s): nothing is
+    // stored meanwhile, while the device sends 6 MB of telemetry and 1,000 records.
+    let db = fleet.db();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let locked = Instant::now();
+    let telemetry = dev.topics.telemetry().to_string();
+    for i in 0..5000 {
+        let pad = "x".repeat(1000);
+        let payload = format!(
+            r#"{{"v":1,"ts":"2026-12-01T12:00:00.000Z","metrics":{{"n":{i},"pad":"{pad}"}}}}"#
+        );
+        dev.publish_raw(telemetry.clone(), payload.into_bytes())
+            .await;
+        // Its PubAcks, so the device's own link never waits on this test.
+        while let Ok(e) = dev.client.events.try_recv() {
+            dev.on_event(e);
+        }
+    }
+    let total = dev.append(1000);
+    dev.send_from_cursor().await;
+    let flooded = locked.elapsed();
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(locked.elapsed())).await;
+    db.execute_batch("COMMIT").unwrap();
+
+    // Whatever was shed is sent again; everything is stored once.
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(60))
+        .await;
+    assert_store_is(&fleet, &dev, total);
+    let m = metrics.snapshot();
+    eprintln!("flood took {flooded:?}; {m:?}");
+    assert!(
+        flooded < Duration::from_secs(6),
+        "the flood took {flooded:?}"
+    );
+    assert_eq!(m.disconnects, 0, "the hub lost its connection: {m:?}");
+    assert!(m.shed > 0, "nothing was shed: {m:?}");
+    assert_eq!(m.store_errors, 0, "{m:?}");
+    let broker_log = std::fs::read_to_string(fleet.dir().join("mosquitto.log")).unwrap();
+    assert!(
+        !broker_log.contains("exceeded timeout"),
+        "the broker dropped a client for its keep-alive:\n{broker_log}"
+    );
+    hub_stop.cancel();
+    hub_task.await.unwrap().unwrap();
+    assert_eq!(metrics.snapshot().queued_bytes, 0);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stopping_mid_stream_hands_what_it_has_not_read_to_the_other() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+    let a = fleet.start_hub("a");
+    let b = fleet.start_hub("b");
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 100, &stop).await;
+    dev.limits.max_records = 10;
+    let total = dev.append(4000);
+    // Hub a stops while the batches are still coming (one every 5 ms): what it took it
+    // stores and acks, what it had not taken goes to hub b. The device never has to send
+    // anything again.
+    let mut a = Some(a);
+    let mut stopping = None;
+    let topic = dev.topics.audit().to_string();
+    for (i, payload) in dev.batches_from_cursor().into_iter().enumerate() {
+        if i == 100 {
+            let a = a.take().unwrap();
+            stopping = Some(std::thread::spawn(move || a.terminate()));
+        }
+        dev.publish_raw(topic.clone(), payload).await;
+        while let Ok(e) = dev.client.events.try_recv() {
+            dev.on_event(e);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    dev.drain(total, Duration::from_secs(4), Duration::from_secs(60))
+        .await;
+    let (code, log) = stopping.unwrap().join().unwrap();
+    assert_eq!(code, Some(0), "{log}");
+    let last = log.lines().rev().find(|l| l.contains("Stopped.")).unwrap();
+    eprintln!("hub a: {last}");
+    assert!(last.contains(" shed=0 "), "hub a dropped messages: {last}");
+    // It stopped taking batches half-way.
+    assert!(!last.contains(" received=200 "), "{last}");
+    assert!(!log.contains("Parked audit batches dropped"), "{log}");
+    assert_eq!(dev.resends, 0, "acks {:?}", dev.acks);
+    assert_store_is(&fleet, &dev, total);
+    let (code, log) = b.terminate();
+    assert_eq!(code, Some(0), "{log}");
     stop.cancel();
 }

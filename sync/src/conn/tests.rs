@@ -26,7 +26,7 @@ const DEVICE: &str = "edge-01";
 // Harness
 
 /// The Mosquitto binary, or `None` (with the reason printed) when it is missing outside CI.
-fn mosquitto() -> Option<&'static Path> {
+pub(crate) fn mosquitto() -> Option<&'static Path> {
     let path = Path::new(MOSQUITTO);
     if path.exists() {
         return Some(path);
@@ -39,23 +39,28 @@ fn mosquitto() -> Option<&'static Path> {
     None
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
 
 /// A Mosquitto process listening on `127.0.0.1`, killed by PID on drop.
-struct Mosquitto {
+pub(crate) struct Mosquitto {
     child: Child,
 }
 
 impl Mosquitto {
     /// Writes `dir/mosquitto.conf` (TLS when `pki` is given), starts the broker, waits for
     /// the port.
-    fn start(dir: &Path, port: u16, pki: Option<&Pki>) -> Mosquitto {
+    pub(crate) fn start(dir: &Path, port: u16, pki: Option<&Pki>) -> Mosquitto {
+        Self::start_with(dir, port, pki, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines in its configuration.
+    fn start_with(dir: &Path, port: u16, pki: Option<&Pki>, extra: &str) -> Mosquitto {
         let mut conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             log_dest stderr\nlog_type all\nmax_packet_size 65536\n"
+             log_dest stderr\nlog_type all\nmax_packet_size 65536\n{extra}"
         );
         if let Some(pki) = pki {
             conf.push_str(&format!(
@@ -105,7 +110,7 @@ impl Drop for Mosquitto {
 
 /// A CA, a server certificate for `localhost`/`127.0.0.1`, and client certificates, as PEM
 /// files in one folder.
-struct Pki {
+pub(crate) struct Pki {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,
     ca: PathBuf,
@@ -681,4 +686,160 @@ async fn a_graceful_stop_sends_what_is_queued_then_the_offline_status() {
     );
     watch_stop.cancel();
     watch_task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_reported_and_the_rest_work() {
+    if mosquitto().is_none() {
+        return;
+    }
+    // Mosquitto's `acl_file` never refuses a SUBSCRIBE (it filters deliveries); its
+    // dynamic security plugin does, with SubAck failure 0x80.
+    let plugin = Path::new("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so");
+    if !plugin.exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{} is missing and CI=true",
+            plugin.display()
+        );
+        eprintln!("skipped: {} is not installed", plugin.display());
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let port = free_port();
+    let dynsec = dir.path().join("dynamic-security.json");
+    std::fs::write(
+        &dynsec,
+        r#"{"defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true,
+             "subscribe": false, "unsubscribe": true},
+            "clients": [], "groups": [{"groupname": "anon", "roles": [{"rolename": "r"}]}],
+            "roles": [{"rolename": "r", "acls": [{"acltype": "subscribePattern",
+                "topic": "outpost/v1/devices/edge-01/#", "priority": 0, "allow": true}]}],
+            "anonymousGroup": "anon"}"#,
+    )
+    .unwrap();
+    let _broker = Mosquitto::start_with(
+        dir.path(),
+        port,
+        None,
+        &format!(
+            "plugin {}\nplugin_opt_config_file {}\n",
+            plugin.display(),
+            dynsec.display()
+        ),
+    );
+    let mut session = session();
+    session.subscriptions = vec![
+        ACK_TOPIC.into(),
+        "outpost/v1/groups/g1/state/desired".into(),
+    ];
+    let shutdown = CancellationToken::new();
+    let (handle, mut events, task) =
+        Link::spawn(&plaintext_config(port), session, shutdown.clone()).unwrap();
+    connected(&mut events).await;
+    let refused = wait_for(&mut events, 10, "SubscribeRefused", |e| match e {
+        LinkEvent::SubscribeRefused { filters } => Some(filters.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(refused, ["outpost/v1/groups/g1/state/desired"]);
+    round_trip(&handle, &mut events, b"still subscribed").await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_receiving_unsubscribes_and_the_link_still_publishes() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let port = free_port();
+    let _broker = Mosquitto::start(dir.path(), port, None);
+    let shutdown = CancellationToken::new();
+    let (handle, mut events, task) =
+        Link::spawn(&plaintext_config(port), session(), shutdown.clone()).unwrap();
+    connected(&mut events).await;
+    round_trip(&handle, &mut events, b"subscribed").await;
+
+    // Confirmed by the broker (UNSUBACK), within a moment.
+    tokio::time::timeout(Duration::from_secs(5), handle.stop_receiving())
+        .await
+        .expect("no UNSUBACK within 5 s");
+    // Publishing still works; nothing is delivered any more.
+    let id = handle
+        .try_publish(ACK_TOPIC, b"after".to_vec(), false)
+        .unwrap();
+    wait_for(&mut events, 10, "the PubAck", |e| {
+        (*e == LinkEvent::PubAck(id)).then_some(())
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        assert!(
+            !matches!(event, LinkEvent::Message { .. }),
+            "delivered after stop_receiving: {event:?}"
+        );
+    }
+    // A second call returns at once.
+    tokio::time::timeout(Duration::from_secs(1), handle.stop_receiving())
+        .await
+        .unwrap();
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    // Stopped: nothing to wait for.
+    tokio::time::timeout(Duration::from_secs(1), handle.stop_receiving())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn what_a_dead_connection_left_buffered_is_reported_then_cleared() {
+    // No broker: the state rumqttc is in after a read that ended in an error.
+    let (mut link, handle, mut events) = Link::new(&plaintext_config(9), session()).unwrap();
+    let state = &mut link.eventloop.state;
+    let message = rumqttc::Publish::new(ACK_TOPIC, QoS::AtLeastOnce, b"read".to_vec());
+    state.events.extend([
+        Event::Incoming(Incoming::Publish(message.clone())),
+        Event::Outgoing(Outgoing::PubAck(3)),
+        // A collided publish written on that connection, then its PubAck.
+        Event::Outgoing(Outgoing::Publish(7)),
+        Event::Incoming(Incoming::PubAck(rumqttc::PubAck::new(7))),
+        Event::Incoming(Incoming::SubAck(rumqttc::SubAck::new(
+            1,
+            vec![rumqttc::SubscribeReasonCode::Failure],
+        ))),
+    ]);
+    state.collision = Some(message);
+    lock(&link.shared).unwritten.push_back(PublishId(41));
+
+    link.forget_in_flight("test").await;
+    let mut got = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        got.push(event);
+    }
+    assert_eq!(
+        got,
+        [
+            LinkEvent::Message {
+                topic: ACK_TOPIC.into(),
+                payload: b"read".to_vec()
+            },
+            LinkEvent::PubAck(PublishId(41)),
+        ]
+    );
+    // Nothing of that connection comes out after the next ConnAck, and publishes are not
+    // held back by its collision.
+    assert!(link.eventloop.state.events.is_empty());
+    assert!(link.eventloop.state.collision.is_none());
+    assert!(link.inflight.is_empty());
+    assert!(!handle.is_connected());
 }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::HUB_IDENTITY;
-use super::serve::{ServeSettings, client_id};
+use super::serve::{QUEUE_MAX_BYTES, ServeSettings, client_id};
 use crate::conn::LinkConfig;
 use crate::protocol::DeviceId;
 
@@ -170,6 +170,7 @@ impl Config {
             link,
             data_dir: self.data_dir(flag),
             summary_every: SUMMARY_EVERY,
+            queue_max_bytes: QUEUE_MAX_BYTES,
         })
     }
 

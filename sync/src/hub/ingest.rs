@@ -2,31 +2,48 @@
 //! transaction ([`IngestTx`]); no MQTT here (`serve` feeds it and sends the acks).
 //!
 //! A message is handled in two steps. [`prepare`] needs no store: it reads the topic (the
-//! device is the topic's, never a payload's), checks the size before parsing, decodes with
-//! the protocol's decoder and, for an audit batch, checks its seqs, that every record names
-//! the topic's device, and the chain inside the batch (each record's hash is what its
-//! contents give, each `prev_hash` is the previous record's hash). [`apply`] then runs inside
-//! the write transaction, so the head it reads is the head it extends.
+//! device is the topic's, never a payload's), checks the size before parsing (the caps are
+//! the protocol's, [`protocol::MAX_AUDIT_BATCH_BYTES`] and the others, shared with the
+//! device), decodes with the protocol's decoder and, for an audit batch, checks its seqs,
+//! that its envelope names the topic's device, and the chain inside the batch (each record's
+//! hash is what its contents give, each `prev_hash` is the previous record's hash).
+//! [`apply`] then runs inside the write transaction, so the head it reads is the head it
+//! extends.
+//!
+//! Identity: the enrolled KEY is the device's identity, and the topic says which enrolled
+//! device a message belongs to (the broker's ACL lets a certificate write only its own
+//! topics). A batch's envelope (`AuditBatch.device_id`) must name the topic's device. The
+//! `device_id` inside records and checkpoints is what the device's log wrote (a log begun
+//! before `[device] id` was set names the host) and is not held against the topic's id: a
+//! checkpoint is verified with the enrolled key over its own signed message, whatever device
+//! it names, and the chain (hashes, links, the stored head) holds the records together.
 //!
 //! An audit batch, against the stored head H (the device's highest stored seq; all records
 //! below it are stored, [`crate::hub::store`]'s invariant):
 //! - refused, without a trace in the store ([`Refusal`], a closed set of metric labels):
 //!   `too_large`, `malformed`, `unknown_version`, `unknown_device` (not enrolled),
-//!   `wrong_device` (the payload or a record names another device), `bad_seqs` (gaps,
+//!   `wrong_device` (the envelope names another device than the topic), `bad_seqs` (gaps,
 //!   reordering, seq 0, seqs beyond SQL's BIGINT);
 //! - refused with an alert ([`AlertKind`]: a row in `audit_alerts`, kept once per device,
 //!   kind and seq): `break` (the chain inside the batch does not hold: a record edited,
 //!   re-hashed or reordered), `fork` (a record at or below H differs from the stored one),
 //!   `truncation` (the record at H+1 does not link to the stored hash of H: the device's
 //!   chain no longer continues the history the hub holds), `forged_checkpoint` (the batch's
-//!   checkpoint names another device, carries another key than the enrolled one, does not
-//!   verify with the enrolled key, or signs a hash other than its record's);
+//!   checkpoint carries another key than the enrolled one, does not verify with the enrolled
+//!   key, or signs a hash other than its record's);
 //! - `ahead` (it starts after H+1: a batch that overtook another, normal with several hubs
-//!   or a redelivery): nothing stored, acked with H;
+//!   or a redelivery): nothing stored, acked with H. When `serve` gives up waiting for the
+//!   head to reach it, [`note_behind`] compares H with the `last_acked_seq` the device last
+//!   reported: above H, the hub is behind the device (its `hub.db` restored from an older
+//!   backup) and that is alerted as `behind` at seq H, once; the batch is still acked with
+//!   H, which is what lets the device send from there again;
 //! - `duplicate` (every record at or below H and equal to the stored one): acked with H;
 //! - `stored`: the records above H inserted, the checkpoint too when it is at or below the
 //!   new head (one beyond it is ignored: a later batch carries it again), `acked_seq` set to
 //!   the new head; acked with it once the transaction has committed.
+//!
+//! A checkpoint's signature is verified once per prepared message: the key it verified with
+//! is kept with it, so applying a parked batch again costs no second Ed25519 verification.
 //!
 //! Invariant: nothing a check refuses reaches the store; a checkpoint is stored only after
 //! its signature verified with the enrolled key and its hash matched the stored record's.
@@ -35,25 +52,17 @@
 //! ignored and counted, bad payloads refused and counted); `blobs/get` is counted and
 //! ignored until blob transfer exists.
 
+use std::sync::OnceLock;
+
 use outpost_policy::audit::{Checkpoint, Record};
 use outpost_policy::signing::PublicKey;
 
 use super::store::{AlertRow, IngestTx};
 use super::{HubError, Result};
 use crate::protocol::{
-    self, AuditBatch, DeviceId, DeviceTopic, LinkState, ProtocolError, ReportedState, Route,
-    Status, Telemetry,
+    self, AuditBatch, DeviceId, DeviceTopic, LinkState, MAX_AUDIT_BATCH_BYTES, MAX_STATE_BYTES,
+    MAX_STATUS_BYTES, MAX_TELEMETRY_BYTES, ProtocolError, ReportedState, Route, Status, Telemetry,
 };
-
-/// Largest audit batch read: the link's packet limit (the device's `batch_max_bytes` must
-/// fit it too).
-pub const MAX_AUDIT_BATCH_BYTES: usize = 256 * 1024;
-/// Largest status message read.
-pub const MAX_STATUS_BYTES: usize = 4 * 1024;
-/// Largest reported state read.
-pub const MAX_STATE_BYTES: usize = 64 * 1024;
-/// Largest telemetry snapshot read.
-pub const MAX_TELEMETRY_BYTES: usize = 64 * 1024;
 /// Longest `agent_version` kept (the column is `VARCHAR(200)`).
 pub const MAX_AGENT_VERSION: usize = 200;
 /// Longest `default` alias target kept as the active model (`VARCHAR(400)`).
@@ -111,14 +120,18 @@ pub enum AlertKind {
     Fork,
     Truncation,
     ForgedCheckpoint,
+    /// The device reports an acked seq above the hub's head: the hub lost what it had
+    /// acked (its store restored from an older backup). Not a refusal: see [`note_behind`].
+    Behind,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 4] = [
+    pub const ALL: [AlertKind; 5] = [
         AlertKind::Break,
         AlertKind::Fork,
         AlertKind::Truncation,
         AlertKind::ForgedCheckpoint,
+        AlertKind::Behind,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +140,7 @@ impl AlertKind {
             AlertKind::Fork => "fork",
             AlertKind::Truncation => "truncation",
             AlertKind::ForgedCheckpoint => "forged_checkpoint",
+            AlertKind::Behind => "behind",
         }
     }
 
@@ -264,6 +278,9 @@ enum Body {
         batch: Box<AuditBatch>,
         /// A break inside the batch, alerted once the device is known to be enrolled.
         chain: Option<Alert>,
+        /// The enrolled key (hex) the checkpoint's signature verified with, once it has: a
+        /// parked batch applied again is not verified again.
+        verified_with: OnceLock<String>,
     },
     Status(Status),
     State(ReportedState),
@@ -290,6 +307,14 @@ impl Prepared {
 
     pub fn device(&self) -> Option<&DeviceId> {
         self.device.as_ref()
+    }
+
+    /// For an audit batch: the key its checkpoint's signature verified with, once it has.
+    pub fn checkpoint_verified_with(&self) -> Option<&str> {
+        match &self.body {
+            Body::Audit { verified_with, .. } => verified_with.get().map(String::as_str),
+            _ => None,
+        }
     }
 }
 
@@ -411,16 +436,12 @@ fn prepare_audit(id: &DeviceId, payload: &[u8]) -> Body {
             format!("seq {} is beyond what the store holds", batch.last_seq),
         );
     }
-    if let Some(r) = batch.records.iter().find(|r| r.device_id != id.as_str()) {
-        return refused(
-            Refusal::WrongDevice,
-            format!("record {} names device {}", r.seq, clip(&r.device_id)),
-        );
-    }
+    // The records' own `device_id` is not checked: see the module header.
     let chain = chain_break(&batch.records);
     Body::Audit {
         batch: Box::new(batch),
         chain,
+        verified_with: OnceLock::new(),
     }
 }
 
@@ -498,7 +519,11 @@ fn apply_known(
     now: &str,
 ) -> Result<Outcome> {
     Ok(match body {
-        Body::Audit { batch, chain } => apply_audit(tx, id, key, batch, chain.clone(), now)?,
+        Body::Audit {
+            batch,
+            chain,
+            verified_with,
+        } => apply_audit(tx, id, key, batch, chain.clone(), verified_with, now)?,
         Body::Status(s) => {
             let online = s.state == LinkState::Online;
             tx.set_status(id, online, &s.agent_version, now)?;
@@ -556,6 +581,7 @@ fn apply_audit(
     key: &str,
     batch: &AuditBatch,
     chain: Option<Alert>,
+    verified_with: &OnceLock<String>,
     now: &str,
 ) -> Result<Outcome> {
     if let Some(alert) = chain {
@@ -623,7 +649,7 @@ fn apply_audit(
     // The checkpoint: verified in full, or the whole batch is refused.
     let mut store_cp = None;
     if let Some(cp) = &batch.checkpoint {
-        match checkpoint_problem(tx, id, key, cp, batch, new_head)? {
+        match checkpoint_problem(tx, id, key, cp, verified_with, batch, new_head)? {
             Some(alert) => return alerted(tx, id, alert, now),
             None if cp.seq <= new_head => store_cp = Some(cp),
             None => {}
@@ -660,14 +686,50 @@ fn apply_audit(
     })
 }
 
-/// What is wrong with a batch's checkpoint, if anything: it must name the device, carry the
-/// enrolled key and verify with it, and, when at or below the new head, sign its record's
-/// hash (from the batch, else from the store).
+/// For a device whose `ahead` batch `serve` stopped waiting on, the stored head being
+/// `head`: when the device's last reported state (`state/reported`) says it had an ack
+/// above `head`, the hub is behind the device (its store restored from an older backup)
+/// and that is alerted as `behind` at seq `head`, recorded once per head. `None` when the
+/// device reported nothing above it.
+pub fn note_behind(
+    tx: &mut dyn IngestTx,
+    id: &DeviceId,
+    head: u64,
+    now: &str,
+) -> Result<Option<Outcome>> {
+    let Some(json) = tx.reported_state(id)? else {
+        return Ok(None);
+    };
+    // Written by `apply` from a decoded `ReportedState`; unreadable only if a later
+    // version's hub wrote it, which says nothing about this device's acks.
+    let Ok(state) = protocol::decode::<ReportedState>(json.as_bytes(), usize::MAX) else {
+        return Ok(None);
+    };
+    if state.last_acked_seq <= head {
+        return Ok(None);
+    }
+    let alert = Alert {
+        kind: AlertKind::Behind,
+        seq: head,
+        detail: format!(
+            "the device reports records acked up to seq {}, the hub holds up to seq {head}: \
+             the hub's store is behind the device (restored from an older backup?)",
+            state.last_acked_seq
+        ),
+    };
+    alerted(tx, id, alert, now).map(Some)
+}
+
+/// What is wrong with a batch's checkpoint, if anything: it must carry the enrolled key and
+/// verify with it (over its own signed message, whatever device it names), and, when at or
+/// below the new head, sign its record's hash (from the batch, else from the store).
+/// `verified_with` remembers the key the signature verified with.
 fn checkpoint_problem(
     tx: &dyn IngestTx,
     id: &DeviceId,
     key: &str,
     cp: &Checkpoint,
+    verified_with: &OnceLock<String>,
     batch: &AuditBatch,
     new_head: u64,
 ) -> Result<Option<Alert>> {
@@ -678,13 +740,6 @@ fn checkpoint_problem(
             detail,
         }))
     };
-    if cp.device_id != id.as_str() {
-        return forged(format!(
-            "checkpoint {} names device {}",
-            cp.seq,
-            clip(&cp.device_id)
-        ));
-    }
     if !cp.public_key.eq_ignore_ascii_case(key) {
         return forged(format!(
             "checkpoint {} carries key {}, the enrolled key is {key}",
@@ -692,17 +747,22 @@ fn checkpoint_problem(
             clip(&cp.public_key)
         ));
     }
-    let Some(public) = PublicKey::from_hex(key) else {
-        return Err(inconsistent(
-            id,
-            "the enrolled audit key is not an Ed25519 key".into(),
-        ));
-    };
-    if !public.verify_hex(cp.signed_message().as_bytes(), &cp.signature) {
-        return forged(format!(
-            "checkpoint {}: the signature does not verify with the enrolled key",
-            cp.seq
-        ));
+    if verified_with.get().map(String::as_str) != Some(key) {
+        let Some(public) = PublicKey::from_hex(key) else {
+            return Err(inconsistent(
+                id,
+                "the enrolled audit key is not an Ed25519 key".into(),
+            ));
+        };
+        if !public.verify_hex(cp.signed_message().as_bytes(), &cp.signature) {
+            return forged(format!(
+                "checkpoint {}: the signature does not verify with the enrolled key",
+                cp.seq
+            ));
+        }
+        // Set once: a message is applied by one thread at a time, and a different enrolled
+        // key later (never: keys are not changed) would just verify again.
+        let _ = verified_with.set(key.to_string());
     }
     if cp.seq == 0 {
         return forged("checkpoint names seq 0".into());

@@ -2,51 +2,81 @@
 //! the hub's shared subscriptions (`$share/hub/…`, so hubs side by side split the load), a
 //! prepare thread, an ingest thread that owns `hub.db`, and the acks.
 //!
-//! Flow: the link's messages go, in the order they arrived, through bounded queues to two
-//! threads (their work is blocking or CPU-bound and never runs on the async runtime): the
-//! prepare thread ([`PREPARE_THREAD`]) reads and checks each one without the store
+//! Flow: the link's messages go, in the order they arrived, through queues to two threads
+//! (their work is blocking or CPU-bound and never runs on the async runtime): the prepare
+//! thread ([`PREPARE_THREAD`]) reads and checks each one without the store
 //! ([`ingest::prepare`]: decoding, the hash chain inside a batch); the ingest thread
 //! ([`INGEST_THREAD`]), which owns `hub.db`, takes what is queued (up to [`MAX_GROUP`]
 //! messages), applies them in ONE write transaction ([`ingest::apply`]) and commits: one
 //! fsync for the group. The two overlap, so hashing and storing use two cores. Only after
-//! the commit does the ingest thread publish the acks (`AuditAck` with the device's stored head; one per device per group),
-//! through [`LinkHandle::try_publish`], which never waits: an ack refused (link down, queue
-//! full) is logged at debug and counted, and the device's resend gets a duplicate's ack.
+//! the commit does the ingest thread publish the acks (`AuditAck` with the device's stored
+//! head; one per device per group), through [`LinkHandle::try_publish`], which never waits.
+//!
+//! Back-pressure, by bytes: the serve loop never waits while it holds the link's events, so
+//! the link keeps polling the broker (its keep-alive PINGREQs go out however busy the
+//! store is; a link blocked on a full queue would be dropped by the broker after 1.5 ×
+//! keep-alive). What the hub holds from the link, from the moment the loop takes a message
+//! until the ingest thread is done with it (parked batches included), is bounded by
+//! `ServeSettings::queue_max_bytes` ([`QUEUE_MAX_BYTES`], 32 MiB): each message costs its
+//! payload, its topic and [`MESSAGE_OVERHEAD`], held as semaphore permits that travel
+//! with it. A message that does not fit is dropped WITHOUT an ack and counted as `shed`:
+//! rumqttc has PubAcked it at the MQTT level, which means nothing here, since the hub's
+//! `AuditAck` (sent only after the commit) is the durable one; the device sends an unacked
+//! batch again (the hub acks duplicates), status and reported state on its next connect or
+//! change, and a shed telemetry snapshot is lost.
 //!
 //! An `ahead` batch (it starts after the stored head + 1: with several hubs on a shared
 //! subscription, Mosquitto hands a device's batches out round-robin, so the one before it
-//! may be in another hub's hands right now) is parked rather than acked at once: the thread
-//! applies the parked batches again every [`PARK_RETRY`] and after each group that stored
-//! something, in seq order per device, so it is stored and acked as soon as the head
-//! reaches it; after [`PARK_FOR`] (or beyond [`PARK_MAX_BYTES`]) it counts as `ahead` and
-//! is acked with the head as it is, and the device sends it again. Without this, every
-//! overtaken batch would cost the device its resend delay.
+//! may be in another hub's hands right now) is parked rather than acked at once, and
+//! applied again in seq order per device after each group that stored something and every
+//! [`PARK_RETRY`] while anything is parked (the thread sleeps otherwise). A retry first
+//! reads the heads without the write lock and takes it only when a parked batch's head
+//! reached it or its time ran out; its checkpoint's signature was verified when it first
+//! came ([`ingest`] keeps that). It is stored and acked as soon as the head reaches it;
+//! after [`PARK_FOR`] (or beyond [`PARK_MAX_BYTES`]) it counts as `ahead` and is acked with
+//! the head as it is, and the device sends it again. When one times out, the device's last
+//! reported `last_acked_seq` is compared with the head ([`ingest::note_behind`]): above it,
+//! the hub is behind the device (`hub.db` restored from an older backup), alerted once as
+//! `behind`. Without parking, every overtaken batch would cost the device its resend delay.
 //!
 //! Rules:
 //! - Nothing is acked that is not committed. A group whose transaction fails is rolled
 //!   back and its messages are applied one per transaction, so one message the store cannot
 //!   take (a hub-side inconsistency) does not hold up the others; what still fails is
 //!   logged, counted as a store error and not acked (the device sends it again).
+//! - An ack the link cannot take (disconnected, queue full) is counted as unsent and kept,
+//!   the newest head per device; it is sent again after the next `Connected` and every
+//!   [`ACK_RETRY`] while connected, until one for that device goes out.
 //! - The hub's MQTT client id is unique per process (several hubs share the certificate
 //!   and its CN `outpost-hub`, which the broker takes as the username; the client id is
 //!   free): `outpost-hub.<[hub] instance>`, else `outpost-hub.<16 random hex digits>`. Two
 //!   processes with one client id would take each other's connection over and over.
 //! - Its last will is the retained `offline` status on `hubs/outpost-hub/status`; `online`
 //!   is published, retained, after every connect.
-//! - Shutdown: stop reading the link; the two threads finish what they were given (the
-//!   acks queued) within [`INGEST_GRACE`]; parked batches are dropped unacked; then the link
+//! - Shutdown, in order: (1) stop taking messages: the link unsubscribes
+//!   ([`LinkHandle::stop_receiving`]), so the broker hands what this hub has not read to the
+//!   other hubs; what arrives until the broker has confirmed (UNSUBACK) and then been quiet
+//!   for [`UNSUBSCRIBE_QUIET`] (it still sends what it had queued for this client), at most
+//!   [`UNSUBSCRIBE_GRACE`] in all, is handled as usual; (2) the threads finish what they were given
+//!   (the acks queued) within [`INGEST_GRACE`]; parked batches are still tried as long as
+//!   they move (the batch before them is usually in another hub's hands, and the two hubs
+//!   store their halves of a stream in turn): until none has been stored for
+//!   [`SHUTDOWN_PARK_WAIT`], or [`SHUTDOWN_PARK_MAX`] in all, then dropped unacked; a message the broker still delivers meanwhile is shed; (3) the link
 //!   stops gracefully (its queued publishes acked, the offline status, DISCONNECT).
 //! - Counters ([`Metrics`]) are logged every `summary_every` and at shutdown; alerts are
-//!   also rows of `audit_alerts`.
+//!   also rows of `audit_alerts`. The first sighting of an alert is logged at `error`, a
+//!   repeat (same device, kind and seq) at `debug`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self as queue, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use outpost_policy::audit::now_rfc3339;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -55,28 +85,43 @@ use super::store::{HubStore, SqliteStore};
 use super::{HUB_IDENTITY, Result, make_dir};
 use crate::conn::{Link, LinkConfig, LinkEvent, LinkHandle, Session, Will};
 use crate::protocol::{
-    self, AuditAck, DeviceId, DeviceTopic, LinkState, Status, V1, device_topic, hub_status_topic,
+    self, AuditAck, DeviceId, DeviceTopic, LinkState, MAX_ACK_BYTES, MAX_STATUS_BYTES, Status, V1,
+    device_topic, hub_status_topic,
 };
 
-/// Messages waiting for each of the two threads; when full, the link waits (back-pressure).
-pub const WORK_QUEUE: usize = 1024;
+/// Most bytes held from the link at once (queued, being handled, parked); a message beyond
+/// it is shed.
+pub const QUEUE_MAX_BYTES: usize = 32 << 20;
+/// What a message costs beyond its payload and topic, so empty ones are bounded too.
+pub const MESSAGE_OVERHEAD: usize = 256;
 /// Most messages applied in one transaction.
 pub const MAX_GROUP: usize = 128;
+/// How long shutdown waits for the broker to confirm the unsubscribe and send what it had
+/// queued for this hub.
+pub const UNSUBSCRIBE_GRACE: Duration = Duration::from_secs(2);
+/// After the broker confirmed the unsubscribe, how long without a message ends step (1) of
+/// the shutdown (what the broker had queued for this hub still comes).
+pub const UNSUBSCRIBE_QUIET: Duration = Duration::from_millis(200);
 /// How long shutdown waits for the threads to finish what they were given.
 pub const INGEST_GRACE: Duration = Duration::from_secs(5);
+/// At shutdown, how long parked batches are still tried after the last one was stored.
+pub const SHUTDOWN_PARK_WAIT: Duration = Duration::from_secs(1);
+/// At shutdown, the most time parked batches are still tried (within [`INGEST_GRACE`]).
+pub const SHUTDOWN_PARK_MAX: Duration = Duration::from_secs(4);
 /// How long an `ahead` batch waits for the head to reach it (another hub storing the
 /// batch before it, or a redelivery) before it is acked with the head as it is.
 pub const PARK_FOR: Duration = Duration::from_secs(5);
-/// Most payload bytes parked at once; an `ahead` batch beyond it is acked at once.
+/// Most payload bytes parked at once (within [`QUEUE_MAX_BYTES`]); an `ahead` batch beyond
+/// it is acked at once.
 pub const PARK_MAX_BYTES: usize = 16 << 20;
-/// How often parked batches are tried again.
-pub const PARK_RETRY: Duration = Duration::from_millis(25);
+/// How often parked batches are tried again while there are any.
+pub const PARK_RETRY: Duration = Duration::from_millis(10);
+/// How often unsent acks are tried again while connected.
+pub const ACK_RETRY: Duration = Duration::from_millis(250);
 /// The ingest thread's name.
 pub const INGEST_THREAD: &str = "hub-ingest";
 /// The prepare thread's name.
 pub const PREPARE_THREAD: &str = "hub-prepare";
-/// Largest ack or status the hub publishes.
-const MAX_OWN_MESSAGE: usize = 1024;
 
 /// What `serve` needs, validated by the configuration.
 #[derive(Debug, Clone)]
@@ -86,6 +131,8 @@ pub struct ServeSettings {
     pub data_dir: PathBuf,
     /// How often the counters are logged.
     pub summary_every: Duration,
+    /// The byte budget of what the hub holds from the link ([`QUEUE_MAX_BYTES`]).
+    pub queue_max_bytes: usize,
 }
 
 /// `outpost-hub.<instance>`, or `outpost-hub.<16 random hex digits>` without one.
@@ -103,6 +150,8 @@ pub fn client_id(instance: Option<&str>) -> std::result::Result<DeviceId, protoc
 #[derive(Debug, Default)]
 pub struct Metrics {
     received: AtomicU64,
+    shed: AtomicU64,
+    queued_bytes: AtomicU64,
     batches_stored: AtomicU64,
     batches_duplicate: AtomicU64,
     batches_ahead: AtomicU64,
@@ -117,12 +166,19 @@ pub struct Metrics {
     acks_sent: AtomicU64,
     acks_unsent: AtomicU64,
     store_errors: AtomicU64,
+    subscribe_refused: AtomicU64,
+    disconnects: AtomicU64,
 }
 
 /// The counters at one instant; label maps hold only the labels seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MetricsSnapshot {
     pub received: u64,
+    /// Messages dropped unacked: over the byte budget, or delivered after shutdown closed
+    /// the queues.
+    pub shed: u64,
+    /// Bytes held from the link when last looked (a gauge, set by the serve loop).
+    pub queued_bytes: u64,
     pub batches_stored: u64,
     pub batches_duplicate: u64,
     pub batches_ahead: u64,
@@ -130,7 +186,8 @@ pub struct MetricsSnapshot {
     pub batches_parked: u64,
     /// Audit batches refused without an alert, by reason.
     pub batches_refused: Vec<(&'static str, u64)>,
-    /// Audit batches refused with an alert, by kind.
+    /// Alerts seen, by kind: audit batches refused with one, and `behind` (a timed-out
+    /// `ahead` batch from a device that reports more acked than the hub holds).
     pub alerts: Vec<(&'static str, u64)>,
     pub records_stored: u64,
     pub checkpoints_stored: u64,
@@ -140,8 +197,13 @@ pub struct MetricsSnapshot {
     pub refused: Vec<(&'static str, u64)>,
     pub ignored: u64,
     pub acks_sent: u64,
+    /// Acks the link could not take (each attempt; they are tried again).
     pub acks_unsent: u64,
     pub store_errors: u64,
+    /// Filters the broker refused to subscribe the hub to.
+    pub subscribe_refused: u64,
+    /// Connections to the broker lost (the link reconnects).
+    pub disconnects: u64,
 }
 
 fn inc(c: &AtomicU64, by: u64) {
@@ -204,6 +266,8 @@ impl Metrics {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         MetricsSnapshot {
             received: get(&self.received),
+            shed: get(&self.shed),
+            queued_bytes: get(&self.queued_bytes),
             batches_stored: get(&self.batches_stored),
             batches_duplicate: get(&self.batches_duplicate),
             batches_ahead: get(&self.batches_ahead),
@@ -218,6 +282,8 @@ impl Metrics {
             acks_sent: get(&self.acks_sent),
             acks_unsent: get(&self.acks_unsent),
             store_errors: get(&self.store_errors),
+            subscribe_refused: get(&self.subscribe_refused),
+            disconnects: get(&self.disconnects),
         }
     }
 
@@ -226,6 +292,8 @@ impl Metrics {
         let s = self.snapshot();
         info!(
             received = s.received,
+            shed = s.shed,
+            queued_bytes = s.queued_bytes,
             batches_stored = s.batches_stored,
             batches_duplicate = s.batches_duplicate,
             batches_ahead = s.batches_ahead,
@@ -240,48 +308,132 @@ impl Metrics {
             acks_sent = s.acks_sent,
             acks_unsent = s.acks_unsent,
             store_errors = s.store_errors,
+            subscribe_refused = s.subscribe_refused,
+            disconnects = s.disconnects,
             "{message}"
         );
     }
 }
 
 // ---------------------------------------------------------------------------------------------
+// The byte budget
+
+/// What a message from the link costs against the budget.
+fn cost(topic: &str, payload: &[u8]) -> usize {
+    payload.len() + topic.len() + MESSAGE_OVERHEAD
+}
+
+/// The serve loop's side of the queues: admits a message within the byte budget or sheds
+/// it; never waits.
+struct Intake {
+    budget: Arc<Semaphore>,
+    max: usize,
+    /// `None` once shutdown closed the queues.
+    messages: Option<queue::Sender<Message>>,
+    metrics: Arc<Metrics>,
+    /// Messages shed since the last one admitted (logged when shedding starts and ends).
+    shedding: u64,
+}
+
+impl Intake {
+    fn new(max: usize, messages: queue::Sender<Message>, metrics: Arc<Metrics>) -> Self {
+        let max = max.min(Semaphore::MAX_PERMITS);
+        Self {
+            budget: Arc::new(Semaphore::new(max)),
+            max,
+            messages: Some(messages),
+            metrics,
+            shedding: 0,
+        }
+    }
+
+    /// Hands a message to the prepare thread if the budget has room, else sheds it; false
+    /// when the threads are gone.
+    fn take(&mut self, topic: String, payload: Vec<u8>) -> bool {
+        inc(&self.metrics.received, 1);
+        let permit = u32::try_from(cost(&topic, &payload))
+            .ok()
+            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
+        let (Some(messages), Some(permit)) = (&self.messages, permit) else {
+            inc(&self.metrics.shed, 1);
+            if self.shedding == 0 {
+                warn!(
+                    budget_bytes = self.max,
+                    held_bytes = self.held(),
+                    closed = self.messages.is_none(),
+                    "Messages dropped unacked (over the byte budget, or stopping); their devices send them again."
+                );
+            }
+            self.shedding += 1;
+            debug!(topic = %topic, bytes = payload.len(), "Message shed.");
+            return true;
+        };
+        if self.shedding > 0 {
+            info!(shed = self.shedding, "Taking messages again.");
+            self.shedding = 0;
+        }
+        messages
+            .send(Message {
+                topic,
+                payload,
+                permit,
+            })
+            .is_ok()
+    }
+
+    /// Bytes held now.
+    fn held(&self) -> usize {
+        self.max.saturating_sub(self.budget.available_permits())
+    }
+
+    /// Closes the prepare thread's queue: what it holds is still handled, later messages
+    /// are shed.
+    fn close(&mut self) {
+        self.messages = None;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The ingest thread
 
-/// A message from the link, for the prepare thread.
+/// A message from the link, for the prepare thread, with its share of the budget.
 #[derive(Debug)]
 struct Message {
     topic: String,
     payload: Vec<u8>,
+    permit: OwnedSemaphorePermit,
 }
 
 /// What the ingest thread is given.
 enum Work {
     /// A message, read and checked by the prepare thread.
     Item(Item),
-    /// Time to try the parked batches again.
-    Tick,
+    /// The link connected (again): time to send the unsent acks.
+    Connected,
 }
 
 /// The prepare thread: reads and checks each message (decoding, the hash chain inside a
 /// batch) without the store, in order, and hands it to the ingest thread.
-fn prepare_loop(mut messages: mpsc::Receiver<Message>, work: mpsc::Sender<Work>) {
-    while let Some(m) = messages.blocking_recv() {
+fn prepare_loop(messages: queue::Receiver<Message>, work: queue::Sender<Work>) {
+    while let Ok(m) = messages.recv() {
         let item = Item {
             prepared: ingest::prepare(&m.topic, &m.payload),
             bytes: m.payload.len(),
+            _permit: Some(m.permit),
         };
-        if work.blocking_send(Work::Item(item)).is_err() {
+        if work.send(Work::Item(item)).is_err() {
             break;
         }
     }
     debug!("Prepare thread done.");
 }
 
-/// A message read and checked, with its size (what parking it costs).
+/// A message read and checked, with its size (what parking it costs) and its share of the
+/// budget (returned when it is dropped; `None` only in tests).
 struct Item {
     prepared: Prepared,
     bytes: usize,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// An `ahead` batch waiting for the head to reach it.
@@ -296,6 +448,12 @@ struct Worker {
     metrics: Arc<Metrics>,
     parked: Vec<Parked>,
     parked_bytes: usize,
+    /// When parked batches were last looked at.
+    last_retry: Instant,
+    /// Acks the link did not take: the newest head per device.
+    unsent: BTreeMap<DeviceId, u64>,
+    /// When unsent acks were last tried.
+    last_ack_try: Instant,
     /// [`PARK_FOR`], shorter in tests.
     park_for: Duration,
 }
@@ -308,19 +466,36 @@ impl Worker {
             metrics,
             parked: Vec::new(),
             parked_bytes: 0,
+            last_retry: Instant::now(),
+            unsent: BTreeMap::new(),
+            last_ack_try: Instant::now(),
             park_for: PARK_FOR,
         }
     }
 
-    fn run(mut self, mut queue: mpsc::Receiver<Work>) {
-        while let Some(first) = queue.blocking_recv() {
+    fn run(mut self, queue: queue::Receiver<Work>) {
+        loop {
+            // Asleep until work comes, unless parked batches or unsent acks need a timer.
+            let first = match self.wake_at() {
+                None => match queue.recv() {
+                    Ok(work) => Some(work),
+                    Err(_) => break,
+                },
+                Some(at) => {
+                    match queue.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                        Ok(work) => Some(work),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
             let mut group = Vec::new();
-            let mut tick = false;
-            let mut next = Some(first);
+            let mut connected = false;
+            let mut next = first;
             while let Some(work) = next {
                 match work {
                     Work::Item(item) => group.push(item),
-                    Work::Tick => tick = true,
+                    Work::Connected => connected = true,
                 }
                 next = if group.len() < MAX_GROUP {
                     queue.try_recv().ok()
@@ -329,8 +504,45 @@ impl Worker {
                 };
             }
             let stored = !group.is_empty() && self.handle(group);
-            if tick || stored {
+            if stored || self.due(self.last_retry, PARK_RETRY, !self.parked.is_empty()) {
                 self.retry_parked();
+            }
+            if connected || self.due(self.last_ack_try, ACK_RETRY, !self.unsent.is_empty()) {
+                self.resend_acks();
+            }
+        }
+        self.finish();
+        debug!("Ingest thread done.");
+    }
+
+    /// When the thread must wake without work: the next parked retry, the next ack retry
+    /// (only while connected: `Connected` wakes it otherwise); `None` to sleep until work.
+    fn wake_at(&self) -> Option<Instant> {
+        let parked = (!self.parked.is_empty()).then(|| self.last_retry + PARK_RETRY);
+        let acks = (!self.unsent.is_empty() && self.link.is_connected())
+            .then(|| self.last_ack_try + ACK_RETRY);
+        parked.into_iter().chain(acks).min()
+    }
+
+    fn due(&self, last: Instant, every: Duration, pending: bool) -> bool {
+        pending && last.elapsed() >= every
+    }
+
+    /// At shutdown (the queue closed and emptied): parked batches are tried as long as
+    /// they move (the batch before them is usually being stored by another hub right now),
+    /// the rest dropped unacked; unsent acks get one last try.
+    fn finish(&mut self) {
+        let started = Instant::now();
+        let mut moved = Instant::now();
+        while !self.parked.is_empty()
+            && moved.elapsed() < SHUTDOWN_PARK_WAIT
+            && started.elapsed() < SHUTDOWN_PARK_MAX
+        {
+            std::thread::sleep(PARK_RETRY);
+            let before = self.parked.len();
+            self.retry_parked();
+            if self.parked.len() < before {
+                moved = Instant::now();
             }
         }
         if !self.parked.is_empty() {
@@ -338,8 +550,10 @@ impl Worker {
                 batches = self.parked.len(),
                 "Parked audit batches dropped at shutdown; their devices send them again."
             );
+            self.parked.clear();
+            self.parked_bytes = 0;
         }
-        debug!("Ingest thread done.");
+        self.resend_acks();
     }
 
     /// Applies `group` in one transaction (one per message if that fails), then reports;
@@ -428,6 +642,10 @@ impl Worker {
         if self.parked_bytes + item.bytes > PARK_MAX_BYTES {
             return false;
         }
+        if self.parked.is_empty() {
+            // The first retry one period from now, not at once.
+            self.last_retry = Instant::now();
+        }
         self.parked_bytes += item.bytes;
         inc(&self.metrics.batches_parked, 1);
         self.parked.push(Parked {
@@ -437,11 +655,45 @@ impl Worker {
         true
     }
 
-    /// Applies the parked batches again, in seq order per device: stored ones are acked,
-    /// ones still ahead stay parked until [`PARK_FOR`] is over, then count as `ahead` and
-    /// are acked with the head.
+    /// Whether trying the parked batches again can change anything: one timed out, or its
+    /// device's head (read without the write lock) reached it. A failed read says yes (the
+    /// retry then reports the store's error).
+    fn parked_may_move(&self) -> bool {
+        if self
+            .parked
+            .iter()
+            .any(|p| p.since.elapsed() >= self.park_for)
+        {
+            return true;
+        }
+        let mut heads: BTreeMap<&DeviceId, u64> = BTreeMap::new();
+        for p in &self.parked {
+            let (Some(device), Some((first, _))) =
+                (p.item.prepared.device(), p.item.prepared.seqs())
+            else {
+                return true;
+            };
+            let head = match heads.get(device) {
+                Some(h) => *h,
+                None => match self.store.audit_head_seq(device) {
+                    Ok(h) => *heads.entry(device).or_insert(h),
+                    Err(_) => return true,
+                },
+            };
+            if first <= head.saturating_add(1) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Applies the parked batches again, in seq order per device, when that can change
+    /// anything: stored ones are acked, ones still ahead stay parked until [`PARK_FOR`] is
+    /// over, then count as `ahead` and are acked with the head (and the hub checks whether
+    /// it is behind their device, in the same transaction).
     fn retry_parked(&mut self) {
-        if self.parked.is_empty() {
+        self.last_retry = Instant::now();
+        if self.parked.is_empty() || !self.parked_may_move() {
             return;
         }
         let mut parked = std::mem::take(&mut self.parked);
@@ -450,18 +702,42 @@ impl Worker {
             (a.item.prepared.device(), a.item.prepared.seqs())
                 .cmp(&(b.item.prepared.device(), b.item.prepared.seqs()))
         });
-        let items: Vec<&Item> = parked.iter().map(|p| &p.item).collect();
-        let result = (|| -> Result<Vec<Handled>> {
+        let expired: Vec<bool> = parked
+            .iter()
+            .map(|p| p.since.elapsed() >= self.park_for)
+            .collect();
+        let store = &mut self.store;
+        let result = (|| -> Result<(Vec<Handled>, Vec<Handled>)> {
             let now = now_rfc3339();
-            let mut tx = self.store.begin_ingest()?;
-            let mut handled = Vec::with_capacity(items.len());
-            for item in &items {
-                handled.push(ingest::apply(tx.as_mut(), &item.prepared, &now)?);
+            let mut tx = store.begin_ingest()?;
+            let mut handled = Vec::with_capacity(parked.len());
+            for p in &parked {
+                handled.push(ingest::apply(tx.as_mut(), &p.item.prepared, &now)?);
+            }
+            // The head of each device one of whose batches gives up waiting now.
+            let mut gave_up: BTreeMap<&DeviceId, u64> = BTreeMap::new();
+            for (h, expired) in handled.iter().zip(&expired) {
+                if let (true, Outcome::Ahead { head, .. }, Some(device)) =
+                    (*expired, &h.outcome, &h.device)
+                {
+                    let e = gave_up.entry(device).or_insert(*head);
+                    *e = (*e).max(*head);
+                }
+            }
+            let mut behind = Vec::new();
+            for (device, head) in gave_up {
+                if let Some(outcome) = ingest::note_behind(tx.as_mut(), device, head, &now)? {
+                    behind.push(Handled {
+                        kind: Kind::Audit,
+                        device: Some(device.clone()),
+                        outcome,
+                    });
+                }
             }
             tx.commit()?;
-            Ok(handled)
+            Ok((handled, behind))
         })();
-        let handled = match result {
+        let (handled, behind) = match result {
             Ok(h) => h,
             Err(e) => {
                 // Nothing changed; they are dropped unacked and the devices send them again.
@@ -470,10 +746,14 @@ impl Worker {
                 return;
             }
         };
+        for h in &behind {
+            self.metrics.count(h);
+            log_handled(h);
+        }
         let mut done_items = Vec::new();
         let mut done = Vec::new();
-        for (p, h) in parked.into_iter().zip(handled) {
-            if matches!(h.outcome, Outcome::Ahead { .. }) && p.since.elapsed() < self.park_for {
+        for ((p, h), expired) in parked.into_iter().zip(handled).zip(expired) {
+            if matches!(h.outcome, Outcome::Ahead { .. }) && !expired {
                 self.parked_bytes += p.item.bytes;
                 self.parked.push(p);
             } else {
@@ -484,26 +764,47 @@ impl Worker {
         self.report(done_items, done, false);
     }
 
-    fn ack(&self, device: DeviceId, acked_seq: u64) {
+    /// Publishes an ack; one the link does not take is kept (the newest per device) for
+    /// [`Worker::resend_acks`].
+    fn ack(&mut self, device: DeviceId, acked_seq: u64) {
         let topic = device_topic(&device, DeviceTopic::AuditAck);
         let ack = AuditAck {
             v: V1,
             device_id: device,
             acked_seq,
         };
-        let sent = protocol::encode(&ack, MAX_OWN_MESSAGE)
+        let sent = protocol::encode(&ack, MAX_ACK_BYTES)
             .map_err(|e| e.to_string())
             .and_then(|p| {
                 self.link
                     .try_publish(&topic, p, false)
                     .map_err(|e| e.to_string())
             });
+        let device = ack.device_id;
         match sent {
-            Ok(_) => inc(&self.metrics.acks_sent, 1),
+            Ok(_) => {
+                inc(&self.metrics.acks_sent, 1);
+                if self.unsent.get(&device).is_some_and(|s| *s <= acked_seq) {
+                    self.unsent.remove(&device);
+                }
+            }
             Err(e) => {
                 inc(&self.metrics.acks_unsent, 1);
-                debug!(device = %ack.device_id, acked_seq, error = %e, "Ack not sent; the device will send again.");
+                debug!(device = %device, acked_seq, error = %e, "Ack not sent; tried again later.");
+                let kept = self.unsent.entry(device).or_insert(acked_seq);
+                *kept = (*kept).max(acked_seq);
             }
+        }
+    }
+
+    /// Sends the unsent acks again, if the link is connected.
+    fn resend_acks(&mut self) {
+        self.last_ack_try = Instant::now();
+        if self.unsent.is_empty() || !self.link.is_connected() {
+            return;
+        }
+        for (device, acked_seq) in std::mem::take(&mut self.unsent) {
+            self.ack(device, acked_seq);
         }
     }
 }
@@ -534,14 +835,19 @@ fn log_handled(h: &Handled) {
                 first_seq, head, "Audit batch ahead of the stored head."
             )
         }
-        Outcome::Alerted { alert, new } => error!(
-            device,
-            kind = alert.kind.as_str(),
-            seq = alert.seq,
-            detail = %alert.detail,
-            repeated = !new,
-            "Audit chain alert; batch refused."
-        ),
+        Outcome::Alerted { alert, new } => {
+            let message = match alert.kind {
+                AlertKind::Behind => "The hub's store is behind the device; alert recorded.",
+                _ => "Audit chain alert; batch refused.",
+            };
+            let (kind, seq, detail) = (alert.kind.as_str(), alert.seq, &alert.detail);
+            // The first sighting is the news; a device resending its batch repeats it.
+            if *new {
+                error!(device, kind, seq, detail = %detail, "{message}");
+            } else {
+                debug!(device, kind, seq, detail = %detail, repeated = true, "{message}");
+            }
+        }
         Outcome::Refused { reason, detail } => warn!(
             device,
             kind,
@@ -580,13 +886,21 @@ fn status(state: LinkState) -> Result<Vec<u8>> {
         state,
         agent_version: env!("CARGO_PKG_VERSION").into(),
     };
-    Ok(protocol::encode(&s, MAX_OWN_MESSAGE)?)
+    Ok(protocol::encode(&s, MAX_STATUS_BYTES)?)
 }
 
 impl Server {
-    /// Opens (creating) `<data_dir>/hub.db` and checks the link's configuration.
+    /// Opens (creating) `<data_dir>/hub.db` and checks the link's configuration (and that
+    /// the byte budget holds the largest packet the link takes).
     pub fn open(settings: ServeSettings) -> Result<Server> {
         settings.link.validate()?;
+        let largest = settings.link.max_packet_size + MESSAGE_OVERHEAD;
+        if settings.queue_max_bytes < largest {
+            return Err(super::HubError::Serve(format!(
+                "queue_max_bytes ({}) must hold at least one packet of max_packet_size ({} bytes)",
+                settings.queue_max_bytes, settings.link.max_packet_size
+            )));
+        }
         let dir = make_dir(&settings.data_dir)?;
         let store = SqliteStore::open(&dir)?;
         Ok(Server {
@@ -630,8 +944,8 @@ impl Server {
             "Starting."
         );
 
-        let (messages, messages_rx) = mpsc::channel::<Message>(WORK_QUEUE);
-        let (work, work_rx) = mpsc::channel::<Work>(WORK_QUEUE);
+        let (messages, messages_rx) = queue::channel::<Message>();
+        let (work, work_rx) = queue::channel::<Work>();
         let worker = Worker::new(store, link.clone(), metrics.clone());
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -649,43 +963,46 @@ impl Server {
             PREPARE_THREAD,
             Box::new(move || prepare_loop(messages_rx, prepare_work)),
         )?;
+        let mut intake = Intake::new(settings.queue_max_bytes, messages, metrics.clone());
 
         let every = settings.summary_every;
         let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let mut retry = tokio::time::interval(PARK_RETRY);
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // Why serving stopped other than by shutdown: the exit is then a failure.
         let mut failure: Option<&'static str> = None;
+        // Nothing in this loop waits but `select!` itself: the link is never held up.
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = summary.tick() => metrics.log("Ingest summary."),
-                // Skipped when the queue is full: the thread is busy and retries after
-                // each group that stored something anyway.
-                _ = retry.tick() => { let _ = work.try_send(Work::Tick); }
+                _ = summary.tick() => {
+                    metrics.queued_bytes.store(intake.held() as u64, Ordering::Relaxed);
+                    metrics.log("Ingest summary.");
+                }
                 event = events.recv() => match event {
                     Some(LinkEvent::Connected) => {
                         if let Err(e) = link.try_publish(&status_topic, online.clone(), true) {
                             warn!(error = %e, "Online status not sent.");
                         }
+                        // The acks the link could not take go now.
+                        let _ = work.send(Work::Connected);
                         info!(broker = %broker, client_id = %settings.link.client_id, "Serving.");
                     }
                     Some(LinkEvent::Message { topic, payload }) => {
-                        inc(&metrics.received, 1);
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => break,
-                            sent = messages.send(Message { topic, payload }) => {
-                                if sent.is_err() {
-                                    failure = Some("the ingest threads stopped");
-                                    break;
-                                }
-                            }
+                        if !intake.take(topic, payload) {
+                            failure = Some("the ingest threads stopped");
+                            break;
                         }
                     }
+                    Some(LinkEvent::SubscribeRefused { filters }) => {
+                        inc(&metrics.subscribe_refused, filters.len() as u64);
+                        error!(
+                            filters = ?filters,
+                            "The broker refused the hub's subscriptions; nothing arrives on them (check its ACL for the outpost-hub user)."
+                        );
+                    }
                     // The link logs these itself and reconnects.
-                    Some(LinkEvent::ConnectFailed { .. } | LinkEvent::Disconnected { .. }) => {}
+                    Some(LinkEvent::Disconnected { .. }) => inc(&metrics.disconnects, 1),
+                    Some(LinkEvent::ConnectFailed { .. }) => {}
                     Some(LinkEvent::PubAck(_)) => {}
                     None => {
                         failure = Some("the broker link stopped");
@@ -699,29 +1016,99 @@ impl Server {
             Some(why) => error!(reason = why, "Stopping."),
             None => info!("Stopping."),
         }
-        // A link waiting to hand over an event sees the receiver gone and goes on.
-        drop(events);
-        // The threads finish what they were given (the acks queued), and return.
-        drop(messages);
+        // (1) No new messages: the broker hands what this hub has not read to the other
+        // hubs. What it sent before confirming is handled as usual.
+        if failure.is_none() {
+            let stopped = link.stop_receiving();
+            tokio::pin!(stopped);
+            let grace = tokio::time::sleep(UNSUBSCRIBE_GRACE);
+            tokio::pin!(grace);
+            // After the confirmation, until the link has been quiet for UNSUBSCRIBE_QUIET:
+            // the broker still sends what it had queued for this client.
+            let quiet = tokio::time::sleep(UNSUBSCRIBE_GRACE);
+            tokio::pin!(quiet);
+            let mut confirmed = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped, if !confirmed => {
+                        confirmed = true;
+                        quiet.as_mut().reset(tokio::time::Instant::now() + UNSUBSCRIBE_QUIET);
+                    }
+                    _ = &mut quiet, if confirmed => break,
+                    _ = &mut grace => {
+                        if !confirmed {
+                            warn!(
+                                grace_secs = UNSUBSCRIBE_GRACE.as_secs(),
+                                "The broker did not confirm the unsubscribe in time; stopping anyway."
+                            );
+                        }
+                        break;
+                    }
+                    event = events.recv() => match event {
+                        Some(LinkEvent::Message { topic, payload }) => {
+                            if !intake.take(topic, payload) {
+                                failure = Some("the ingest threads stopped");
+                                break;
+                            }
+                            if confirmed {
+                                quiet.as_mut().reset(tokio::time::Instant::now() + UNSUBSCRIBE_QUIET);
+                            }
+                        }
+                        Some(_) => {}
+                        None => break,
+                    },
+                }
+            }
+            debug!(confirmed, "No longer taking messages.");
+        }
+        // (2) The threads finish what they were given (the acks queued), and return; the
+        // link's events are still read (a message the broker still delivers is shed), so it
+        // never waits on this loop.
+        intake.close();
         drop(work);
         let joined = tokio::task::spawn_blocking(move || {
             let prepared = prepare_thread.join();
             let ingested = ingest_thread.join();
             prepared.and(ingested)
         });
-        match tokio::time::timeout(INGEST_GRACE, joined).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(_) => {
-                error!("An ingest thread failed.");
-                failure = failure.or(Some("an ingest thread failed"));
+        tokio::pin!(joined);
+        let grace = tokio::time::sleep(INGEST_GRACE);
+        tokio::pin!(grace);
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                biased;
+                joined = &mut joined => {
+                    if !matches!(joined, Ok(Ok(()))) {
+                        error!("An ingest thread failed.");
+                        failure = failure.or(Some("an ingest thread failed"));
+                    }
+                    break;
+                }
+                _ = &mut grace => {
+                    warn!(
+                        grace_secs = INGEST_GRACE.as_secs(),
+                        "The ingest threads did not finish in time; what they had not committed is not acked."
+                    );
+                    break;
+                }
+                event = events.recv(), if reading => match event {
+                    Some(LinkEvent::Message { topic, payload }) => {
+                        intake.take(topic, payload);
+                    }
+                    Some(_) => {}
+                    None => reading = false,
+                },
             }
-            Err(_) => warn!(
-                grace_secs = INGEST_GRACE.as_secs(),
-                "The ingest threads did not finish in time; what they had not committed is not acked."
-            ),
         }
+        // (3) The link stops gracefully (the acks it holds, the offline status).
+        drop(events);
         link_stop.cancel();
         let _ = link_task.await;
+        metrics
+            .queued_bytes
+            .store(intake.held() as u64, Ordering::Relaxed);
         metrics.log("Stopped.");
         match failure {
             Some(why) => Err(super::HubError::Serve(why.into())),

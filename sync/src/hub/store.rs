@@ -15,7 +15,7 @@
 //! - `audit_checkpoints(device_id, seq, checkpoint_json, received_at)`: the device's signed
 //!   checkpoints (`Checkpoint` as serde writes it) that the hub verified.
 //! - `audit_alerts(device_id, at, kind, seq, detail)`: breaks, forks, truncations and forged
-//!   checkpoints the hub saw (kept: they are evidence).
+//!   checkpoints the hub saw, and a hub found behind a device (kept: they are evidence).
 //! - `devices` also keeps the device's last reported audit seq, its reported state and its
 //!   last telemetry snapshot (JSON, as received).
 //!
@@ -132,6 +132,9 @@ pub trait HubStore {
     /// Starts ingest's write transaction, holding the write lock from its first statement;
     /// dropped without [`IngestTx::commit`], it changes nothing.
     fn begin_ingest(&mut self) -> Result<Box<dyn IngestTx + '_>>;
+    /// The device's stored head seq (0 when nothing is stored), read without the write
+    /// lock: what `serve` looks at before it takes the lock for parked batches.
+    fn audit_head_seq(&self, id: &DeviceId) -> Result<u64>;
 
     // Audit reads (the auditors' commands): what ingest stored, never changed.
 
@@ -165,7 +168,7 @@ pub struct StoredRecord<'a> {
 }
 
 /// A break, fork, truncation or forged checkpoint that ingest saw from a device (and
-/// refused).
+/// refused), or the hub found behind the device (`behind`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditAlert {
     pub at: String,
@@ -416,6 +419,17 @@ impl HubStore for SqliteStore {
         }))
     }
 
+    fn audit_head_seq(&self, id: &DeviceId) -> Result<u64> {
+        let seq: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT seq FROM audit_records WHERE device_id = ?1 ORDER BY seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+            .map_err(store_err(&self.path))?;
+        Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+    }
+
     fn for_each_audit_record(
         &self,
         device: &DeviceId,
@@ -548,6 +562,9 @@ pub trait IngestTx {
     fn audit_key(&self, id: &DeviceId) -> Result<Option<String>>;
     /// The device's stored head.
     fn audit_head(&self, id: &DeviceId) -> Result<AuditHead>;
+    /// The device's last reported state (JSON, as [`IngestTx::set_reported_state`] wrote
+    /// it), if any.
+    fn reported_state(&self, id: &DeviceId) -> Result<Option<String>>;
     /// `(seq, hash)` of the stored records `first..=last`, by seq.
     fn stored_hashes(&self, id: &DeviceId, first: u64, last: u64) -> Result<Vec<(u64, String)>>;
     /// Inserts records (skipping any seq already stored); how many were new.
@@ -641,6 +658,15 @@ impl IngestTx for SqliteIngest<'_> {
                 hash: GENESIS.to_string(),
             },
         })
+    }
+
+    fn reported_state(&self, id: &DeviceId) -> Result<Option<String>> {
+        let json: Option<Option<String>> = self
+            .tx
+            .prepare_cached("SELECT reported_json FROM devices WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id.as_str()], |r| r.get(0)).optional())
+            .map_err(store_err(self.path))?;
+        Ok(json.flatten())
     }
 
     fn stored_hashes(&self, id: &DeviceId, first: u64, last: u64) -> Result<Vec<(u64, String)>> {

@@ -211,7 +211,7 @@ fn serve_needs_a_broker_and_gets_a_client_id_of_its_own() {
 fn the_broker_takes_no_packet_the_links_would_refuse() {
     let link = crate::conn::LinkConfig::new("mqtts://h", DeviceId::new("x").unwrap());
     assert_eq!(super::broker::MAX_PACKET_SIZE, link.max_packet_size);
-    assert!(super::ingest::MAX_AUDIT_BATCH_BYTES <= link.max_packet_size);
+    assert!(crate::protocol::MAX_AUDIT_BATCH_BYTES <= link.max_packet_size);
 }
 
 /// Seqs of `edge-01`'s stored records that `q` selects, through the read-only store.

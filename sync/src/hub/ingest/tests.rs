@@ -564,15 +564,15 @@ fn a_forged_checkpoint_refuses_the_whole_batch() {
             "ab".repeat(32),
         ),
     );
-    // Signed by the device's key, naming another device.
-    let mut elsewhere = fx.cp(5);
-    elsewhere.device_id = "edge-02".into();
-    elsewhere.signature = fx.key.sign_hex(elsewhere.signed_message().as_bytes());
+    // Naming another device (the one it names is signed too) with the enrolled key
+    // claimed but the signature over the original message: it does not verify.
+    let mut renamed = fx.cp(5);
+    renamed.device_id = "edge-02".into();
     expect(
         &mut fx,
-        elsewhere,
+        renamed,
         true,
-        "checkpoint 5 names device \"edge-02\"",
+        "checkpoint 5: the signature does not verify with the enrolled key",
     );
 
     // A well-signed checkpoint beyond the new head is not judged (nor stored) yet...
@@ -628,7 +628,8 @@ fn hostile_payloads_are_refused_without_a_trace() {
     let none = "records none cps [] acked - alerts []";
     let good = packed(DEVICE, &fx.records(1..=3), None);
 
-    // Another device in the payload, or in a record.
+    // Another device in the envelope (the device_id inside records is the log's own: see
+    // `records_may_name_the_host_the_key_is_the_identity`).
     let mut other = batch_of(DEVICE, fx.records(1..=3), None);
     other.device_id = dev("edge-02");
     fx.check(
@@ -638,11 +639,6 @@ fn hostile_payloads_are_refused_without_a_trace() {
     );
     let dir = TempDir::new().unwrap();
     let b_log = write_log(dir.path(), "edge-02", &fx.key, 3);
-    fx.check(
-        &raw(&batch_of(DEVICE, b_log.records.clone(), None)),
-        "refused wrong_device: record 1 names device \"edge-02\"",
-        none,
-    );
     // A device that is not enrolled, even with a broken chain: no alert for it.
     let mut broken = b_log.records.clone();
     broken[1].reason = "edited".into();
@@ -946,4 +942,125 @@ fn the_head_is_read_under_the_write_lock() {
     assert_eq!(describe(&h.outcome), "stored 9..=10 +2 head 10 cp 10");
     drop(tx);
     assert_eq!(fx.store_state(), "records 1..=8 cps [] acked 8 alerts []");
+}
+
+#[test]
+fn records_may_name_the_host_the_key_is_the_identity() {
+    // A log begun before `[device] id` was set names the host; once set, the same log goes
+    // on under the id. Both halves are the enrolled device's: its key signed them.
+    let dir = TempDir::new().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let path = dir.path().join("audit.db");
+    for (name, n) in [("raspberrypi", 7), (DEVICE, 6)] {
+        let copy = KeyPair::from_pem(&key.private_pem(), &path).unwrap();
+        let mut settings = AuditSettings::new(name);
+        settings.checkpoint_every = 5;
+        let log = AuditLog::open(&path, copy, settings).unwrap();
+        for i in 0..n {
+            log.append(Entry::new(
+                "local:test",
+                "models:activate",
+                AuditOutcome::Success,
+                &format!("{name} {i}"),
+            ))
+            .unwrap();
+        }
+    }
+    let reader = AuditReader::open(&path).unwrap();
+    let records = reader.query(&Query::default()).unwrap();
+    let checkpoints = reader.checkpoints().unwrap();
+    let named = |seq: u64| records[(seq - 1) as usize].device_id.clone();
+    assert_eq!((named(7), named(8)), ("raspberrypi".into(), DEVICE.into()));
+    // The newest checkpoint at or below `seq` (the log also writes one when it closes).
+    let cp = |seq: u64| {
+        checkpoints
+            .iter()
+            .rev()
+            .find(|c| c.seq <= seq)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!((cp(7).seq, cp(7).device_id.as_str()), (7, "raspberrypi"));
+    assert_eq!((cp(13).seq, cp(13).device_id.as_str()), (13, DEVICE));
+
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    store.enroll(&enrolled(DEVICE, &key)).unwrap();
+    let mut send = |payload: &[u8]| {
+        let prepared = prepare(&device_topic(&dev(DEVICE), DeviceTopic::Audit), payload);
+        let mut tx = store.begin_ingest().unwrap();
+        let h = apply(tx.as_mut(), &prepared, "2026-12-01T12:00:00.000Z").unwrap();
+        tx.commit().unwrap();
+        describe(&h.outcome)
+    };
+    assert_eq!(
+        send(&packed(DEVICE, &records[0..7], Some(&cp(7)))),
+        "stored 1..=7 +7 head 7 cp 7"
+    );
+    assert_eq!(
+        send(&packed(DEVICE, &records[7..13], Some(&cp(13)))),
+        "stored 8..=13 +6 head 13 cp 13"
+    );
+    // The envelope still has to be the topic's.
+    assert_eq!(
+        send(&packed("raspberrypi", &records[0..7], None)),
+        "refused wrong_device: audit batch for edge-01: names device raspberrypi in its payload"
+    );
+    // A checkpoint naming the host, signed by another key: refused for the key.
+    let mallory = KeyPair::generate().unwrap();
+    let mut foreign = cp(13);
+    foreign.public_key = mallory.public_hex();
+    foreign.signature = mallory.sign_hex(foreign.signed_message().as_bytes());
+    assert!(
+        send(&packed(DEVICE, &records[7..13], Some(&foreign)))
+            .starts_with("alert forged_checkpoint@13: checkpoint 13 carries key")
+    );
+
+    // The hub's copy verifies against the enrolled key, both checkpoints included.
+    let chain = crate::hub::audit::DeviceChain::open(&store, &dev(DEVICE)).unwrap();
+    let report = chain.verify().unwrap();
+    assert!(report.chain.ok, "{}", report.chain.summary());
+    assert_eq!((report.chain.records, report.chain.checkpoints), (13, 2));
+}
+
+#[test]
+fn a_device_reporting_more_acked_than_the_hub_holds_is_alerted_once_as_behind() {
+    let mut fx = Fixture::new();
+    fx.check(
+        &packed(DEVICE, &fx.records(1..=10), Some(&fx.cp(10))),
+        "stored 1..=10 +10 head 10 cp 10",
+        "records 1..=10 cps [10] acked 10 alerts []",
+    );
+    let behind = |fx: &mut Fixture, head: u64| {
+        let mut tx = fx.store.begin_ingest().unwrap();
+        let got = note_behind(tx.as_mut(), &dev(DEVICE), head, "2026-12-01T12:00:01.000Z")
+            .unwrap()
+            .map(|o| describe(&o));
+        tx.commit().unwrap();
+        got
+    };
+    // Nothing reported yet, or nothing above the head.
+    assert_eq!(behind(&mut fx, 10), None);
+    let state = |acked: u64| {
+        format!(
+            r#"{{"v":1,"models":[],"aliases":{{}},"policy_version":null,"last_acked_seq":{acked}}}"#
+        )
+    };
+    fx.send(DEVICE, DeviceTopic::StateReported, state(10).as_bytes());
+    assert_eq!(behind(&mut fx, 10), None);
+    // The device had 25 acked: this hub lost 11..=25 (an older backup).
+    fx.send(DEVICE, DeviceTopic::StateReported, state(25).as_bytes());
+    let detail = "the device reports records acked up to seq 25, the hub holds up to seq 10: \
+                  the hub's store is behind the device (restored from an older backup?)";
+    assert_eq!(
+        behind(&mut fx, 10).as_deref(),
+        Some(format!("alert behind@10: {detail}").as_str())
+    );
+    assert_eq!(
+        behind(&mut fx, 10).as_deref(),
+        Some(format!("alert behind@10 (again): {detail}").as_str())
+    );
+    assert_eq!(
+        fx.store_state(),
+        "records 1..=10 cps [10] acked 10 alerts [behind@10]"
+    );
 }

@@ -5,6 +5,7 @@
 use outpost_policy::audit::{AuditLog, AuditReader, AuditSettings, Entry, Query};
 use outpost_policy::signing::KeyPair;
 use tempfile::TempDir;
+use tokio::sync::mpsc;
 
 use super::*;
 use crate::hub::store::DeviceRecord;
@@ -104,6 +105,7 @@ impl Fixture {
                 payload,
             ),
             bytes: payload.len(),
+            _permit: None,
         }
     }
 
@@ -187,13 +189,12 @@ fn the_thread_groups_what_is_queued_and_stops_when_the_queue_closes() {
     let fx = fixture();
     let items: Vec<Item> = [4, 2, 3, 1].into_iter().map(|n| fx.item(n)).collect();
     let metrics = fx.worker.metrics.clone();
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = queue::channel();
     // Queued before the thread starts: one group, in order; 4, 2 and 3 park, 1 is stored,
     // and the retry after it stores the rest.
     for item in items {
-        tx.blocking_send(Work::Item(item)).unwrap();
+        tx.send(Work::Item(item)).unwrap();
     }
-    tx.blocking_send(Work::Tick).unwrap();
     drop(tx);
     let worker = fx.worker;
     std::thread::spawn(move || worker.run(rx)).join().unwrap();
@@ -272,6 +273,7 @@ fn a_message_the_store_cannot_take_does_not_hold_up_its_group() {
     let bad = Item {
         prepared: ingest::prepare(&device_topic(&id, DeviceTopic::Audit), &payload),
         bytes: payload.len(),
+        _permit: None,
     };
     // Rejected as a group, then one by one: edge-01's batches are stored around it.
     let group = vec![fx.item(1), bad, fx.item(2)];
@@ -283,4 +285,244 @@ fn a_message_the_store_cannot_take_does_not_hold_up_its_group() {
     assert_eq!(fx.worker.metrics.snapshot().store_errors, 1);
     let b = fx.worker.store.device(&id).unwrap().unwrap();
     assert_eq!(b.acked_seq, None);
+}
+
+#[test]
+fn a_parked_batch_is_verified_once_and_retried_without_the_write_lock() {
+    let mut fx = fixture();
+    let b2 = fx.item(2);
+    assert!(!fx.worker.handle(vec![b2]));
+    let key = fx
+        .worker
+        .store
+        .device(&DeviceId::new(DEVICE).unwrap())
+        .unwrap()
+        .unwrap()
+        .audit_key;
+    // Its checkpoint (seq 20) was verified when it came, and that is remembered.
+    assert_eq!(
+        fx.worker.parked[0].item.prepared.checkpoint_verified_with(),
+        Some(key.as_str())
+    );
+    // Another hub holds the write lock: a retry that cannot move anything does not wait
+    // for it (it reads the head without the lock), nor fail.
+    let other = rusqlite::Connection::open(fx._dir.path().join(SqliteStore::FILE)).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = Instant::now();
+    fx.worker.last_retry = Instant::now() - PARK_RETRY;
+    fx.worker.retry_parked();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(fx.worker.metrics.snapshot().store_errors, 0);
+    assert_eq!(fx.worker.parked.len(), 1);
+    other.execute_batch("COMMIT").unwrap();
+    // The head reaches it: then the retry takes the lock and stores it.
+    let b1 = fx.item(1);
+    assert!(fx.worker.handle(vec![b1]));
+    fx.worker.retry_parked();
+    assert_eq!(
+        fx.state(),
+        "head Some(20) stored 2 records 20 ahead 0 parked 1/0 acks 2"
+    );
+}
+
+#[test]
+fn the_ingest_thread_sleeps_unless_a_parked_batch_or_an_ack_needs_it() {
+    let mut fx = fixture();
+    assert_eq!(fx.worker.wake_at(), None);
+    // An unsent ack alone: the link is down, `Connected` will wake the thread.
+    let b1 = fx.item(1);
+    fx.worker.handle(vec![b1]);
+    assert_eq!(fx.worker.unsent.len(), 1);
+    assert_eq!(fx.worker.wake_at(), None);
+    // A parked batch: woken every PARK_RETRY until it is gone.
+    let b3 = fx.item(3);
+    fx.worker.handle(vec![b3]);
+    let wake = fx.worker.wake_at().unwrap();
+    assert!(wake <= Instant::now() + PARK_RETRY);
+    fx.worker.park_for = Duration::ZERO;
+    fx.worker.retry_parked();
+    assert_eq!(fx.worker.wake_at(), None);
+}
+
+#[test]
+fn an_ahead_batch_timing_out_on_a_hub_behind_its_device_is_alerted_once() {
+    let mut fx = fixture();
+    fx.worker.park_for = Duration::ZERO;
+    let b1 = fx.item(1);
+    fx.worker.handle(vec![b1]);
+    // The device says it had 40 acked (this hub.db is an older backup).
+    let state = br#"{"v":1,"models":[],"aliases":{},"policy_version":null,"last_acked_seq":40}"#;
+    let topic = device_topic(&DeviceId::new(DEVICE).unwrap(), DeviceTopic::StateReported);
+    let reported = Item {
+        prepared: ingest::prepare(&topic, state),
+        bytes: state.len(),
+        _permit: None,
+    };
+    fx.worker.handle(vec![reported]);
+    for n in [5, 4] {
+        let b = fx.item(n);
+        fx.worker.handle(vec![b]);
+        fx.worker.retry_parked();
+    }
+    assert_eq!(
+        fx.state(),
+        "head Some(10) stored 1 records 10 ahead 2 parked 2/0 acks 3"
+    );
+    let alerts: Vec<String> = {
+        let db = rusqlite::Connection::open(fx._dir.path().join(SqliteStore::FILE)).unwrap();
+        let mut stmt = db
+            .prepare("SELECT kind || '@' || seq || ' ' || detail FROM audit_alerts")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    assert_eq!(
+        alerts,
+        [
+            "behind@10 the device reports records acked up to seq 40, the hub holds up to seq 10: \
+          the hub's store is behind the device (restored from an older backup?)"
+        ]
+    );
+    // Seen twice (one per timed-out batch), recorded once.
+    assert_eq!(fx.worker.metrics.snapshot().alerts, [("behind", 2)]);
+}
+
+#[test]
+fn the_byte_budget_sheds_what_does_not_fit_and_takes_again_once_freed() {
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = queue::channel();
+    let mut intake = Intake::new(1000, tx, metrics.clone());
+    let topic = || "outpost/v1/devices/edge-01/telemetry".to_string();
+    let each = cost(&topic(), &[0; 300]);
+    assert_eq!(each, 300 + topic().len() + MESSAGE_OVERHEAD);
+    assert!(intake.take(topic(), vec![0; 300]));
+    assert_eq!(intake.held(), each);
+    // A second one does not fit: shed, never queued.
+    assert!(intake.take(topic(), vec![1; 300]));
+    let m = metrics.snapshot();
+    assert_eq!((m.received, m.shed), (2, 1));
+    let first = rx.try_recv().unwrap();
+    assert_eq!(first.payload, vec![0; 300]);
+    assert!(rx.try_recv().is_err());
+    // Done with the first (its permit goes with it): room again.
+    drop(first);
+    assert_eq!(intake.held(), 0);
+    assert!(intake.take(topic(), vec![2; 300]));
+    assert_eq!(rx.try_recv().unwrap().payload, vec![2; 300]);
+    // Closed at shutdown: shed.
+    intake.close();
+    assert!(intake.take(topic(), vec![3; 10]));
+    assert_eq!(metrics.snapshot().shed, 2);
+    // The threads gone: false.
+    let (tx, rx) = queue::channel();
+    drop(rx);
+    let mut intake = Intake::new(1000, tx, metrics);
+    assert!(!intake.take(topic(), vec![4; 10]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_the_link_did_not_take_are_sent_after_connected() {
+    use crate::conn::tests::{Mosquitto, free_port, mosquitto};
+    if mosquitto().is_none() {
+        return;
+    }
+    let mut fx = fixture();
+    let port = free_port();
+    let plain = |id: &str| {
+        let mut c = LinkConfig::new(
+            format!("mqtt://127.0.0.1:{port}"),
+            DeviceId::new(id).unwrap(),
+        );
+        c.allow_plaintext = true;
+        c.backoff = crate::conn::Backoff {
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(200),
+        };
+        c
+    };
+    let session = |subscriptions: Vec<String>| Session {
+        will: Will {
+            topic: "outpost/v1/hubs/outpost-hub/status".into(),
+            payload: b"{}".to_vec(),
+        },
+        subscriptions,
+    };
+    let stop = CancellationToken::new();
+    // The hub's link, with no broker yet: both acks are refused and kept, the newest.
+    let (hub_link, _hub_events, hub_task) =
+        Link::spawn(&plain("outpost-hub.t"), session(vec![]), stop.clone()).unwrap();
+    fx.worker.link = hub_link.clone();
+    let (b1, b2) = (fx.item(1), fx.item(2));
+    fx.worker.handle(vec![b1]);
+    fx.worker.handle(vec![b2]);
+    let id = DeviceId::new(DEVICE).unwrap();
+    assert_eq!(fx.worker.unsent.get(&id), Some(&20));
+    assert_eq!(fx.worker.metrics.snapshot().acks_unsent, 2);
+
+    // The broker comes up; the device listens on its ack topic.
+    let dir = TempDir::new().unwrap();
+    let _broker = Mosquitto::start(dir.path(), port, None);
+    let ack_topic = device_topic(&id, DeviceTopic::AuditAck);
+    let (dev, mut dev_events, dev_task) = Link::spawn(
+        &plain(DEVICE),
+        session(vec![ack_topic.clone()]),
+        stop.clone(),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while next_event(&mut dev_events, deadline).await != LinkEvent::Connected {}
+    // Subscribed once its own message comes back.
+    let probe = br#"{"v":1,"device_id":"edge-01","acked_seq":0}"#.to_vec();
+    dev.try_publish(&ack_topic, probe.clone(), false).unwrap();
+    loop {
+        if let LinkEvent::Message { payload, .. } = next_event(&mut dev_events, deadline).await {
+            assert_eq!(payload, probe);
+            break;
+        }
+    }
+    while !hub_link.is_connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hub did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // `Connected` reaches the thread: the kept ack goes, once.
+    let (tx, rx) = queue::channel();
+    let metrics = fx.worker.metrics.clone();
+    let worker = fx.worker;
+    let thread = std::thread::spawn(move || worker.run(rx));
+    tx.send(Work::Connected).unwrap();
+    loop {
+        if let LinkEvent::Message { payload, .. } = next_event(&mut dev_events, deadline).await {
+            let ack: AuditAck = protocol::decode(&payload, MAX_ACK_BYTES).unwrap();
+            assert_eq!(ack.acked_seq, 20);
+            break;
+        }
+    }
+    drop(tx);
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(metrics.snapshot().acks_sent, 1);
+    stop.cancel();
+    hub_task.await.unwrap();
+    dev_task.await.unwrap();
+}
+
+async fn next_event(
+    events: &mut mpsc::Receiver<LinkEvent>,
+    deadline: tokio::time::Instant,
+) -> LinkEvent {
+    tokio::time::timeout_at(deadline, events.recv())
+        .await
+        .expect("nothing within 10 s")
+        .expect("the link ended")
 }
