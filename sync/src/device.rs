@@ -55,8 +55,6 @@ use crate::protocol::{
 
 /// How long a stopping loop waits for the acks of batches in flight.
 pub const FLUSH_GRACE: Duration = Duration::from_secs(5);
-/// Largest ack payload read.
-const MAX_ACK_BYTES: usize = 4096;
 /// Telemetry snapshots sent and not yet PubAcked, at most.
 const TELEMETRY_WINDOW: usize = 16;
 
@@ -260,8 +258,8 @@ impl SyncLoop {
             agent_version: self.settings.agent_version.clone(),
         };
         let (will, online) = match (
-            protocol::encode(&status(LinkState::Offline), usize::MAX),
-            protocol::encode(&status(LinkState::Online), usize::MAX),
+            protocol::encode(&status(LinkState::Offline), protocol::MAX_STATUS_BYTES),
+            protocol::encode(&status(LinkState::Online), protocol::MAX_STATUS_BYTES),
         ) {
             (Ok(w), Ok(o)) => (w, o),
             (Err(e), _) | (_, Err(e)) => {
@@ -480,7 +478,10 @@ impl Uplink {
                 }
             }
             LinkEvent::PubAck(id) => self.on_puback(id),
-            LinkEvent::SubscribeRefused { .. } => {}
+            LinkEvent::SubscribeRefused { filters } => self.note_error(&format!(
+                "the broker refused the subscriptions {} (its ACL?): acks cannot arrive",
+                filters.join(", ")
+            )),
         }
     }
 
@@ -502,7 +503,7 @@ impl Uplink {
     }
 
     fn on_ack(&mut self, payload: &[u8]) {
-        let ack = match protocol::decode::<AuditAck>(payload, MAX_ACK_BYTES) {
+        let ack = match protocol::decode::<AuditAck>(payload, protocol::MAX_ACK_BYTES) {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "An audit ack was refused.");
@@ -886,7 +887,7 @@ impl Uplink {
         if !force && self.published_state.as_ref() == Some(&state) {
             return;
         }
-        let max = self.link.max_packet_size();
+        let max = protocol::MAX_STATE_BYTES;
         match protocol::encode(&state, max) {
             Ok(payload) => {
                 let topic = self.topics.state_reported().to_string();
@@ -917,7 +918,7 @@ impl Uplink {
             ts: now_rfc3339(),
             metrics,
         };
-        let payload = match protocol::encode(&msg, self.link.max_packet_size()) {
+        let payload = match protocol::encode(&msg, protocol::MAX_TELEMETRY_BYTES) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "A telemetry snapshot was not queued.");

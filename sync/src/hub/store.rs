@@ -199,23 +199,44 @@ impl SqliteStore {
         let mut conn = Connection::open(&path).map_err(&err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(&err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&err)?;
+        // Switching a new file to WAL needs it alone for a moment, and SQLite reports
+        // "locked" at once rather than waiting: another process opening it too retries.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if f.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(&err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(&err)?;
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(&err)?;
+        // Each step reads the version inside the write transaction that advances it, so
+        // processes opening a fresh file at once (`serve` and `devices enroll`) never apply
+        // one migration twice.
         let known = MIGRATIONS.len() as i64;
-        if found > known {
-            return Err(HubError::Schema { path, found, known });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
-            let tx = conn.transaction().map_err(&err)?;
+        loop {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let found: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(&err)?;
+            if found > known {
+                return Err(HubError::Schema { path, found, known });
+            }
+            let Some(sql) = MIGRATIONS.get(found.max(0) as usize) else {
+                break;
+            };
             tx.execute_batch(sql).map_err(&err)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)
+            tx.pragma_update(None, "user_version", found.max(0) + 1)
                 .map_err(&err)?;
             tx.commit().map_err(&err)?;
         }

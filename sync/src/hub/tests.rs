@@ -340,3 +340,28 @@ fn audit_reads_filter_page_and_never_write() {
         assert!(err.to_string().contains(says), "{version}: {err}");
     }
 }
+
+#[test]
+fn processes_opening_a_fresh_hub_db_at_once_migrate_it_once() {
+    // `serve` and `devices enroll` started together on a new data directory: before the
+    // version was read inside the migrating transaction, both applied migration 2 and one
+    // failed with "duplicate column name".
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let opened: Vec<_> = (0..6)
+            .map(|_| {
+                let (path, barrier) = (dir.path().to_path_buf(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    SqliteStore::open(&path)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for t in opened {
+            assert_eq!(t.join().unwrap(), Ok(()));
+        }
+    }
+}
