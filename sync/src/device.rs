@@ -55,6 +55,8 @@ use crate::protocol::{
 
 /// How long a stopping loop waits for the acks of batches in flight.
 pub const FLUSH_GRACE: Duration = Duration::from_secs(5);
+/// Queued link events handled together, at most (their acks cost one outbox write).
+const EVENT_BURST: usize = 256;
 /// Telemetry snapshots sent and not yet PubAcked, at most.
 const TELEMETRY_WINDOW: usize = 16;
 
@@ -293,6 +295,7 @@ impl SyncLoop {
             up: false,
             best_ack: None,
             timeouts: 0,
+            ack_pending: None,
             checkpoint_acked: 0,
             busy_batches: 0,
             refusals: 0,
@@ -355,6 +358,8 @@ struct Uplink {
     best_ack: Option<u64>,
     /// Ack timeouts in a row without progress.
     timeouts: u32,
+    /// The highest ack received and not yet applied (see [`Uplink::apply_ack`]).
+    ack_pending: Option<u64>,
     /// The newest checkpoint that went up in a batch the hub acknowledged.
     checkpoint_acked: u64,
     /// Batches sent since the loop was last idle.
@@ -396,7 +401,7 @@ impl Uplink {
                 biased;
                 _ = shutdown.cancelled() => return,
                 event = events.recv() => match event {
-                    Some(e) => self.on_event(e),
+                    Some(e) => self.on_events(e, events),
                     None => return,
                 },
                 _ = poll.tick() => self.on_poll(),
@@ -428,7 +433,7 @@ impl Uplink {
                     return;
                 }
                 event = events.recv() => match event {
-                    Some(e) => self.on_event(e),
+                    Some(e) => self.on_events(e, events),
                     None => return,
                 },
             }
@@ -446,7 +451,7 @@ impl Uplink {
             tokio::select! {
                 _ = &mut link_task => return,
                 event = events.recv() => match event {
-                    Some(e) => self.on_event(e),
+                    Some(e) => self.on_events(e, events),
                     None => {
                         let _ = (&mut link_task).await;
                         return;
@@ -456,7 +461,24 @@ impl Uplink {
         }
     }
 
+    /// Handles `first` and the events already queued behind it (a bounded number), then the
+    /// highest ack among them.
+    fn on_events(&mut self, first: LinkEvent, events: &mut mpsc::Receiver<LinkEvent>) {
+        self.on_event(first);
+        for _ in 0..EVENT_BURST {
+            match events.try_recv() {
+                Ok(e) => self.on_event(e),
+                Err(_) => break,
+            }
+        }
+        self.apply_ack();
+    }
+
     fn on_event(&mut self, event: LinkEvent) {
+        if matches!(event, LinkEvent::Connected | LinkEvent::Disconnected { .. }) {
+            // Acks received before the link changed still count.
+            self.apply_ack();
+        }
         match event {
             LinkEvent::Connected => self.on_connected(),
             LinkEvent::ConnectFailed { reason, .. } => self.note_error(&reason),
@@ -516,7 +538,18 @@ impl Uplink {
             self.refused(&format!("an audit ack names device {}", ack.device_id));
             return;
         }
-        let a = ack.acked_seq;
+        self.ack_pending = Some(
+            self.ack_pending
+                .map_or(ack.acked_seq, |p| p.max(ack.acked_seq)),
+        );
+    }
+
+    /// Applies the highest ack received since the last call: one outbox write (an fsync)
+    /// for all the acks that were waiting, not one each.
+    fn apply_ack(&mut self) {
+        let Some(a) = self.ack_pending.take() else {
+            return;
+        };
         let applied = match self.outbox.ack(a) {
             // The hub holds more than this process sent since its last rewind, so it holds
             // everything sent: the cursor moves to that, never beyond (a hub cannot make the

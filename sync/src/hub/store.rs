@@ -222,23 +222,29 @@ impl SqliteStore {
         // processes opening a fresh file at once (`serve` and `devices enroll`) never apply
         // one migration twice.
         let known = MIGRATIONS.len() as i64;
-        loop {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(&err)?;
-            let found: i64 = tx
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(&err)?;
-            if found > known {
-                return Err(HubError::Schema { path, found, known });
+        let current: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(&err)?;
+        // Schema current (the common case): no write lock taken.
+        if current != known {
+            loop {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(&err)?;
+                let found: i64 = tx
+                    .pragma_query_value(None, "user_version", |r| r.get(0))
+                    .map_err(&err)?;
+                if found > known {
+                    return Err(HubError::Schema { path, found, known });
+                }
+                let Some(sql) = MIGRATIONS.get(found.max(0) as usize) else {
+                    break;
+                };
+                tx.execute_batch(sql).map_err(&err)?;
+                tx.pragma_update(None, "user_version", found.max(0) + 1)
+                    .map_err(&err)?;
+                tx.commit().map_err(&err)?;
             }
-            let Some(sql) = MIGRATIONS.get(found.max(0) as usize) else {
-                break;
-            };
-            tx.execute_batch(sql).map_err(&err)?;
-            tx.pragma_update(None, "user_version", found.max(0) + 1)
-                .map_err(&err)?;
-            tx.commit().map_err(&err)?;
         }
         Ok(Self { path, conn })
     }
