@@ -579,7 +579,13 @@ fn version(conn: &Connection, path: &Path) -> Result<i64> {
 }
 
 fn open_read_only_db(path: &Path, immutable: bool) -> Result<Connection> {
-    let err = db_err(path);
+    open_read_only_sqlite(path, immutable).map_err(db_err(path))
+}
+
+/// A read-only connection to the SQLite file `path`, opened for real (SQLite opens lazily,
+/// so a probe read shows a failure here). `immutable`: for a read-only disk, where SQLite
+/// cannot create the WAL index and no one can write. Shared by `outbox.db` and `hub.db`.
+pub(crate) fn open_read_only_sqlite(path: &Path, immutable: bool) -> rusqlite::Result<Connection> {
     // A URI, so `immutable` can be given; characters that mean something in a URI are escaped.
     let mut uri = String::from("file:");
     for c in path.to_string_lossy().chars() {
@@ -598,14 +604,11 @@ fn open_read_only_db(path: &Path, immutable: bool) -> Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_ONLY
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(&err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(&err)?;
-    // Opening is lazy: read something to learn whether it worked.
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
-    })
-    .map_err(&err)?;
+    })?;
     Ok(conn)
 }
 

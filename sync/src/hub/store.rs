@@ -39,7 +39,7 @@
 use std::path::{Path, PathBuf};
 
 use outpost_policy::audit::{Checkpoint, GENESIS, Query, Record};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{HubError, Result};
@@ -362,28 +362,9 @@ impl SqliteStore {
     }
 }
 
-/// A read-only connection to `path` and its schema version (read, so a failure to open shows
-/// here: SQLite opens lazily).
+/// A read-only connection to `path` and its schema version.
 fn open_read_only_db(path: &Path, immutable: bool) -> rusqlite::Result<(Connection, i64)> {
-    let mut uri = String::from("file:");
-    for c in path.to_string_lossy().chars() {
-        match c {
-            '%' => uri.push_str("%25"),
-            '?' => uri.push_str("%3f"),
-            '#' => uri.push_str("%23"),
-            c => uri.push(c),
-        }
-    }
-    if immutable {
-        uri.push_str("?immutable=1");
-    }
-    let conn = Connection::open_with_flags(
-        &uri,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let conn = crate::outbox::open_read_only_sqlite(path, immutable)?;
     let version = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     Ok((conn, version))
 }
