@@ -135,6 +135,12 @@ def raw_mosquitto(f: Fleet, n: int, size: int):
     return n / (time.perf_counter() - t)
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of `pid` so far (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sync_status(f: Fleet):
     out = run(f.outpost, "sync", "status", "--json", env=f.env).stdout
     return json.loads(out)
@@ -146,6 +152,7 @@ def main():
     ap.add_argument("--raw-messages", type=int, default=200_000)
     ap.add_argument("--keep", type=Path)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--perf", type=Path, help="record `perf` profiles of the hub and the daemon into this directory")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "outpost-agent",
                     "-p", "outpost-sync", "-p", "outpost-tests", "--bins"], cwd=ROOT, check=True)
@@ -161,9 +168,18 @@ def main():
         # A record of this log as JSON, for the raw broker's message size.
         size = 400
         results["raw_mosquitto_qos1_per_s"] = raw_mosquitto(f, a.raw_messages, size)
-        f.spawn("hub", [f.hub, "--config", d / "hub.toml", "serve"])
+        hub = f.spawn("hub", [f.hub, "--config", d / "hub.toml", "serve"])
+        broker = f.procs[0]
+        cpu0 = {p.pid: cpu_seconds(p.pid) for p in (hub, broker)}
         t = time.perf_counter()
         daemon = f.spawn("daemon", [f.outpost, "daemon"], env=f.env)
+        perfs = []
+        if a.perf:
+            a.perf.mkdir(parents=True, exist_ok=True)
+            for name, p in (("hub", hub), ("daemon", daemon)):
+                perfs.append(subprocess.Popen(["perf", "record", "-q", "-F", "499", "-g", "-p", str(p.pid),
+                                               "-o", str(a.perf / f"{name}.data")],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         target = a.records + 1  # the daemon's own start record
         while True:
             s = sync_status(f)
@@ -173,11 +189,31 @@ def main():
                 sys.exit(f"the daemon exited: {(d / 'daemon.log').read_text()[-2000:]}")
             time.sleep(0.2)
         took = time.perf_counter() - t
+        results["drain_cpu_seconds"] = {
+            "daemon": cpu_seconds(daemon.pid),
+            "hub": cpu_seconds(hub.pid) - cpu0[hub.pid],
+            "mosquitto": cpu_seconds(broker.pid) - cpu0[broker.pid],
+        }
+        for p in perfs:
+            p.send_signal(signal.SIGINT)
+            p.wait(30)
         results["drain_records"] = s["last_acked_seq"]
         results["drain_seconds"] = took
         results["drain_per_s"] = s["last_acked_seq"] / took
         time.sleep(5)
+        results["daemon_drained_rss_mib"] = rss_kib(daemon.pid) / 1024
+        # A daemon started afresh, connected, with nothing pending: the idle figure.
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(15)
+        daemon = f.spawn("daemon-idle", [f.outpost, "daemon"], env=f.env)
+        time.sleep(8)
+        if daemon.poll() is not None or not sync_status(f)["connected"]:
+            sys.exit(f"the restarted daemon is not connected: {(d / 'daemon-idle.log').read_text()[-2000:]}")
         results["daemon_idle_rss_mib"] = rss_kib(daemon.pid) / 1024
+        results["daemon_idle_rss_detail_kib"] = {
+            k: int(v.split()[0]) for k, v in (
+                line.split(":", 1) for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines())
+            if k in ("RssAnon", "RssFile", "RssShmem")}
     finally:
         f.stop()
         if a.keep:
@@ -193,7 +229,11 @@ def main():
           f"{r['drain_per_s'] / r['raw_sqlite_per_s']:.2f} |")
     print(f"| hub verify + store vs device audit append | {r['drain_per_s']:,.0f} records/s | "
           f"{r['device_append_per_s']:,.0f} appends/s | {r['drain_per_s'] / r['device_append_per_s']:.2f} |")
-    print(f"| daemon idle RSS, sync connected, no model | {r['daemon_idle_rss_mib']:.1f} MiB | target 15 MB | |")
+    c = r["drain_cpu_seconds"]
+    print(f"| CPU during the drain (2 cores, {r['drain_seconds']:.1f} s wall) | daemon {c['daemon']:.1f} s, "
+          f"hub {c['hub']:.1f} s, mosquitto {c['mosquitto']:.1f} s | | |")
+    print(f"| daemon idle RSS, sync connected, no model, nothing pending | {r['daemon_idle_rss_mib']:.1f} MiB | target 15 MB | |")
+    print(f"| daemon RSS 5 s after draining the backlog | {r['daemon_drained_rss_mib']:.1f} MiB | | |")
     if a.json:
         print(json.dumps(results, indent=2))
 

@@ -781,7 +781,10 @@ impl Link {
                 tls.clone(),
             )));
         }
-        let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+        // Acks and PUBACKs are small packets that must not wait for the peer's delayed ACK
+        // (Nagle's algorithm; ~40 ms a round trip, which capped a backlog's drain).
+        eventloop.network_options.set_tcp_nodelay(true);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
         let unsubscribed = Arc::new(watch::Sender::new(false));

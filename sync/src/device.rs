@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use outpost_policy::audit::{AuditReader, Checkpoint, Query, Record, now_rfc3339};
+use outpost_policy::audit::{AuditReader, Checkpoint, Query, now_rfc3339};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -633,6 +633,9 @@ impl Uplink {
                     last_acked_seq = self.cursor,
                     "Audit backlog drained."
                 );
+                // Closing the reader gives back its page cache (megabytes after a long
+                // backlog); it opens again for the next batch.
+                self.reader = None;
                 self.source.drained();
             }
             self.busy_batches = 0;
@@ -695,6 +698,9 @@ impl Uplink {
             Err(e) => warn!(error = %e, "The outbox could not be read."),
         }
         self.inflight.clear();
+        // Read again from the new floor: the newest checkpoint at or below it may have
+        // been pruned from the list.
+        self.checkpoints.clear();
         self.best_ack = None;
         self.last_progress = Instant::now();
     }
@@ -713,20 +719,30 @@ impl Uplink {
     /// Reads the checkpoints signed since the last look (one indexed query; the list is
     /// short: one per `checkpoint_every` records).
     fn refresh_checkpoints(&mut self) {
-        let after = self.checkpoints.last().map_or(0, |c| c.seq);
+        // Batches start after "sent": older checkpoints than the newest at or below it are
+        // no longer needed (the list stays short however long the log; a fresh start over
+        // a long log does not read them all).
+        let floor = self.outbox.sent_seq();
+        let last = self.checkpoints.last().map(|c| c.seq);
         let Some(reader) = self.reader() else { return };
-        match reader.checkpoints_after(after) {
+        let read = match last {
+            Some(after) => reader.checkpoints_after(after),
+            None => reader.checkpoints_from(floor),
+        };
+        match read {
             Ok(new) => self.checkpoints.extend(new),
             Err(e) => warn!(error = %e, "The audit log's checkpoints cannot be read."),
         }
-        // Batches start after "sent": older checkpoints than the newest at or below it are
-        // no longer needed (the list stays short however long the log).
-        let floor = self.outbox.sent_seq();
         let keep = self
             .checkpoints
             .partition_point(|c| c.seq <= floor)
             .saturating_sub(1);
         self.checkpoints.drain(..keep);
+        if self.checkpoints.capacity() > 64
+            && self.checkpoints.capacity() > 4 * self.checkpoints.len()
+        {
+            self.checkpoints.shrink_to_fit();
+        }
     }
 
     fn audit_last_seq(&mut self) -> Option<u64> {
@@ -789,20 +805,7 @@ impl Uplink {
         if cp <= self.checkpoint_acked {
             return;
         }
-        let device = self.topics.device_id().clone();
-        let limits = self.settings.batch;
-        let q = Query {
-            after_seq: Some(cp - 1),
-            limit: Some(1),
-            ..Query::default()
-        };
-        let Some(reader) = self.reader.as_ref() else {
-            return;
-        };
-        let batch = reader
-            .query(&q)
-            .map_err(|e| format!("reading the audit log: {e}"))
-            .and_then(|r| pack(&device, &r, &self.checkpoints, cp, limits));
+        let batch = self.read_batch(cp - 1, 1);
         match batch {
             Ok(Some(b)) if b.last_seq == cp => {
                 self.send_batch(b);
@@ -855,33 +858,40 @@ impl Uplink {
 
     /// The batch of records after `from`, with the newest checkpoint at or below its end.
     fn next_batch(&mut self, from: u64) -> Result<Option<EncodedBatch>, String> {
-        let limits = self.settings.batch;
-        let device = self.topics.device_id().clone();
         self.refresh_checkpoints();
+        self.read_batch(from, self.settings.batch.max_records)
+    }
+
+    /// Up to `count` records after `from`, packed as they are read (the log's JSON text as
+    /// stored, never parsed here), with the newest checkpoint at or below the batch's end.
+    fn read_batch(&self, from: u64, count: usize) -> Result<Option<EncodedBatch>, String> {
         let Some(reader) = self.reader.as_ref() else {
             return Ok(None);
         };
-        let q = Query {
-            after_seq: Some(from),
-            limit: Some(limits.max_records as u64),
-            ..Query::default()
-        };
-        let read = |e: outpost_policy::audit::AuditError| format!("reading the audit log: {e}");
-        let records = reader.query(&q).map_err(read)?;
-        let Some(last_read) = records.last().map(|r| r.seq) else {
-            return Ok(None);
-        };
-        let checkpoints = &self.checkpoints;
-        let Some(batch) = pack(&device, &records, checkpoints, last_read, limits)? else {
-            return Ok(None);
-        };
-        // Cut short by bytes: pick the checkpoint again for the shorter range (its seq is
-        // smaller, so its JSON is no longer and the same records still fit).
-        let cp_seq = |upto| newest_at_or_below(checkpoints, upto).map(|c| c.seq);
-        if cp_seq(last_read) != cp_seq(batch.last_seq) {
-            return pack(&device, &records, checkpoints, batch.last_seq, limits);
+        let upto = from.saturating_add(count as u64);
+        let mut b = start_batch(
+            self.topics.device_id(),
+            &self.checkpoints,
+            upto,
+            self.settings.batch,
+        )?;
+        let mut failed = None;
+        reader
+            .for_each_json_after(from, count, |seq, json| {
+                match b.push_json(seq, json.as_bytes()) {
+                    Ok(Pushed::Added) => true,
+                    Ok(Pushed::Full) => false,
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        false
+                    }
+                }
+            })
+            .map_err(|e| format!("reading the audit log: {e}"))?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        Ok(Some(batch))
+        seal_batch(b, &self.checkpoints)
     }
 
     fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> Option<PublishId> {
@@ -1022,22 +1032,25 @@ fn newest_at_or_below(checkpoints: &[Checkpoint], seq: u64) -> Option<&Checkpoin
     n.checked_sub(1).map(|i| &checkpoints[i])
 }
 
-/// Packs `records` (in seq order) up to `last_seq` and within `limits`, with the newest
-/// checkpoint at or below `last_seq`.
-fn pack(
+/// A batch builder for records up to `upto`, with room for the newest checkpoint at or below
+/// it (the one [`seal_batch`] puts in is no longer: it is that one or an older one).
+fn start_batch(
     device: &DeviceId,
-    records: &[Record],
     checkpoints: &[Checkpoint],
-    last_seq: u64,
+    upto: u64,
     limits: BatchLimits,
+) -> Result<BatchBuilder, String> {
+    let cp = newest_at_or_below(checkpoints, upto);
+    BatchBuilder::new(device, cp, limits).map_err(|e| e.to_string())
+}
+
+/// The payload of `b`, with the newest checkpoint at or below its last record.
+fn seal_batch(
+    mut b: BatchBuilder,
+    checkpoints: &[Checkpoint],
 ) -> Result<Option<EncodedBatch>, String> {
-    let cp = newest_at_or_below(checkpoints, last_seq);
-    let mut b = BatchBuilder::new(device, cp, limits).map_err(|e| e.to_string())?;
-    for r in records.iter().take_while(|r| r.seq <= last_seq) {
-        if b.push(r).map_err(|e| e.to_string())? == Pushed::Full {
-            break;
-        }
-    }
+    let cp = newest_at_or_below(checkpoints, b.last_seq());
+    b.set_checkpoint(cp).map_err(|e| e.to_string())?;
     Ok(b.finish())
 }
 
@@ -1048,9 +1061,27 @@ mod tests {
     use super::*;
     use crate::protocol::AuditBatch;
     use crate::protocol::fixtures::checkpoint;
+    use outpost_policy::audit::Record;
 
     fn record(seq: u64) -> Record {
         crate::protocol::fixtures::record(seq, &"r".repeat(100))
+    }
+
+    /// `records` (in seq order) up to `upto`, packed within `limits` as the loop packs them.
+    fn pack(
+        device: &DeviceId,
+        records: &[Record],
+        checkpoints: &[Checkpoint],
+        upto: u64,
+        limits: BatchLimits,
+    ) -> Result<Option<EncodedBatch>, String> {
+        let mut b = start_batch(device, checkpoints, upto, limits)?;
+        for r in records.iter().take_while(|r| r.seq <= upto) {
+            if b.push(r).map_err(|e| e.to_string())? == Pushed::Full {
+                break;
+            }
+        }
+        seal_batch(b, checkpoints)
     }
 
     #[test]

@@ -699,37 +699,34 @@ impl BatchBuilder {
     /// Adds `record`, the next in seq order. A record that does not fit in an empty batch
     /// is an error, never a silent drop: the device never drops an audit record.
     pub fn push(&mut self, record: &Record) -> Result<Pushed> {
-        if self.count > 0 && Some(record.seq) != self.last_seq.checked_add(1) {
+        let rec = serde_json::to_vec(record).map_err(|e| ProtocolError::Encode {
+            kind: AuditBatch::KIND,
+            reason: e.to_string(),
+        })?;
+        self.push_json(record.seq, &rec)
+    }
+
+    /// Adds the record `seq`, the next in seq order, given as its JSON object (what
+    /// [`Record`] serializes to, fields in any order: the device sends the text its log
+    /// stored without parsing it). The caller vouches that `json` is one JSON object.
+    pub fn push_json(&mut self, seq: u64, rec: &[u8]) -> Result<Pushed> {
+        if self.count > 0 && Some(seq) != self.last_seq.checked_add(1) {
             return Err(ProtocolError::BadBatch {
                 device_id: self.device_id.to_string(),
-                reason: format!(
-                    "record seq {} does not follow seq {}",
-                    record.seq, self.last_seq
-                ),
+                reason: format!("record seq {seq} does not follow seq {}", self.last_seq),
             });
         }
         if self.count >= self.limits.max_records {
             return Ok(Pushed::Full);
         }
-        let rec = serde_json::to_vec(record).map_err(|e| ProtocolError::Encode {
-            kind: AuditBatch::KIND,
-            reason: e.to_string(),
-        })?;
-        let first = if self.count == 0 {
-            record.seq
-        } else {
-            self.first_seq
-        };
+        let first = if self.count == 0 { seq } else { self.first_seq };
         let comma = usize::from(self.count > 0);
-        let len = self.head(first, record.seq).len()
-            + self.body.len()
-            + comma
-            + rec.len()
-            + self.tail.len();
+        let len =
+            self.head(first, seq).len() + self.body.len() + comma + rec.len() + self.tail.len();
         if len > self.limits.max_bytes {
             if self.count == 0 {
                 return Err(ProtocolError::RecordTooLarge {
-                    seq: record.seq,
+                    seq,
                     len,
                     max: self.limits.max_bytes,
                 });
@@ -739,9 +736,9 @@ impl BatchBuilder {
         if comma == 1 {
             self.body.push(b',');
         }
-        self.body.extend_from_slice(&rec);
+        self.body.extend_from_slice(rec);
         self.first_seq = first;
-        self.last_seq = record.seq;
+        self.last_seq = seq;
         self.count += 1;
         Ok(Pushed::Added)
     }
@@ -752,6 +749,31 @@ impl BatchBuilder {
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// The seq of the last record added (0 when none was).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Replaces the checkpoint given to [`BatchBuilder::new`] by `checkpoint`, whose JSON must
+    /// be no longer (an older checkpoint of the same device is not: its seq is smaller and
+    /// its other fields have fixed lengths). A longer one would overrun `max_bytes`: then the
+    /// batch goes without a checkpoint (allowed; a later batch carries one) and `false` says so.
+    pub fn set_checkpoint(&mut self, checkpoint: Option<&Checkpoint>) -> Result<bool> {
+        let mut tail = b"],\"checkpoint\":".to_vec();
+        serde_json::to_writer(&mut tail, &checkpoint).map_err(|e| ProtocolError::Encode {
+            kind: AuditBatch::KIND,
+            reason: e.to_string(),
+        })?;
+        tail.push(b'}');
+        let fits = tail.len() <= self.tail.len();
+        self.tail = if fits {
+            tail
+        } else {
+            b"],\"checkpoint\":null}".to_vec()
+        };
+        Ok(fits)
     }
 
     /// The payload, or `None` when no record was added.

@@ -3,6 +3,7 @@
 //! trusting their types. [`RecordSource`] is what exports read from: `AuditReader`, or any
 //! other store of one device's chain (the hub's copy), so the export format has one writer.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -167,17 +168,28 @@ impl AuditReader {
     /// The checkpoints over seqs above `seq`, by seq (a reader following the log reads only
     /// what is new).
     pub fn checkpoints_after(&self, seq: u64) -> Result<Vec<Checkpoint>, AuditError> {
+        self.checkpoints_where("seq > ?1", seq)
+    }
+
+    /// The newest checkpoint at or below `seq` (if any) and every one above it, by seq: what
+    /// a reader that sends records after `seq` needs, without the older ones.
+    pub fn checkpoints_from(&self, seq: u64) -> Result<Vec<Checkpoint>, AuditError> {
+        self.checkpoints_where(
+            "seq >= COALESCE((SELECT MAX(seq) FROM checkpoints WHERE seq <= ?1), 0)",
+            seq,
+        )
+    }
+
+    fn checkpoints_where(&self, clause: &str, seq: u64) -> Result<Vec<Checkpoint>, AuditError> {
         let err = store_err(&self.path);
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT device_id, seq, hash, ts, public_key, signature FROM checkpoints
-                 WHERE seq > ?1 ORDER BY seq",
-            )
-            .map_err(&err)?;
-        let after = i64::try_from(seq).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT device_id, seq, hash, ts, public_key, signature FROM checkpoints \
+             WHERE {clause} ORDER BY seq"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(&err)?;
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map([after], |r| {
+            .query_map([seq], |r| {
                 Ok(Checkpoint {
                     device_id: r.get(0)?,
                     seq: r.get::<_, i64>(1)? as u64,
@@ -201,33 +213,40 @@ impl AuditReader {
         let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
         let mut rows = stmt.query([]).map_err(&err)?;
         while let Some(row) = rows.next().map_err(&err)? {
-            let text = |i: usize| -> Result<&str, AuditError> {
-                row.get_ref(i)
-                    .and_then(|v| v.as_str().map_err(Into::into))
-                    .map_err(&err)
-            };
-            let opt_text = |i: usize| -> Result<Option<&str>, AuditError> {
-                row.get_ref(i)
-                    .and_then(|v| v.as_str_or_null().map_err(Into::into))
-                    .map_err(&err)
-            };
-            let raw = RawRecord {
-                seq: row.get::<_, i64>(0).map_err(&err)?,
-                ts: text(1)?,
-                device_id: text(2)?,
-                actor: text(3)?,
-                roles: text(4)?,
-                action: text(5)?,
-                resource: opt_text(6)?,
-                outcome: text(7)?,
-                reason: text(8)?,
-                request_id: opt_text(9)?,
-                policy_version: row.get(10).map_err(&err)?,
-                details: text(11)?,
-                prev_hash: text(12)?,
-                hash: text(13)?,
-            };
-            f(&raw)?;
+            f(&RawRecord::from_row(row).map_err(&err)?)?;
+        }
+        Ok(())
+    }
+
+    /// Streams up to `limit` records after `after_seq`, oldest first, each as the JSON object
+    /// a [`Record`] serializes to, written straight from the row: `roles` and `details` go
+    /// as the canonical text the log stored (checked to be JSON), nothing is parsed into a
+    /// [`Record`]. What sync sends; `f` gets the seq and the text, and returns `false` to stop.
+    pub fn for_each_json_after(
+        &self,
+        after_seq: u64,
+        limit: usize,
+        mut f: impl FnMut(u64, &str) -> bool,
+    ) -> Result<(), AuditError> {
+        let err = store_err(&self.path);
+        let sql =
+            format!("SELECT {RECORD_COLUMNS} FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(&err)?;
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt.query([after, limit]).map_err(&err)?;
+        let mut buf = String::with_capacity(1024);
+        while let Some(row) = rows.next().map_err(&err)? {
+            let raw = RawRecord::from_row(row).map_err(&err)?;
+            let seq = raw
+                .write_json(&mut buf)
+                .map_err(|message| AuditError::Store {
+                    path: self.path.clone(),
+                    message,
+                })?;
+            if !f(seq, &buf) {
+                break;
+            }
         }
         Ok(())
     }
@@ -251,7 +270,92 @@ pub(super) struct RawRecord<'a> {
     pub hash: &'a str,
 }
 
-impl RawRecord<'_> {
+impl<'a> RawRecord<'a> {
+    fn from_row(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        let text = |i: usize| -> rusqlite::Result<&'a str> {
+            row.get_ref(i).and_then(|v| v.as_str().map_err(Into::into))
+        };
+        let opt_text = |i: usize| -> rusqlite::Result<Option<&'a str>> {
+            row.get_ref(i)
+                .and_then(|v| v.as_str_or_null().map_err(Into::into))
+        };
+        Ok(RawRecord {
+            seq: row.get::<_, i64>(0)?,
+            ts: text(1)?,
+            device_id: text(2)?,
+            actor: text(3)?,
+            roles: text(4)?,
+            action: text(5)?,
+            resource: opt_text(6)?,
+            outcome: text(7)?,
+            reason: text(8)?,
+            request_id: opt_text(9)?,
+            policy_version: row.get(10)?,
+            details: text(11)?,
+            prev_hash: text(12)?,
+            hash: text(13)?,
+        })
+    }
+
+    /// This row as a record's JSON object (the fields of [`Record`], in its order) into
+    /// `out` (cleared first); its seq. An error when the row could not be read back as a
+    /// [`Record`]: a negative number, an unknown outcome, roles or details that are not JSON.
+    fn write_json(&self, out: &mut String) -> Result<u64, String> {
+        let seq = u64::try_from(self.seq)
+            .map_err(|_| format!("record {} has a negative seq", self.seq))?;
+        let bad = |what: &str| format!("record {seq}: {what}");
+        if Outcome::parse(self.outcome).is_none() {
+            return Err(bad("unknown outcome"));
+        }
+        if serde_json::from_str::<Vec<String>>(self.roles).is_err() {
+            return Err(bad("roles are not a list of strings"));
+        }
+        if !self.details.starts_with('{')
+            || serde_json::from_str::<serde::de::IgnoredAny>(self.details).is_err()
+        {
+            return Err(bad("details are not a JSON object"));
+        }
+        let opt = |out: &mut String, v: Option<&str>| match v {
+            Some(v) => jcs::push_str(out, v),
+            None => out.push_str("null"),
+        };
+        out.clear();
+        let _ = write!(out, "{{\"seq\":{seq},\"ts\":");
+        jcs::push_str(out, self.ts);
+        out.push_str(",\"device_id\":");
+        jcs::push_str(out, self.device_id);
+        out.push_str(",\"actor\":");
+        jcs::push_str(out, self.actor);
+        out.push_str(",\"roles\":");
+        out.push_str(self.roles);
+        out.push_str(",\"action\":");
+        jcs::push_str(out, self.action);
+        out.push_str(",\"resource\":");
+        opt(out, self.resource);
+        out.push_str(",\"outcome\":");
+        jcs::push_str(out, self.outcome);
+        out.push_str(",\"reason\":");
+        jcs::push_str(out, self.reason);
+        out.push_str(",\"request_id\":");
+        opt(out, self.request_id);
+        out.push_str(",\"policy_version\":");
+        match self.policy_version {
+            Some(v) if v >= 0 => {
+                let _ = write!(out, "{v}");
+            }
+            Some(_) => return Err(bad("negative policy_version")),
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"details\":");
+        out.push_str(self.details);
+        out.push_str(",\"prev_hash\":");
+        jcs::push_str(out, self.prev_hash);
+        out.push_str(",\"hash\":");
+        jcs::push_str(out, self.hash);
+        out.push('}');
+        Ok(seq)
+    }
+
     /// Whether this row's contents give its stored hash; `buf` is scratch space.
     pub(super) fn hash_matches(&self, buf: &mut String) -> Result<bool, String> {
         let seq = u64::try_from(self.seq).map_err(|_| "negative seq".to_string())?;

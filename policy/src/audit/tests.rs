@@ -602,3 +602,85 @@ fn records_from_another_store_verify_by_the_same_rules() {
         "Audit log FAILED at seq 8: record 8 is missing (deleted)"
     );
 }
+
+#[test]
+fn records_streamed_as_json_read_back_as_the_records_and_their_hashes() {
+    let f = Fixture::new();
+    f.write(30, 10);
+    {
+        // A record with nulls, escapes and numbers next to the fully populated ones.
+        let log = f.log(10);
+        let mut e = Entry::new("tab\tactor", "x:y", Outcome::Denied, "back\\slash \u{1} 💡");
+        e.details = json!({"n": 1.5, "big": 1e21, "list": [null, true], "u": "\u{2028}"});
+        log.submit(e).wait().unwrap();
+        log.close().unwrap();
+    }
+    let reader = AuditReader::open(&f.path()).unwrap();
+    let expected = reader.query(&Query::default()).unwrap();
+    let mut streamed = Vec::new();
+    reader
+        .for_each_json_after(0, 1000, |seq, json| {
+            let r: Record = serde_json::from_str(json).unwrap();
+            assert_eq!(r.seq, seq);
+            assert_eq!(r.compute_hash(), r.hash, "{json}");
+            streamed.push(r);
+            true
+        })
+        .unwrap();
+    assert_eq!(streamed, expected);
+
+    // After a seq, at most `limit`, and the callback stops it early.
+    let mut seqs = Vec::new();
+    reader
+        .for_each_json_after(25, 3, |seq, _| {
+            seqs.push(seq);
+            true
+        })
+        .unwrap();
+    assert_eq!(seqs, [26, 27, 28]);
+    seqs.clear();
+    reader
+        .for_each_json_after(0, 100, |seq, _| {
+            seqs.push(seq);
+            seq < 2
+        })
+        .unwrap();
+    assert_eq!(seqs, [1, 2]);
+
+    // Only the newest checkpoint at or below a seq, and those above it.
+    let from: Vec<u64> = reader
+        .checkpoints_from(25)
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(from, [20, 30, 31]);
+    let first: Vec<u64> = reader
+        .checkpoints_from(5)
+        .unwrap()
+        .iter()
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(first, [10, 20, 30, 31]);
+}
+
+#[test]
+fn a_row_that_is_not_a_record_is_an_error_when_streamed_not_a_bad_payload() {
+    let f = Fixture::new();
+    f.write(3, 10);
+    f.tamper("UPDATE records SET details = '{\"cut' WHERE seq = 2");
+    let reader = AuditReader::open(&f.path()).unwrap();
+    let mut seen = Vec::new();
+    let e = reader
+        .for_each_json_after(0, 10, |seq, _| {
+            seen.push(seq);
+            true
+        })
+        .unwrap_err();
+    assert_eq!(seen, [1]);
+    assert!(
+        e.to_string()
+            .contains("record 2: details are not a JSON object"),
+        "{e}"
+    );
+}
