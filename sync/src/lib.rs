@@ -19,6 +19,7 @@ pub mod device;
 pub mod hub;
 pub mod outbox;
 pub mod protocol;
+pub mod release;
 
 pub use conn::ConnError;
 pub use outbox::{Outbox, OutboxError, OutboxStatus};

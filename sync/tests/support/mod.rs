@@ -192,3 +192,36 @@ pub async fn received(
     }
     out
 }
+
+/// A small GGUF file (header only, then `body` filler bytes): version 3, no tensors,
+/// `general.architecture` = `arch`, `general.file_type` = 7 (q8_0).
+pub fn tiny_gguf(path: &Path, arch: &str, body: usize) {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(0u64.to_le_bytes());
+    out.extend(2u64.to_le_bytes());
+    let key = |out: &mut Vec<u8>, k: &str| {
+        out.extend((k.len() as u64).to_le_bytes());
+        out.extend(k.as_bytes());
+    };
+    key(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes());
+    out.extend((arch.len() as u64).to_le_bytes());
+    out.extend(arch.as_bytes());
+    key(&mut out, "general.file_type");
+    out.extend(4u32.to_le_bytes());
+    out.extend(7u32.to_le_bytes());
+    out.extend((0..body).map(|i| (i % 251) as u8));
+    std::fs::write(path, out).unwrap();
+}
+
+/// A release key pair as `outpost keys generate` writes it: `DIR/NAME.key.pem` (private)
+/// and `DIR/NAME.pub.pem`.
+pub fn release_key(dir: &Path, name: &str) -> (KeyPair, PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let private = dir.join(format!("{name}.key.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    key.write_private(&private).unwrap();
+    key.public().write(&public).unwrap();
+    (key, private, public)
+}
