@@ -575,10 +575,17 @@ impl Uplink {
                 }
             }
             LinkEvent::PubAck(id) => self.on_puback(id),
-            LinkEvent::SubscribeRefused { filters } => self.note_error(&format!(
-                "the broker refused the subscriptions {} (its ACL?): acks cannot arrive",
-                filters.join(", ")
-            )),
+            LinkEvent::SubscribeRefused { filters } => {
+                let what = if filters.iter().any(|f| f == self.topics.audit_ack()) {
+                    "acks cannot arrive"
+                } else {
+                    "desired states cannot arrive there (is each of [device] groups enrolled?)"
+                };
+                self.note_error(&format!(
+                    "the broker refused the subscriptions {} (its ACL?): {what}",
+                    filters.join(", ")
+                ));
+            }
         }
     }
 
