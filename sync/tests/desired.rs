@@ -247,7 +247,11 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
     settings.release_keys = keys;
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let stop = CancellationToken::new();
-    let sync = SyncLoop::new(settings, source.clone(), Arc::new(SyncStats::default()));
+    let sync = SyncLoop::new(
+        settings.clone(),
+        source.clone(),
+        Arc::new(SyncStats::default()),
+    );
     let task = runtime.spawn(sync.run(stop.clone()));
 
     let decisions = || source.decisions.lock().unwrap().clone();
@@ -395,6 +399,49 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
     stop.cancel();
     runtime.block_on(task).unwrap();
     forger_stop.cancel();
+
+    // Restarted, the loop knows from outbox.db what it accepted: the retained document that
+    // comes again on connect is not decided (nor audited) again.
+    let stop = CancellationToken::new();
+    let sync = SyncLoop::new(
+        settings.clone(),
+        source.clone(),
+        Arc::new(SyncStats::default()),
+    );
+    let task = runtime.spawn(sync.run(stop.clone()));
+    std::thread::sleep(Duration::from_secs(2));
+    stop.cancel();
+    runtime.block_on(task).unwrap();
+    assert_eq!(decisions().len(), before);
+
+    // Halting a rollout clears its retained document; resuming publishes it again.
+    ok(&hub(dir, &["--config", "hub.toml", "rollout", "halt", "2"]));
+    std::thread::sleep(Duration::from_millis(2500));
+    let watcher_stop = CancellationToken::new();
+    let mut watcher = runtime.block_on(connect(
+        &settings.link,
+        session(
+            "outpost/v1/devices/edge-01/status".into(),
+            vec![group_topic.clone()],
+        ),
+        &watcher_stop,
+    ));
+    let seen = runtime.block_on(received(&mut watcher, 1000, None));
+    assert!(
+        seen.is_empty(),
+        "a halted rollout's document is still retained"
+    );
+    ok(&hub(
+        dir,
+        &["--config", "hub.toml", "rollout", "resume", "2"],
+    ));
+    let current = accepted.encode().unwrap();
+    let seen = runtime.block_on(received(&mut watcher, 5000, Some(&current)));
+    assert_eq!(
+        seen.last().map(|(t, p)| (t.as_str(), p.as_slice())),
+        Some((group_topic.as_str(), current.as_slice()))
+    );
+    watcher_stop.cancel();
 
     // Audited on the device: two accepted, seven refused, with the reasons.
     let reader = AuditReader::open(&dev_dir.join("audit.db")).unwrap();
