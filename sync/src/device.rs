@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use outpost_policy::audit::{AuditReader, Checkpoint, Query, Record, now_rfc3339};
+use outpost_policy::audit::{AuditReader, Checkpoint, Entry, Outcome, Query, Record, now_rfc3339};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -169,6 +169,27 @@ pub struct DesiredDecision {
     pub version: Option<u64>,
     pub target: Option<String>,
     pub model: Option<String>,
+}
+
+/// The audit action of a desired-state decision.
+pub const ACTION_DESIRED: &str = "sync:desired";
+
+impl DesiredDecision {
+    /// Its audit record (actor `outpost-sync`, action [`ACTION_DESIRED`]): `allowed` when
+    /// accepted, `denied` with the refusal as the reason and its label in `details`.
+    pub fn audit_entry(&self) -> Entry {
+        let (outcome, reason) = match &self.outcome {
+            Ok(()) => (Outcome::Allowed, "desired state accepted".to_string()),
+            Err(e) => (Outcome::Denied, e.to_string()),
+        };
+        let mut entry = Entry::new("outpost-sync", ACTION_DESIRED, outcome, &reason);
+        entry.resource = Some(self.topic.clone());
+        entry.details = serde_json::json!({
+            "rollout": self.rollout, "version": self.version, "target": self.target,
+            "model": self.model, "refusal": self.outcome.as_ref().err().map(Refusal::label),
+        });
+        entry
+    }
 }
 
 /// Batches sent since the loop was last idle, above which reaching idle calls

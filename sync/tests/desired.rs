@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outpost_policy::audit::{AuditLog, AuditReader, AuditSettings, Entry, Outcome, Query};
+use outpost_policy::audit::{AuditLog, AuditReader, AuditSettings, Outcome, Query};
 use outpost_policy::signing::KeyPair;
 use outpost_sync::device::{
     DesiredDecision, DeviceSource, Reported, Settings, SyncLoop, SyncStats,
@@ -42,13 +42,7 @@ impl DeviceSource for Source {
     }
     fn refused(&self, _topic: &str, _reason: &str, _unreported: u64) {}
     fn desired(&self, d: &DesiredDecision) {
-        let (outcome, reason) = match &d.outcome {
-            Ok(()) => (Outcome::Allowed, "desired state accepted".to_string()),
-            Err(e) => (Outcome::Denied, e.to_string()),
-        };
-        let mut entry = Entry::new("outpost-sync", "sync:desired", outcome, &reason);
-        entry.resource = Some(d.topic.clone());
-        self.log.append(entry).unwrap();
+        self.log.append(d.audit_entry()).unwrap();
         self.decisions.lock().unwrap().push(d.clone());
     }
 }
@@ -81,6 +75,38 @@ fn rollout_status(dir: &Path) -> serde_json::Value {
     .unwrap()
 }
 
+/// `--config hub.toml rollout start` of smollm2:1.0 to group:lab, signed with release-1.
+fn rollout_start<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--config",
+        "hub.toml",
+        "rollout",
+        "start",
+        "--model",
+        "smollm2:1.0",
+        "--target",
+        "group:lab",
+        "--key",
+        "release-1.key.pem",
+        "--kid",
+        "release-1",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Starts the device's sync loop on `runtime`; cancel the token to stop it.
+fn start_loop(
+    runtime: &tokio::runtime::Runtime,
+    settings: &Settings,
+    source: &Arc<Source>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let source: Arc<dyn DeviceSource> = source.clone();
+    let sync = SyncLoop::new(settings.clone(), source, Arc::new(SyncStats::default()));
+    (stop.clone(), runtime.spawn(sync.run(stop)))
+}
+
 /// A document signed by `key` as `kid`, from `base` with `edit` applied.
 fn resigned(
     base: &DesiredState,
@@ -104,7 +130,6 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
     }
     let tmp = tempfile::TempDir::new().unwrap();
     let dir = tmp.path();
-    let d = dir.display();
     // The fleet: PKI, one device in group lab, a broker, the hub serving.
     ok(&hub(dir, &["pki", "init", "--out", "pki"]));
     let device_key = KeyPair::generate().unwrap();
@@ -113,54 +138,15 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
         .write(&dir.join("edge.pub.pem"))
         .unwrap();
     let port = free_port();
-    std::fs::write(
-        dir.join("hub.toml"),
-        format!(
-            "[hub]\ndata_dir = \"{d}/data\"\nbroker = \"mqtts://127.0.0.1:{port}\"\n\
-             ca = \"{d}/pki/ca.pem\"\ncert = \"{d}/pki/hub.pem\"\nkey = \"{d}/pki/hub.key\"\n"
-        ),
-    )
-    .unwrap();
-    ok(&hub(
+    write_hub_toml(dir, port);
+    enroll(
         dir,
-        &[
-            "--config",
-            "hub.toml",
-            "devices",
-            "enroll",
-            "--id",
-            "edge-01",
-            "--group",
-            "lab",
-            "--audit-key",
-            "edge.pub.pem",
-            "--pki",
-            "pki",
-            "--out",
-            "out",
-        ],
-    ));
-    ok(&hub(
-        dir,
-        &[
-            "--config",
-            "hub.toml",
-            "broker-config",
-            "--pki",
-            "pki",
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--out",
-            "broker",
-        ],
-    ));
-    let _broker = Mosquitto::start(
-        &dir.join("broker/mosquitto.conf"),
-        port,
-        &dir.join("mosquitto.log"),
+        &["--config", "hub.toml"],
+        "edge-01",
+        &["lab"],
+        &dir.join("edge.pub.pem"),
     );
+    let _broker = start_broker(dir, port);
     let log = std::fs::File::create(dir.join("hub.log")).unwrap();
     let _serve = Killed(
         Command::new(HUB)
@@ -195,24 +181,7 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
             "release-1",
         ],
     ));
-    let started = ok(&hub(
-        dir,
-        &[
-            "--config",
-            "hub.toml",
-            "rollout",
-            "start",
-            "--model",
-            "smollm2:1.0",
-            "--target",
-            "group:lab",
-            "--key",
-            "release-1.key.pem",
-            "--kid",
-            "release-1",
-            "--activate",
-        ],
-    ));
+    let started = ok(&hub(dir, &rollout_start(&["--activate"])));
     assert_eq!(started.trim(), r#"{"rollout":1}"#);
 
     // The device's sync loop, pinning the release key.
@@ -246,13 +215,7 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
     keys.insert("release-1", release.public());
     settings.release_keys = keys;
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let stop = CancellationToken::new();
-    let sync = SyncLoop::new(
-        settings.clone(),
-        source.clone(),
-        Arc::new(SyncStats::default()),
-    );
-    let task = runtime.spawn(sync.run(stop.clone()));
+    let (stop, task) = start_loop(&runtime, &settings, &source);
 
     let decisions = || source.decisions.lock().unwrap().clone();
     wait_for("the rollout accepted", || !decisions().is_empty());
@@ -271,23 +234,7 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
     });
 
     // A second rollout supersedes it (version 2 of the group's document).
-    ok(&hub(
-        dir,
-        &[
-            "--config",
-            "hub.toml",
-            "rollout",
-            "start",
-            "--model",
-            "smollm2:1.0",
-            "--target",
-            "group:lab",
-            "--key",
-            "release-1.key.pem",
-            "--kid",
-            "release-1",
-        ],
-    ));
+    ok(&hub(dir, &rollout_start(&[])));
     wait_for("rollout 2 accepted", || decisions().len() >= 2);
     assert_eq!(decisions()[1].outcome, Ok(()));
     assert_eq!(decisions()[1].version, Some(2));
@@ -402,13 +349,7 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
 
     // Restarted, the loop knows from outbox.db what it accepted: the retained document that
     // comes again on connect is not decided (nor audited) again.
-    let stop = CancellationToken::new();
-    let sync = SyncLoop::new(
-        settings.clone(),
-        source.clone(),
-        Arc::new(SyncStats::default()),
-    );
-    let task = runtime.spawn(sync.run(stop.clone()));
+    let (stop, task) = start_loop(&runtime, &settings, &source);
     std::thread::sleep(Duration::from_secs(2));
     stop.cancel();
     runtime.block_on(task).unwrap();

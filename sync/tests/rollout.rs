@@ -29,25 +29,7 @@ fn hub_with_devices() -> TempDir {
         ("edge-09", "eu"),
     ] {
         let key = audit_key(dir, id);
-        ok(&hub(
-            dir,
-            &[
-                "--data-dir",
-                "data",
-                "devices",
-                "enroll",
-                "--id",
-                id,
-                "--group",
-                group,
-                "--audit-key",
-                key.to_str().unwrap(),
-                "--pki",
-                "pki",
-                "--out",
-                "out",
-            ],
-        ));
+        enroll(dir, &["--data-dir", "data"], id, &[group], &key);
     }
     tmp
 }

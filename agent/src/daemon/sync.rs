@@ -84,17 +84,7 @@ impl DeviceSource for AgentSource {
 
     /// `sync:desired`, allowed (accepted) or denied (refused, with the reason).
     fn desired(&self, d: &DesiredDecision) {
-        let (outcome, reason) = match &d.outcome {
-            Ok(()) => (Outcome::Allowed, "desired state accepted".to_string()),
-            Err(e) => (Outcome::Denied, e.to_string()),
-        };
-        let mut entry = Entry::new("outpost-sync", "sync:desired", outcome, &reason);
-        entry.resource = Some(d.topic.clone());
-        entry.details = serde_json::json!({
-            "rollout": d.rollout, "version": d.version, "target": d.target, "model": d.model,
-            "refusal": d.outcome.as_ref().err().map(|e| e.label()),
-        });
-        self.state.note(entry);
+        self.state.note(d.audit_entry());
     }
 
     fn trusted_now(&self) -> i64 {

@@ -225,3 +225,57 @@ pub fn release_key(dir: &Path, name: &str) -> (KeyPair, PathBuf, PathBuf) {
     key.public().write(&public).unwrap();
     (key, private, public)
 }
+
+/// `outpost-hub BASE… devices enroll --id ID --group G… --audit-key KEY --pki pki --out out`
+/// in `dir`, which must succeed.
+pub fn enroll(dir: &Path, base: &[&str], id: &str, groups: &[&str], audit_key: &Path) {
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["devices", "enroll", "--id", id]);
+    for g in groups {
+        args.extend(["--group", g]);
+    }
+    let key = audit_key.to_str().unwrap();
+    args.extend(["--audit-key", key, "--pki", "pki", "--out", "out"]);
+    ok(&hub(dir, &args));
+}
+
+/// `broker-config` for the hub data in `dir/data` (listening on 127.0.0.1:`port`), then
+/// Mosquitto started from it (its log in `dir/mosquitto.log`).
+pub fn start_broker(dir: &Path, port: u16) -> Mosquitto {
+    let port_arg = port.to_string();
+    ok(&hub(
+        dir,
+        &[
+            "--data-dir",
+            "data",
+            "broker-config",
+            "--pki",
+            "pki",
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--out",
+            "broker",
+        ],
+    ));
+    Mosquitto::start(
+        &dir.join("broker/mosquitto.conf"),
+        port,
+        &dir.join("mosquitto.log"),
+    )
+}
+
+/// `dir/hub.toml` for `serve`: data in `dir/data`, the broker on 127.0.0.1:`port`, the
+/// hub's certificate from `dir/pki`.
+pub fn write_hub_toml(dir: &Path, port: u16) {
+    let d = dir.display();
+    std::fs::write(
+        dir.join("hub.toml"),
+        format!(
+            "[hub]\ndata_dir = \"{d}/data\"\nbroker = \"mqtts://127.0.0.1:{port}\"\n\
+             ca = \"{d}/pki/ca.pem\"\ncert = \"{d}/pki/hub.pem\"\nkey = \"{d}/pki/hub.key\"\n"
+        ),
+    )
+    .unwrap();
+}
