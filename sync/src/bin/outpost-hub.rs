@@ -605,6 +605,8 @@ fn rollout_command(cmd: RolloutCommand, data_dir: &Path) -> anyhow::Result<ExitC
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.rollouts.is_empty() {
+                println!("no rollouts");
             } else {
                 for r in &report.rollouts {
                     println!("rollout {} {} -> {}: {}", r.id, r.model, r.target, r.state);
