@@ -59,8 +59,8 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::conn::{self, ConnError, Link, LinkConfig, LinkEvent, LinkHandle, PublishId, Session};
 use crate::outbox::{AcceptedDesired, Acked, Outbox, OutboxError};
 use crate::protocol::{
-    self, AuditAck, BatchBuilder, BatchLimits, DeviceId, EncodedBatch, Following, GroupId,
-    LinkState, Pushed, ReportedModel, ReportedState, Status, Telemetry, Topics, V1,
+    self, AuditAck, BatchBuilder, BatchLimits, DeviceId, EncodedBatch, GroupId, LinkState, Pushed,
+    ReportedModel, ReportedState, Status, Telemetry, Topics, V1,
 };
 use crate::release::{self, DesiredState, PinnedKeys, Refusal, Target};
 
@@ -455,7 +455,7 @@ struct Uplink {
 
 /// The accepted desired states `outbox.db` holds (one that no longer reads is skipped with a
 /// warning: its version still guards against replays in the table).
-fn load_accepted(outbox: &Outbox) -> BTreeMap<Target, DesiredState> {
+pub fn load_accepted(outbox: &Outbox) -> BTreeMap<Target, DesiredState> {
     let rows = match outbox.accepted_desired() {
         Ok(r) => r,
         Err(e) => {
@@ -1119,17 +1119,11 @@ impl Uplink {
             aliases: reported.aliases,
             policy_version: reported.policy_version,
             last_acked_seq: self.cursor,
-            desired: release::pick_desired(
+            desired: release::following(
                 &self.accepted,
                 self.topics.device_id(),
                 &self.settings.groups,
-            )
-            .map(|d| Following {
-                rollout: d.rollout,
-                target: d.target.to_string(),
-                version: d.version,
-                model: d.model.clone(),
-            }),
+            ),
         };
         if !force && self.published_state.as_ref() == Some(&state) {
             return;

@@ -482,5 +482,20 @@ pub fn pick_desired<'a>(
     })
 }
 
+/// What `state/reported` (and `outpost sync status`) say the device follows: the document
+/// [`pick_desired`] picks.
+pub fn following(
+    accepted: &BTreeMap<Target, DesiredState>,
+    device: &DeviceId,
+    groups: &[GroupId],
+) -> Option<protocol::Following> {
+    pick_desired(accepted, device, groups).map(|d| protocol::Following {
+        rollout: d.rollout,
+        target: d.target.to_string(),
+        version: d.version,
+        model: d.model.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests;

@@ -746,6 +746,12 @@ fn a_signed_rollout_reaches_the_daemon_and_a_forged_one_is_refused_and_audited()
     wait("the hub sees the device following rollout 1", &|| {
         reason(0).contains("group:lab version 1 accepted")
     });
+    let status = sync_status(&agent);
+    assert_eq!(
+        status["desired"],
+        serde_json::json!({"rollout": 1, "target": "group:lab", "version": 1, "model": "tiny:1"}),
+        "{status}"
+    );
 
     // A rollout for the device itself, signed with a key it does not pin under the pinned
     // kid: refused and audited; the device still follows the group's document.
