@@ -73,6 +73,19 @@ pub struct SyncConfig {
     /// Bytes of telemetry queued while offline; the oldest snapshots go first.
     #[serde(default = "default_telemetry_quota")]
     pub telemetry_quota_bytes: u64,
+    /// `[[sync.release_keys]]`: the administrators' keys that desired states and model
+    /// manifests must be signed with (none: every desired state is refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub release_keys: Vec<ReleaseKey>,
+}
+
+/// One `[[sync.release_keys]]` entry: a key id and its Ed25519 public key (SPKI PEM, as
+/// `outpost keys generate` writes `NAME.pub.pem`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseKey {
+    pub kid: String,
+    pub public_key: PathBuf,
 }
 
 fn default_batch_records() -> usize {
@@ -779,6 +792,23 @@ fn validate_sync(
             "telemetry_quota_bytes",
             "must be between 1024 and 1073741824".into(),
         ));
+    }
+    let mut kids = std::collections::BTreeSet::new();
+    for k in &s.release_keys {
+        if !valid_id(&k.kid) {
+            return Err(fail(
+                "sync",
+                "release_keys",
+                format!("kid '{}' must be 1 to 64 of A-Z a-z 0-9 . _ -", k.kid),
+            ));
+        }
+        if !kids.insert(k.kid.as_str()) {
+            return Err(fail(
+                "sync",
+                "release_keys",
+                format!("kid '{}' is listed twice", k.kid),
+            ));
+        }
     }
     Ok(())
 }

@@ -14,10 +14,11 @@ use outpost_policy::audit::{AuditError, AuditLog, AuditSettings, Entry, Outcome}
 use outpost_policy::identity::{PinnedKey, Verifier};
 use outpost_policy::rbac::{Action, Policy};
 use outpost_policy::revocation::RevocationList;
-use outpost_policy::signing::KeyPair;
+use outpost_policy::signing::{KeyPair, PublicKey};
 use outpost_policy::time::TrustedClock;
 use outpost_sync::conn::{self, LinkConfig};
 use outpost_sync::protocol::DeviceId;
+use outpost_sync::release::PinnedKeys;
 
 use crate::config::{self, ConfigError, Loaded};
 
@@ -231,7 +232,31 @@ impl Context {
         let link = sync.link(id.clone());
         conn::check_identity(&link, &id)
             .map_err(|e| self.loaded.error("sync", config::sync_key(&e), e))?;
+        self.release_keys()?;
         Ok(Some(link))
+    }
+
+    /// `[[sync.release_keys]]`, each key read (an unreadable file or one that is not an
+    /// Ed25519 public key is a configuration error naming it).
+    pub fn release_keys(&self) -> Result<PinnedKeys, ConfigError> {
+        let mut keys = PinnedKeys::new();
+        let Some(sync) = &self.loaded.config.sync else {
+            return Ok(keys);
+        };
+        for k in &sync.release_keys {
+            let key = PublicKey::load(&k.public_key).map_err(|e| {
+                self.loaded
+                    .error("sync", "release_keys", format!("kid '{}': {e}", k.kid))
+            })?;
+            if !keys.insert(&k.kid, key) {
+                return Err(self.loaded.error(
+                    "sync",
+                    "release_keys",
+                    format!("kid '{}' is listed twice", k.kid),
+                ));
+            }
+        }
+        Ok(keys)
     }
 
     /// The trusted clock, its floor kept in `<data>/trusted-time`.

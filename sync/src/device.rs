@@ -28,6 +28,16 @@
 //! `outbox.db` under the byte quota every `telemetry_interval` and sent while connected; a
 //! snapshot leaves the queue on its PubAck.
 //!
+//! Desired state (sync part 2, first slice): the loop subscribes to its own and its groups'
+//! desired-state topics, checks each retained document with [`release::verify_desired`]
+//! (pinned release keys, target, expiry against the trusted clock, version above the last one
+//! accepted for that target), records the outcome through [`DeviceSource::desired`] (the
+//! agent's audit log, `sync:desired`), keeps what it accepted in `outbox.db` (per target),
+//! and reports the document it follows ([`release::pick_desired`]) in `state/reported`. The
+//! same document delivered again (retained messages come on every connect) is neither
+//! re-checked nor re-recorded; an empty payload (the hub cleared a halted rollout) changes
+//! nothing. Downloading and activating the model come next (blob transfer).
+//!
 //! Stopping (the daemon's SIGTERM): no new batches; the loop waits up to [`FLUSH_GRACE`] for
 //! the acks of the batches in flight, then stops the link gracefully (offline status,
 //! DISCONNECT) and returns.
@@ -38,7 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use outpost_policy::audit::{AuditReader, Checkpoint, Query, now_rfc3339};
+use outpost_policy::audit::{AuditReader, Checkpoint, Entry, Outcome, Query, now_rfc3339};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -47,11 +57,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::conn::{self, ConnError, Link, LinkConfig, LinkEvent, LinkHandle, PublishId, Session};
-use crate::outbox::{Acked, Outbox, OutboxError};
+use crate::outbox::{AcceptedDesired, Acked, Outbox, OutboxError};
 use crate::protocol::{
-    self, AuditAck, BatchBuilder, BatchLimits, DeviceId, EncodedBatch, LinkState, Pushed,
+    self, AuditAck, BatchBuilder, BatchLimits, DeviceId, EncodedBatch, GroupId, LinkState, Pushed,
     ReportedModel, ReportedState, Status, Telemetry, Topics, V1,
 };
+use crate::release::{self, DesiredState, PinnedKeys, Refusal, Target};
 
 /// How long a stopping loop waits for the acks of batches in flight.
 pub const FLUSH_GRACE: Duration = Duration::from_secs(5);
@@ -80,6 +91,10 @@ pub struct Settings {
     pub telemetry_quota_bytes: u64,
     /// Reported in `status`.
     pub agent_version: String,
+    /// `[device] groups`, in order (the precedence among group documents).
+    pub groups: Vec<GroupId>,
+    /// `[[sync.release_keys]]`: the keys desired states and manifests must be signed with.
+    pub release_keys: PinnedKeys,
 }
 
 impl Settings {
@@ -102,6 +117,8 @@ impl Settings {
             telemetry_interval: Duration::from_secs(60),
             telemetry_quota_bytes: 8 << 20,
             agent_version: version.to_string(),
+            groups: Vec::new(),
+            release_keys: PinnedKeys::new(),
         }
     }
 }
@@ -128,6 +145,51 @@ pub trait DeviceSource: Send + Sync + 'static {
     /// A backlog was drained (every record acknowledged after at least
     /// [`DRAINED_AFTER_BATCHES`] batches): a moment to give freed memory back.
     fn drained(&self) {}
+    /// A desired state was accepted or refused: the agent records it in the audit log.
+    fn desired(&self, decision: &DesiredDecision);
+    /// The trusted clock (Unix seconds) that expiry is checked against.
+    fn trusted_now(&self) -> i64 {
+        outpost_policy::time::system_now()
+    }
+    /// A verified document was signed at `t`: the trusted clock's floor may rise to it.
+    fn observe_time(&self, t: i64) {
+        let _ = t;
+    }
+}
+
+/// What the loop decided about one desired-state document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredDecision {
+    /// The topic it came on.
+    pub topic: String,
+    /// `Ok(())` when accepted, else why not.
+    pub outcome: Result<(), Refusal>,
+    /// From the document, when it could be read.
+    pub rollout: Option<u64>,
+    pub version: Option<u64>,
+    pub target: Option<String>,
+    pub model: Option<String>,
+}
+
+/// The audit action of a desired-state decision.
+pub const ACTION_DESIRED: &str = "sync:desired";
+
+impl DesiredDecision {
+    /// Its audit record (actor `outpost-sync`, action [`ACTION_DESIRED`]): `allowed` when
+    /// accepted, `denied` with the refusal as the reason and its label in `details`.
+    pub fn audit_entry(&self) -> Entry {
+        let (outcome, reason) = match &self.outcome {
+            Ok(()) => (Outcome::Allowed, "desired state accepted".to_string()),
+            Err(e) => (Outcome::Denied, e.to_string()),
+        };
+        let mut entry = Entry::new("outpost-sync", ACTION_DESIRED, outcome, &reason);
+        entry.resource = Some(self.topic.clone());
+        entry.details = serde_json::json!({
+            "rollout": self.rollout, "version": self.version, "target": self.target,
+            "model": self.model, "refusal": self.outcome.as_ref().err().map(Refusal::label),
+        });
+        entry
+    }
 }
 
 /// Batches sent since the loop was last idle, above which reaching idle calls
@@ -274,7 +336,7 @@ impl SyncLoop {
                 topic: topics.status().to_string(),
                 payload: will,
             },
-            subscriptions: topics.subscriptions(&[]),
+            subscriptions: topics.subscriptions(&self.settings.groups),
         };
         let link_stop = CancellationToken::new();
         let (link, mut events, link_task) =
@@ -286,7 +348,10 @@ impl SyncLoop {
                 }
             };
         info!(broker = %self.settings.link.broker, "Sync started.");
+        let accepted = load_accepted(&outbox);
         let mut up = Uplink {
+            accepted,
+            refused_digests: std::collections::HashSet::new(),
             cursor: outbox.last_acked_seq().unwrap_or(0),
             outbox,
             link,
@@ -381,6 +446,35 @@ struct Uplink {
     /// The last error kept in the outbox, to write each only once.
     last_error: Option<String>,
     stopping: bool,
+    /// The desired states accepted, by target (mirrors `outbox.db`).
+    accepted: BTreeMap<Target, DesiredState>,
+    /// Digests of documents refused by this process (a retained document comes again on
+    /// every connect; it is recorded once).
+    refused_digests: std::collections::HashSet<String>,
+}
+
+/// The accepted desired states `outbox.db` holds (one that no longer reads is skipped with a
+/// warning: its version still guards against replays in the table).
+pub fn load_accepted(outbox: &Outbox) -> BTreeMap<Target, DesiredState> {
+    let rows = match outbox.accepted_desired() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "Accepted desired states cannot be read.");
+            return BTreeMap::new();
+        }
+    };
+    let mut out = BTreeMap::new();
+    for row in rows {
+        match DesiredState::decode(row.doc_json.as_bytes()) {
+            Ok(d) => {
+                out.insert(d.target.clone(), d);
+            }
+            Err(e) => {
+                warn!(desired_target = %row.target, error = %e, "A stored desired state does not read.")
+            }
+        }
+    }
+    out
 }
 
 impl Uplink {
@@ -495,16 +589,125 @@ impl Uplink {
             LinkEvent::Message { topic, payload } => {
                 if topic == self.topics.audit_ack() {
                     self.on_ack(&payload);
+                } else if let Some(target) = Target::of_topic(&topic) {
+                    self.on_desired(&topic, &target, &payload);
                 } else {
                     debug!(topic = %topic, bytes = payload.len(), "Message not handled here.");
                 }
             }
             LinkEvent::PubAck(id) => self.on_puback(id),
-            LinkEvent::SubscribeRefused { filters } => self.note_error(&format!(
-                "the broker refused the subscriptions {} (its ACL?): acks cannot arrive",
-                filters.join(", ")
-            )),
+            LinkEvent::SubscribeRefused { filters } => {
+                let what = if filters.iter().any(|f| f == self.topics.audit_ack()) {
+                    "acks cannot arrive"
+                } else {
+                    "desired states cannot arrive there (is each of [device] groups enrolled?)"
+                };
+                self.note_error(&format!(
+                    "the broker refused the subscriptions {} (its ACL?): {what}",
+                    filters.join(", ")
+                ));
+            }
         }
+    }
+
+    /// A desired-state document arrived (see the module header).
+    fn on_desired(&mut self, topic: &str, topic_target: &Target, payload: &[u8]) {
+        if payload.is_empty() {
+            debug!(
+                topic,
+                "No desired state retained here (cleared by the hub)."
+            );
+            return;
+        }
+        let mut decision = DesiredDecision {
+            topic: topic.to_string(),
+            outcome: Ok(()),
+            rollout: None,
+            version: None,
+            target: None,
+            model: None,
+        };
+        let doc = match DesiredState::decode(payload) {
+            Ok(d) => d,
+            Err(e) => {
+                decision.outcome = Err(Refusal::Malformed(e.to_string()));
+                return self.decided(&decision, None);
+            }
+        };
+        let digest = doc.digest();
+        if self
+            .accepted
+            .get(&doc.target)
+            .is_some_and(|a| a.digest() == digest)
+            || self.refused_digests.contains(&digest)
+        {
+            return;
+        }
+        decision.rollout = Some(doc.rollout);
+        decision.version = Some(doc.version);
+        decision.target = Some(doc.target.to_string());
+        decision.model = Some(doc.model.clone());
+        let last = self.accepted.get(&doc.target).map(|a| a.version);
+        let checked = release::verify_desired(
+            &doc,
+            &self.settings.release_keys,
+            self.topics.device_id(),
+            &self.settings.groups,
+            last,
+            self.source.trusted_now(),
+        )
+        .and_then(|()| {
+            if doc.target == *topic_target {
+                Ok(())
+            } else {
+                Err(Refusal::WrongTopic {
+                    topic: topic_target.to_string(),
+                    target: doc.target.to_string(),
+                })
+            }
+        });
+        if let Err(e) = checked {
+            decision.outcome = Err(e);
+            return self.decided(&decision, Some(digest));
+        }
+        let row = AcceptedDesired {
+            target: doc.target.to_string(),
+            version: doc.version,
+            rollout: doc.rollout,
+            digest,
+            doc_json: String::from_utf8_lossy(payload).into_owned(),
+        };
+        if let Err(e) = self.outbox.accept_desired(&row) {
+            self.note_error(&format!("recording a desired state: {e}"));
+            return;
+        }
+        self.source.observe_time(doc.issued_at);
+        self.accepted.insert(doc.target.clone(), doc);
+        self.decided(&decision, None);
+        self.publish_state(false);
+    }
+
+    /// Logs and records a decision; a refused document's digest is remembered.
+    fn decided(&mut self, decision: &DesiredDecision, refused_digest: Option<String>) {
+        match &decision.outcome {
+            Ok(()) => info!(
+                topic = %decision.topic,
+                rollout = decision.rollout,
+                version = decision.version,
+                model = decision.model.as_deref(),
+                "Desired state accepted."
+            ),
+            Err(e) => warn!(topic = %decision.topic, reason = e.label(), error = %e,
+                "Desired state refused."),
+        }
+        if let Some(d) = refused_digest {
+            // Bounded: a hub sending endless new forgeries costs memory no longer.
+            if self.refused_digests.len() >= 1024 {
+                self.refused_digests.clear();
+            }
+            self.refused_digests.insert(d);
+        }
+        self.source.desired(decision);
     }
 
     fn on_connected(&mut self) {
@@ -926,6 +1129,11 @@ impl Uplink {
             aliases: reported.aliases,
             policy_version: reported.policy_version,
             last_acked_seq: self.cursor,
+            desired: release::following(
+                &self.accepted,
+                self.topics.device_id(),
+                &self.settings.groups,
+            ),
         };
         if !force && self.published_state.as_ref() == Some(&state) {
             return;

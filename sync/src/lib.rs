@@ -9,7 +9,8 @@
 //! [`conn`] (the broker link: rumqttc over rustls, reconnects, size checks, events) and the
 //! first slice of [`hub`] (PKI, enrollment, broker configuration, `hub.db`) behind the
 //! `outpost-hub` binary, and [`device`], the daemon's sync loop (audit upload with acks,
-//! reported state, telemetry).
+//! reported state, telemetry, verified desired states), and [`release`]: signed model
+//! manifests and desired states (sync part 2; `hub::rollout` publishes and signs them).
 //!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
@@ -19,6 +20,7 @@ pub mod device;
 pub mod hub;
 pub mod outbox;
 pub mod protocol;
+pub mod release;
 
 pub use conn::ConnError;
 pub use outbox::{Outbox, OutboxError, OutboxStatus};

@@ -11,6 +11,9 @@
 //!   evicted or refused by the quota, ever). Triggers make the cursor and the drop counter
 //!   fail to decrease.
 //! - `telemetry`: queued snapshots, oldest first (`id` is `AUTOINCREMENT`, never reused).
+//! - `desired` (schema 2): per target (`group:G`, `device:ID`), the last desired state the
+//!   device accepted: `version`, `rollout`, `digest`, the document as received, when. A
+//!   trigger makes `version` only increase (no replay or rollback survives a restart).
 //!
 //! Rules:
 //! - The cursor moves only on an ack, and only forward: an ack at or below it is stale (QoS 1
@@ -43,7 +46,8 @@ use rusqlite::{
 use serde::Serialize;
 
 /// The schema, one migration per entry; entry `i` moves `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE state (
     id                   INTEGER PRIMARY KEY CHECK (id = 1),
     last_acked_seq       INTEGER NOT NULL DEFAULT 0 CHECK (last_acked_seq >= 0),
@@ -68,7 +72,21 @@ CREATE TABLE telemetry (
     ts      TEXT NOT NULL,
     payload BLOB NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE desired (
+    target      TEXT PRIMARY KEY,
+    version     INTEGER NOT NULL CHECK (version > 0),
+    rollout     INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    doc_json    TEXT NOT NULL,
+    accepted_at TEXT NOT NULL
+);
+CREATE TRIGGER desired_forward BEFORE UPDATE OF version ON desired
+    WHEN NEW.version <= OLD.version
+    BEGIN SELECT RAISE(ABORT, 'a desired state version never moves backwards'); END;
+"#,
+];
 
 /// The version this build writes.
 const CURRENT: i64 = MIGRATIONS.len() as i64;
@@ -178,6 +196,17 @@ pub struct TelemetryPush {
 pub struct QueuedTelemetry {
     pub id: i64,
     pub payload: Vec<u8>,
+}
+
+/// A desired state the device accepted, as `outbox.db` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedDesired {
+    /// `group:G` or `device:ID`.
+    pub target: String,
+    pub version: u64,
+    pub rollout: u64,
+    pub digest: String,
+    pub doc_json: String,
 }
 
 /// `outbox.db`, open for writing (one process) or reading.
@@ -503,6 +532,54 @@ impl Outbox {
             )?;
             Ok(())
         })
+    }
+
+    /// Records the desired state accepted for `target` (its version must be above the one
+    /// stored: the trigger refuses anything else).
+    pub fn accept_desired(&mut self, d: &AcceptedDesired) -> Result<()> {
+        self.write(|tx| {
+            let version = i64::try_from(d.version).map_err(|_| out_of_range(d.version))?;
+            let rollout = i64::try_from(d.rollout).map_err(|_| out_of_range(d.rollout))?;
+            tx.execute(
+                "INSERT INTO desired (target, version, rollout, digest, doc_json, accepted_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (target) DO UPDATE SET version = excluded.version,
+                    rollout = excluded.rollout, digest = excluded.digest,
+                    doc_json = excluded.doc_json, accepted_at = excluded.accepted_at",
+                params![
+                    d.target,
+                    version,
+                    rollout,
+                    d.digest,
+                    d.doc_json,
+                    now_rfc3339()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every accepted desired state, by target.
+    pub fn accepted_desired(&self) -> Result<Vec<AcceptedDesired>> {
+        let err = db_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT target, version, rollout, digest, doc_json FROM desired ORDER BY target",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(AcceptedDesired {
+                    target: r.get(0)?,
+                    version: get_u64(r, 1)?,
+                    rollout: get_u64(r, 2)?,
+                    digest: r.get(3)?,
+                    doc_json: r.get(4)?,
+                })
+            })
+            .map_err(&err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits it.
@@ -895,7 +972,7 @@ acked=3 queued=1/4B dropped=0 connected=false writer=true error=Some(\"{}\")",
             .pragma_update(None, "user_version", 99)
             .unwrap();
         let refused = format!(
-            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 1): a newer outpost wrote it; nothing was changed",
+            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 2): a newer outpost wrote it; nothing was changed",
             path.display()
         );
         check(dir.path(), "open", &refused);
@@ -905,6 +982,41 @@ acked=3 queued=1/4B dropped=0 connected=false writer=true error=Some(\"{}\")",
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, 99);
+    }
+
+    #[test]
+    fn accepted_desired_states_only_move_forward_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let row = |target: &str, version| AcceptedDesired {
+            target: target.into(),
+            version,
+            rollout: version + 10,
+            digest: format!("d{version}"),
+            doc_json: format!("{{\"version\":{version}}}"),
+        };
+        {
+            let mut o = Outbox::open(&path).unwrap();
+            assert!(o.accepted_desired().unwrap().is_empty());
+            o.accept_desired(&row("group:lab", 1)).unwrap();
+            o.accept_desired(&row("group:lab", 3)).unwrap();
+            o.accept_desired(&row("device:e1", 1)).unwrap();
+            for stale in [3, 2] {
+                let err = o.accept_desired(&row("group:lab", stale)).unwrap_err();
+                assert!(err.to_string().contains("never moves backwards"), "{err}");
+            }
+        }
+        let o = Outbox::open_read_only(&path).unwrap();
+        assert_eq!(
+            o.accepted_desired().unwrap(),
+            [row("device:e1", 1), row("group:lab", 3)]
+        );
+        assert!(matches!(
+            Outbox::open_read_only(&path)
+                .unwrap()
+                .accept_desired(&row("x", 9)),
+            Err(OutboxError::ReadOnly { .. })
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! | `devices/{id}/audit` | up | 1 | [`AuditBatch`] |
 //! | `devices/{id}/telemetry` | up | 1 | [`Telemetry`] |
 //! | `devices/{id}/state/reported` | up | 1, retained | [`ReportedState`] |
-//! | `devices/{id}/state/desired`, `groups/{g}/state/desired` | down | 1, retained | part 2 |
+//! | `devices/{id}/state/desired`, `groups/{g}/state/desired` | down | 1, retained | [`crate::release::DesiredState`] |
 //! | `devices/{id}/audit/ack` | down | 1 | [`AuditAck`] |
 //! | `blobs/get` | up | 1 | part 2 |
 //! | `devices/{id}/blobs` | down | 1 | part 2 (binary chunk frame) |
@@ -529,6 +529,20 @@ pub struct ReportedState {
     pub aliases: BTreeMap<String, String>,
     pub policy_version: Option<u64>,
     pub last_acked_seq: u64,
+    /// The desired state the device follows (see `release::pick_desired`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<Following>,
+}
+
+/// Which signed desired state a device follows: its rollout, target and version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Following {
+    pub rollout: u64,
+    pub target: String,
+    pub version: u64,
+    /// `name:version`.
+    pub model: String,
 }
 
 impl Message for ReportedState {
@@ -1043,7 +1057,7 @@ mod tests {
         );
         check(
             r#"state {"v":1,"models":[],"aliases":{"default":"m:1"},"policy_version":null,"last_acked_seq":0}"#,
-            r#"ok: ReportedState { v: V1, models: [], aliases: {"default": "m:1"}, policy_version: None, last_acked_seq: 0 }"#,
+            r#"ok: ReportedState { v: V1, models: [], aliases: {"default": "m:1"}, policy_version: None, last_acked_seq: 0, desired: None }"#,
         );
         // Size is checked first: an oversized payload is refused unread.
         check(

@@ -63,36 +63,8 @@ impl Fleet {
             ));
         }
         let port = free_port();
-        ok(&hub(
-            dir,
-            &[
-                "--data-dir",
-                "data",
-                "broker-config",
-                "--pki",
-                "pki",
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--out",
-                "broker",
-            ],
-        ));
-        let broker = Mosquitto::start(
-            &dir.join("broker/mosquitto.conf"),
-            port,
-            &dir.join("mosquitto.log"),
-        );
-        let d = dir.display();
-        std::fs::write(
-            dir.join("hub.toml"),
-            format!(
-                "[hub]\ndata_dir = \"{d}/data\"\nbroker = \"mqtts://127.0.0.1:{port}\"\n\
-                 ca = \"{d}/pki/ca.pem\"\ncert = \"{d}/pki/hub.pem\"\nkey = \"{d}/pki/hub.key\"\n"
-            ),
-        )
-        .unwrap();
+        let broker = start_broker(dir, port);
+        write_hub_toml(dir, port);
         Fleet {
             tmp,
             port,

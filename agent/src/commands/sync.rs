@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use outpost_policy::audit::{AuditReader, Query};
 use outpost_sync::Outbox;
+use outpost_sync::device::load_accepted;
+use outpost_sync::protocol::{DeviceId, Following, GroupId};
+use outpost_sync::release::following;
 use serde::Serialize;
 
 use super::print_json;
@@ -37,6 +40,8 @@ struct Status {
     telemetry_dropped: u64,
     last_error: Option<String>,
     last_error_at: Option<String>,
+    /// The desired state the device follows (accepted, by the precedence rule), if any.
+    desired: Option<Following>,
 }
 
 fn status(ctx: &Context) -> anyhow::Result<ExitCode> {
@@ -52,6 +57,15 @@ fn status(ctx: &Context) -> anyhow::Result<ExitCode> {
     let outbox = Outbox::open_read_only(&data.outbox_db())?;
     let s = outbox.status()?;
     let audit_last_seq = audit_last_seq(ctx)?;
+    // `config::load` validated the id and the groups of a configuration with `[sync]`.
+    let device = &ctx.loaded.config.device;
+    let id = DeviceId::new(device.id.as_deref().unwrap_or_default())?;
+    let groups: Vec<GroupId> = device
+        .groups
+        .iter()
+        .filter_map(|g| GroupId::new(g).ok())
+        .collect();
+    let desired = following(&load_accepted(&outbox), &id, &groups);
     let status = Status {
         configured: true,
         broker: sync.broker.clone(),
@@ -65,6 +79,7 @@ fn status(ctx: &Context) -> anyhow::Result<ExitCode> {
         telemetry_dropped: s.telemetry_dropped,
         last_error: s.last_error.clone(),
         last_error_at: s.last_error_at.clone(),
+        desired,
     };
     if ctx.json {
         print_json(&status)?;
@@ -89,6 +104,13 @@ fn status(ctx: &Context) -> anyhow::Result<ExitCode> {
         "Telemetry: {} bytes queued, {} snapshots dropped.",
         status.telemetry_queued_bytes, status.telemetry_dropped
     );
+    match &status.desired {
+        Some(d) => println!(
+            "Desired state: rollout {} ({} version {}): {}.",
+            d.rollout, d.target, d.version, d.model
+        ),
+        None => println!("Desired state: none accepted."),
+    }
     if let Some(e) = &status.last_error {
         let at = status.last_error_at.as_deref().unwrap_or("unknown time");
         println!("Last error ({at}): {e}");

@@ -262,7 +262,18 @@ pub async fn run(
     if let (Some(link), Some(config), Some((stats, _))) =
         (sync_link, &ctx.loaded.config.sync, &state.sync)
     {
-        tasks.spawn(sync::sync_loop(&state, config, link, stats.clone()).run(shutdown.clone()));
+        let keys = ctx.release_keys()?;
+        tasks.spawn(
+            sync::sync_loop(
+                &state,
+                config,
+                link,
+                keys,
+                &ctx.loaded.config.device.groups,
+                stats.clone(),
+            )
+            .run(shutdown.clone()),
+        );
     }
     tasks.close();
 

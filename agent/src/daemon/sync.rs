@@ -7,8 +7,11 @@ use std::time::Instant;
 
 use outpost_policy::audit::{Entry, Outcome};
 use outpost_sync::conn::LinkConfig;
-use outpost_sync::device::{DeviceSource, Reported, Settings, SyncLoop, SyncStats};
-use outpost_sync::protocol::{BatchLimits, ReportedModel};
+use outpost_sync::device::{
+    DesiredDecision, DeviceSource, Reported, Settings, SyncLoop, SyncStats,
+};
+use outpost_sync::protocol::{BatchLimits, GroupId, ReportedModel};
+use outpost_sync::release::PinnedKeys;
 
 use super::State;
 use super::metrics::rss_bytes;
@@ -19,6 +22,8 @@ pub fn sync_loop(
     state: &Arc<State>,
     config: &SyncConfig,
     link: LinkConfig,
+    release_keys: PinnedKeys,
+    groups: &[String],
     stats: Arc<SyncStats>,
 ) -> SyncLoop {
     let data = &state.data_dir;
@@ -29,6 +34,9 @@ pub fn sync_loop(
     };
     settings.telemetry_interval = std::time::Duration::from_secs(config.telemetry_interval_secs);
     settings.telemetry_quota_bytes = config.telemetry_quota_bytes;
+    settings.release_keys = release_keys;
+    // `config::load` validated every group name.
+    settings.groups = groups.iter().filter_map(|g| GroupId::new(g).ok()).collect();
     let source = AgentSource {
         state: state.clone(),
         started: Instant::now(),
@@ -72,6 +80,24 @@ impl DeviceSource for AgentSource {
         entry.resource = Some(topic.to_string());
         entry.details = serde_json::json!({ "refused_since_last_record": unreported });
         self.state.note(entry);
+    }
+
+    /// `sync:desired`, allowed (accepted) or denied (refused, with the reason).
+    fn desired(&self, d: &DesiredDecision) {
+        self.state.note(d.audit_entry());
+    }
+
+    fn trusted_now(&self) -> i64 {
+        self.state
+            .clock
+            .lock()
+            .map_or_else(|_| outpost_policy::time::system_now(), |c| c.now())
+    }
+
+    fn observe_time(&self, t: i64) {
+        if let Ok(mut c) = self.state.clock.lock() {
+            c.observe(t);
+        }
     }
 
     /// The memory that read and packed the backlog goes back to the system.

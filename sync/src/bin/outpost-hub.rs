@@ -14,13 +14,14 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use outpost_policy::audit::{Format, Outcome, Query};
-use outpost_policy::time::parse_time;
+use outpost_policy::time::{parse_duration, parse_time};
 use outpost_sync::hub::audit::DeviceChain;
 use outpost_sync::hub::config::Config;
 use outpost_sync::hub::enroll::{EnrollRequest, enroll};
 use outpost_sync::hub::serve::{ServeSettings, Server};
-use outpost_sync::hub::{HubError, HubStore, SqliteStore, broker, pki};
+use outpost_sync::hub::{HubError, HubStore, SqliteStore, broker, pki, rollout};
 use outpost_sync::protocol::{DeviceId, GroupId};
+use outpost_sync::release::Target;
 
 /// Exit status for a configuration error (sysexits.h EX_CONFIG).
 const EX_CONFIG: u8 = 78;
@@ -58,6 +59,81 @@ enum Command {
     /// Read, export and verify a device's audit chain as the hub holds it (changes nothing).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Published models: the blob store and signed manifests.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Signed desired states pushed to groups or devices (`serve` publishes them).
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Store a GGUF file in the hub's blob store and print its signed manifest (JSON).
+    Publish {
+        /// The GGUF model file.
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// The release private key (PKCS#8 PEM, from `outpost keys generate`).
+        #[arg(long, value_name = "KEY.pem")]
+        key: PathBuf,
+        /// The key id devices pin it under (`[[sync.release_keys]] kid`).
+        #[arg(long)]
+        kid: String,
+        /// How long devices accept the manifest: 90s, 30m, 2h, 30d.
+        #[arg(long, default_value = "30d")]
+        expires: String,
+        /// Bytes per chunk (each chunk's SHA-256 is in the manifest).
+        #[arg(long, default_value_t = rollout::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Sign a desired state for a group or device and store it; prints {"rollout": ID}.
+    Start {
+        /// The published model, NAME:VERSION.
+        #[arg(long, value_name = "N:V")]
+        model: String,
+        /// group:G or device:ID.
+        #[arg(long)]
+        target: String,
+        /// The release private key (PKCS#8 PEM).
+        #[arg(long, value_name = "KEY.pem")]
+        key: PathBuf,
+        #[arg(long)]
+        kid: String,
+        /// The alias to point at the model.
+        #[arg(long, default_value = "default")]
+        alias: String,
+        /// Switch the alias once the model passes its health check.
+        #[arg(long)]
+        activate: bool,
+        /// Percent of a group's devices in the first batch.
+        #[arg(long, value_name = "PERCENT", default_value_t = 100)]
+        batch: u8,
+        /// Halt the rollout when more devices than this fail.
+        #[arg(long, value_name = "K")]
+        max_failures: Option<u64>,
+        /// How long devices accept the desired state (at most the manifest's expiry).
+        #[arg(long, default_value = "30d")]
+        expires: String,
+    },
+    /// Rollouts and their devices' states (from what devices reported).
+    Status {
+        id: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop distributing a rollout (its retained desired states are cleared).
+    Halt { id: u64 },
+    /// Distribute a halted rollout again.
+    Resume { id: u64 },
 }
 
 /// `outpost audit …` of the device, on the hub's copy: same filters, formats and exit codes.
@@ -274,6 +350,8 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => anyhow::bail!("serve is run by main"),
         Command::Audit(cmd) => return audit_command(cmd, data_dir),
+        Command::Models(cmd) => models_command(cmd, data_dir)?,
+        Command::Rollout(cmd) => return rollout_command(cmd, data_dir),
         Command::Pki(PkiCommand::Init { out, broker_hosts }) => {
             let paths = pki::init(&out, &broker_hosts)?;
             println!(
@@ -453,6 +531,104 @@ fn audit_command(cmd: AuditCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
             } else {
                 ExitCode::FAILURE
             });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outpost-hub models publish`.
+fn models_command(cmd: ModelsCommand, data_dir: &Path) -> anyhow::Result<()> {
+    let ModelsCommand::Publish {
+        file,
+        name,
+        version,
+        key,
+        kid,
+        expires,
+        chunk_size,
+    } = cmd;
+    let req = rollout::PublishRequest {
+        file,
+        name,
+        version,
+        key,
+        kid,
+        expires_in_secs: parse_duration(&expires).context("--expires")?,
+        chunk_size,
+        actor: local_actor(),
+    };
+    let manifest = rollout::publish(data_dir, &req)
+        .with_context(|| format!("publishing {}:{}", req.name, req.version))?;
+    println!("{}", serde_json::to_string_pretty(&manifest)?);
+    Ok(())
+}
+
+/// `outpost-hub rollout start|status|halt|resume`.
+fn rollout_command(cmd: RolloutCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
+    match cmd {
+        RolloutCommand::Start {
+            model,
+            target,
+            key,
+            kid,
+            alias,
+            activate,
+            batch,
+            max_failures,
+            expires,
+        } => {
+            let req = rollout::RolloutRequest {
+                model,
+                target: Target::parse(&target).context("--target")?,
+                key,
+                kid,
+                alias,
+                activate,
+                batch_percent: batch,
+                max_failures,
+                expires_in_secs: parse_duration(&expires).context("--expires")?,
+                actor: local_actor(),
+            };
+            let id = rollout::start(data_dir, &req)
+                .with_context(|| format!("starting the rollout of {}", req.model))?;
+            println!("{}", serde_json::json!({ "rollout": id }));
+        }
+        RolloutCommand::Status { id, json } => {
+            let report = if data_dir.join(SqliteStore::FILE).exists() {
+                rollout::status(&SqliteStore::open_read_only(data_dir)?, id)?
+            } else if let Some(id) = id {
+                anyhow::bail!("no rollout {id} on this hub (no hub store here)");
+            } else {
+                rollout::StatusReport {
+                    rollouts: Vec::new(),
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.rollouts.is_empty() {
+                println!("no rollouts");
+            } else {
+                for r in &report.rollouts {
+                    println!("rollout {} {} -> {}: {}", r.id, r.model, r.target, r.state);
+                    for d in &r.devices {
+                        println!(
+                            "  {:<24} {:<12} {:>4.0}%  {}",
+                            d.id,
+                            d.state,
+                            d.progress * 100.0,
+                            d.reason.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+            }
+        }
+        RolloutCommand::Halt { id } => {
+            rollout::set_state(data_dir, id, true, &local_actor())?;
+            println!("rollout {id} halted");
+        }
+        RolloutCommand::Resume { id } => {
+            rollout::set_state(data_dir, id, false, &local_actor())?;
+            println!("rollout {id} running");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -46,6 +46,36 @@ pub fn open_audit_log(data_dir: &Path) -> Result<AuditLog> {
     )?)
 }
 
+/// Runs `act` between its intent and outcome records in the hub's own audit chain (no
+/// record, no action): the intent durably first, then `act`, then the outcome (`done`'s
+/// words on success, the error on failure).
+pub(crate) fn audited_action<T>(
+    data_dir: &Path,
+    mut intent: Entry,
+    act: impl FnOnce() -> Result<T>,
+    done: impl FnOnce(&T) -> String,
+) -> Result<T> {
+    let log = open_audit_log(data_dir)?;
+    log.append(intent.clone())?;
+    let result = act();
+    match &result {
+        Ok(v) => {
+            intent.outcome = Outcome::Success;
+            intent.reason = done(v);
+        }
+        Err(e) => {
+            intent.outcome = Outcome::Failure;
+            intent.reason = e.to_string();
+        }
+    }
+    let recorded = log.append(intent);
+    let closed = log.close();
+    let value = result?;
+    recorded?;
+    closed?;
+    Ok(value)
+}
+
 /// Enrolls one device; see the module header for the order of things.
 pub fn enroll(data_dir: &Path, req: &EnrollRequest) -> Result<DeviceRecord> {
     let audit_key = PublicKey::load(&req.audit_key)?;
@@ -73,7 +103,6 @@ pub fn enroll(data_dir: &Path, req: &EnrollRequest) -> Result<DeviceRecord> {
     groups.sort();
     groups.dedup();
 
-    let log = open_audit_log(&data_dir)?;
     let mut intent = Entry::new(
         &req.actor,
         ACTION_ENROLL,
@@ -86,9 +115,7 @@ pub fn enroll(data_dir: &Path, req: &EnrollRequest) -> Result<DeviceRecord> {
         "audit_key": audit_key.to_hex(),
         "cert": cert_path.display().to_string(),
     });
-    log.append(intent.clone())?;
-
-    let result = (|| -> Result<DeviceRecord> {
+    let act = || -> Result<DeviceRecord> {
         let issued = ca.client(req.id.as_str())?;
         issued.write(&cert_path, &key_path)?;
         if !ca_path.exists() {
@@ -109,29 +136,21 @@ pub fn enroll(data_dir: &Path, req: &EnrollRequest) -> Result<DeviceRecord> {
         };
         store.enroll(&record)?;
         Ok(record)
-    })();
-
-    if result.is_err() {
-        // A failed enrollment leaves no certificate behind, so it can simply be run again.
-        for p in [&cert_path, &key_path] {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    let mut outcome = intent;
-    match &result {
-        Ok(_) => {
-            outcome.outcome = Outcome::Success;
-            outcome.reason = "enrolled".into();
-        }
-        Err(e) => {
-            outcome.outcome = Outcome::Failure;
-            outcome.reason = e.to_string();
-        }
-    }
-    let recorded = log.append(outcome);
-    let closed = log.close();
-    let record = result?;
-    recorded?;
-    closed?;
-    Ok(record)
+    };
+    audited_action(
+        &data_dir,
+        intent,
+        || {
+            let result = act();
+            if result.is_err() {
+                // A failed enrollment leaves no certificate behind, so it can simply be run
+                // again.
+                for p in [&cert_path, &key_path] {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            result
+        },
+        |_| "enrolled".into(),
+    )
 }

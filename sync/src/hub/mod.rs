@@ -15,8 +15,10 @@ pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod enroll;
+mod gguf_keys;
 pub mod ingest;
 pub mod pki;
+pub mod rollout;
 pub mod serve;
 pub mod store;
 
@@ -62,6 +64,10 @@ pub enum HubError {
     },
     #[error("device {0} is already enrolled")]
     AlreadyEnrolled(String),
+    #[error("model {0} is already published (publish it under another version)")]
+    AlreadyPublished(String),
+    #[error("{0}")]
+    Release(String),
     #[error("serving stopped: {0}")]
     Serve(String),
     #[error("ingest for device {device}: {message}")]

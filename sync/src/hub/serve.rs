@@ -81,6 +81,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::ingest::{self, AlertKind, Handled, Kind, Outcome, Prepared, Refusal};
+use super::store::releases::ReleaseStore;
 use super::store::{HubStore, SqliteStore};
 use super::{HUB_IDENTITY, Result, make_dir};
 use crate::conn::{Link, LinkConfig, LinkEvent, LinkHandle, Session, Will};
@@ -118,6 +119,8 @@ pub const PARK_MAX_BYTES: usize = 16 << 20;
 pub const PARK_RETRY: Duration = Duration::from_millis(10);
 /// How often unsent acks are tried again while connected.
 pub const ACK_RETRY: Duration = Duration::from_millis(250);
+/// How often `hub.db` is looked at for new, halted or resumed desired states while connected.
+pub const DESIRED_POLL: Duration = Duration::from_secs(1);
 /// The ingest thread's name.
 pub const INGEST_THREAD: &str = "hub-ingest";
 /// The prepare thread's name.
@@ -456,6 +459,11 @@ struct Worker {
     last_ack_try: Instant,
     /// [`PARK_FOR`], shorter in tests.
     park_for: Duration,
+    /// Desired-state topic → the payload last published retained there (empty: cleared);
+    /// emptied on every connect, so everything goes out again.
+    desired: BTreeMap<String, Vec<u8>>,
+    /// When `hub.db`'s desired states were last looked at.
+    last_desired: Instant,
 }
 
 impl Worker {
@@ -470,6 +478,8 @@ impl Worker {
             unsent: BTreeMap::new(),
             last_ack_try: Instant::now(),
             park_for: PARK_FOR,
+            desired: BTreeMap::new(),
+            last_desired: Instant::now(),
         }
     }
 
@@ -510,6 +520,12 @@ impl Worker {
             if connected || self.due(self.last_ack_try, ACK_RETRY, !self.unsent.is_empty()) {
                 self.resend_acks();
             }
+            if connected {
+                self.desired.clear();
+            }
+            if connected || self.due(self.last_desired, DESIRED_POLL, self.link.is_connected()) {
+                self.publish_desired();
+            }
         }
         self.finish();
         debug!("Ingest thread done.");
@@ -521,7 +537,11 @@ impl Worker {
         let parked = (!self.parked.is_empty()).then(|| self.last_retry + PARK_RETRY);
         let acks = (!self.unsent.is_empty() && self.link.is_connected())
             .then(|| self.last_ack_try + ACK_RETRY);
-        parked.into_iter().chain(acks).min()
+        let desired = self
+            .link
+            .is_connected()
+            .then(|| self.last_desired + DESIRED_POLL);
+        parked.into_iter().chain(acks).chain(desired).min()
     }
 
     fn due(&self, last: Instant, every: Duration, pending: bool) -> bool {
@@ -793,6 +813,44 @@ impl Worker {
                 debug!(device = %device, acked_seq, error = %e, "Ack not sent; tried again later.");
                 let kept = self.unsent.entry(device).or_insert(acked_seq);
                 *kept = (*kept).max(acked_seq);
+            }
+        }
+    }
+
+    /// Publishes, retained, each target's newest desired state that changed since it was
+    /// last published (an empty payload, which clears the retained message, while its
+    /// rollout is halted). One the link does not take goes at the next look.
+    fn publish_desired(&mut self) {
+        self.last_desired = Instant::now();
+        if !self.link.is_connected() {
+            return;
+        }
+        let current = match self.store.current_desired() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "Desired states cannot be read.");
+                return;
+            }
+        };
+        for d in current {
+            let topic = d.target.desired_topic();
+            let payload = if d.halted {
+                Vec::new()
+            } else {
+                d.doc_json.into_bytes()
+            };
+            if self.desired.get(&topic) == Some(&payload) {
+                continue;
+            }
+            match self.link.try_publish(&topic, payload.clone(), true) {
+                Ok(_) => {
+                    info!(desired_target = %d.target, version = d.version, rollout = d.rollout_id,
+                        halted = d.halted, "Desired state published.");
+                    self.desired.insert(topic, payload);
+                }
+                Err(e) => {
+                    debug!(desired_target = %d.target, error = %e, "Desired state not published now.");
+                }
             }
         }
     }

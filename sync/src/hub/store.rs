@@ -18,6 +18,12 @@
 //!   checkpoints the hub saw, and a hub found behind a device (kept: they are evidence).
 //! - `devices` also keeps the device's last reported audit seq, its reported state and its
 //!   last telemetry snapshot (JSON, as received).
+//! - Releases (schema 3, [`releases`]): `models(name, version, release_no, sha256, size,
+//!   manifest_json, published_at, published_by)` (the signed manifests `models publish`
+//!   made; the blobs are files under `<data_dir>/blobs/sha256/`), `rollouts(id, model,
+//!   target, alias, activate, batch_percent, max_failures, state, created_at, created_by)`
+//!   and `desired_docs(target, version, rollout_id, doc_json, created_at)`: every signed
+//!   desired state, `version` counted per target (the newest is what `serve` publishes).
 //!
 //! Crash rules: WAL, `synchronous = FULL`; each change is one transaction.
 //!
@@ -44,6 +50,8 @@ use serde::Serialize;
 
 use super::{HubError, Result};
 use crate::protocol::{DeviceId, GroupId};
+
+pub mod releases;
 
 /// Each entry takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -96,6 +104,40 @@ ALTER TABLE devices ADD COLUMN audit_last_seq BIGINT;
 ALTER TABLE devices ADD COLUMN reported_json TEXT;
 ALTER TABLE devices ADD COLUMN telemetry_json TEXT;
 ALTER TABLE devices ADD COLUMN telemetry_at VARCHAR(40);
+",
+    "
+CREATE TABLE models (
+    name          VARCHAR(200) NOT NULL,
+    version       VARCHAR(200) NOT NULL,
+    release_no    BIGINT NOT NULL,
+    sha256        VARCHAR(64) NOT NULL,
+    size          BIGINT NOT NULL,
+    manifest_json TEXT NOT NULL,
+    published_at  VARCHAR(40) NOT NULL,
+    published_by  VARCHAR(200) NOT NULL,
+    PRIMARY KEY (name, version),
+    UNIQUE (name, release_no)
+);
+CREATE TABLE rollouts (
+    id            BIGINT PRIMARY KEY,
+    model         VARCHAR(401) NOT NULL,
+    target        VARCHAR(80) NOT NULL,
+    alias         VARCHAR(200) NOT NULL,
+    activate      BOOLEAN NOT NULL,
+    batch_percent INTEGER NOT NULL,
+    max_failures  BIGINT,
+    state         VARCHAR(20) NOT NULL,
+    created_at    VARCHAR(40) NOT NULL,
+    created_by    VARCHAR(200) NOT NULL
+);
+CREATE TABLE desired_docs (
+    target     VARCHAR(80) NOT NULL,
+    version    BIGINT NOT NULL,
+    rollout_id BIGINT NOT NULL REFERENCES rollouts(id),
+    doc_json   TEXT NOT NULL,
+    created_at VARCHAR(40) NOT NULL,
+    PRIMARY KEY (target, version)
+);
 ",
 ];
 

@@ -192,3 +192,90 @@ pub async fn received(
     }
     out
 }
+
+/// A small GGUF file (header only, then `body` filler bytes): version 3, no tensors,
+/// `general.architecture` = `arch`, `general.file_type` = 7 (q8_0).
+pub fn tiny_gguf(path: &Path, arch: &str, body: usize) {
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend(0u64.to_le_bytes());
+    out.extend(2u64.to_le_bytes());
+    let key = |out: &mut Vec<u8>, k: &str| {
+        out.extend((k.len() as u64).to_le_bytes());
+        out.extend(k.as_bytes());
+    };
+    key(&mut out, "general.architecture");
+    out.extend(8u32.to_le_bytes());
+    out.extend((arch.len() as u64).to_le_bytes());
+    out.extend(arch.as_bytes());
+    key(&mut out, "general.file_type");
+    out.extend(4u32.to_le_bytes());
+    out.extend(7u32.to_le_bytes());
+    out.extend((0..body).map(|i| (i % 251) as u8));
+    std::fs::write(path, out).unwrap();
+}
+
+/// A release key pair as `outpost keys generate` writes it: `DIR/NAME.key.pem` (private)
+/// and `DIR/NAME.pub.pem`.
+pub fn release_key(dir: &Path, name: &str) -> (KeyPair, PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let private = dir.join(format!("{name}.key.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    key.write_private(&private).unwrap();
+    key.public().write(&public).unwrap();
+    (key, private, public)
+}
+
+/// `outpost-hub BASE… devices enroll --id ID --group G… --audit-key KEY --pki pki --out out`
+/// in `dir`, which must succeed.
+pub fn enroll(dir: &Path, base: &[&str], id: &str, groups: &[&str], audit_key: &Path) {
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["devices", "enroll", "--id", id]);
+    for g in groups {
+        args.extend(["--group", g]);
+    }
+    let key = audit_key.to_str().unwrap();
+    args.extend(["--audit-key", key, "--pki", "pki", "--out", "out"]);
+    ok(&hub(dir, &args));
+}
+
+/// `broker-config` for the hub data in `dir/data` (listening on 127.0.0.1:`port`), then
+/// Mosquitto started from it (its log in `dir/mosquitto.log`).
+pub fn start_broker(dir: &Path, port: u16) -> Mosquitto {
+    let port_arg = port.to_string();
+    ok(&hub(
+        dir,
+        &[
+            "--data-dir",
+            "data",
+            "broker-config",
+            "--pki",
+            "pki",
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--out",
+            "broker",
+        ],
+    ));
+    Mosquitto::start(
+        &dir.join("broker/mosquitto.conf"),
+        port,
+        &dir.join("mosquitto.log"),
+    )
+}
+
+/// `dir/hub.toml` for `serve`: data in `dir/data`, the broker on 127.0.0.1:`port`, the
+/// hub's certificate from `dir/pki`.
+pub fn write_hub_toml(dir: &Path, port: u16) {
+    let d = dir.display();
+    std::fs::write(
+        dir.join("hub.toml"),
+        format!(
+            "[hub]\ndata_dir = \"{d}/data\"\nbroker = \"mqtts://127.0.0.1:{port}\"\n\
+             ca = \"{d}/pki/ca.pem\"\ncert = \"{d}/pki/hub.pem\"\nkey = \"{d}/pki/hub.key\"\n"
+        ),
+    )
+    .unwrap();
+}

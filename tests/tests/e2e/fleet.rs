@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use outpost_engine::testing::GgufBuilder;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -632,4 +633,145 @@ fn a_malformed_ack_is_refused_and_audited_and_sync_goes_on() {
     // Nothing moved the cursor past what was stored, and sync goes on.
     append_records(&agent, 10);
     assert_drained(&fleet, &agent, Duration::from_secs(60));
+}
+
+#[test]
+fn a_signed_rollout_reaches_the_daemon_and_a_forged_one_is_refused_and_audited() {
+    let Some(mut fleet) = Fleet::new() else {
+        return;
+    };
+    let mut agent = Agent::new("");
+    // The administrator's release key and a forger's, made as the docs say.
+    let keys = fleet.dir.path().join("release");
+    for name in ["release-1", "forger"] {
+        agent
+            .d
+            .run(&[
+                "keys",
+                "generate",
+                "--out",
+                keys.to_str().unwrap(),
+                "--name",
+                name,
+            ])
+            .ok();
+    }
+    let config = std::fs::read_to_string(&agent.d.config).unwrap();
+    std::fs::write(
+        &agent.d.config,
+        config.replace("id = \"edge-1\"\n", "id = \"edge-1\"\ngroups = [\"lab\"]\n"),
+    )
+    .unwrap();
+    fleet.enroll(
+        &agent,
+        &format!(
+            "[[sync.release_keys]]\nkid = \"release-1\"\npublic_key = \"{}\"",
+            keys.join("release-1.pub.pem").display()
+        ),
+    );
+    // The broker's ACL lists each enrolled device's groups: it starts after the enrollment.
+    fleet.start_broker();
+    fleet.start_hub();
+    let model = fleet.dir.path().join("tiny.gguf");
+    std::fs::write(&model, GgufBuilder::tiny_llama().build()).unwrap();
+    let key = |name: &str| keys.join(format!("{name}.key.pem"));
+    let manifest = fleet
+        .hub_cli(&[
+            "models",
+            "publish",
+            model.to_str().unwrap(),
+            "--name",
+            "tiny",
+            "--version",
+            "1",
+            "--key",
+            key("release-1").to_str().unwrap(),
+            "--kid",
+            "release-1",
+        ])
+        .json();
+    assert_eq!(manifest["architecture"], "llama", "{manifest}");
+    let start = |target: &str, signer: &str| {
+        fleet
+            .hub_cli(&[
+                "rollout",
+                "start",
+                "--model",
+                "tiny:1",
+                "--target",
+                target,
+                "--key",
+                key(signer).to_str().unwrap(),
+                "--kid",
+                "release-1",
+            ])
+            .json()
+    };
+    assert_eq!(start("group:lab", "release-1")["rollout"], 1);
+    agent.start();
+
+    let desired = |outcome: &str| -> Vec<Value> {
+        let records = agent
+            .d
+            .run(&["audit", "query", "--action", "sync:desired", "--json"])
+            .json();
+        records
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["outcome"] == outcome)
+            .cloned()
+            .collect()
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}\n{}", fleet.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait("the rollout accepted and audited", &|| {
+        !desired("allowed").is_empty()
+    });
+    let accepted = &desired("allowed")[0];
+    assert_eq!(accepted["details"]["rollout"], 1, "{accepted}");
+    assert_eq!(accepted["resource"], "outpost/v1/groups/lab/state/desired");
+    let reason = |id: usize| {
+        fleet.hub_cli(&["rollout", "status", "--json"]).json()["rollouts"][id]["devices"][0]
+            ["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    wait("the hub sees the device following rollout 1", &|| {
+        reason(0).contains("group:lab version 1 accepted")
+    });
+    let status = sync_status(&agent);
+    assert_eq!(
+        status["desired"],
+        serde_json::json!({"rollout": 1, "target": "group:lab", "version": 1, "model": "tiny:1"}),
+        "{status}"
+    );
+
+    // A rollout for the device itself, signed with a key it does not pin under the pinned
+    // kid: refused and audited; the device still follows the group's document.
+    assert_eq!(start("device:edge-1", "forger")["rollout"], 2);
+    wait("the forged rollout refused and audited", &|| {
+        !desired("denied").is_empty()
+    });
+    let refused = &desired("denied")[0];
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the signature of key release-1 does not verify"),
+        "{refused}"
+    );
+    assert_eq!(refused["details"]["refusal"], "bad_signature");
+    assert_eq!(
+        reason(1),
+        "the device follows rollout 1 (group:lab)",
+        "{}",
+        fleet.logs()
+    );
 }

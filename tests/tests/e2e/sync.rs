@@ -221,8 +221,13 @@ fn the_example_configs_sync_block_is_valid_with_real_files() {
     let block: Vec<&str> = example
         .lines()
         .filter_map(|l| l.strip_prefix("## "))
-        .filter(|l| l.contains(" = ") || *l == "[sync]")
+        .filter(|l| l.contains(" = ") || *l == "[sync]" || *l == "[[sync.release_keys]]")
         .collect();
+    outpost_policy::signing::KeyPair::generate()
+        .unwrap()
+        .public()
+        .write(&pki.dir.join("release-1.pub.pem"))
+        .unwrap();
     assert!(block.len() >= 10, "{block:?}");
     let text = format!("[device]\nid = \"edge-0042\"\n{}\n", block.join("\n"))
         .replace("/etc/outpost/pki", pki.dir.to_str().unwrap());
@@ -233,5 +238,66 @@ fn the_example_configs_sync_block_is_valid_with_real_files() {
         "{text}"
     );
     assert_eq!(v["config"]["sync"]["batch_max_bytes"], 131_072);
+    assert_eq!(v["config"]["sync"]["release_keys"][0]["kid"], "release-1");
     assert!(pki.ca.exists());
+}
+
+#[test]
+fn config_check_reads_every_release_key_and_refuses_bad_ones() {
+    let d = Device::new();
+    let pki = Pki::new(&d.root.path().join("pki"), ID);
+    let broker = "mqtts://hub.example:8883";
+    let good = pki.dir.join("release-1.pub.pem");
+    outpost_policy::signing::KeyPair::generate()
+        .unwrap()
+        .public()
+        .write(&good)
+        .unwrap();
+    let not_a_key = pki.dir.join("garbage.pub.pem");
+    std::fs::write(
+        &not_a_key,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let keys = |entries: &[(&str, &Path)]| {
+        entries
+            .iter()
+            .map(|(kid, p)| {
+                format!(
+                    "[[sync.release_keys]]\nkid = \"{kid}\"\npublic_key = \"{}\"\n",
+                    p.display()
+                )
+            })
+            .collect::<String>()
+    };
+    let write = |extra: String| {
+        std::fs::write(
+            &d.config,
+            config(ID, broker, &pki.ca, &pki.cert, &pki.key, &extra),
+        )
+        .unwrap()
+    };
+    write(keys(&[("release-1", &good), ("release-2", &good)]));
+    let v = d.run(&["config", "check", "--json"]).json();
+    assert_eq!(v["config"]["sync"]["release_keys"][1]["kid"], "release-2");
+    let missing = pki.dir.join("missing.pub.pem");
+    for (extra, expect) in [
+        (
+            keys(&[("release-1", &good), ("release-1", &good)]),
+            "key `sync.release_keys`: kid 'release-1' is listed twice",
+        ),
+        (
+            keys(&[("release-1", &missing)]),
+            "key `sync.release_keys`: kid 'release-1': reading",
+        ),
+        (
+            keys(&[("release-1", &not_a_key)]),
+            "not an Ed25519 public key",
+        ),
+        (keys(&[("bad kid", &good)]), "kid 'bad kid' must be"),
+    ] {
+        write(extra);
+        d.run(&["config", "check"]).fails(78, expect);
+        d.run(&["daemon"]).fails(78, "sync.release_keys");
+    }
 }

@@ -1,0 +1,377 @@
+//! `outpost-hub models publish` and `rollout start|status|halt|resume` as a user runs them:
+//! the real binary on a real `hub.db`, blob store and audit chain (no broker: distribution
+//! is `serve`'s, tested in `desired.rs`).
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+
+use outpost_policy::audit::{AuditReader, Outcome, Query};
+use outpost_sync::hub::SqliteStore;
+use outpost_sync::hub::store::releases::ReleaseStore;
+use outpost_sync::protocol::{DeviceId, GroupId};
+use outpost_sync::release::{DesiredState, Manifest, PinnedKeys, verify_desired};
+use sha2::{Digest, Sha256};
+use support::*;
+use tempfile::TempDir;
+
+/// A hub data directory with three devices in group `lab` (edge-01..03) and one in `eu`.
+fn hub_with_devices() -> TempDir {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    ok(&hub(dir, &["pki", "init", "--out", "pki"]));
+    for (id, group) in [
+        ("edge-01", "lab"),
+        ("edge-02", "lab"),
+        ("edge-03", "lab"),
+        ("edge-09", "eu"),
+    ] {
+        let key = audit_key(dir, id);
+        enroll(dir, &["--data-dir", "data"], id, &[group], &key);
+    }
+    tmp
+}
+
+fn publish(dir: &Path, file: &str, version: &str, kid: &str) -> std::process::Output {
+    hub(
+        dir,
+        &[
+            "--data-dir",
+            "data",
+            "models",
+            "publish",
+            file,
+            "--name",
+            "smollm2",
+            "--version",
+            version,
+            "--key",
+            "release-1.key.pem",
+            "--kid",
+            kid,
+            "--chunk-size",
+            "1000",
+            "--expires",
+            "2d",
+        ],
+    )
+}
+
+fn rollout(dir: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--data-dir",
+        "data",
+        "rollout",
+        "start",
+        "--key",
+        "release-1.key.pem",
+        "--kid",
+        "release-1",
+    ];
+    args.extend_from_slice(extra);
+    hub(dir, &args)
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&hub(
+        dir,
+        &["--data-dir", "data", "rollout", "status", "--json"],
+    )))
+    .unwrap()
+}
+
+#[test]
+fn publish_stores_the_blob_and_prints_a_manifest_that_verifies() {
+    let tmp = hub_with_devices();
+    let dir = tmp.path();
+    let (key, _, _) = release_key(dir, "release-1");
+    tiny_gguf(&dir.join("model.gguf"), "llama", 2400);
+    let out = ok(&publish(dir, "model.gguf", "1.0", "release-1"));
+    let manifest: Manifest = serde_json::from_str(&out).unwrap();
+
+    // What the file is, computed here independently.
+    let bytes = std::fs::read(dir.join("model.gguf")).unwrap();
+    let hex = |b: &[u8]| hex::encode(Sha256::digest(b));
+    assert_eq!(manifest.sha256, hex(&bytes));
+    assert_eq!(manifest.size, bytes.len() as u64);
+    assert_eq!(manifest.chunk_size, 1000);
+    let chunks: Vec<String> = bytes.chunks(1000).map(hex).collect();
+    assert_eq!(chunks.len(), 3);
+    assert_eq!(manifest.chunk_sha256, chunks);
+    assert_eq!(
+        (manifest.name.as_str(), manifest.version.as_str()),
+        ("smollm2", "1.0")
+    );
+    assert_eq!(manifest.architecture, "llama");
+    assert_eq!(manifest.quantization, "q8_0");
+    assert_eq!(manifest.release, 1);
+    let now = outpost_policy::time::system_now();
+    assert!((now + 2 * 86_400 - 5..=now + 2 * 86_400 + 5).contains(&manifest.expires));
+    assert_eq!(manifest.signatures.len(), 1);
+    assert_eq!(manifest.signatures[0].kid, "release-1");
+    // The printed JSON has the issue's fields and nothing else.
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "architecture",
+            "chunk_sha256",
+            "chunk_size",
+            "expires",
+            "name",
+            "quantization",
+            "release",
+            "sha256",
+            "signatures",
+            "size",
+            "version"
+        ]
+    );
+    // The blob is in the store under its digest, byte for byte.
+    let blob = dir.join("data/blobs/sha256").join(&manifest.sha256);
+    assert_eq!(std::fs::read(&blob).unwrap(), bytes);
+
+    // A second version: the next release, same blob kept once.
+    let second: Manifest =
+        serde_json::from_str(&ok(&publish(dir, "model.gguf", "1.1", "release-1"))).unwrap();
+    assert_eq!(second.release, 2);
+    let files: Vec<_> = std::fs::read_dir(dir.join("data/blobs/sha256"))
+        .unwrap()
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+
+    // The manifest signature is the key's: a rollout of it verifies on a device.
+    let mut keys = PinnedKeys::new();
+    keys.insert("release-1", key.public());
+    assert_eq!(
+        ok(&rollout(
+            dir,
+            &["--model", "smollm2:1.0", "--target", "group:lab"]
+        ))
+        .trim(),
+        r#"{"rollout":1}"#
+    );
+    let store = SqliteStore::open_read_only(&dir.join("data")).unwrap();
+    let docs = store.rollout_docs(1).unwrap();
+    let doc = DesiredState::decode(docs[0].doc_json.as_bytes()).unwrap();
+    assert_eq!(doc.manifest, manifest);
+    let me = DeviceId::new("edge-01").unwrap();
+    let lab = GroupId::new("lab").unwrap();
+    assert_eq!(verify_desired(&doc, &keys, &me, &[lab], None, now), Ok(()));
+}
+
+#[test]
+fn publish_refuses_bad_input_and_changes_nothing() {
+    let tmp = hub_with_devices();
+    let dir = tmp.path();
+    release_key(dir, "release-1");
+    tiny_gguf(&dir.join("model.gguf"), "llama", 100);
+    std::fs::write(dir.join("notes.txt"), "not a model").unwrap();
+    let (code, err) = failed(&publish(dir, "notes.txt", "1.0", "release-1"));
+    assert_eq!(code, 1);
+    assert!(err.contains("not a GGUF file"), "{err}");
+    let (code, err) = failed(&publish(dir, "model.gguf", "1:0", "release-1"));
+    assert_eq!(code, 1);
+    assert!(err.contains("model version \"1:0\" must be"), "{err}");
+    std::fs::write(dir.join("bad.key.pem"), "garbage").unwrap();
+    let out = hub(
+        dir,
+        &[
+            "--data-dir",
+            "data",
+            "models",
+            "publish",
+            "model.gguf",
+            "--name",
+            "m",
+            "--version",
+            "1",
+            "--key",
+            "bad.key.pem",
+            "--kid",
+            "k",
+        ],
+    );
+    let (code, err) = failed(&out);
+    assert_eq!(code, 1);
+    assert!(err.contains("not an Ed25519 private key"), "{err}");
+    assert!(!dir.join("data/blobs").exists(), "nothing stored");
+    ok(&publish(dir, "model.gguf", "1.0", "release-1"));
+    let (code, err) = failed(&publish(dir, "model.gguf", "1.0", "release-1"));
+    assert_eq!(code, 1);
+    assert!(err.contains("smollm2:1.0 is already published"), "{err}");
+}
+
+#[test]
+fn rollouts_sign_monotonic_versions_per_target_and_are_audited() {
+    let tmp = hub_with_devices();
+    let dir = tmp.path();
+    let (key, _, _) = release_key(dir, "release-1");
+    tiny_gguf(&dir.join("model.gguf"), "qwen2", 1500);
+    ok(&publish(dir, "model.gguf", "1.0", "release-1"));
+
+    // Refusals first: nothing is stored for them.
+    for (args, expect) in [
+        (
+            vec!["--model", "smollm2:9.9", "--target", "group:lab"],
+            "model smollm2:9.9 is not published on this hub",
+        ),
+        (
+            vec!["--model", "smollm2", "--target", "group:lab"],
+            "is not NAME:VERSION",
+        ),
+        (
+            vec!["--model", "smollm2:1.0", "--target", "device:nobody"],
+            "device nobody is not enrolled",
+        ),
+        (
+            vec!["--model", "smollm2:1.0", "--target", "group:empty"],
+            "group empty has no enrolled device",
+        ),
+        (
+            vec!["--model", "smollm2:1.0", "--target", "lab"],
+            "neither group:G nor device:ID",
+        ),
+        (
+            vec![
+                "--model",
+                "smollm2:1.0",
+                "--target",
+                "group:lab",
+                "--batch",
+                "0",
+            ],
+            "--batch must be 1 to 100",
+        ),
+    ] {
+        let (code, err) = failed(&rollout(dir, &args));
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    assert_eq!(status(dir)["rollouts"], serde_json::json!([]));
+
+    let id = |out: String| -> u64 {
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["rollout"]
+            .as_u64()
+            .unwrap()
+    };
+    let group = ["--model", "smollm2:1.0", "--target", "group:lab"];
+    assert_eq!(id(ok(&rollout(dir, &group))), 1);
+    assert_eq!(id(ok(&rollout(dir, &group))), 2);
+    let device = ["--model", "smollm2:1.0", "--target", "device:edge-09"];
+    assert_eq!(id(ok(&rollout(dir, &device))), 3);
+    // A phased rollout: half of lab's three devices (rounded up) get documents of their own.
+    let phased = [
+        "--model",
+        "smollm2:1.0",
+        "--target",
+        "group:lab",
+        "--batch",
+        "50",
+        "--max-failures",
+        "1",
+        "--activate",
+        "--alias",
+        "chat",
+    ];
+    assert_eq!(id(ok(&rollout(dir, &phased))), 4);
+
+    let store = SqliteStore::open_read_only(&dir.join("data")).unwrap();
+    let mut keys = PinnedKeys::new();
+    keys.insert("release-1", key.public());
+    let now = outpost_policy::time::system_now();
+    let docs = |id| {
+        store
+            .rollout_docs(id)
+            .unwrap()
+            .into_iter()
+            .map(|d| DesiredState::decode(d.doc_json.as_bytes()).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (first, second) = (docs(1), docs(2));
+    assert_eq!((first[0].version, second[0].version), (1, 2));
+    let lab = [GroupId::new("lab").unwrap()];
+    let edge01 = DeviceId::new("edge-01").unwrap();
+    // The second supersedes the first; the first is then a replay.
+    assert_eq!(
+        verify_desired(&second[0], &keys, &edge01, &lab, Some(1), now),
+        Ok(())
+    );
+    assert!(verify_desired(&first[0], &keys, &edge01, &lab, Some(2), now).is_err());
+    let third = docs(3);
+    assert_eq!(third[0].target.to_string(), "device:edge-09");
+    assert_eq!(third[0].version, 1, "versions are counted per target");
+    let fourth = docs(4);
+    let targets: Vec<String> = fourth.iter().map(|d| d.target.to_string()).collect();
+    assert_eq!(targets, ["device:edge-01", "device:edge-02"]);
+    assert!(
+        fourth
+            .iter()
+            .all(|d| d.activate && d.alias == "chat" && d.rollout == 4)
+    );
+
+    // Status: the issue's shape; devices that have not reported are pending.
+    let s = status(dir);
+    let r4 = &s["rollouts"][3];
+    assert_eq!(r4["id"], 4);
+    assert_eq!(r4["model"], "smollm2:1.0");
+    assert_eq!(r4["target"], "group:lab");
+    assert_eq!(r4["state"], "running");
+    let devices = r4["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(
+        devices[0],
+        serde_json::json!({"id": "edge-01", "state": "pending", "progress": 0.0,
+            "reason": "the device has not reported its state", "chunks_requested": 0})
+    );
+    assert_eq!(s["rollouts"][0]["devices"].as_array().unwrap().len(), 3);
+
+    // Halt and resume.
+    assert_eq!(
+        ok(&hub(dir, &["--data-dir", "data", "rollout", "halt", "4"])).trim(),
+        "rollout 4 halted"
+    );
+    assert_eq!(status(dir)["rollouts"][3]["state"], "halted");
+    ok(&hub(dir, &["--data-dir", "data", "rollout", "resume", "4"]));
+    assert_eq!(status(dir)["rollouts"][3]["state"], "running");
+    let (code, err) = failed(&hub(dir, &["--data-dir", "data", "rollout", "halt", "99"]));
+    assert_eq!(code, 1);
+    assert!(err.contains("no rollout 99"), "{err}");
+    let text = ok(&hub(dir, &["--data-dir", "data", "rollout", "status", "3"]));
+    assert!(
+        text.starts_with("rollout 3 smollm2:1.0 -> device:edge-09: running\n  edge-09"),
+        "{text}"
+    );
+
+    // The hub's own audit chain says who did each.
+    let log = AuditReader::open(&dir.join("data/audit.db")).unwrap();
+    let records = log.query(&Query::default()).unwrap();
+    let done = |action: &str| {
+        records
+            .iter()
+            .filter(|r| r.action == action && r.outcome == Outcome::Success)
+            .count()
+    };
+    assert_eq!(done("models:publish"), 1);
+    assert_eq!(done("rollout:start"), 4);
+    assert_eq!(done("rollout:halt"), 1);
+    assert_eq!(done("rollout:resume"), 1);
+    // Refused before anything was asked of the store: no record (like enroll's checks).
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.action == "rollout:start" && r.outcome == Outcome::Failure)
+            .count(),
+        0
+    );
+    let start = records
+        .iter()
+        .find(|r| r.action == "rollout:start" && r.outcome == Outcome::Allowed)
+        .unwrap();
+    assert!(start.actor.starts_with("local:"), "{}", start.actor);
+    assert_eq!(start.resource.as_deref(), Some("group:lab"));
+}
