@@ -47,6 +47,12 @@ fn packages() -> Option<&'static Packages> {
     PACKAGES.get_or_init(build_packages).as_ref()
 }
 
+/// The packages, and a tool a test runs on them.
+fn packages_and_tool(name: &str, package: &str) -> Option<&'static Packages> {
+    tool(name, package)?;
+    packages()
+}
+
 fn build_packages() -> Option<Packages> {
     // target/<profile dir>/deps/e2e-…: package the binaries of the same build.
     let exe = std::env::current_exe().expect("the test binary has a path");
@@ -247,8 +253,7 @@ fn the_configs_are_conffiles_and_the_binaries_are_stripped() {
 
 #[test]
 fn lintian_finds_no_errors_and_readme_explains_each_warning() {
-    let Some(p) = packages() else { return };
-    let Some(()) = tool("lintian", "lintian") else {
+    let Some(p) = packages_and_tool("lintian", "lintian") else {
         return;
     };
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
@@ -273,8 +278,7 @@ fn lintian_finds_no_errors_and_readme_explains_each_warning() {
 
 #[test]
 fn the_units_pass_systemd_analyze_verify() {
-    let Some(p) = packages() else { return };
-    let Some(()) = tool("systemd-analyze", "systemd") else {
+    let Some(p) = packages_and_tool("systemd-analyze", "systemd") else {
         return;
     };
     for (deb, unit) in [
