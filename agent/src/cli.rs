@@ -1,8 +1,8 @@
 //! The command line: every subcommand, flag and environment variable of `outpost`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// Outpost: an offline-first edge agent that keeps, runs and governs local language models.
 #[derive(Debug, Parser)]
@@ -54,6 +54,33 @@ pub enum Command {
     /// Run the agent: the local HTTP API (OpenAI-compatible inference, management, audit)
     /// until SIGTERM or SIGINT.
     Daemon,
+    /// Write the man pages and shell completions into DIR (scripts/package runs it).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// `outpost generate-docs --out DIR`: DIR/man/*.1 (one page per command, such as
+/// `outpost-models-import.1`) and DIR/completions/ (`outpost.bash`, `_outpost`,
+/// `outpost.fish`), generated from these definitions. Hidden commands are left out.
+pub fn generate_docs(out: &Path) -> std::io::Result<()> {
+    let (man, completions) = (out.join("man"), out.join("completions"));
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    // clap_complete would offer hidden commands too: complete a copy without them.
+    let mut shown = clap::Command::new("outpost")
+        .version(crate::VERSION)
+        .args(cmd.get_arguments().cloned())
+        .subcommands(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    use clap_complete::Shell::{Bash, Fish, Zsh};
+    for shell in [Bash, Zsh, Fish] {
+        clap_complete::generate_to(shell, &mut shown, "outpost", &completions)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]

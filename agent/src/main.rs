@@ -35,6 +35,16 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    // Packaging runs this on the build machine, whatever /etc/outpost holds.
+    if let cli::Command::GenerateDocs { out } = &cli.command {
+        return match cli::generate_docs(out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot write the docs into {}: {e}", out.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let loaded = match config::load(cli.config.as_deref()) {
         Ok(l) => l,
         Err(e) => {

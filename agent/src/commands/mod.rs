@@ -27,6 +27,7 @@ pub fn run(cli: Cli, loaded: Loaded) -> anyhow::Result<ExitCode> {
         Command::Sync(cmd) => sync::run(&ctx, cmd),
         // `main` runs the daemon itself: it owns the runtime and the signals.
         Command::Daemon => anyhow::bail!("the daemon is started by main"),
+        Command::GenerateDocs { .. } => anyhow::bail!("generate-docs is run by main"),
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use outpost_policy::audit::{Format, Outcome, Query};
 use outpost_policy::time::{parse_duration, parse_time};
 use outpost_sync::hub::audit::DeviceChain;
@@ -65,6 +65,12 @@ enum Command {
     /// Signed desired states pushed to groups or devices (`serve` publishes them).
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Write the man pages and shell completions into DIR (scripts/package runs it).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +277,16 @@ struct BrokerConfigArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Packaging runs this on the build machine, whatever /etc/outpost-hub holds.
+    if let Command::GenerateDocs { out } = &cli.command {
+        return match generate_docs(out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot write the docs into {}: {e}", out.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -303,6 +319,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `outpost-hub generate-docs --out DIR`: DIR/man/*.1 (one page per command) and
+/// DIR/completions/ (`outpost-hub.bash`, `_outpost-hub`, `outpost-hub.fish`).
+fn generate_docs(out: &Path) -> std::io::Result<()> {
+    let (man, completions) = (out.join("man"), out.join("completions"));
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man)?;
+    // clap_complete would offer hidden commands too: complete a copy without them.
+    let mut shown = clap::Command::new("outpost-hub")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(cmd.get_arguments().cloned())
+        .subcommands(cmd.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    use clap_complete::Shell::{Bash, Fish, Zsh};
+    for shell in [Bash, Zsh, Fish] {
+        clap_complete::generate_to(shell, &mut shown, "outpost-hub", &completions)?;
+    }
+    Ok(())
 }
 
 /// `tracing` events on stderr: `RUST_LOG`, else `info` when serving and `warn` otherwise.
@@ -349,6 +385,7 @@ fn serve(settings: ServeSettings) -> anyhow::Result<()> {
 fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => anyhow::bail!("serve is run by main"),
+        Command::GenerateDocs { .. } => anyhow::bail!("generate-docs is run by main"),
         Command::Audit(cmd) => return audit_command(cmd, data_dir),
         Command::Models(cmd) => models_command(cmd, data_dir)?,
         Command::Rollout(cmd) => return rollout_command(cmd, data_dir),

@@ -183,6 +183,15 @@ fn each_external_library_has_one_home() {
                 "sync/src/bin/outpost-hub.rs",
             ],
         ),
+        // Man pages and completions: `generate-docs` beside each binary's clap definitions.
+        (
+            "clap_mangen",
+            &["agent/src/cli.rs", "sync/src/bin/outpost-hub.rs"],
+        ),
+        (
+            "clap_complete",
+            &["agent/src/cli.rs", "sync/src/bin/outpost-hub.rs"],
+        ),
         ("rcgen", &["sync/src/hub/pki.rs"]),
         ("axum", &["agent/src/daemon/"]),
         ("hyper", &["agent/src/daemon/server.rs"]),

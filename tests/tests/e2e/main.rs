@@ -12,6 +12,7 @@ mod fleet;
 mod golden;
 mod inference;
 mod models;
+mod package;
 mod policy;
 mod support;
 mod sync;
