@@ -1316,6 +1316,10 @@ mod tests {
         };
         let first = pack(&device, &records, &cps, 40, limits).unwrap().unwrap();
         assert!(first.last_seq < 15, "{}", first.last_seq);
+        // Built with room for checkpoint 35, sealed with the one it covers.
+        let batch: AuditBatch = protocol::decode(&first.payload, usize::MAX).unwrap();
+        assert_eq!(batch.checkpoint.map(|c| c.seq), Some(5));
+        assert!(first.payload.len() <= limits.max_bytes);
         let again = pack(&device, &records, &cps, first.last_seq, limits)
             .unwrap()
             .unwrap();

@@ -1216,6 +1216,28 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_swapped_in_at_the_end_never_overruns_the_reserved_room() {
+        let id = dev("edge-01");
+        let limits = BatchLimits {
+            max_records: 10,
+            max_bytes: 1 << 20,
+        };
+        let decoded = |b: BatchBuilder| -> AuditBatch {
+            decode(&b.finish().unwrap().payload, usize::MAX).unwrap()
+        };
+        // Room reserved for checkpoint 100; an older one fits and is what goes.
+        let mut b = BatchBuilder::new(&id, Some(&checkpoint(100)), limits).unwrap();
+        b.push(&record(1, "")).unwrap();
+        assert!(b.set_checkpoint(Some(&checkpoint(9))).unwrap());
+        assert_eq!(decoded(b).checkpoint.map(|c| c.seq), Some(9));
+        // No room reserved: a checkpoint does not fit, and the batch goes without one.
+        let mut b = BatchBuilder::new(&id, None, limits).unwrap();
+        b.push(&record(1, "")).unwrap();
+        assert!(!b.set_checkpoint(Some(&checkpoint(1))).unwrap());
+        assert_eq!(decoded(b).checkpoint, None);
+    }
+
+    #[test]
     fn batches_pack_in_order_within_both_limits() {
         let one = {
             let mut b = BatchBuilder::new(
