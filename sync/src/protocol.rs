@@ -331,15 +331,23 @@ impl Topics {
     }
 }
 
-/// The hub's subscriptions: every upward topic of every device, and blob requests, shared
-/// in the group [`HUB_SHARE_GROUP`].
-pub fn hub_subscriptions() -> Vec<String> {
+/// The hub's subscriptions: every upward topic of every device, and blob requests; with
+/// `shared`, in the shared subscription group [`HUB_SHARE_GROUP`] (hubs side by side split
+/// the load), else plain (one hub, on a broker without `$share/`).
+pub fn hub_subscriptions(shared: bool) -> Vec<String> {
+    let share = |filter: String| {
+        if shared {
+            format!("$share/{HUB_SHARE_GROUP}/{filter}")
+        } else {
+            filter
+        }
+    };
     let mut out: Vec<String> = DeviceTopic::ALL
         .into_iter()
         .filter(|k| k.is_upward())
-        .map(|k| format!("$share/{HUB_SHARE_GROUP}/{PREFIX}/devices/+/{}", k.suffix()))
+        .map(|k| share(acl::every_device(k)))
         .collect();
-    out.push(format!("$share/{HUB_SHARE_GROUP}/{BLOBS_GET}"));
+    out.push(share(BLOBS_GET.to_string()));
     out
 }
 
@@ -967,13 +975,23 @@ mod tests {
             ]
         );
         assert_eq!(
-            hub_subscriptions(),
+            hub_subscriptions(true),
             [
                 "$share/hub/outpost/v1/devices/+/status",
                 "$share/hub/outpost/v1/devices/+/audit",
                 "$share/hub/outpost/v1/devices/+/telemetry",
                 "$share/hub/outpost/v1/devices/+/state/reported",
                 "$share/hub/outpost/v1/blobs/get",
+            ]
+        );
+        assert_eq!(
+            hub_subscriptions(false),
+            [
+                "outpost/v1/devices/+/status",
+                "outpost/v1/devices/+/audit",
+                "outpost/v1/devices/+/telemetry",
+                "outpost/v1/devices/+/state/reported",
+                "outpost/v1/blobs/get",
             ]
         );
         for kind in DeviceTopic::ALL {

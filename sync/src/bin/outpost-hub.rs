@@ -19,7 +19,7 @@ use outpost_sync::hub::audit::DeviceChain;
 use outpost_sync::hub::config::Config;
 use outpost_sync::hub::enroll::{EnrollRequest, enroll};
 use outpost_sync::hub::serve::{ServeSettings, Server};
-use outpost_sync::hub::{HubError, HubStore, SqliteStore, broker, pki, rollout};
+use outpost_sync::hub::{HubError, HubStore, SqliteStore, broker, pki, rabbitmq, rollout};
 use outpost_sync::protocol::{DeviceId, GroupId};
 use outpost_sync::release::Target;
 
@@ -255,6 +255,12 @@ struct EnrollArgs {
     out: PathBuf,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BrokerKind {
+    Mosquitto,
+    Rabbitmq,
+}
+
 #[derive(Debug, Args)]
 struct BrokerConfigArgs {
     /// The PKI folder made by `pki init`.
@@ -266,11 +272,15 @@ struct BrokerConfigArgs {
     /// The address to listen on (default: every interface).
     #[arg(long, value_name = "ADDR")]
     bind: Option<String>,
+    /// The broker: mosquitto (mosquitto.conf and acl) or rabbitmq (rabbitmq.conf,
+    /// definitions.json and enabled_plugins, for RabbitMQ's MQTT plugin; see docs/brokers.md).
+    #[arg(long, value_enum, default_value_t = BrokerKind::Mosquitto)]
+    broker: BrokerKind,
     /// The user Mosquitto runs as when started as root (default: root if broker.key
     /// belongs to root, else none).
     #[arg(long, value_name = "NAME")]
     user: Option<String>,
-    /// Folder for mosquitto.conf and acl.
+    /// Folder for the broker's files.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
 }
@@ -468,12 +478,30 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 bind: a.bind,
                 user: a.user,
             };
-            broker::write(&a.pki, &a.out, &settings, &devices)?;
-            println!(
-                "wrote {0}/mosquitto.conf and {0}/acl ({1} devices)",
-                a.out.display(),
-                devices.len()
-            );
+            match a.broker {
+                BrokerKind::Mosquitto => {
+                    broker::write(&a.pki, &a.out, &settings, &devices)?;
+                    println!(
+                        "wrote {0}/mosquitto.conf and {0}/acl ({1} devices)",
+                        a.out.display(),
+                        devices.len()
+                    );
+                }
+                BrokerKind::Rabbitmq => {
+                    if settings.user.is_some() {
+                        anyhow::bail!("--user is Mosquitto's; RabbitMQ runs as its own user");
+                    }
+                    rabbitmq::write(&a.pki, &a.out, &settings, &devices)?;
+                    println!(
+                        "wrote {0}/rabbitmq.conf, {0}/definitions.json and {0}/enabled_plugins \
+                         ({1} devices); on a running node: rabbitmqctl import_definitions \
+                         {0}/definitions.json. Hubs on RabbitMQ need [hub] \
+                         shared_subscriptions = false, and only one may serve.",
+                        a.out.display(),
+                        devices.len()
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -126,27 +126,7 @@ pub fn write(
     settings: &BrokerSettings,
     devices: &[DeviceRecord],
 ) -> Result<()> {
-    let pki_dir = std::fs::canonicalize(pki_dir).map_err(|source| HubError::Io {
-        what: "reading PKI folder",
-        path: pki_dir.to_path_buf(),
-        source,
-    })?;
-    let pki = PkiPaths::new(&pki_dir);
-    for p in [pki.ca_cert(), pki.broker_cert(), pki.broker_key()] {
-        if !p.is_file() {
-            return Err(HubError::BadFile {
-                what: "PKI file",
-                path: p,
-                reason: "missing (run `outpost-hub pki init` first)".into(),
-            });
-        }
-    }
-    if let Some(bind) = &settings.bind {
-        checked("--bind", bind)?;
-    }
-    if settings.port == 0 {
-        return Err(HubError::Pki("--port must be between 1 and 65535".into()));
-    }
+    let pki = checked_pki(pki_dir, settings)?;
     let out = make_dir(out)?;
     let acl_path = out.join("acl");
     let conf_path = out.join("mosquitto.conf");
@@ -170,7 +150,34 @@ pub fn write(
     )
 }
 
-fn replace(path: &Path, text: &str) -> Result<()> {
+/// The PKI folder's broker files (the folder made absolute), and the listener settings,
+/// checked: what every broker's configuration names.
+pub(super) fn checked_pki(pki_dir: &Path, settings: &BrokerSettings) -> Result<PkiPaths> {
+    let pki_dir = std::fs::canonicalize(pki_dir).map_err(|source| HubError::Io {
+        what: "reading PKI folder",
+        path: pki_dir.to_path_buf(),
+        source,
+    })?;
+    let pki = PkiPaths::new(&pki_dir);
+    for p in [pki.ca_cert(), pki.broker_cert(), pki.broker_key()] {
+        if !p.is_file() {
+            return Err(HubError::BadFile {
+                what: "PKI file",
+                path: p,
+                reason: "missing (run `outpost-hub pki init` first)".into(),
+            });
+        }
+    }
+    if let Some(bind) = &settings.bind {
+        checked("--bind", bind)?;
+    }
+    if settings.port == 0 {
+        return Err(HubError::Pki("--port must be between 1 and 65535".into()));
+    }
+    Ok(pki)
+}
+
+pub(super) fn replace(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|source| HubError::Io {
         what: "writing",
         path: path.to_path_buf(),

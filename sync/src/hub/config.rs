@@ -9,6 +9,7 @@
 //! key = "/etc/outpost-hub/pki/hub.key"
 //! allow_plaintext = false
 //! instance = "hub-a"                       # optional: MQTT client id outpost-hub.hub-a
+//! shared_subscriptions = true              # false on a broker without `$share/` (RabbitMQ)
 //! ```
 //!
 //! Every key is optional for the offline commands; `serve` needs `broker` (and, for
@@ -16,7 +17,10 @@
 //! device's `[sync]` is (the URL, the files, the key against the certificate) by every
 //! command. `instance` names this hub process in its MQTT client id
 //! (`outpost-hub.<instance>`); each process connected at once needs its own, and without
-//! one a random id is drawn at each start. The data directory is `--data-dir`, else
+//! one a random id is drawn at each start. `shared_subscriptions` (default true) subscribes
+//! through `$share/hub/…` so hubs side by side split the load; a broker that does not know
+//! shared subscriptions (RabbitMQ's MQTT plugin, `docs/brokers.md`) delivers nothing to
+//! them, so there it must be false and only one hub may serve. The data directory is `--data-dir`, else
 //! `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
 
 use std::path::{Path, PathBuf};
@@ -66,6 +70,9 @@ pub struct HubConfig {
     pub allow_plaintext: bool,
     /// Names this hub process in its MQTT client id, `outpost-hub.<instance>`.
     pub instance: Option<String>,
+    /// Subscribe through `$share/hub/…` (default); false for one hub on a broker without
+    /// shared subscriptions.
+    pub shared_subscriptions: Option<bool>,
 }
 
 impl Config {
@@ -171,6 +178,7 @@ impl Config {
             data_dir: self.data_dir(flag),
             summary_every: SUMMARY_EVERY,
             queue_max_bytes: QUEUE_MAX_BYTES,
+            shared_subscriptions: self.hub.shared_subscriptions.unwrap_or(true),
         })
     }
 

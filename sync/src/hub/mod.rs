@@ -1,5 +1,5 @@
 //! The cloud side, `outpost-hub`: its configuration ([`config`]), the fleet's PKI ([`pki`],
-//! the only home of `rcgen`), the broker's configuration and ACL ([`broker`]), its store
+//! the only home of `rcgen`), the broker's configuration and ACL ([`broker`] for Mosquitto, [`rabbitmq`]), its store
 //! ([`store`]: the [`HubStore`] trait and `<data_dir>/hub.db`), enrollment ([`enroll`],
 //! recorded in the hub's own audit chain, `<data_dir>/audit.db`), serving: what a device's
 //! message does to the store ([`ingest`]) and the loop around the broker link ([`serve`]),
@@ -18,6 +18,7 @@ pub mod enroll;
 mod gguf_keys;
 pub mod ingest;
 pub mod pki;
+pub mod rabbitmq;
 pub mod rollout;
 pub mod serve;
 pub mod store;

@@ -136,6 +136,8 @@ pub struct ServeSettings {
     pub summary_every: Duration,
     /// The byte budget of what the hub holds from the link ([`QUEUE_MAX_BYTES`]).
     pub queue_max_bytes: usize,
+    /// Subscribe through `$share/hub/…` (see [`protocol::hub_subscriptions`]).
+    pub shared_subscriptions: bool,
 }
 
 /// `outpost-hub.<instance>`, or `outpost-hub.<16 random hex digits>` without one.
@@ -989,7 +991,7 @@ impl Server {
                 topic: status_topic.clone(),
                 payload: status(LinkState::Offline)?,
             },
-            subscriptions: protocol::hub_subscriptions(),
+            subscriptions: protocol::hub_subscriptions(settings.shared_subscriptions),
         };
         let link_stop = CancellationToken::new();
         let (link, mut events, link_task) =

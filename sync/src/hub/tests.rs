@@ -9,7 +9,7 @@ use super::store::{DeviceRecord, HubStore, SqliteStore};
 use super::*;
 use crate::protocol::{DeviceId, GroupId};
 
-fn device(id: &str, groups: &[&str]) -> DeviceRecord {
+pub(super) fn device(id: &str, groups: &[&str]) -> DeviceRecord {
     DeviceRecord {
         id: DeviceId::new(id).unwrap(),
         groups: groups.iter().map(|g| GroupId::new(g).unwrap()).collect(),

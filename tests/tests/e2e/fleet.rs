@@ -3,11 +3,13 @@
 //! per-device ACL), `outpost-hub serve`, and `outpost daemon` with `[sync]`. Records are
 //! written while brokers, agents and hubs are killed; at the end the hub holds every record
 //! of the device exactly once, in order, with the same hashes, and its chain verifies.
-//! Without Mosquitto these tests skip with a printed reason, except under `CI=true`.
+//! Without Mosquitto these tests skip with a printed reason, except under `CI=true`. The same
+//! fleet also runs on RabbitMQ's MQTT plugin (`Fleet::rabbitmq`, tests in `brokers.rs`).
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,9 +23,19 @@ use crate::daemon::Agent;
 use crate::support::{Run, skip, workspace_bin};
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-const DEVICE: &str = "edge-1";
+/// RabbitMQ's own start script (the one in /usr/sbin switches to the rabbitmq user).
+const RABBITMQ: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+pub(crate) const DEVICE: &str = "edge-1";
 
-fn free_port() -> u16 {
+/// Which broker the fleet runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BrokerKind {
+    Mosquitto,
+    /// A RabbitMQ node of the test's own (MQTT plugin, TLS, certificate logins).
+    RabbitMq,
+}
+
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -31,14 +43,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A child process killed (SIGKILL) on drop.
-struct Proc {
+/// A child process killed (SIGKILL) on drop; with `group`, its whole process group (a
+/// start script and the server it runs).
+pub(crate) struct Proc {
     child: Child,
     log: PathBuf,
+    group: bool,
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+    pub(crate) fn spawn(cmd: &mut Command, log: &Path) -> Proc {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -53,46 +67,82 @@ impl Proc {
         Proc {
             child,
             log: log.to_path_buf(),
+            group: false,
         }
+    }
+
+    /// Spawns `cmd` as the leader of a new process group, signalled as a whole.
+    fn spawn_group(cmd: &mut Command, log: &Path) -> Proc {
+        let mut p = Proc::spawn(cmd.process_group(0), log);
+        p.group = true;
+        p
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
+        let target = if self.group {
+            format!("-{}", self.child.id())
+        } else {
+            self.child.id().to_string()
+        };
         let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .args([&format!("-{sig}"), "--", &target])
             .status()
             .unwrap()
             .success();
-        assert!(ok, "kill -{sig} {}", self.child.id());
+        assert!(ok, "kill -{sig} {target}");
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.group {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 /// The cloud side: PKI, a hub data directory, a broker and hub processes.
-struct Fleet {
-    dir: TempDir,
+pub(crate) struct Fleet {
+    pub(crate) dir: TempDir,
     port: u16,
+    kind: BrokerKind,
+    /// RabbitMQ's distribution port (the node's name is `outpost-<port>@localhost`).
+    dist_port: u16,
     broker: Option<Proc>,
     hub: Option<Proc>,
 }
 
 impl Fleet {
-    fn new() -> Option<Fleet> {
-        if !Path::new(MOSQUITTO).exists() {
-            return skip(&format!("{MOSQUITTO} is not installed"));
+    pub(crate) fn new() -> Option<Fleet> {
+        Fleet::on(BrokerKind::Mosquitto)
+    }
+
+    /// The fleet on a RabbitMQ node of its own; the hub without shared subscriptions.
+    pub(crate) fn rabbitmq() -> Option<Fleet> {
+        Fleet::on(BrokerKind::RabbitMq)
+    }
+
+    fn on(kind: BrokerKind) -> Option<Fleet> {
+        let server = match kind {
+            BrokerKind::Mosquitto => MOSQUITTO,
+            BrokerKind::RabbitMq => RABBITMQ,
+        };
+        if !Path::new(server).exists() {
+            return skip(&format!("{server} is not installed"));
         }
         let f = Fleet {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
+            kind,
+            dist_port: free_port(),
             broker: None,
             hub: None,
         };
@@ -101,18 +151,23 @@ impl Fleet {
             .ok();
         let conf = format!(
             "[hub]\ndata_dir = \"{}\"\nbroker = \"mqtts://127.0.0.1:{}\"\nca = \"{}\"\n\
-             cert = \"{}\"\nkey = \"{}\"\n",
+             cert = \"{}\"\nkey = \"{}\"\nshared_subscriptions = {}\n",
             f.hub_data().display(),
             f.port,
             f.pki().join("ca.pem").display(),
             f.pki().join("hub.pem").display(),
             f.pki().join("hub.key").display(),
+            kind == BrokerKind::Mosquitto,
         );
         std::fs::write(f.hub_config(), conf).unwrap();
         Some(f)
     }
 
-    fn pki(&self) -> PathBuf {
+    /// The broker's TLS port.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+    pub(crate) fn pki(&self) -> PathBuf {
         self.dir.path().join("pki")
     }
     fn hub_data(&self) -> PathBuf {
@@ -122,7 +177,7 @@ impl Fleet {
         self.dir.path().join("hub.toml")
     }
 
-    fn hub_cli(&self, args: &[&str]) -> Run {
+    pub(crate) fn hub_cli(&self, args: &[&str]) -> Run {
         self.hub_run(true, args)
     }
 
@@ -140,7 +195,7 @@ impl Fleet {
     }
 
     /// Enrolls the agent's device with its real audit key and gives its config a `[sync]`.
-    fn enroll(&self, agent: &Agent, extra_sync: &str) {
+    pub(crate) fn enroll(&self, agent: &Agent, extra_sync: &str) {
         let key = self.dir.path().join(format!("{DEVICE}.audit.pem"));
         std::fs::write(&key, agent.d.run(&["keys", "device"]).ok()).unwrap();
         let out = self.dir.path().join("devices");
@@ -175,7 +230,10 @@ impl Fleet {
         .unwrap();
     }
 
-    fn start_broker(&mut self) {
+    pub(crate) fn start_broker(&mut self) {
+        if self.kind == BrokerKind::RabbitMq {
+            return self.start_rabbitmq();
+        }
         let conf_dir = self.dir.path().join("broker");
         if !conf_dir.join("mosquitto.conf").exists() {
             self.hub_cli(&[
@@ -210,13 +268,78 @@ impl Fleet {
         self.broker = Some(broker);
     }
 
-    fn kill_broker(&mut self) {
+    /// A RabbitMQ node from `broker-config --broker rabbitmq`'s files, with its database,
+    /// logs and Erlang cookie in the fleet's folder (kept across restarts, as a server's).
+    fn start_rabbitmq(&mut self) {
+        let conf_dir = self.dir.path().join("broker");
+        if !conf_dir.join("rabbitmq.conf").exists() {
+            self.hub_cli(&[
+                "broker-config",
+                "--broker",
+                "rabbitmq",
+                "--pki",
+                self.pki().to_str().unwrap(),
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--out",
+                conf_dir.to_str().unwrap(),
+            ])
+            .ok();
+        }
+        let node = self.dir.path().join("rabbitmq");
+        let log = self.dir.path().join("rabbitmq.stderr");
+        let path = |name: &str| node.join(name);
+        std::fs::create_dir_all(&node).unwrap();
+        let broker = Proc::spawn_group(
+            Command::new(RABBITMQ)
+                .env("HOME", &node)
+                .env(
+                    "RABBITMQ_NODENAME",
+                    format!("outpost-{}@localhost", self.port),
+                )
+                .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+                .env("RABBITMQ_CONFIG_FILE", conf_dir.join("rabbitmq"))
+                .env(
+                    "RABBITMQ_ENABLED_PLUGINS_FILE",
+                    conf_dir.join("enabled_plugins"),
+                )
+                .env("RABBITMQ_CONF_ENV_FILE", "/dev/null")
+                .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
+                .env("RABBITMQ_LOG_BASE", path("log"))
+                .env("RABBITMQ_LOGS", self.dir.path().join("rabbitmq.log"))
+                .env("RABBITMQ_PID_FILE", path("pid"))
+                .env("RABBITMQ_FEATURE_FLAGS_FILE", path("feature_flags"))
+                .env("RABBITMQ_PLUGINS_EXPAND_DIR", path("plugins"))
+                .env("RABBITMQ_QUORUM_DIR", path("quorum"))
+                .env("RABBITMQ_STREAM_DIR", path("stream")),
+            &log,
+        );
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "rabbitmq did not listen: {}\n{}",
+                broker.log(),
+                tail(
+                    &std::fs::read_to_string(self.dir.path().join("rabbitmq.log"))
+                        .unwrap_or_default(),
+                    30
+                )
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.broker = Some(broker);
+    }
+
+    pub(crate) fn kill_broker(&mut self) {
         if let Some(b) = self.broker.take() {
             b.signal("KILL");
         }
     }
 
-    fn start_hub(&mut self) {
+    pub(crate) fn start_hub(&mut self) {
         let log = self.dir.path().join("hub.log");
         let hub = Proc::spawn(
             Command::new(workspace_bin("outpost-hub"))
@@ -228,7 +351,7 @@ impl Fleet {
         self.hub = Some(hub);
     }
 
-    fn kill_hub(&mut self) {
+    pub(crate) fn kill_hub(&mut self) {
         if let Some(h) = self.hub.take() {
             h.signal("KILL");
         }
@@ -252,24 +375,28 @@ impl Fleet {
             .collect()
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let read =
             |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        let broker = match self.kind {
+            BrokerKind::Mosquitto => "mosquitto.log",
+            BrokerKind::RabbitMq => "rabbitmq.log",
+        };
         format!(
-            "--- hub.log (tail)\n{}\n--- mosquitto.log (tail)\n{}",
+            "--- hub.log (tail)\n{}\n--- {broker} (tail)\n{}",
             tail(&read("hub.log"), 40),
-            tail(&read("mosquitto.log"), 20)
+            tail(&read(broker), 20)
         )
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The device's chain: (seq, hash) in seq order, read from its audit.db.
-fn device_records(agent: &Agent) -> Vec<(u64, String)> {
+pub(crate) fn device_records(agent: &Agent) -> Vec<(u64, String)> {
     let c = Connection::open_with_flags(
         agent.d.data.join("audit.db"),
         OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -285,14 +412,14 @@ fn device_records(agent: &Agent) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn sync_status(agent: &Agent) -> Value {
+pub(crate) fn sync_status(agent: &Agent) -> Value {
     agent.d.run(&["sync", "status", "--json"]).json()
 }
 
 /// Waits until the hub holds every record the device has (the device's cursor says so too)
 /// and the newest checkpoint the device signed over them, then checks the hub's copy: every
 /// seq once, from 1, in order, with the device's hashes, verifying against the enrolled key.
-fn assert_drained(fleet: &Fleet, agent: &Agent, limit: Duration) {
+pub(crate) fn assert_drained(fleet: &Fleet, agent: &Agent, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
         let device = device_records(agent);
@@ -352,7 +479,7 @@ fn device_checkpoints(agent: &Agent) -> Vec<u64> {
 
 /// Appends `count` records to the agent's audit log from another process (the audit log
 /// takes appends from several processes into one chain).
-fn append_records(agent: &Agent, count: u64) {
+pub(crate) fn append_records(agent: &Agent, count: u64) {
     let out = Command::new(workspace_bin("audit-writer"))
         .arg(&agent.d.data)
         .arg(DEVICE)
@@ -367,7 +494,7 @@ fn append_records(agent: &Agent, count: u64) {
 }
 
 /// An audit-writer appending until killed.
-fn writer(agent: &Agent) -> Proc {
+pub(crate) fn writer(agent: &Agent) -> Proc {
     let log = agent.d.root.path().join("writer.log");
     Proc::spawn(
         Command::new(workspace_bin("audit-writer"))
@@ -377,7 +504,7 @@ fn writer(agent: &Agent) -> Proc {
     )
 }
 
-fn agent(fleet: &Fleet, extra_sync: &str) -> Agent {
+pub(crate) fn agent(fleet: &Fleet, extra_sync: &str) -> Agent {
     let agent = Agent::new("");
     fleet.enroll(&agent, extra_sync);
     agent

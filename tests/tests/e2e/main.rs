@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod architecture;
+mod brokers;
 mod cli;
 mod daemon;
 mod durability;
