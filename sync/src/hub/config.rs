@@ -9,6 +9,8 @@
 //! key = "/etc/outpost-hub/pki/hub.key"
 //! allow_plaintext = false
 //! instance = "hub-a"                       # optional: MQTT client id outpost-hub.hub-a
+//! store = "postgres://outpost@db.example/outpost_hub"  # optional: else <data_dir>/hub.db
+//! listen = "127.0.0.1:9102"                # optional: serve's /metrics
 //! ```
 //!
 //! Every key is optional for the offline commands; `serve` needs `broker` (and, for
@@ -16,8 +18,10 @@
 //! device's `[sync]` is (the URL, the files, the key against the certificate) by every
 //! command. `instance` names this hub process in its MQTT client id
 //! (`outpost-hub.<instance>`); each process connected at once needs its own, and without
-//! one a random id is drawn at each start. The data directory is `--data-dir`, else
-//! `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
+//! one a random id is drawn at each start. `store`, when set, is a PostgreSQL URL (checked
+//! for its form here; the connection is made by the command) shared by every hub of the
+//! fleet; the data directory still holds the hub's own audit chain and the blobs. The data
+//! directory is `--data-dir`, else `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +29,7 @@ use serde::Deserialize;
 
 use super::HUB_IDENTITY;
 use super::serve::{QUEUE_MAX_BYTES, ServeSettings, client_id};
+use super::store::StoreConfig;
 use crate::conn::LinkConfig;
 use crate::protocol::DeviceId;
 
@@ -66,6 +71,10 @@ pub struct HubConfig {
     pub allow_plaintext: bool,
     /// Names this hub process in its MQTT client id, `outpost-hub.<instance>`.
     pub instance: Option<String>,
+    /// The store: a `postgres://user@host/db` URL; absent, `<data_dir>/hub.db`.
+    pub store: Option<String>,
+    /// `serve`'s `/metrics` address (`127.0.0.1:9102`); absent, none.
+    pub listen: Option<String>,
 }
 
 impl Config {
@@ -101,6 +110,17 @@ impl Config {
             .is_some_and(|d| d.as_os_str().is_empty())
         {
             return Err(("data_dir", "is empty".into()));
+        }
+        if let Some(l) = &h.listen {
+            l.parse::<std::net::SocketAddr>().map_err(|e| {
+                (
+                    "listen",
+                    format!("{l:?} is not an address and port (127.0.0.1:9102): {e}"),
+                )
+            })?;
+        }
+        if let Some(url) = &h.store {
+            StoreConfig::new(Some(url), Path::new("")).map_err(|e| ("store", e))?;
         }
         if let Some(i) = &h.instance {
             client_id(Some(i)).map_err(|_| {
@@ -169,9 +189,19 @@ impl Config {
         Ok(ServeSettings {
             link,
             data_dir: self.data_dir(flag),
+            store: self.store(flag),
             summary_every: SUMMARY_EVERY,
             queue_max_bytes: QUEUE_MAX_BYTES,
+            listen: self.hub.listen.as_deref().and_then(|l| l.parse().ok()),
         })
+    }
+
+    /// Where the store is: `[hub] store`, else `hub.db` in [`Config::data_dir`].
+    pub fn store(&self, flag: Option<&Path>) -> StoreConfig {
+        match &self.hub.store {
+            Some(url) => StoreConfig::Postgres(url.clone()),
+            None => StoreConfig::Sqlite(self.data_dir(flag)),
+        }
     }
 
     /// `--data-dir`, else `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
