@@ -201,6 +201,16 @@ impl Fleet {
         )
         .unwrap();
         f.pg = Some(db);
+        // `devices list` says the same of both.
+        let list = |base: &[&str]| {
+            ok(&hub(
+                f.dir(),
+                &[base, &["devices", "list", "--json"]].concat(),
+            ))
+        };
+        let sqlite = list(&["--data-dir", "data"]);
+        assert_eq!(list(&["--config", "hub-pg.toml"]), sqlite);
+        assert!(sqlite.contains("\"edge-02\""), "{sqlite}");
         Some(f)
     }
 
