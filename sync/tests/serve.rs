@@ -1173,3 +1173,46 @@ async fn the_hub_serves_its_metrics_on_listen() {
     assert_eq!(code, Some(0), "{log}");
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_on_postgres_rides_out_its_connections_being_killed() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let Some(fleet) = Fleet::on_postgres(&[("dev-A", &key)]) else {
+        return;
+    };
+    let hub = fleet.start_hub("a");
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 50, &stop).await;
+    dev.limits.max_records = 20;
+    dev.on_ack = Some(check_acks_against(fleet.pg.as_ref().unwrap()));
+    let total = dev.append(300);
+    dev.send_from_cursor().await;
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    // Every session the hub holds is ended by the server (as a database restart does).
+    let url = fleet.pg.as_ref().unwrap().url().to_string();
+    let killed: i64 = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    })
+    .join()
+    .unwrap();
+    assert!(killed > 0, "the hub held no connection");
+    let total = dev.append(300);
+    dev.send_from_cursor().await;
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    assert_store_holds(&fleet, &dev, total);
+    let (code, log) = hub.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    stop.cancel();
+}
