@@ -203,7 +203,6 @@ fn each_external_library_has_one_home() {
         ("prometheus", &["agent/src/daemon/metrics.rs"]),
         ("postgres", &["sync/src/hub/store/pg"]),
         ("r2d2", &["sync/src/hub/store/pg"]),
-        ("r2d2_postgres", &["sync/src/hub/store/pg"]),
         ("nix", &["agent/src/context.rs"]),
         ("indicatif", &["agent/src/commands/models.rs"]),
     ];

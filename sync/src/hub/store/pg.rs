@@ -1,6 +1,6 @@
 //! The hub's store on PostgreSQL (`[hub] store = "postgres://user@host/db"`): [`PgStore`],
 //! the same [`HubStore`]/[`IngestTx`] as `hub.db`, for hubs side by side on one database.
-//! The only home of the `postgres`, `r2d2` and `r2d2_postgres` crates.
+//! The only home of the `postgres` and `r2d2` crates.
 //!
 //! Client: the blocking `postgres` client (tokio-postgres under it, each connection driven
 //! by a small runtime of its own) in an `r2d2` pool ([`POOL_SIZE`] connections). The store
@@ -58,7 +58,6 @@ use std::time::Duration;
 use outpost_policy::audit::{Checkpoint, GENESIS, Query, Record};
 use postgres::NoTls;
 use postgres::types::ToSql;
-use r2d2_postgres::PostgresConnectionManager;
 
 use super::{
     AlertRow, AuditAlert, AuditHead, DeviceRecord, HubStore, IngestTx, MIGRATIONS, SqlArg,
@@ -79,8 +78,53 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The advisory lock migrations run under (any fixed number; "outpost1" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7431;
 
-type Manager = PostgresConnectionManager<NoTls>;
 type Conn = r2d2::PooledConnection<Manager>;
+
+/// Makes the pool's connections: a client and the statements ingest prepared on it.
+#[derive(Debug)]
+struct Manager {
+    config: postgres::Config,
+}
+
+/// A pooled connection: its client, and ingest's statements prepared once on it (each
+/// would otherwise be parsed again on every call: a round trip and a plan per statement).
+pub(crate) struct PgConn {
+    client: postgres::Client,
+    statements: std::collections::HashMap<&'static str, postgres::Statement>,
+}
+
+impl std::ops::Deref for PgConn {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        &mut self.client
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> std::result::Result<PgConn, postgres::Error> {
+        Ok(PgConn {
+            client: self.config.connect(NoTls)?,
+            statements: std::collections::HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut PgConn) -> std::result::Result<(), postgres::Error> {
+        conn.client.simple_query("").map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.client.is_closed()
+    }
+}
 
 /// A hub store in a PostgreSQL database.
 pub struct PgStore {
@@ -237,7 +281,7 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let manager = PostgresConnectionManager::new(config, NoTls);
+        let manager = Manager { config };
         let pool = r2d2::Pool::builder()
             .max_size(POOL_SIZE)
             .min_idle(Some(1))
@@ -274,7 +318,7 @@ impl PgStore {
     fn schema_version(&self) -> Result<i64> {
         let err = pg_err(&self.label);
         let mut c = self.conn()?;
-        if !schema_table(&mut *c).map_err(&err)? {
+        if !schema_table(&mut c.client).map_err(&err)? {
             return Ok(0);
         }
         let row = c
@@ -547,9 +591,49 @@ impl Drop for PgIngest<'_> {
     }
 }
 
+/// The transaction's connection, running each statement as prepared once on it.
+struct Cached<'a>(std::cell::RefMut<'a, Conn>);
+
+type PgResult<T> = std::result::Result<T, postgres::Error>;
+
+impl Cached<'_> {
+    fn statement(&mut self, sql: &'static str) -> PgResult<postgres::Statement> {
+        let conn: &mut PgConn = &mut self.0;
+        if let Some(s) = conn.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = conn.client.prepare(sql)?;
+        conn.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> PgResult<Vec<postgres::Row>> {
+        let s = self.statement(sql)?;
+        self.0.client.query(&s, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> PgResult<Option<postgres::Row>> {
+        let s = self.statement(sql)?;
+        self.0.client.query_opt(&s, params)
+    }
+
+    fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> PgResult<u64> {
+        let s = self.statement(sql)?;
+        self.0.client.execute(&s, params)
+    }
+}
+
 impl PgIngest<'_> {
-    fn client(&self) -> std::cell::RefMut<'_, Conn> {
-        self.conn.borrow_mut()
+    fn client(&self) -> Cached<'_> {
+        Cached(self.conn.borrow_mut())
     }
 
     /// Locks `id`'s row for the rest of the transaction, once.
@@ -570,7 +654,7 @@ impl PgIngest<'_> {
     fn update_device(
         &self,
         id: &DeviceId,
-        sql: &str,
+        sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<()> {
         self.lock(id)?;
