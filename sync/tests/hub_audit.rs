@@ -17,6 +17,7 @@ use outpost_policy::audit::{
     export, verify_export,
 };
 use outpost_policy::signing::{KeyPair, PublicKey};
+use outpost_sync::hub::store::pg::testing::TestDb;
 use rusqlite::{Connection, params};
 use tempfile::TempDir;
 
@@ -177,9 +178,42 @@ struct Fleet {
     tmp: TempDir,
     device: DeviceLog,
     other: DeviceLog,
+    /// When set, the audit commands read this PostgreSQL copy (made by `outpost-hub
+    /// migrate` from `hub.db`) through `hub-pg.toml`.
+    pg: Option<TestDb>,
 }
 
 impl Fleet {
+    /// [`Fleet::new`], then `hub.db` moved into a PostgreSQL database with `outpost-hub
+    /// migrate`, which the audit commands read; `None` without PostgreSQL.
+    fn on_postgres() -> Option<Fleet> {
+        let db = TestDb::create()?;
+        let mut f = Fleet::new();
+        let out = ok(&hub(
+            f.dir(),
+            &["migrate", "--from", "sqlite:data", "--to", db.url()],
+        ));
+        assert!(out.contains("copied 27 rows of audit_records"), "{out}");
+        assert!(out.contains("2 devices, every chain verifies"), "{out}");
+        std::fs::write(
+            f.dir().join("hub-pg.toml"),
+            format!("[hub]\ndata_dir = \"data-pg\"\nstore = \"{}\"\n", db.url()),
+        )
+        .unwrap();
+        f.pg = Some(db);
+        // `devices list` says the same of both.
+        let list = |base: &[&str]| {
+            ok(&hub(
+                f.dir(),
+                &[base, &["devices", "list", "--json"]].concat(),
+            ))
+        };
+        let sqlite = list(&["--data-dir", "data"]);
+        assert_eq!(list(&["--config", "hub-pg.toml"]), sqlite);
+        assert!(sqlite.contains("\"edge-02\""), "{sqlite}");
+        Some(f)
+    }
+
     fn new() -> Fleet {
         let tmp = TempDir::new().unwrap();
         let dir = tmp.path();
@@ -205,7 +239,12 @@ impl Fleet {
                 ],
             ));
         }
-        let fleet = Fleet { tmp, device, other };
+        let fleet = Fleet {
+            tmp,
+            device,
+            other,
+            pg: None,
+        };
         store_chain(&fleet.hub_db(), DEVICE, &fleet.device);
         store_chain(&fleet.hub_db(), "edge-02", &fleet.other);
         sql(
@@ -225,9 +264,12 @@ impl Fleet {
         self.dir().join("data/hub.db")
     }
 
-    /// `outpost-hub --data-dir data audit ARGS`.
+    /// `outpost-hub --data-dir data audit ARGS` (`--config hub-pg.toml` on PostgreSQL).
     fn audit(&self, args: &[&str]) -> Output {
-        let mut all = vec!["--data-dir", "data", "audit"];
+        let mut all = match self.pg {
+            None => vec!["--data-dir", "data", "audit"],
+            Some(_) => vec!["--config", "hub-pg.toml", "audit"],
+        };
         all.extend_from_slice(args);
         hub(self.dir(), &all)
     }
@@ -271,7 +313,17 @@ fn python_verify(export: &Path, pem: &Path) -> Output {
 
 #[test]
 fn query_export_and_verify_read_the_hubs_copy_like_the_device_reads_its_own() {
-    let f = Fleet::new();
+    query_export_and_verify(Fleet::new());
+}
+
+#[test]
+fn query_export_and_verify_read_a_postgres_copy_alike() {
+    if let Some(f) = Fleet::on_postgres() {
+        query_export_and_verify(f);
+    }
+}
+
+fn query_export_and_verify(f: Fleet) {
     let before = std::fs::read(f.hub_db()).unwrap();
     let all = f.device.records(&Query::default());
     assert_eq!(seqs(&all), (1..=RECORDS).collect::<Vec<_>>());

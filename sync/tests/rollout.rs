@@ -1,6 +1,7 @@
 //! `outpost-hub models publish` and `rollout start|status|halt|resume` as a user runs them:
 //! the real binary on a real `hub.db`, blob store and audit chain (no broker: distribution
-//! is `serve`'s, tested in `desired.rs`).
+//! is `serve`'s, tested in `desired.rs`). The rollout commands run on PostgreSQL too
+//! (`[hub] store` in `hub.toml`), with the same answers.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,18 +10,51 @@ mod support;
 use std::path::Path;
 
 use outpost_policy::audit::{AuditReader, Outcome, Query};
-use outpost_sync::hub::SqliteStore;
-use outpost_sync::hub::store::releases::ReleaseStore;
+use outpost_sync::hub::config::Config;
+use outpost_sync::hub::store::Store;
+use outpost_sync::hub::store::pg::testing::TestDb;
 use outpost_sync::protocol::{DeviceId, GroupId};
 use outpost_sync::release::{DesiredState, Manifest, PinnedKeys, verify_desired};
 use sha2::{Digest, Sha256};
 use support::*;
 use tempfile::TempDir;
 
+/// `outpost-hub ARGS` in `dir`, with `--config hub.toml` when the test wrote one (its
+/// store on PostgreSQL).
+fn hub(dir: &Path, args: &[&str]) -> std::process::Output {
+    if dir.join("hub.toml").exists() {
+        support::hub(dir, &[&["--config", "hub.toml"], args].concat())
+    } else {
+        support::hub(dir, args)
+    }
+}
+
+/// The store the commands in `dir` use, read-only.
+fn store(dir: &Path) -> Box<dyn Store> {
+    let config = dir.join("hub.toml");
+    let config = Config::load(config.exists().then_some(config.as_path())).unwrap();
+    config
+        .store(Some(&dir.join("data")))
+        .open_read_only()
+        .unwrap()
+}
+
 /// A hub data directory with three devices in group `lab` (edge-01..03) and one in `eu`.
 fn hub_with_devices() -> TempDir {
+    hub_with_devices_on(None)
+}
+
+/// [`hub_with_devices`], its store in `pg` when given.
+fn hub_with_devices_on(pg: Option<&TestDb>) -> TempDir {
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path();
+    if let Some(db) = pg {
+        std::fs::write(
+            dir.join("hub.toml"),
+            format!("[hub]\nstore = \"{}\"\n", db.url()),
+        )
+        .unwrap();
+    }
     ok(&hub(dir, &["pki", "init", "--out", "pki"]));
     for (id, group) in [
         ("edge-01", "lab"),
@@ -29,7 +63,11 @@ fn hub_with_devices() -> TempDir {
         ("edge-09", "eu"),
     ] {
         let key = audit_key(dir, id);
-        enroll(dir, &["--data-dir", "data"], id, &[group], &key);
+        let base: &[&str] = match pg {
+            Some(_) => &["--config", "hub.toml", "--data-dir", "data"],
+            None => &["--data-dir", "data"],
+        };
+        enroll(dir, base, id, &[group], &key);
     }
     tmp
 }
@@ -155,7 +193,7 @@ fn publish_stores_the_blob_and_prints_a_manifest_that_verifies() {
         .trim(),
         r#"{"rollout":1}"#
     );
-    let store = SqliteStore::open_read_only(&dir.join("data")).unwrap();
+    let store = store(dir);
     let docs = store.rollout_docs(1).unwrap();
     let doc = DesiredState::decode(docs[0].doc_json.as_bytes()).unwrap();
     assert_eq!(doc.manifest, manifest);
@@ -208,7 +246,16 @@ fn publish_refuses_bad_input_and_changes_nothing() {
 
 #[test]
 fn rollouts_sign_monotonic_versions_per_target_and_are_audited() {
-    let tmp = hub_with_devices();
+    rollouts_sign_monotonic_versions(&hub_with_devices());
+}
+
+#[test]
+fn rollouts_on_postgres_sign_monotonic_versions_per_target_and_are_audited() {
+    let Some(db) = TestDb::create() else { return };
+    rollouts_sign_monotonic_versions(&hub_with_devices_on(Some(&db)));
+}
+
+fn rollouts_sign_monotonic_versions(tmp: &TempDir) {
     let dir = tmp.path();
     let (key, _, _) = release_key(dir, "release-1");
     tiny_gguf(&dir.join("model.gguf"), "qwen2", 1500);
@@ -280,7 +327,7 @@ fn rollouts_sign_monotonic_versions_per_target_and_are_audited() {
     ];
     assert_eq!(id(ok(&rollout(dir, &phased))), 4);
 
-    let store = SqliteStore::open_read_only(&dir.join("data")).unwrap();
+    let store = store(dir);
     let mut keys = PinnedKeys::new();
     keys.insert("release-1", key.public());
     let now = outpost_policy::time::system_now();

@@ -21,6 +21,9 @@ use outpost_policy::audit::{
 };
 use outpost_policy::signing::KeyPair;
 use outpost_sync::conn::{ConnError, LinkConfig, LinkEvent};
+use outpost_sync::hub::audit::DeviceChain;
+use outpost_sync::hub::store::StoreConfig;
+use outpost_sync::hub::store::pg::testing::TestDb;
 use outpost_sync::protocol::{
     self, AuditAck, AuditBatch, BatchBuilder, BatchLimits, DeviceId, Pushed, Topics,
 };
@@ -34,19 +37,35 @@ struct Fleet {
     tmp: TempDir,
     port: u16,
     _broker: Mosquitto,
+    /// The PostgreSQL database of `[hub] store`, when the fleet's hubs use one (dropped
+    /// after the broker and the hubs).
+    pg: Option<TestDb>,
 }
 
 impl Fleet {
     fn new(devices: &[(&str, &KeyPair)]) -> Fleet {
+        Self::with_store(devices, None)
+    }
+
+    /// A fleet whose hubs share a PostgreSQL store; `None` (the test skips) without one.
+    fn on_postgres(devices: &[(&str, &KeyPair)]) -> Option<Fleet> {
+        Some(Self::with_store(devices, Some(TestDb::create()?)))
+    }
+
+    fn with_store(devices: &[(&str, &KeyPair)], pg: Option<TestDb>) -> Fleet {
         let tmp = TempDir::new().unwrap();
         let dir = tmp.path();
         ok(&hub(dir, &["pki", "init", "--out", "pki"]));
+        let port = free_port();
+        write_hub_toml_with_store(dir, port, pg.as_ref().map(TestDb::url));
         for (id, key) in devices {
             let pem = dir.join(format!("{id}.pub.pem"));
             key.public().write(&pem).unwrap();
             ok(&hub(
                 dir,
                 &[
+                    "--config",
+                    "hub.toml",
                     "--data-dir",
                     "data",
                     "devices",
@@ -62,13 +81,20 @@ impl Fleet {
                 ],
             ));
         }
-        let port = free_port();
         let broker = start_broker(dir, port);
-        write_hub_toml(dir, port);
         Fleet {
             tmp,
             port,
             _broker: broker,
+            pg,
+        }
+    }
+
+    /// The store the hubs write, as `[hub] store` names it.
+    fn store(&self) -> StoreConfig {
+        match &self.pg {
+            Some(db) => StoreConfig::Postgres(db.url().into()),
+            None => StoreConfig::Sqlite(self.dir().join("data")),
         }
     }
 
@@ -79,6 +105,11 @@ impl Fleet {
     /// Starts `outpost-hub --config hub.toml serve`, logging to `hub-<name>.log`, and waits
     /// for `Serving.`.
     fn start_hub(&self, name: &str) -> HubProcess {
+        self.start_hub_with(name, "hub.toml")
+    }
+
+    /// [`Fleet::start_hub`] with another configuration file in the fleet's folder.
+    fn start_hub_with(&self, name: &str, config: &str) -> HubProcess {
         let log = self.dir().join(format!("hub-{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -86,7 +117,7 @@ impl Fleet {
             .open(&log)
             .unwrap();
         let child = Command::new(HUB)
-            .args(["--config", "hub.toml", "serve"])
+            .args(["--config", config, "serve"])
             .current_dir(self.dir())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -188,6 +219,9 @@ impl Drop for HubProcess {
     }
 }
 
+/// What a device does with each ack it receives, beside moving its cursor.
+type AckCheck = Box<dyn FnMut(&DeviceId, u64) + Send>;
+
 /// A simulated device: its audit log, its link, its acked cursor.
 struct Device {
     id: DeviceId,
@@ -201,6 +235,8 @@ struct Device {
     /// Every ack received, in order.
     acks: Vec<u64>,
     resends: u32,
+    /// Called with every ack as it arrives (to hold it against the store at that moment).
+    on_ack: Option<AckCheck>,
 }
 
 fn open_log(path: &Path, id: &str, key: &KeyPair, every: u64) -> AuditLog {
@@ -243,6 +279,7 @@ impl Device {
             },
             acks: Vec::new(),
             resends: 0,
+            on_ack: None,
         }
     }
 
@@ -362,6 +399,9 @@ impl Device {
         let ack: AuditAck = protocol::decode(&payload, 1024).unwrap();
         assert_eq!(ack.device_id, self.id);
         self.acks.push(ack.acked_seq);
+        if let Some(check) = &mut self.on_ack {
+            check(&self.id, ack.acked_seq);
+        }
         // An ack never moves the cursor back.
         self.acked = self.acked.max(ack.acked_seq);
         Some(ack.acked_seq)
@@ -694,16 +734,97 @@ fn assert_store_is_prefix(fleet: &Fleet, device: &Device, n: u64) {
     }
 }
 
+/// Through the hub's own read side (either store): `device`'s records are exactly its log
+/// 1..=n, each once, acked n, its checkpoints all ones it signed, no alert, and its chain
+/// verifies from seq 1 against the enrolled key. On a plain thread: the PostgreSQL client
+/// may not block on the test's runtime.
+fn assert_store_holds(fleet: &Fleet, device: &Device, n: u64) {
+    let (records, checkpoints) = device.read();
+    assert_eq!(records.len() as u64, n);
+    let (store, id) = (fleet.store(), device.id.clone());
+    std::thread::spawn(move || {
+        let store = store.open_read_only().unwrap();
+        let mut stored = Vec::new();
+        store
+            .for_each_audit_record(&id, &Query::default(), &mut |r| {
+                stored.push((r.seq as u64, r.record_json.to_string()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(stored.len() as u64, n, "records stored");
+        for ((seq, json), original) in stored.iter().zip(&records) {
+            assert_eq!(*seq, original.seq);
+            assert_eq!(json, &serde_json::to_string(original).unwrap());
+        }
+        assert_eq!(store.device(&id).unwrap().unwrap().acked_seq, Some(n));
+        let cps = store.audit_checkpoints(&id).unwrap();
+        assert!(!cps.is_empty(), "no checkpoint stored");
+        assert!(cps.iter().all(|c| checkpoints.contains(c)));
+        assert_eq!(store.audit_alerts(&id, 1).unwrap().0, 0);
+        let report = DeviceChain::open(store.as_ref(), &id)
+            .unwrap()
+            .verify()
+            .unwrap();
+        assert!(report.chain.ok, "{}", report.chain.summary());
+    })
+    .join()
+    .unwrap();
+}
+
+/// Holds every ack against the PostgreSQL store at the moment it arrives: the device's rows
+/// are 1..=max without a gap and the ack is not above them.
+fn check_acks_against(db: &TestDb) -> AckCheck {
+    let url = db.url().to_string();
+    Box::new(move |id: &DeviceId, acked: u64| {
+        let (url, id) = (url.clone(), id.to_string());
+        let (count, max) = std::thread::spawn(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let row = c
+                .query_one(
+                    "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM audit_records \
+                     WHERE device_id = $1",
+                    &[&id],
+                )
+                .unwrap();
+            (row.get::<_, i64>(0), row.get::<_, i64>(1))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(count, max, "a gap in the stored records");
+        assert!(acked <= max as u64, "acked {acked} while {max} stored");
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_mid_ingest_ends_with_every_record_once() {
     if mosquitto().is_none() {
         return;
     }
     let key = KeyPair::generate().unwrap();
-    let fleet = Fleet::new(&[("dev-A", &key)]);
+    killed_mid_ingest(Fleet::new(&[("dev-A", &key)]), &key).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_on_postgres_killed_mid_ingest_ends_with_every_record_once() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let Some(fleet) = Fleet::on_postgres(&[("dev-A", &key)]) else {
+        return;
+    };
+    killed_mid_ingest(fleet, &key).await;
+}
+
+/// Three rounds of: a hub started, 2,000 records sent, the hub SIGKILLed at its first ack;
+/// then one more hub drains it all.
+async fn killed_mid_ingest(fleet: Fleet, key: &KeyPair) {
     let stop = CancellationToken::new();
-    let mut dev = Device::connect(&fleet, "dev-A", &key, 100, &stop).await;
+    let mut dev = Device::connect(&fleet, "dev-A", key, 100, &stop).await;
     dev.limits.max_records = 20;
+    if let Some(db) = &fleet.pg {
+        dev.on_ack = Some(check_acks_against(db));
+    }
 
     let mut total = 0;
     for round in 0..3 {
@@ -739,9 +860,75 @@ async fn a_hub_killed_mid_ingest_ends_with_every_record_once() {
         started.elapsed(),
         dev.resends
     );
-    assert_store_is(&fleet, &dev, total);
+    if fleet.pg.is_none() {
+        assert_store_is(&fleet, &dev, total);
+    }
+    assert_store_holds(&fleet, &dev, total);
     let (code, log) = hub.terminate();
     assert_eq!(code, Some(0), "{log}");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_on_postgres_one_killed_and_restarted_while_devices_upload() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let keys: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate().unwrap()).collect();
+    let ids = ["dev-A", "dev-B", "dev-C"];
+    let enrolled: Vec<(&str, &KeyPair)> = ids.iter().copied().zip(&keys).collect();
+    let Some(fleet) = Fleet::on_postgres(&enrolled) else {
+        return;
+    };
+    let stop = CancellationToken::new();
+    let a = fleet.start_hub("a");
+    let b = fleet.start_hub("b");
+    let mut devices = Vec::new();
+    for (id, key) in &enrolled {
+        let mut dev = Device::connect(&fleet, id, key, 50, &stop).await;
+        dev.limits.max_records = 20;
+        dev.on_ack = Some(check_acks_against(fleet.pg.as_ref().unwrap()));
+        devices.push(dev);
+    }
+    // Everyone uploads; hub a is SIGKILLed as soon as every device has had an ack, with
+    // most of the stream still in flight, and started again while they keep sending.
+    let mut totals = Vec::new();
+    for dev in &mut devices {
+        totals.push(dev.append(1500));
+        dev.send_from_cursor().await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while devices.iter().any(|d| d.acked == 0) {
+        assert!(tokio::time::Instant::now() < deadline, "no acks");
+        for dev in &mut devices {
+            while let Ok(e) = dev.client.events.try_recv() {
+                dev.on_event(e);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.kill();
+    assert!(
+        devices.iter().zip(&totals).any(|(d, t)| d.acked < *t),
+        "everything was acked before the kill"
+    );
+    for (dev, total) in devices.iter_mut().zip(totals.iter_mut()) {
+        *total = dev.append(500);
+        dev.send_from_cursor().await;
+    }
+    let a = fleet.start_hub("a");
+    for (dev, total) in devices.iter_mut().zip(&totals) {
+        dev.drain(*total, Duration::from_secs(3), Duration::from_secs(90))
+            .await;
+    }
+    for (dev, total) in devices.iter().zip(&totals) {
+        assert_store_holds(&fleet, dev, *total);
+        assert!(dev.acks.iter().all(|a| a <= total));
+    }
+    for (name, hub) in [("a", a), ("b", b)] {
+        let (code, log) = hub.terminate();
+        assert_eq!(code, Some(0), "hub {name}: {log}");
+    }
     stop.cancel();
 }
 
@@ -903,6 +1090,129 @@ async fn a_hub_stopping_mid_stream_hands_what_it_has_not_read_to_the_other() {
     assert_eq!(dev.resends, 0, "acks {:?}", dev.acks);
     assert_store_is(&fleet, &dev, total);
     let (code, log) = b.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    stop.cancel();
+}
+
+/// `GET path` on `addr`: the status line and the body.
+fn http_get(addr: &str, request: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_serves_its_metrics_on_listen() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let toml = std::fs::read_to_string(fleet.dir().join("hub.toml")).unwrap();
+    std::fs::write(
+        fleet.dir().join("hub-metrics.toml"),
+        format!("{toml}listen = \"{addr}\"\n"),
+    )
+    .unwrap();
+    let hub = fleet.start_hub_with("m", "hub-metrics.toml");
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 25, &stop).await;
+    dev.limits.max_records = 20;
+    let total = dev.append(100);
+    dev.publish_raw(dev.topics.audit().to_string(), b"{not json".to_vec())
+        .await;
+    dev.send_from_cursor().await;
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    // The devices' gauges come from the store every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let body = loop {
+        let (status, body) = http_get(&addr, "GET /metrics HTTP/1.1\r\nHost: hub\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        if body.contains(&format!(
+            "outpost_hub_device_acked_seq{{device=\"dev-A\"}} {total}"
+        )) {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no device gauge:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for line in [
+        format!("outpost_hub_records_stored_total {total}"),
+        "outpost_hub_batches_refused_total{reason=\"malformed\"} 1".to_string(),
+        "outpost_hub_batches_refused_total{reason=\"too_large\"} 0".to_string(),
+        "outpost_hub_alerts_total{kind=\"fork\"} 0".to_string(),
+        "# TYPE outpost_hub_store_transaction_seconds histogram".to_string(),
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
+    }
+    let count = body
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_hub_store_transaction_seconds_count "))
+        .unwrap();
+    assert!(count.parse::<u64>().unwrap() >= 1, "{body}");
+    // Anything but GET /metrics is refused, and the hub goes on.
+    assert_eq!(
+        http_get(&addr, "GET / HTTP/1.1\r\n\r\n").0,
+        "HTTP/1.1 404 Not Found"
+    );
+    assert_eq!(
+        http_get(&addr, "DELETE /metrics HTTP/1.1\r\n\r\n").0,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    assert_eq!(
+        http_get(&addr, "hello\r\n\r\n").0,
+        "HTTP/1.1 400 Bad Request"
+    );
+    let (code, log) = hub.terminate();
+    assert_eq!(code, Some(0), "{log}");
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_on_postgres_rides_out_its_connections_being_killed() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let Some(fleet) = Fleet::on_postgres(&[("dev-A", &key)]) else {
+        return;
+    };
+    let hub = fleet.start_hub("a");
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 50, &stop).await;
+    dev.limits.max_records = 20;
+    dev.on_ack = Some(check_acks_against(fleet.pg.as_ref().unwrap()));
+    let total = dev.append(300);
+    dev.send_from_cursor().await;
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    // Every session the hub holds is ended by the server (as a database restart does).
+    let url = fleet.pg.as_ref().unwrap().url().to_string();
+    let killed: i64 = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    })
+    .join()
+    .unwrap();
+    assert!(killed > 0, "the hub held no connection");
+    let total = dev.append(300);
+    dev.send_from_cursor().await;
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    assert_store_holds(&fleet, &dev, total);
+    let (code, log) = hub.terminate();
     assert_eq!(code, Some(0), "{log}");
     stop.cancel();
 }

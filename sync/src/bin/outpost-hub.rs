@@ -19,7 +19,8 @@ use outpost_sync::hub::audit::DeviceChain;
 use outpost_sync::hub::config::Config;
 use outpost_sync::hub::enroll::{EnrollRequest, enroll};
 use outpost_sync::hub::serve::{ServeSettings, Server};
-use outpost_sync::hub::{HubError, HubStore, SqliteStore, broker, pki, rabbitmq, rollout};
+use outpost_sync::hub::store::{Store, StoreConfig};
+use outpost_sync::hub::{HubError, broker, pki, rabbitmq, rollout};
 use outpost_sync::protocol::{DeviceId, GroupId};
 use outpost_sync::release::Target;
 
@@ -65,6 +66,18 @@ enum Command {
     /// Signed desired states pushed to groups or devices (`serve` publishes them).
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Copy a hub's store from hub.db into an empty PostgreSQL database, then verify every
+    /// device's chain there (exit 1 if one fails).
+    Migrate {
+        /// The source: sqlite:PATH (the data directory, or its hub.db).
+        #[arg(long, value_name = "sqlite:PATH")]
+        from: String,
+        /// The target: postgres://USER@HOST/DATABASE, empty.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the man pages and shell completions into DIR (scripts/package runs it).
     #[command(hide = true)]
     GenerateDocs {
@@ -322,7 +335,8 @@ fn main() -> ExitCode {
         };
     }
     let data_dir = config.data_dir(cli.data_dir.as_deref());
-    match run(cli.command, &data_dir) {
+    let store = config.store(cli.data_dir.as_deref());
+    match run(cli.command, &data_dir, &store) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -392,13 +406,14 @@ fn serve(settings: ServeSettings) -> anyhow::Result<()> {
     })
 }
 
-fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
+fn run(command: Command, data_dir: &Path, store: &StoreConfig) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve => anyhow::bail!("serve is run by main"),
         Command::GenerateDocs { .. } => anyhow::bail!("generate-docs is run by main"),
-        Command::Audit(cmd) => return audit_command(cmd, data_dir),
-        Command::Models(cmd) => models_command(cmd, data_dir)?,
-        Command::Rollout(cmd) => return rollout_command(cmd, data_dir),
+        Command::Audit(cmd) => return audit_command(cmd, store),
+        Command::Models(cmd) => models_command(cmd, data_dir, store)?,
+        Command::Rollout(cmd) => return rollout_command(cmd, data_dir, store),
+        Command::Migrate { from, to, json } => return migrate(&from, &to, json),
         Command::Pki(PkiCommand::Init { out, broker_hosts }) => {
             let paths = pki::init(&out, &broker_hosts)?;
             println!(
@@ -421,8 +436,8 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
                 out: a.out,
                 actor: local_actor(),
             };
-            let record =
-                enroll(data_dir, &req).with_context(|| format!("enrolling device {}", req.id))?;
+            let record = enroll(data_dir, store, &req)
+                .with_context(|| format!("enrolling device {}", req.id))?;
             println!(
                 "enrolled {} (groups: {}); certificate in {}",
                 record.id,
@@ -436,8 +451,8 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Devices(DevicesCommand::List { json }) => {
-            let devices = if data_dir.join(SqliteStore::FILE).exists() {
-                SqliteStore::open(data_dir)?.devices()?
+            let devices = if store.may_exist() {
+                store.open()?.devices()?
             } else {
                 Vec::new()
             };
@@ -468,8 +483,8 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
             }
         }
         Command::BrokerConfig(a) => {
-            let devices = if data_dir.join(SqliteStore::FILE).exists() {
-                SqliteStore::open(data_dir)?.devices()?
+            let devices = if store.may_exist() {
+                store.open()?.devices()?
             } else {
                 Vec::new()
             };
@@ -508,10 +523,10 @@ fn run(command: Command, data_dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// `outpost-hub audit …`: reads `hub.db` read-only; output as the device's `outpost audit`.
-fn audit_command(cmd: AuditCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let open = |device: &DeviceArg| -> anyhow::Result<(SqliteStore, DeviceId)> {
+fn audit_command(cmd: AuditCommand, store: &StoreConfig) -> anyhow::Result<ExitCode> {
+    let open = |device: &DeviceArg| -> anyhow::Result<(Box<dyn Store>, DeviceId)> {
         let id = DeviceId::new(&device.id)?;
-        Ok((SqliteStore::open_read_only(data_dir)?, id))
+        Ok((store.open_read_only()?, id))
     };
     match cmd {
         AuditCommand::Query {
@@ -538,7 +553,7 @@ fn audit_command(cmd: AuditCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
                 ..time_range(&range)?
             };
             let (store, id) = open(&device)?;
-            let chain = DeviceChain::open(&store, &id)?;
+            let chain = DeviceChain::open(store.as_ref(), &id)?;
             let stdout = std::io::stdout();
             let mut w = std::io::BufWriter::new(stdout.lock());
             if json {
@@ -570,7 +585,7 @@ fn audit_command(cmd: AuditCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
             };
             let q = time_range(&range)?;
             let (store, id) = open(&device)?;
-            let chain = DeviceChain::open(&store, &id)?;
+            let chain = DeviceChain::open(store.as_ref(), &id)?;
             match &output {
                 Some(path) => {
                     let n = chain.export_to_file(&q, format, path)?;
@@ -585,7 +600,7 @@ fn audit_command(cmd: AuditCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
         }
         AuditCommand::Verify { device, json } => {
             let (store, id) = open(&device)?;
-            let report = DeviceChain::open(&store, &id)?.verify()?;
+            let report = DeviceChain::open(store.as_ref(), &id)?.verify()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -601,8 +616,44 @@ fn audit_command(cmd: AuditCommand, data_dir: &Path) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// `outpost-hub migrate`: SQLite to PostgreSQL, then every chain verified there.
+fn migrate(from: &str, to: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let from = StoreConfig::parse(from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+    let to = StoreConfig::parse(to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+    let (StoreConfig::Sqlite(dir), StoreConfig::Postgres(url)) = (&from, &to) else {
+        anyhow::bail!("migrate copies from sqlite:PATH to postgres://… only");
+    };
+    let report = outpost_sync::hub::store::pg::migrate::sqlite_to_postgres(dir, url)
+        .with_context(|| format!("migrating {} to {}", from.describe(), to.describe()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (table, rows) in &report.tables {
+            println!("copied {rows} rows of {table}");
+        }
+        for d in &report.devices {
+            println!("{}: {}", d.device, d.chain.summary());
+        }
+        println!(
+            "{}: {} devices, every chain {}",
+            to.describe(),
+            report.devices.len(),
+            if report.ok() {
+                "verifies"
+            } else {
+                "NOT verifying"
+            }
+        );
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// `outpost-hub models publish`.
-fn models_command(cmd: ModelsCommand, data_dir: &Path) -> anyhow::Result<()> {
+fn models_command(cmd: ModelsCommand, data_dir: &Path, store: &StoreConfig) -> anyhow::Result<()> {
     let ModelsCommand::Publish {
         file,
         name,
@@ -622,14 +673,18 @@ fn models_command(cmd: ModelsCommand, data_dir: &Path) -> anyhow::Result<()> {
         chunk_size,
         actor: local_actor(),
     };
-    let manifest = rollout::publish(data_dir, &req)
+    let manifest = rollout::publish(data_dir, store, &req)
         .with_context(|| format!("publishing {}:{}", req.name, req.version))?;
     println!("{}", serde_json::to_string_pretty(&manifest)?);
     Ok(())
 }
 
 /// `outpost-hub rollout start|status|halt|resume`.
-fn rollout_command(cmd: RolloutCommand, data_dir: &Path) -> anyhow::Result<ExitCode> {
+fn rollout_command(
+    cmd: RolloutCommand,
+    data_dir: &Path,
+    store: &StoreConfig,
+) -> anyhow::Result<ExitCode> {
     match cmd {
         RolloutCommand::Start {
             model,
@@ -654,13 +709,13 @@ fn rollout_command(cmd: RolloutCommand, data_dir: &Path) -> anyhow::Result<ExitC
                 expires_in_secs: parse_duration(&expires).context("--expires")?,
                 actor: local_actor(),
             };
-            let id = rollout::start(data_dir, &req)
+            let id = rollout::start(data_dir, store, &req)
                 .with_context(|| format!("starting the rollout of {}", req.model))?;
             println!("{}", serde_json::json!({ "rollout": id }));
         }
         RolloutCommand::Status { id, json } => {
-            let report = if data_dir.join(SqliteStore::FILE).exists() {
-                rollout::status(&SqliteStore::open_read_only(data_dir)?, id)?
+            let report = if store.may_exist() {
+                rollout::status(store.open_read_only()?.as_ref(), id)?
             } else if let Some(id) = id {
                 anyhow::bail!("no rollout {id} on this hub (no hub store here)");
             } else {
@@ -688,11 +743,11 @@ fn rollout_command(cmd: RolloutCommand, data_dir: &Path) -> anyhow::Result<ExitC
             }
         }
         RolloutCommand::Halt { id } => {
-            rollout::set_state(data_dir, id, true, &local_actor())?;
+            rollout::set_state(data_dir, store, id, true, &local_actor())?;
             println!("rollout {id} halted");
         }
         RolloutCommand::Resume { id } => {
-            rollout::set_state(data_dir, id, false, &local_actor())?;
+            rollout::set_state(data_dir, store, id, false, &local_actor())?;
             println!("rollout {id} running");
         }
     }

@@ -10,6 +10,8 @@
 //! allow_plaintext = false
 //! instance = "hub-a"                       # optional: MQTT client id outpost-hub.hub-a
 //! shared_subscriptions = true              # false on a broker without `$share/` (RabbitMQ)
+//! store = "postgres://outpost@db.example/outpost_hub"  # optional: else <data_dir>/hub.db
+//! listen = "127.0.0.1:9102"                # optional: serve's /metrics
 //! ```
 //!
 //! Every key is optional for the offline commands; `serve` needs `broker` (and, for
@@ -20,8 +22,10 @@
 //! one a random id is drawn at each start. `shared_subscriptions` (default true) subscribes
 //! through `$share/hub/…` so hubs side by side split the load; a broker that does not know
 //! shared subscriptions (RabbitMQ's MQTT plugin, `docs/brokers.md`) delivers nothing to
-//! them, so there it must be false and only one hub may serve. The data directory is `--data-dir`, else
-//! `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
+//! them, so there it must be false and only one hub may serve. `store`, when set, is a PostgreSQL URL (checked
+//! for its form here; the connection is made by the command) shared by every hub of the
+//! fleet; the data directory still holds the hub's own audit chain and the blobs. The data
+//! directory is `--data-dir`, else `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +33,7 @@ use serde::Deserialize;
 
 use super::HUB_IDENTITY;
 use super::serve::{QUEUE_MAX_BYTES, ServeSettings, client_id};
+use super::store::StoreConfig;
 use crate::conn::LinkConfig;
 use crate::protocol::DeviceId;
 
@@ -73,6 +78,10 @@ pub struct HubConfig {
     /// Subscribe through `$share/hub/…` (default); false for one hub on a broker without
     /// shared subscriptions.
     pub shared_subscriptions: Option<bool>,
+    /// The store: a `postgres://user@host/db` URL; absent, `<data_dir>/hub.db`.
+    pub store: Option<String>,
+    /// `serve`'s `/metrics` address (`127.0.0.1:9102`); absent, none.
+    pub listen: Option<String>,
 }
 
 impl Config {
@@ -108,6 +117,17 @@ impl Config {
             .is_some_and(|d| d.as_os_str().is_empty())
         {
             return Err(("data_dir", "is empty".into()));
+        }
+        if let Some(l) = &h.listen {
+            l.parse::<std::net::SocketAddr>().map_err(|e| {
+                (
+                    "listen",
+                    format!("{l:?} is not an address and port (127.0.0.1:9102): {e}"),
+                )
+            })?;
+        }
+        if let Some(url) = &h.store {
+            StoreConfig::new(Some(url), Path::new("")).map_err(|e| ("store", e))?;
         }
         if let Some(i) = &h.instance {
             client_id(Some(i)).map_err(|_| {
@@ -176,10 +196,20 @@ impl Config {
         Ok(ServeSettings {
             link,
             data_dir: self.data_dir(flag),
+            store: self.store(flag),
             summary_every: SUMMARY_EVERY,
             queue_max_bytes: QUEUE_MAX_BYTES,
             shared_subscriptions: self.hub.shared_subscriptions.unwrap_or(true),
+            listen: self.hub.listen.as_deref().and_then(|l| l.parse().ok()),
         })
+    }
+
+    /// Where the store is: `[hub] store`, else `hub.db` in [`Config::data_dir`].
+    pub fn store(&self, flag: Option<&Path>) -> StoreConfig {
+        match &self.hub.store {
+            Some(url) => StoreConfig::Postgres(url.clone()),
+            None => StoreConfig::Sqlite(self.data_dir(flag)),
+        }
     }
 
     /// `--data-dir`, else `[hub] data_dir`, else [`DEFAULT_DATA_DIR`].

@@ -14,7 +14,7 @@ use outpost_policy::audit::{AuditLog, AuditSettings, Entry, Outcome, now_rfc3339
 use outpost_policy::signing::{KeyPair, PublicKey};
 
 use super::pki::{Ca, PkiPaths};
-use super::store::{DeviceRecord, HubStore, SqliteStore};
+use super::store::{DeviceRecord, StoreConfig};
 use super::{HUB_IDENTITY, HubError, Result, make_dir, refuse_existing, write_new};
 use crate::protocol::{DeviceId, GroupId};
 
@@ -77,11 +77,11 @@ pub(crate) fn audited_action<T>(
 }
 
 /// Enrolls one device; see the module header for the order of things.
-pub fn enroll(data_dir: &Path, req: &EnrollRequest) -> Result<DeviceRecord> {
+pub fn enroll(data_dir: &Path, store: &StoreConfig, req: &EnrollRequest) -> Result<DeviceRecord> {
     let audit_key = PublicKey::load(&req.audit_key)?;
     let ca = Ca::load(&PkiPaths::new(&req.pki))?;
     let data_dir = make_dir(data_dir)?;
-    let mut store = SqliteStore::open(&data_dir)?;
+    let mut store = store.open()?;
     if store.device(&req.id)?.is_some() {
         return Err(HubError::AlreadyEnrolled(req.id.to_string()));
     }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod enroll;
 mod gguf_keys;
 pub mod ingest;
+pub mod metrics;
 pub mod pki;
 pub mod rabbitmq;
 pub mod rollout;
@@ -27,7 +28,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-pub use store::{DeviceRecord, HubStore, SqliteStore};
+pub use store::{DeviceRecord, HubStore, SqliteStore, Store, StoreConfig};
 
 /// The hub's MQTT identity: the CN of its client certificate, the broker username its ACL
 /// names, and the client id it connects with.

@@ -26,8 +26,8 @@ use sha2::{Digest, Sha256};
 
 use super::enroll::audited_action as audited;
 use super::gguf_keys;
-use super::store::SqliteStore;
-use super::store::releases::{ReleaseStore, RolloutRow, StoredModel};
+use super::store::releases::{RolloutRow, StoredModel};
+use super::store::{Store, StoreConfig};
 use super::{HubError, Result, make_dir};
 use crate::protocol::{DeviceId, ReportedState, V1};
 use crate::release::{DesiredState, Manifest, Target};
@@ -75,7 +75,7 @@ pub struct PublishRequest {
 }
 
 /// Stores the blob, signs its manifest, records it; returns the manifest.
-pub fn publish(data_dir: &Path, req: &PublishRequest) -> Result<Manifest> {
+pub fn publish(data_dir: &Path, store: &StoreConfig, req: &PublishRequest) -> Result<Manifest> {
     check_name("model name", &req.name)?;
     check_name("model version", &req.version)?;
     check_name("key id", &req.kid)?;
@@ -92,7 +92,7 @@ pub fn publish(data_dir: &Path, req: &PublishRequest) -> Result<Manifest> {
         reason: e,
     })?;
     let data_dir = make_dir(data_dir)?;
-    let mut store = SqliteStore::open(&data_dir)?;
+    let mut store = store.open()?;
     if store.model(&req.name, &req.version)?.is_some() {
         return Err(HubError::AlreadyPublished(format!(
             "{}:{}",
@@ -244,7 +244,7 @@ pub struct RolloutRequest {
 }
 
 /// Signs and stores the rollout's desired states; returns the rollout id.
-pub fn start(data_dir: &Path, req: &RolloutRequest) -> Result<u64> {
+pub fn start(data_dir: &Path, store: &StoreConfig, req: &RolloutRequest) -> Result<u64> {
     let (name, version) = req
         .model
         .split_once(':')
@@ -255,7 +255,7 @@ pub fn start(data_dir: &Path, req: &RolloutRequest) -> Result<u64> {
         return Err(bad("--batch must be 1 to 100 (percent)"));
     }
     let key = KeyPair::load(&req.key)?;
-    let mut store = SqliteStore::open(data_dir)?;
+    let mut store = store.open()?;
     let model = store
         .model(name, version)?
         .ok_or_else(|| bad(format!("model {} is not published on this hub", req.model)))?;
@@ -268,7 +268,7 @@ pub fn start(data_dir: &Path, req: &RolloutRequest) -> Result<u64> {
             req.model, manifest.expires
         )));
     }
-    let targets = batch_targets(&store, &req.target, req.batch_percent)?;
+    let targets = batch_targets(store.as_ref(), &req.target, req.batch_percent)?;
     let expires = now
         .saturating_add(i64::try_from(req.expires_in_secs).unwrap_or(i64::MAX))
         .min(manifest.expires);
@@ -333,8 +333,7 @@ pub fn start(data_dir: &Path, req: &RolloutRequest) -> Result<u64> {
 
 /// The targets of the first batch: the target itself, or for a group and a batch under 100 %,
 /// that share of its devices (rounded up, by id) as device targets.
-fn batch_targets(store: &SqliteStore, target: &Target, percent: u8) -> Result<Vec<Target>> {
-    use super::store::HubStore;
+fn batch_targets(store: &dyn Store, target: &Target, percent: u8) -> Result<Vec<Target>> {
     match target {
         Target::Device(d) => {
             if store.device(d)?.is_none() {
@@ -384,7 +383,7 @@ pub struct DeviceStatus {
 }
 
 /// Every rollout (or one), with its devices as they last reported (read-only).
-pub fn status(store: &SqliteStore, id: Option<u64>) -> Result<StatusReport> {
+pub fn status(store: &dyn Store, id: Option<u64>) -> Result<StatusReport> {
     let rows = store.rollouts(id)?;
     if let Some(id) = id
         && rows.is_empty()
@@ -470,8 +469,14 @@ fn device_status(r: &RolloutRow, id: &DeviceId, reported: Option<&ReportedState>
 }
 
 /// `rollout halt|resume ID`: sets the state, recorded in the hub's audit chain.
-pub fn set_state(data_dir: &Path, id: u64, halt: bool, actor: &str) -> Result<()> {
-    let mut store = SqliteStore::open(data_dir)?;
+pub fn set_state(
+    data_dir: &Path,
+    store: &StoreConfig,
+    id: u64,
+    halt: bool,
+    actor: &str,
+) -> Result<()> {
+    let mut store = store.open()?;
     let row = store
         .rollouts(Some(id))?
         .into_iter()

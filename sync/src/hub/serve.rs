@@ -81,8 +81,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::ingest::{self, AlertKind, Handled, Kind, Outcome, Prepared, Refusal};
-use super::store::releases::ReleaseStore;
-use super::store::{HubStore, SqliteStore};
+use super::store::{Store, StoreConfig};
 use super::{HUB_IDENTITY, Result, make_dir};
 use crate::conn::{Link, LinkConfig, LinkEvent, LinkHandle, Session, Will};
 use crate::protocol::{
@@ -132,12 +131,16 @@ pub struct ServeSettings {
     /// The broker link, with this process's unique client id.
     pub link: LinkConfig,
     pub data_dir: PathBuf,
+    /// Where the store is (`[hub] store`; `<data_dir>/hub.db` without it).
+    pub store: StoreConfig,
     /// How often the counters are logged.
     pub summary_every: Duration,
     /// The byte budget of what the hub holds from the link ([`QUEUE_MAX_BYTES`]).
     pub queue_max_bytes: usize,
     /// Subscribe through `$share/hub/…` (see [`protocol::hub_subscriptions`]).
     pub shared_subscriptions: bool,
+    /// Where `/metrics` is served (`[hub] listen`), if anywhere.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `outpost-hub.<instance>`, or `outpost-hub.<16 random hex digits>` without one.
@@ -151,9 +154,24 @@ pub fn client_id(instance: Option<&str>) -> std::result::Result<DeviceId, protoc
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-/// The hub's counters (exposed over HTTP by a later issue; logged for now).
+/// Upper bounds (seconds) of the store latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+/// How often the ingest thread reads every device's acked seq and lag for `/metrics`
+/// (only with `[hub] listen`).
+pub const LAG_POLL: Duration = Duration::from_secs(5);
+
+/// The hub's counters: logged every `summary_every`, and on `/metrics` with `[hub] listen`
+/// ([`super::metrics`]).
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Ingest transactions by duration (begin to commit), per [`LATENCY_BUCKETS`] (not
+    /// cumulative; the last slot is over the largest bound).
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_micros: AtomicU64,
+    /// Every device's acked seq and lag as the store last said.
+    devices: std::sync::Mutex<Vec<DeviceLag>>,
     received: AtomicU64,
     shed: AtomicU64,
     queued_bytes: AtomicU64,
@@ -211,6 +229,23 @@ pub struct MetricsSnapshot {
     pub disconnects: u64,
 }
 
+/// The store latency histogram at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Per bucket of [`LATENCY_BUCKETS`], not cumulative.
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum_micros: u64,
+}
+
+/// One device's acked seq and audit lag (see [`super::store::DeviceRecord`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLag {
+    pub id: DeviceId,
+    pub acked_seq: Option<u64>,
+    pub audit_lag: Option<u64>,
+}
+
 fn inc(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
@@ -240,6 +275,45 @@ fn show(pairs: &[(&'static str, u64)]) -> String {
 }
 
 impl Metrics {
+    /// Records one ingest transaction's duration.
+    pub fn observe_transaction(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let slot = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        inc(&self.latency[slot], 1);
+        inc(
+            &self.latency_sum_micros,
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        );
+    }
+
+    /// The store latency histogram.
+    pub fn latency(&self) -> LatencySnapshot {
+        let buckets: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        LatencySnapshot {
+            count: buckets.iter().sum(),
+            buckets: buckets[..LATENCY_BUCKETS.len()].to_vec(),
+            sum_micros: self.latency_sum_micros.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every device's acked seq and lag, as last read from the store.
+    pub fn devices(&self) -> Vec<DeviceLag> {
+        self.devices.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    fn set_devices(&self, devices: Vec<DeviceLag>) {
+        if let Ok(mut d) = self.devices.lock() {
+            *d = devices;
+        }
+    }
+
     /// Counts one handled message.
     pub fn count(&self, h: &Handled) {
         match (&h.outcome, h.kind) {
@@ -441,6 +515,11 @@ struct Item {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// The devices `items` concern (for [`super::store::IngestTx::lock_devices`]).
+fn devices_of<'a>(items: impl Iterator<Item = &'a Item>) -> Vec<&'a DeviceId> {
+    items.filter_map(|i| i.prepared.device()).collect()
+}
+
 /// An `ahead` batch waiting for the head to reach it.
 struct Parked {
     item: Item,
@@ -448,7 +527,7 @@ struct Parked {
 }
 
 struct Worker {
-    store: SqliteStore,
+    store: Box<dyn Store>,
     link: LinkHandle,
     metrics: Arc<Metrics>,
     parked: Vec<Parked>,
@@ -466,10 +545,14 @@ struct Worker {
     desired: BTreeMap<String, Vec<u8>>,
     /// When `hub.db`'s desired states were last looked at.
     last_desired: Instant,
+    /// Whether `/metrics` is served (then devices' lags are read every [`LAG_POLL`]).
+    poll_lag: bool,
+    /// When they were last read.
+    last_lag: Option<Instant>,
 }
 
 impl Worker {
-    fn new(store: SqliteStore, link: LinkHandle, metrics: Arc<Metrics>) -> Self {
+    fn new(store: Box<dyn Store>, link: LinkHandle, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
             link,
@@ -482,7 +565,32 @@ impl Worker {
             park_for: PARK_FOR,
             desired: BTreeMap::new(),
             last_desired: Instant::now(),
+            poll_lag: false,
+            last_lag: None,
         }
+    }
+
+    /// Reads every device's acked seq and lag for `/metrics`.
+    fn refresh_lag(&mut self) {
+        self.last_lag = Some(Instant::now());
+        let started = Instant::now();
+        match self.store.devices() {
+            Ok(devices) => self.metrics.set_devices(
+                devices
+                    .into_iter()
+                    .map(|d| DeviceLag {
+                        id: d.id,
+                        acked_seq: d.acked_seq,
+                        audit_lag: d.audit_lag,
+                    })
+                    .collect(),
+            ),
+            Err(e) => warn!(error = %e, "Reading the devices' lag failed."),
+        }
+        debug!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "Devices' lag read."
+        );
     }
 
     fn run(mut self, queue: queue::Receiver<Work>) {
@@ -528,6 +636,9 @@ impl Worker {
             if connected || self.due(self.last_desired, DESIRED_POLL, self.link.is_connected()) {
                 self.publish_desired();
             }
+            if self.poll_lag && self.last_lag.is_none_or(|t| t.elapsed() >= LAG_POLL) {
+                self.refresh_lag();
+            }
         }
         self.finish();
         debug!("Ingest thread done.");
@@ -543,7 +654,15 @@ impl Worker {
             .link
             .is_connected()
             .then(|| self.last_desired + DESIRED_POLL);
-        parked.into_iter().chain(acks).chain(desired).min()
+        let lag = self
+            .poll_lag
+            .then(|| self.last_lag.map_or_else(Instant::now, |t| t + LAG_POLL));
+        parked
+            .into_iter()
+            .chain(acks)
+            .chain(desired)
+            .chain(lag)
+            .min()
     }
 
     fn due(&self, last: Instant, every: Duration, pending: bool) -> bool {
@@ -615,12 +734,15 @@ impl Worker {
     /// Applies the items in one transaction and commits.
     fn apply(&mut self, items: &[Item]) -> Result<Vec<Handled>> {
         let now = now_rfc3339();
+        let started = Instant::now();
         let mut tx = self.store.begin_ingest()?;
+        tx.lock_devices(&devices_of(items.iter()))?;
         let mut handled = Vec::with_capacity(items.len());
         for item in items {
             handled.push(ingest::apply(tx.as_mut(), &item.prepared, &now)?);
         }
         tx.commit()?;
+        self.metrics.observe_transaction(started.elapsed());
         Ok(handled)
     }
 
@@ -729,9 +851,12 @@ impl Worker {
             .map(|p| p.since.elapsed() >= self.park_for)
             .collect();
         let store = &mut self.store;
+        let metrics = &self.metrics;
         let result = (|| -> Result<(Vec<Handled>, Vec<Handled>)> {
             let now = now_rfc3339();
+            let started = Instant::now();
             let mut tx = store.begin_ingest()?;
+            tx.lock_devices(&devices_of(parked.iter().map(|p| &p.item)))?;
             let mut handled = Vec::with_capacity(parked.len());
             for p in &parked {
                 handled.push(ingest::apply(tx.as_mut(), &p.item.prepared, &now)?);
@@ -757,6 +882,7 @@ impl Worker {
                 }
             }
             tx.commit()?;
+            metrics.observe_transaction(started.elapsed());
             Ok((handled, behind))
         })();
         let (handled, behind) = match result {
@@ -927,8 +1053,10 @@ fn log_handled(h: &Handled) {
 /// shutdown.
 pub struct Server {
     settings: ServeSettings,
-    store: SqliteStore,
+    store: Box<dyn Store>,
     metrics: Arc<Metrics>,
+    /// `/metrics`, bound by `open` (so a taken port fails before anything starts).
+    metrics_listener: Option<std::net::TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -961,12 +1089,23 @@ impl Server {
                 settings.queue_max_bytes, settings.link.max_packet_size
             )));
         }
-        let dir = make_dir(&settings.data_dir)?;
-        let store = SqliteStore::open(&dir)?;
+        make_dir(&settings.data_dir)?;
+        let metrics_listener = settings
+            .listen
+            .map(|addr| {
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|e| {
+                        super::HubError::Serve(format!("listening for /metrics on {addr}: {e}"))
+                    })
+            })
+            .transpose()?;
+        let store = settings.store.open()?;
         Ok(Server {
             settings,
             store,
             metrics: Arc::default(),
+            metrics_listener,
         })
     }
 
@@ -982,7 +1121,19 @@ impl Server {
             settings,
             store,
             metrics,
+            metrics_listener,
         } = self;
+        let metrics_stop = shutdown.child_token();
+        let poll_lag = metrics_listener.is_some();
+        if let Some(l) = metrics_listener {
+            let listener = tokio::net::TcpListener::from_std(l)
+                .map_err(|e| super::HubError::Serve(format!("listening for /metrics: {e}")))?;
+            tokio::spawn(super::metrics::run(
+                listener,
+                metrics.clone(),
+                metrics_stop.clone(),
+            ));
+        }
         let hub = DeviceId::new(HUB_IDENTITY)?;
         let status_topic = hub_status_topic(&hub);
         let online = status(LinkState::Online)?;
@@ -1006,7 +1157,8 @@ impl Server {
 
         let (messages, messages_rx) = queue::channel::<Message>();
         let (work, work_rx) = queue::channel::<Work>();
-        let worker = Worker::new(store, link.clone(), metrics.clone());
+        let mut worker = Worker::new(store, link.clone(), metrics.clone());
+        worker.poll_lag = poll_lag;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
@@ -1169,6 +1321,7 @@ impl Server {
         metrics
             .queued_bytes
             .store(intake.held() as u64, Ordering::Relaxed);
+        metrics_stop.cancel();
         metrics.log("Stopped.");
         match failure {
             Some(why) => Err(super::HubError::Serve(why.into())),

@@ -1,9 +1,11 @@
-//! The hub's store: the [`HubStore`] trait and its SQLite backend, `<data_dir>/hub.db` (the
-//! only module that opens it).
+//! The hub's store: the [`HubStore`] trait, [`StoreConfig`] (which store a command opens)
+//! and the SQLite backend, `<data_dir>/hub.db` (the only module that opens it); the
+//! PostgreSQL backend is [`pg`], on the same tables.
 //!
 //! Format (schema version in `PRAGMA user_version`, migrations in [`MIGRATIONS`], applied in
 //! one transaction each; a newer version is refused untouched). The SQL is kept portable
-//! (plain types, no SQLite-only syntax in the tables) for the PostgreSQL backend to come:
+//! (plain types, no SQLite-only syntax in the tables): [`pg`] runs the same migrations, so
+//! every new one must run on both databases:
 //! - `devices(id, audit_key, enrolled_at, enrolled_by, online, last_seen, agent_version,
 //!   active_model, acked_seq)`: one row per enrolled device; `audit_key` is the hex Ed25519
 //!   key its checkpoints are verified with; the link columns stay null until `serve`.
@@ -29,8 +31,8 @@
 //!
 //! Ingest's writes (the `serve` loop, see [`super::ingest`]) go through [`IngestTx`], one
 //! write transaction that reads before it writes: [`HubStore::begin_ingest`] takes the write
-//! lock first (SQLite `BEGIN IMMEDIATE`; PostgreSQL will lock the device's row with
-//! `SELECT … FOR UPDATE`), so hub processes sharing one `hub.db` never decide on a head
+//! lock first (SQLite `BEGIN IMMEDIATE`; PostgreSQL locks the device's row with
+//! `SELECT … FOR UPDATE`, see [`pg`]), so hub processes sharing one `hub.db` never decide on a head
 //! another one is changing. Invariants of the audit tables, kept by ingest: a device's
 //! records are `1..=acked_seq` without a gap (only a continuation of the stored head is
 //! ever inserted), each record's `hash` is what its contents give and links to the previous
@@ -51,6 +53,7 @@ use serde::Serialize;
 use super::{HubError, Result};
 use crate::protocol::{DeviceId, GroupId};
 
+pub mod pg;
 pub mod releases;
 
 /// Each entry takes the schema from version `i` to `i + 1`.
@@ -163,7 +166,8 @@ pub struct DeviceRecord {
     pub audit_lag: Option<u64>,
 }
 
-/// What the hub keeps; SQLite now, PostgreSQL when a fleet outgrows one machine.
+/// What the hub keeps about devices and their audit chains; in `hub.db` ([`SqliteStore`]) or
+/// PostgreSQL ([`pg::PgStore`]).
 pub trait HubStore {
     /// Registers a device; [`HubError::AlreadyEnrolled`] if its id is taken.
     fn enroll(&mut self, device: &DeviceRecord) -> Result<()>;
@@ -194,6 +198,87 @@ pub trait HubStore {
     /// How many alerts were recorded for `device`, and the newest `newest` of them (oldest
     /// first).
     fn audit_alerts(&self, device: &DeviceId, newest: u64) -> Result<(u64, Vec<AuditAlert>)>;
+}
+
+/// Everything the hub keeps, as one object: the devices and their audit chains
+/// ([`HubStore`]) and the releases ([`releases::ReleaseStore`]).
+pub trait Store: HubStore + releases::ReleaseStore + Send + std::fmt::Debug {}
+impl<T: HubStore + releases::ReleaseStore + Send + std::fmt::Debug> Store for T {}
+
+/// Where the hub's store is (`[hub] store`): `<data_dir>/hub.db` when it is absent, else a
+/// PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The data directory holding `hub.db`.
+    Sqlite(PathBuf),
+    /// A `postgres://` URL.
+    Postgres(String),
+}
+
+impl StoreConfig {
+    /// `[hub] store` (a `postgres://` URL), else `hub.db` in `data_dir`; the message says
+    /// what is wrong with the URL.
+    pub fn new(store: Option<&str>, data_dir: &Path) -> std::result::Result<Self, String> {
+        match store {
+            None => Ok(Self::Sqlite(data_dir.to_path_buf())),
+            Some(url) => {
+                pg::check_url(url)?;
+                Ok(Self::Postgres(url.to_string()))
+            }
+        }
+    }
+
+    /// `sqlite:PATH` (a data directory, or its `hub.db`) or a `postgres://` URL, as
+    /// `outpost-hub migrate` takes them.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        if let Some(path) = s.strip_prefix("sqlite:") {
+            let path = Path::new(path);
+            if path.as_os_str().is_empty() {
+                return Err("sqlite: needs a path (sqlite:/var/lib/outpost-hub)".into());
+            }
+            let dir = if path.file_name() == Some(std::ffi::OsStr::new(SqliteStore::FILE)) {
+                path.parent().unwrap_or(Path::new(".")).to_path_buf()
+            } else {
+                path.to_path_buf()
+            };
+            return Ok(Self::Sqlite(dir));
+        }
+        pg::check_url(s).map_err(|e| format!("{e} (or sqlite:PATH)"))?;
+        Ok(Self::Postgres(s.to_string()))
+    }
+
+    /// Opens the store to write, creating and migrating it (for SQLite, the data directory
+    /// too).
+    pub fn open(&self) -> Result<Box<dyn Store>> {
+        Ok(match self {
+            Self::Sqlite(dir) => Box::new(SqliteStore::open(&super::make_dir(dir)?)?),
+            Self::Postgres(url) => Box::new(pg::PgStore::open(url)?),
+        })
+    }
+
+    /// Opens the store to read only: nothing created, migrated or written.
+    pub fn open_read_only(&self) -> Result<Box<dyn Store>> {
+        Ok(match self {
+            Self::Sqlite(dir) => Box::new(SqliteStore::open_read_only(dir)?),
+            Self::Postgres(url) => Box::new(pg::PgStore::open_read_only(url)?),
+        })
+    }
+
+    /// Whether there may be a store to read: `hub.db` exists, or a database is named.
+    pub fn may_exist(&self) -> bool {
+        match self {
+            Self::Sqlite(dir) => dir.join(SqliteStore::FILE).exists(),
+            Self::Postgres(_) => true,
+        }
+    }
+
+    /// The file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Sqlite(dir) => dir.join(SqliteStore::FILE).display().to_string(),
+            Self::Postgres(url) => pg::redacted(url),
+        }
+    }
 }
 
 /// One stored record of a device's chain, borrowed from the store while streaming:
@@ -487,7 +572,11 @@ impl HubStore for SqliteStore {
         f: &mut dyn FnMut(&StoredRecord<'_>) -> Result<()>,
     ) -> Result<()> {
         let err = store_err(&self.path);
-        let (sql, args) = audit_records_sql(device, q);
+        let (sql, args) = audit_records_sql(device, q, |n| format!("?{n}"), "");
+        let args = args.into_iter().map(|a| match a {
+            SqlArg::Text(s) => rusqlite::types::Value::Text(s),
+            SqlArg::Int(i) => rusqlite::types::Value::Integer(i),
+        });
         let mut stmt = self.conn.prepare(&sql).map_err(&err)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(&err)?;
         while let Some(row) = rows.next().map_err(&err)? {
@@ -532,16 +621,7 @@ impl HubStore for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (seq, json) = row.map_err(&err)?;
-            let bad = |why: String| HubError::Store {
-                path: self.path.clone(),
-                message: format!("checkpoint {seq} of device {device} {why}"),
-            };
-            let cp: Checkpoint = serde_json::from_str(&json)
-                .map_err(|e| bad(format!("is not a checkpoint: {e}")))?;
-            if i64::try_from(cp.seq).ok() != Some(seq) {
-                return Err(bad(format!("says it is checkpoint {}", cp.seq)));
-            }
-            out.push(cp);
+            out.push(parse_checkpoint(&self.path, device, seq, &json)?);
         }
         Ok(out)
     }
@@ -608,6 +688,13 @@ pub struct AlertRow<'a> {
 /// Ingest's write transaction ([`HubStore::begin_ingest`]). Times are RFC 3339 UTC. The
 /// caller keeps the audit tables' invariants (module header); this only reads and writes.
 pub trait IngestTx {
+    /// Takes the write locks of these devices now, in a fixed order (PostgreSQL locks each
+    /// device's row, in id order, so hubs applying groups of messages never deadlock; SQLite
+    /// holds the whole file's lock from the start and does nothing here). Every other method
+    /// locks its device anyway; this only fixes the order.
+    fn lock_devices(&mut self, _ids: &[&DeviceId]) -> Result<()> {
+        Ok(())
+    }
     /// The enrolled device's audit public key (hex), or `None` when not enrolled.
     fn audit_key(&self, id: &DeviceId) -> Result<Option<String>>;
     /// The device's stored head.
@@ -879,31 +966,45 @@ impl IngestTx for SqliteIngest<'_> {
     }
 }
 
-/// The statement and its parameters for [`HubStore::for_each_audit_record`]: every value
-/// bound, never spliced; no SQLite-only syntax (`newest` is a subquery, not `LIMIT -1`).
-fn audit_records_sql(device: &DeviceId, q: &Query) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
-    let int = |v: u64| Value::Integer(i64::try_from(v).unwrap_or(i64::MAX));
-    let mut args: Vec<Value> = vec![Value::Text(device.to_string())];
-    let mut clauses = vec!["device_id = ?1".to_string()];
-    let mut add = |clause: &str, v: Value| {
+/// A value bound to a statement of [`audit_records_sql`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SqlArg {
+    Text(String),
+    Int(i64),
+}
+
+/// The statement and its parameters for [`HubStore::for_each_audit_record`], with the
+/// backend's placeholders (`placeholder(n)`: `?n` for SQLite, `$n` for PostgreSQL) and
+/// `text_collation` after the time column (PostgreSQL's `COLLATE "C"`: bytewise): every
+/// value bound, never spliced; no SQLite-only syntax (`newest` is a subquery, not
+/// `LIMIT -1`).
+pub(crate) fn audit_records_sql(
+    device: &DeviceId,
+    q: &Query,
+    placeholder: impl Fn(usize) -> String,
+    text_collation: &str,
+) -> (String, Vec<SqlArg>) {
+    let int = |v: u64| SqlArg::Int(i64::try_from(v).unwrap_or(i64::MAX));
+    let mut args: Vec<SqlArg> = vec![SqlArg::Text(device.to_string())];
+    let mut clauses = vec![format!("device_id = {}", placeholder(1))];
+    let mut add = |clause: &str, v: SqlArg| {
         args.push(v);
-        clauses.push(format!("{clause} ?{}", args.len()));
+        clauses.push(format!("{clause} {}", placeholder(args.len())));
     };
     if let Some(s) = &q.since {
-        add("ts >=", Value::Text(s.clone()));
+        add(&format!("ts{text_collation} >="), SqlArg::Text(s.clone()));
     }
     if let Some(u) = &q.until {
-        add("ts <", Value::Text(u.clone()));
+        add(&format!("ts{text_collation} <"), SqlArg::Text(u.clone()));
     }
     if let Some(a) = &q.actor {
-        add("actor =", Value::Text(a.clone()));
+        add("actor =", SqlArg::Text(a.clone()));
     }
     if let Some(a) = &q.action {
-        add("action =", Value::Text(a.clone()));
+        add("action =", SqlArg::Text(a.clone()));
     }
     if let Some(o) = q.outcome {
-        add("outcome =", Value::Text(o.as_str().to_string()));
+        add("outcome =", SqlArg::Text(o.as_str().to_string()));
     }
     if let Some(s) = q.after_seq {
         add("seq >", int(s));
@@ -916,13 +1017,32 @@ fn audit_records_sql(device: &DeviceId, q: &Query) -> (String, Vec<rusqlite::typ
         None => format!("{select} ORDER BY seq"),
         Some(l) => {
             args.push(int(l));
-            let n = args.len();
+            let n = placeholder(args.len());
             if q.newest {
-                format!("SELECT * FROM ({select} ORDER BY seq DESC LIMIT ?{n}) newest ORDER BY seq")
+                format!("SELECT * FROM ({select} ORDER BY seq DESC LIMIT {n}) newest ORDER BY seq")
             } else {
-                format!("{select} ORDER BY seq LIMIT ?{n}")
+                format!("{select} ORDER BY seq LIMIT {n}")
             }
         }
     };
     (sql, args)
+}
+
+/// A stored checkpoint row read back: it must parse and say the seq it is stored under.
+pub(crate) fn parse_checkpoint(
+    path: &Path,
+    device: &DeviceId,
+    seq: i64,
+    json: &str,
+) -> Result<Checkpoint> {
+    let bad = |why: String| HubError::Store {
+        path: path.to_path_buf(),
+        message: format!("checkpoint {seq} of device {device} {why}"),
+    };
+    let cp: Checkpoint =
+        serde_json::from_str(json).map_err(|e| bad(format!("is not a checkpoint: {e}")))?;
+    if i64::try_from(cp.seq).ok() != Some(seq) {
+        return Err(bad(format!("says it is checkpoint {}", cp.seq)));
+    }
+    Ok(cp)
 }

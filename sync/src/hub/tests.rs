@@ -167,6 +167,30 @@ fn config_is_strict_and_names_the_key() {
         &format!("config [hub]\ninstance = \"{}\"", "a".repeat(52)),
         "ok: \"/var/lib/outpost-hub\"",
     );
+    check(
+        "config [hub]\nstore = \"postgres://hub@db.example/outpost\"",
+        "ok: \"/var/lib/outpost-hub\"",
+    );
+    check(
+        "config [hub]\nstore = \"/srv/hub.db\"",
+        "err: config FILE: [hub] store: must be a postgres://user@host/database URL",
+    );
+    check(
+        "config [hub]\nstore = \"postgres://hub@db.example\"",
+        "err: config FILE: [hub] store: names no database (postgres://user@host/DATABASE)",
+    );
+    check(
+        "config [hub]\nstore = \"postgres://hub@db.example:notaport/x\"",
+        "err: config FILE: [hub] store: invalid connection string",
+    );
+    check(
+        "config [hub]\nlisten = \"localhost\"",
+        "err: config FILE: [hub] listen: \"localhost\" is not an address and port (127.0.0.1:9102): invalid socket address syntax",
+    );
+    check(
+        "config [hub]\nlisten = \"[::1]:9102\"",
+        "ok: \"/var/lib/outpost-hub\"",
+    );
 }
 
 #[test]

@@ -243,21 +243,31 @@ pub fn enroll(dir: &Path, base: &[&str], id: &str, groups: &[&str], audit_key: &
 /// Mosquitto started from it (its log in `dir/mosquitto.log`).
 pub fn start_broker(dir: &Path, port: u16) -> Mosquitto {
     let port_arg = port.to_string();
+    // A hub.toml written first may name another store (PostgreSQL): the ACL comes from it.
+    let config: &[&str] = if dir.join("hub.toml").exists() {
+        &["--config", "hub.toml"]
+    } else {
+        &[]
+    };
     ok(&hub(
         dir,
         &[
-            "--data-dir",
-            "data",
-            "broker-config",
-            "--pki",
-            "pki",
-            "--port",
-            &port_arg,
-            "--bind",
-            "127.0.0.1",
-            "--out",
-            "broker",
-        ],
+            config,
+            &[
+                "--data-dir",
+                "data",
+                "broker-config",
+                "--pki",
+                "pki",
+                "--port",
+                &port_arg,
+                "--bind",
+                "127.0.0.1",
+                "--out",
+                "broker",
+            ],
+        ]
+        .concat(),
     ));
     Mosquitto::start(
         &dir.join("broker/mosquitto.conf"),
@@ -269,12 +279,19 @@ pub fn start_broker(dir: &Path, port: u16) -> Mosquitto {
 /// `dir/hub.toml` for `serve`: data in `dir/data`, the broker on 127.0.0.1:`port`, the
 /// hub's certificate from `dir/pki`.
 pub fn write_hub_toml(dir: &Path, port: u16) {
+    write_hub_toml_with_store(dir, port, None);
+}
+
+/// [`write_hub_toml`] with `[hub] store` set to `store` (a PostgreSQL URL) when given.
+pub fn write_hub_toml_with_store(dir: &Path, port: u16, store: Option<&str>) {
     let d = dir.display();
+    let store = store.map_or(String::new(), |url| format!("store = \"{url}\"\n"));
     std::fs::write(
         dir.join("hub.toml"),
         format!(
             "[hub]\ndata_dir = \"{d}/data\"\nbroker = \"mqtts://127.0.0.1:{port}\"\n\
-             ca = \"{d}/pki/ca.pem\"\ncert = \"{d}/pki/hub.pem\"\nkey = \"{d}/pki/hub.key\"\n"
+             ca = \"{d}/pki/ca.pem\"\ncert = \"{d}/pki/hub.pem\"\nkey = \"{d}/pki/hub.key\"\n\
+             {store}"
         ),
     )
     .unwrap();

@@ -201,6 +201,8 @@ fn each_external_library_has_one_home() {
             &["agent/src/logging.rs", "sync/src/bin/outpost-hub.rs"],
         ),
         ("prometheus", &["agent/src/daemon/metrics.rs"]),
+        ("postgres", &["sync/src/hub/store/pg"]),
+        ("r2d2", &["sync/src/hub/store/pg"]),
         ("nix", &["agent/src/context.rs"]),
         ("indicatif", &["agent/src/commands/models.rs"]),
     ];

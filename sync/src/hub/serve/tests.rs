@@ -8,7 +8,7 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::hub::store::DeviceRecord;
+use crate::hub::store::{DeviceRecord, HubStore, SqliteStore};
 use crate::protocol::{BatchBuilder, BatchLimits, Pushed};
 
 const DEVICE: &str = "edge-01";
@@ -90,7 +90,7 @@ fn fixture() -> Fixture {
     let (_link, handle, _events) = Link::new(&link, session).unwrap();
     Fixture {
         _dir: dir,
-        worker: Worker::new(store, handle, Arc::default()),
+        worker: Worker::new(Box::new(store), handle, Arc::default()),
         batches,
     }
 }

@@ -1,6 +1,7 @@
-//! The release tables of `hub.db` (schema 3): published models, rollouts and the signed
-//! desired-state documents, behind [`ReleaseStore`] (SQLite now; plain SQL for the
-//! PostgreSQL backend to come).
+//! The release tables of the hub's store (schema 3): published models, rollouts and the
+//! signed desired-state documents, behind [`ReleaseStore`]. This file is the SQLite side;
+//! the PostgreSQL side is `store::pg::releases`, the same statements with `$n`
+//! placeholders. A new table or query is one more trait method, implemented in both.
 
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
@@ -97,7 +98,7 @@ fn to_i64(path: &std::path::Path, n: u64) -> Result<i64> {
     })
 }
 
-fn target_of(path: &std::path::Path, s: &str) -> Result<Target> {
+pub(crate) fn target_of(path: &std::path::Path, s: &str) -> Result<Target> {
     Target::parse(s).map_err(|e| HubError::Store {
         path: path.to_path_buf(),
         message: format!("stored target {s:?}: {e}"),
