@@ -81,6 +81,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::ingest::{self, AlertKind, Handled, Kind, Outcome, Prepared, Refusal};
+use super::rollout;
 use super::store::releases::ReleaseStore;
 use super::store::{HubStore, SqliteStore};
 use super::{HUB_IDENTITY, Result, make_dir};
@@ -464,10 +465,12 @@ struct Worker {
     desired: BTreeMap<String, Vec<u8>>,
     /// When `hub.db`'s desired states were last looked at.
     last_desired: Instant,
+    /// The hub's data directory (its audit chain records what phased rollouts do).
+    data_dir: PathBuf,
 }
 
 impl Worker {
-    fn new(store: SqliteStore, link: LinkHandle, metrics: Arc<Metrics>) -> Self {
+    fn new(store: SqliteStore, link: LinkHandle, metrics: Arc<Metrics>, data_dir: PathBuf) -> Self {
         Self {
             store,
             link,
@@ -480,6 +483,7 @@ impl Worker {
             park_for: PARK_FOR,
             desired: BTreeMap::new(),
             last_desired: Instant::now(),
+            data_dir,
         }
     }
 
@@ -825,6 +829,14 @@ impl Worker {
         if !self.link.is_connected() {
             return;
         }
+        match rollout::advance(&self.data_dir, &mut self.store) {
+            Ok(steps) => {
+                for a in steps {
+                    info!(rollout = a.rollout, step = ?a.step, "Phased rollout moved.");
+                }
+            }
+            Err(e) => warn!(error = %e, "Rollouts cannot be advanced now."),
+        }
         let current = match self.store.current_desired() {
             Ok(c) => c,
             Err(e) => {
@@ -1004,7 +1016,12 @@ impl Server {
 
         let (messages, messages_rx) = queue::channel::<Message>();
         let (work, work_rx) = queue::channel::<Work>();
-        let worker = Worker::new(store, link.clone(), metrics.clone());
+        let worker = Worker::new(
+            store,
+            link.clone(),
+            metrics.clone(),
+            settings.data_dir.clone(),
+        );
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())

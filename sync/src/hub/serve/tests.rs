@@ -88,9 +88,10 @@ fn fixture() -> Fixture {
         subscriptions: vec![],
     };
     let (_link, handle, _events) = Link::new(&link, session).unwrap();
+    let data_dir = dir.path().to_path_buf();
     Fixture {
         _dir: dir,
-        worker: Worker::new(store, handle, Arc::default()),
+        worker: Worker::new(store, handle, Arc::default(), data_dir),
         batches,
     }
 }
