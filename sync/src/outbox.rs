@@ -1036,7 +1036,7 @@ acked=3 queued=1/4B dropped=0 connected=false writer=true error=Some(\"{}\")",
             .pragma_update(None, "user_version", 99)
             .unwrap();
         let refused = format!(
-            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 2): a newer outpost wrote it; nothing was changed",
+            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 3): a newer outpost wrote it; nothing was changed",
             path.display()
         );
         check(dir.path(), "open", &refused);

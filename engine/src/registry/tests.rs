@@ -376,7 +376,7 @@ fn a_newer_schema_is_refused_not_downgraded() {
     drop(conn);
     let err = Registry::open(f.dir.path()).unwrap_err().to_string();
     assert!(
-        err.contains("schema version 99, but this outpost understands 1"),
+        err.contains("schema version 99, but this outpost understands 2"),
         "{err}"
     );
     assert!(Registry::open_read_only(f.dir.path()).is_err());

@@ -410,8 +410,8 @@ struct Message {
 
 /// What the ingest thread is given.
 enum Work {
-    /// A message, read and checked by the prepare thread.
-    Item(Item),
+    /// A message, read and checked by the prepare thread (boxed: a reported state is large).
+    Item(Box<Item>),
     /// The link connected (again): time to send the unsent acks.
     Connected,
 }
@@ -425,7 +425,7 @@ fn prepare_loop(messages: queue::Receiver<Message>, work: queue::Sender<Work>) {
             bytes: m.payload.len(),
             _permit: Some(m.permit),
         };
-        if work.send(Work::Item(item)).is_err() {
+        if work.send(Work::Item(Box::new(item))).is_err() {
             break;
         }
     }
@@ -508,7 +508,7 @@ impl Worker {
             let mut next = first;
             while let Some(work) = next {
                 match work {
-                    Work::Item(item) => group.push(item),
+                    Work::Item(item) => group.push(*item),
                     Work::Connected => connected = true,
                 }
                 next = if group.len() < MAX_GROUP {

@@ -950,9 +950,8 @@ fn rollouts_activate_healthy_models_and_a_failing_one_keeps_the_old_and_halts_th
         let activated = device_audit(a, "models:activate");
         let outcome = activated
             .iter()
-            .find(|r| r["outcome"] == "success")
-            .unwrap();
-        assert_eq!(outcome["actor"], "outpost-sync");
+            .find(|r| r["outcome"] == "success" && r["actor"] == "outpost-sync")
+            .unwrap_or_else(|| panic!("no activation by sync: {activated:?}"));
         assert_eq!(outcome["details"]["rollout"], first);
         assert!(
             outcome["reason"].as_str().unwrap().starts_with(
@@ -1003,7 +1002,7 @@ fn rollouts_activate_healthy_models_and_a_failing_one_keeps_the_old_and_halts_th
     assert_eq!(r.json()["model"], "smollm2:1");
     let failures: Vec<Value> = device_audit(&one, "models:activate")
         .into_iter()
-        .filter(|r| r["outcome"] == "failure")
+        .filter(|r| r["outcome"] == "failure" && r["actor"] == "outpost-sync")
         .collect();
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert_eq!(failures[0]["details"]["rollout"], second);
