@@ -36,7 +36,10 @@
 //! and reports the document it follows ([`release::pick_desired`]) in `state/reported`. The
 //! same document delivered again (retained messages come on every connect) is neither
 //! re-checked nor re-recorded; an empty payload (the hub cleared a halted rollout) changes
-//! nothing. Downloading and activating the model come next (blob transfer).
+//! nothing. The device's state in the rollout it follows is [`apply::step`]'s: it runs the
+//! health-gated activation through [`DeviceSource::activate`] when the model is installed
+//! (on this thread, which waits for it), keeps the outcome in `outbox.db` and reports it in
+//! `state/reported` (`rollout`). Downloading the model comes with the blob transfer.
 //!
 //! Stopping (the daemon's SIGTERM): no new batches; the loop waits up to [`FLUSH_GRACE`] for
 //! the acks of the batches in flight, then stops the link gracefully (offline status,
@@ -56,11 +59,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+use crate::apply::{self, ActivateError, ActivateRequest};
 use crate::conn::{self, ConnError, Link, LinkConfig, LinkEvent, LinkHandle, PublishId, Session};
 use crate::outbox::{AcceptedDesired, Acked, Outbox, OutboxError};
 use crate::protocol::{
     self, AuditAck, BatchBuilder, BatchLimits, DeviceId, EncodedBatch, GroupId, LinkState, Pushed,
-    ReportedModel, ReportedState, Status, Telemetry, Topics, V1,
+    ReportedModel, ReportedState, RolloutReport, Status, Telemetry, Topics, V1,
 };
 use crate::release::{self, DesiredState, PinnedKeys, Refusal, Target};
 
@@ -154,6 +158,21 @@ pub trait DeviceSource: Send + Sync + 'static {
     /// A verified document was signed at `t`: the trusted clock's floor may rise to it.
     fn observe_time(&self, t: i64) {
         let _ = t;
+    }
+    /// The desired state the device follows asks to activate a model that is installed:
+    /// run the health-gated activation (load within the memory budget, a short generation,
+    /// then switch the alias and serve it), recording each step in the audit log. Blocks
+    /// for as long as that takes. See [`crate::apply`].
+    fn activate(&self, req: &ActivateRequest) -> Result<(), ActivateError> {
+        let _ = req;
+        Err(ActivateError::NotNow(
+            "this agent cannot activate models".into(),
+        ))
+    }
+    /// A rollout's outcome was decided without an activation (the agent stopped during
+    /// one, the installed bytes differ from the manifest's): the agent records it.
+    fn rollout_noted(&self, report: &RolloutReport) {
+        let _ = report;
     }
 }
 
@@ -352,6 +371,7 @@ impl SyncLoop {
         let mut up = Uplink {
             accepted,
             refused_digests: std::collections::HashSet::new(),
+            rollout: None,
             cursor: outbox.last_acked_seq().unwrap_or(0),
             outbox,
             link,
@@ -378,6 +398,8 @@ impl SyncLoop {
             stopping: false,
         };
         SyncStats::set(&up.stats.last_acked_seq, up.cursor);
+        // A model staged before a restart (or an activation cut short) is taken up now.
+        up.step_rollout();
         up.main_loop(&shutdown, &mut events).await;
         up.flush(&mut events).await;
         link_stop.cancel();
@@ -451,6 +473,8 @@ struct Uplink {
     /// Digests of documents refused by this process (a retained document comes again on
     /// every connect; it is recorded once).
     refused_digests: std::collections::HashSet<String>,
+    /// The device's state in the rollout of the document it follows, as last stepped.
+    rollout: Option<RolloutReport>,
 }
 
 /// The accepted desired states `outbox.db` holds (one that no longer reads is skipped with a
@@ -499,7 +523,10 @@ impl Uplink {
                     None => return,
                 },
                 _ = poll.tick() => self.on_poll(),
-                _ = state.tick() => self.publish_state(false),
+                _ = state.tick() => {
+                    self.step_rollout();
+                    self.publish_state(false);
+                }
                 _ = telemetry.tick() => {
                     self.snapshot_telemetry();
                     self.send_telemetry();
@@ -685,6 +712,56 @@ impl Uplink {
         self.accepted.insert(doc.target.clone(), doc);
         self.decided(&decision, None);
         self.publish_state(false);
+        if self.step_rollout() {
+            self.publish_state(false);
+        }
+    }
+
+    /// Takes the rollout of the document the device follows one step further
+    /// ([`apply::step`]); true when what it reports changed.
+    fn step_rollout(&mut self) -> bool {
+        let followed = release::pick_desired(
+            &self.accepted,
+            self.topics.device_id(),
+            &self.settings.groups,
+        )
+        .cloned();
+        let next = match followed {
+            None => None,
+            Some(doc) => {
+                let reported = match self.source.reported() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(error = %e, "The reported state cannot be read.");
+                        return false;
+                    }
+                };
+                // The blob transfer's report of the download goes here when it lands.
+                let download = None;
+                match apply::step(
+                    &mut self.outbox,
+                    self.source.as_ref(),
+                    &doc,
+                    &reported,
+                    download,
+                ) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        self.note_error(&format!("recording a rollout's outcome: {e}"));
+                        return false;
+                    }
+                }
+            }
+        };
+        if next == self.rollout {
+            return false;
+        }
+        if let Some(r) = &next {
+            info!(rollout = r.rollout, model = %r.model, state = r.state.as_str(),
+                reason = r.reason.as_deref(), "Rollout state changed.");
+        }
+        self.rollout = next;
+        true
     }
 
     /// Logs and records a decision; a refused document's digest is remembered.
@@ -1134,6 +1211,7 @@ impl Uplink {
                 self.topics.device_id(),
                 &self.settings.groups,
             ),
+            rollout: self.rollout.clone(),
         };
         if !force && self.published_state.as_ref() == Some(&state) {
             return;

@@ -10,11 +10,13 @@
 //! first slice of [`hub`] (PKI, enrollment, broker configuration, `hub.db`) behind the
 //! `outpost-hub` binary, and [`device`], the daemon's sync loop (audit upload with acks,
 //! reported state, telemetry, verified desired states), and [`release`]: signed model
-//! manifests and desired states (sync part 2; `hub::rollout` publishes and signs them).
+//! manifests and desired states (sync part 2; `hub::rollout` publishes and signs them), and
+//! [`apply`]: the device's state in the rollout it follows and its health-gated activation.
 //!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
 
+pub mod apply;
 pub mod conn;
 pub mod device;
 pub mod hub;

@@ -14,6 +14,12 @@
 //! - `desired` (schema 2): per target (`group:G`, `device:ID`), the last desired state the
 //!   device accepted: `version`, `rollout`, `digest`, the document as received, when. A
 //!   trigger makes `version` only increase (no replay or rollback survives a restart).
+//! - `rollout_outcomes` (schema 3): per (rollout, `name:version`), how far the device got
+//!   with it: `activating` (written durably before the health-gated activation starts),
+//!   then `staged`, `active`, `failed` or `rolled_back` with the reason. A row that still
+//!   says `activating` when the loop starts means the agent stopped during the activation
+//!   (killed, out of memory): the loop records it as `failed` instead of trying again, so a
+//!   model that kills the agent cannot make it loop on restarts.
 //!
 //! Rules:
 //! - The cursor moves only on an ack, and only forward: an ack at or below it is stale (QoS 1
@@ -85,6 +91,16 @@ CREATE TABLE desired (
 CREATE TRIGGER desired_forward BEFORE UPDATE OF version ON desired
     WHEN NEW.version <= OLD.version
     BEGIN SELECT RAISE(ABORT, 'a desired state version never moves backwards'); END;
+"#,
+    r#"
+CREATE TABLE rollout_outcomes (
+    rollout    INTEGER NOT NULL,
+    model      TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    reason     TEXT,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (rollout, model)
+);
 "#,
 ];
 
@@ -207,6 +223,17 @@ pub struct AcceptedDesired {
     pub rollout: u64,
     pub digest: String,
     pub doc_json: String,
+}
+
+/// How far the device got with one (rollout, model), as `rollout_outcomes` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutOutcome {
+    pub rollout: u64,
+    /// `name:version`.
+    pub model: String,
+    /// `activating`, `staged`, `active`, `failed` or `rolled_back`.
+    pub state: String,
+    pub reason: Option<String>,
 }
 
 /// `outbox.db`, open for writing (one process) or reading.
@@ -580,6 +607,43 @@ impl Outbox {
             })
             .map_err(&err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(&err)
+    }
+
+    /// Records how far the device got with `o.rollout` and `o.model` (replacing what was
+    /// recorded for them), durably.
+    pub fn set_rollout_outcome(&mut self, o: &RolloutOutcome) -> Result<()> {
+        self.write(|tx| {
+            let rollout = i64::try_from(o.rollout).map_err(|_| out_of_range(o.rollout))?;
+            tx.execute(
+                "INSERT INTO rollout_outcomes (rollout, model, state, reason, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (rollout, model) DO UPDATE SET state = excluded.state,
+                    reason = excluded.reason, updated_at = excluded.updated_at",
+                params![rollout, o.model, o.state, o.reason, now_rfc3339()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// What was recorded for `rollout` and `model`, if anything.
+    pub fn rollout_outcome(&self, rollout: u64, model: &str) -> Result<Option<RolloutOutcome>> {
+        let err = db_err(&self.path);
+        let id = i64::try_from(rollout).map_err(|_| err(out_of_range(rollout)))?;
+        self.conn
+            .query_row(
+                "SELECT state, reason FROM rollout_outcomes WHERE rollout = ?1 AND model = ?2",
+                params![id, model],
+                |r| {
+                    Ok(RolloutOutcome {
+                        rollout,
+                        model: model.to_string(),
+                        state: r.get(0)?,
+                        reason: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(&err)
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits it.
@@ -972,7 +1036,7 @@ acked=3 queued=1/4B dropped=0 connected=false writer=true error=Some(\"{}\")",
             .pragma_update(None, "user_version", 99)
             .unwrap();
         let refused = format!(
-            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 2): a newer outpost wrote it; nothing was changed",
+            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 3): a newer outpost wrote it; nothing was changed",
             path.display()
         );
         check(dir.path(), "open", &refused);
@@ -1017,6 +1081,38 @@ acked=3 queued=1/4B dropped=0 connected=false writer=true error=Some(\"{}\")",
                 .accept_desired(&row("x", 9)),
             Err(OutboxError::ReadOnly { .. })
         ));
+    }
+
+    #[test]
+    fn rollout_outcomes_are_kept_per_rollout_and_model_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let outcome = |rollout, model: &str, state: &str, reason: Option<&str>| RolloutOutcome {
+            rollout,
+            model: model.into(),
+            state: state.into(),
+            reason: reason.map(Into::into),
+        };
+        {
+            let mut o = Outbox::open(&path).unwrap();
+            assert_eq!(o.rollout_outcome(7, "m:2").unwrap(), None);
+            o.set_rollout_outcome(&outcome(7, "m:2", "activating", None))
+                .unwrap();
+            o.set_rollout_outcome(&outcome(7, "m:2", "failed", Some("NaN")))
+                .unwrap();
+            o.set_rollout_outcome(&outcome(8, "m:2", "active", None))
+                .unwrap();
+        }
+        let o = Outbox::open_read_only(&path).unwrap();
+        assert_eq!(
+            o.rollout_outcome(7, "m:2").unwrap(),
+            Some(outcome(7, "m:2", "failed", Some("NaN")))
+        );
+        assert_eq!(
+            o.rollout_outcome(8, "m:2").unwrap(),
+            Some(outcome(8, "m:2", "active", None))
+        );
+        assert_eq!(o.rollout_outcome(7, "m:3").unwrap(), None);
     }
 
     #[test]

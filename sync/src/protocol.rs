@@ -525,6 +525,10 @@ pub struct ReportedModel {
     pub name: String,
     pub version: String,
     pub sha256: String,
+    /// Where it came from: `import` (by hand) or `rollout:ID` (optional in v1, like
+    /// `desired`; left out when unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// `devices/{id}/state/reported`, retained: installed models, aliases (alias →
@@ -540,6 +544,78 @@ pub struct ReportedState {
     /// The desired state the device follows (see `release::pick_desired`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired: Option<Following>,
+    /// How far the device got with the rollout of the document it follows (optional in v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutReport>,
+}
+
+/// A device's state in one rollout, as `state/reported` carries it and `rollout status`
+/// shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Accepted; the model is not on the device yet.
+    Pending,
+    /// The model's blob is being fetched.
+    Downloading,
+    /// Installed in the registry, not activated (the document does not ask to, or it waits).
+    Staged,
+    /// The alias points at the model and the daemon serves it.
+    Active,
+    /// The model did not pass its load or health check; the previous model kept serving.
+    Failed,
+    /// The alias had been switched to the model and was put back to the previous one.
+    RolledBack,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Downloading => "downloading",
+            Self::Staged => "staged",
+            Self::Active => "active",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Downloading,
+            Self::Staged,
+            Self::Active,
+            Self::Failed,
+            Self::RolledBack,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+
+    /// A state the device does not leave for this (rollout, model) on its own.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Active | Self::Failed | Self::RolledBack)
+    }
+
+    /// Counts against a phased rollout's `--max-failures`.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::Failed | Self::RolledBack)
+    }
+}
+
+/// The device's progress with the rollout of the document it follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutReport {
+    pub rollout: u64,
+    /// `name:version`.
+    pub model: String,
+    pub state: RolloutState,
+    /// Percent done (the download while `downloading`; 100 once `staged` or later).
+    pub progress: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Which signed desired state a device follows: its rollout, target and version.
@@ -1075,7 +1151,7 @@ mod tests {
         );
         check(
             r#"state {"v":1,"models":[],"aliases":{"default":"m:1"},"policy_version":null,"last_acked_seq":0}"#,
-            r#"ok: ReportedState { v: V1, models: [], aliases: {"default": "m:1"}, policy_version: None, last_acked_seq: 0, desired: None }"#,
+            r#"ok: ReportedState { v: V1, models: [], aliases: {"default": "m:1"}, policy_version: None, last_acked_seq: 0, desired: None, rollout: None }"#,
         );
         // Size is checked first: an oversized payload is refused unread.
         check(

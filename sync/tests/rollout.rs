@@ -10,10 +10,13 @@ mod support;
 use std::path::Path;
 
 use outpost_policy::audit::{AuditReader, Outcome, Query};
+use outpost_sync::hub::SqliteStore;
 use outpost_sync::hub::config::Config;
+use outpost_sync::hub::rollout::{self, Step};
 use outpost_sync::hub::store::Store;
 use outpost_sync::hub::store::pg::testing::TestDb;
-use outpost_sync::protocol::{DeviceId, GroupId};
+use outpost_sync::hub::store::releases::ReleaseStore;
+use outpost_sync::protocol::{DeviceId, GroupId, ReportedState, RolloutReport, RolloutState, V1};
 use outpost_sync::release::{DesiredState, Manifest, PinnedKeys, verify_desired};
 use sha2::{Digest, Sha256};
 use support::*;
@@ -311,7 +314,8 @@ fn rollouts_sign_monotonic_versions(tmp: &TempDir) {
     assert_eq!(id(ok(&rollout(dir, &group))), 2);
     let device = ["--model", "smollm2:1.0", "--target", "device:edge-09"];
     assert_eq!(id(ok(&rollout(dir, &device))), 3);
-    // A phased rollout: half of lab's three devices (rounded up) get documents of their own.
+    // A phased rollout: each of lab's three devices gets a document of its own, in batches of
+    // half of them (rounded up); only the first batch is released.
     let phased = [
         "--model",
         "smollm2:1.0",
@@ -354,7 +358,33 @@ fn rollouts_sign_monotonic_versions(tmp: &TempDir) {
     assert_eq!(third[0].version, 1, "versions are counted per target");
     let fourth = docs(4);
     let targets: Vec<String> = fourth.iter().map(|d| d.target.to_string()).collect();
-    assert_eq!(targets, ["device:edge-01", "device:edge-02"]);
+    assert_eq!(
+        targets,
+        ["device:edge-01", "device:edge-02", "device:edge-03"]
+    );
+    let phases: Vec<(u32, bool)> = store
+        .rollout_docs(4)
+        .unwrap()
+        .iter()
+        .map(|d| (d.batch, d.released))
+        .collect();
+    assert_eq!(phases, [(0, true), (0, true), (1, false)]);
+    let published: Vec<String> = store
+        .current_desired()
+        .unwrap()
+        .iter()
+        .map(|d| format!("{}@{}", d.target, d.rollout_id))
+        .collect();
+    assert_eq!(
+        published,
+        [
+            "device:edge-01@4",
+            "device:edge-02@4",
+            "device:edge-09@3",
+            "group:lab@2"
+        ],
+        "a batch not released yet is not published"
+    );
     assert!(
         fourth
             .iter()
@@ -368,12 +398,22 @@ fn rollouts_sign_monotonic_versions(tmp: &TempDir) {
     assert_eq!(r4["model"], "smollm2:1.0");
     assert_eq!(r4["target"], "group:lab");
     assert_eq!(r4["state"], "running");
+    assert_eq!(
+        (r4["batches"].as_u64(), r4["released_batches"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(r4["max_failures"], 1);
     let devices = r4["devices"].as_array().unwrap();
-    assert_eq!(devices.len(), 2);
+    assert_eq!(devices.len(), 3);
     assert_eq!(
         devices[0],
         serde_json::json!({"id": "edge-01", "state": "pending", "progress": 0.0,
-            "reason": "the device has not reported its state", "chunks_requested": 0})
+            "reason": "the device has not reported its state", "chunks_requested": 0,
+            "batch": 0, "released": true})
+    );
+    assert_eq!(
+        devices[2]["reason"],
+        "in batch 1, released when the batches before it succeed"
     );
     assert_eq!(s["rollouts"][0]["devices"].as_array().unwrap().len(), 3);
 
@@ -421,4 +461,142 @@ fn rollouts_sign_monotonic_versions(tmp: &TempDir) {
         .unwrap();
     assert!(start.actor.starts_with("local:"), "{}", start.actor);
     assert_eq!(start.resource.as_deref(), Some("group:lab"));
+}
+
+/// Stores `device`'s reported state saying it is `state` in rollout `rollout`.
+fn report(store: &mut SqliteStore, device: &str, rollout: u64, state: RolloutState) {
+    use outpost_sync::hub::HubStore;
+    let reported = ReportedState {
+        v: V1,
+        models: Vec::new(),
+        aliases: Default::default(),
+        policy_version: None,
+        last_acked_seq: 0,
+        desired: None,
+        rollout: Some(RolloutReport {
+            rollout,
+            model: "smollm2:1.0".into(),
+            state,
+            progress: 100,
+            reason: Some(format!("{} here", state.as_str())),
+        }),
+    };
+    let json = serde_json::to_string(&reported).unwrap();
+    let mut tx = store.begin_ingest().unwrap();
+    tx.set_reported_state(&DeviceId::new(device).unwrap(), &json, None, "now")
+        .unwrap();
+    tx.commit().unwrap();
+}
+
+const NOTHING: [Step; 0] = [];
+
+#[test]
+fn a_phased_rollout_advances_as_devices_succeed_and_halts_above_max_failures() {
+    let tmp = hub_with_devices();
+    let dir = tmp.path();
+    release_key(dir, "release-1");
+    tiny_gguf(&dir.join("model.gguf"), "llama", 1500);
+    ok(&publish(dir, "model.gguf", "1.0", "release-1"));
+    // A third of lab per batch: three batches of one device.
+    let args = [
+        "--model",
+        "smollm2:1.0",
+        "--target",
+        "group:lab",
+        "--batch",
+        "33",
+        "--activate",
+    ];
+    ok(&rollout(dir, &args));
+    let data = dir.join("data");
+    let mut store = SqliteStore::open(&data).unwrap();
+    let published = |store: &SqliteStore| -> Vec<String> {
+        store
+            .current_desired()
+            .unwrap()
+            .iter()
+            .map(|d| d.target.to_string())
+            .collect()
+    };
+    let advance = |store: &mut SqliteStore| -> Vec<Step> {
+        rollout::advance(&data, store)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.step)
+            .collect()
+    };
+    assert_eq!(published(&store), ["device:edge-01"]);
+    assert_eq!(advance(&mut store), NOTHING);
+    report(&mut store, "edge-01", 1, RolloutState::Downloading);
+    assert_eq!(advance(&mut store), NOTHING, "batch 0 has not settled");
+    report(&mut store, "edge-01", 1, RolloutState::Active);
+    assert_eq!(advance(&mut store), [Step::Release(1)]);
+    assert_eq!(published(&store), ["device:edge-01", "device:edge-02"]);
+    assert_eq!(advance(&mut store), NOTHING, "released once");
+    // A report about another rollout says nothing about this one.
+    report(&mut store, "edge-02", 7, RolloutState::Failed);
+    assert_eq!(advance(&mut store), NOTHING);
+    // Without --max-failures a phased rollout tolerates none: one failure halts it.
+    report(&mut store, "edge-02", 1, RolloutState::RolledBack);
+    assert_eq!(
+        advance(&mut store),
+        [Step::Halt {
+            failures: 1,
+            allowed: 0
+        }]
+    );
+    assert_eq!(
+        advance(&mut store),
+        NOTHING,
+        "a halted rollout is left alone"
+    );
+    let s = status(dir);
+    let r = &s["rollouts"][0];
+    assert_eq!(r["state"], "halted");
+    assert_eq!(r["released_batches"], 2);
+    let states: Vec<&str> = r["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["active", "rolled_back", "pending"]);
+    assert_eq!(r["devices"][1]["reason"], "rolled_back here");
+    // Halted: serve clears the topics it published (and never publishes edge-03's).
+    assert!(store.current_desired().unwrap().iter().all(|d| d.halted));
+    assert_eq!(published(&store), ["device:edge-01", "device:edge-02"]);
+
+    // The hub's audit chain holds both decisions, by the hub itself.
+    let log = AuditReader::open(&data.join("audit.db")).unwrap();
+    let records = log.query(&Query::default()).unwrap();
+    let by_hub: Vec<(String, Outcome, String)> = records
+        .iter()
+        .filter(|r| r.actor == "outpost-hub")
+        .map(|r| (r.action.clone(), r.outcome, r.reason.clone()))
+        .collect();
+    assert_eq!(
+        by_hub,
+        [
+            (
+                "rollout:advance".into(),
+                Outcome::Allowed,
+                "batch 0 settled".into()
+            ),
+            (
+                "rollout:advance".into(),
+                Outcome::Success,
+                "batch 1 released (1 devices)".into()
+            ),
+            (
+                "rollout:halt".into(),
+                Outcome::Allowed,
+                "1 devices failed, more than --max-failures 0".into()
+            ),
+            (
+                "rollout:halt".into(),
+                Outcome::Success,
+                "rollout 1 halted".into()
+            ),
+        ]
+    );
 }

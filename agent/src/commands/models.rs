@@ -256,7 +256,7 @@ fn print_table(models: &[ModelRecord], data_dir: &crate::context::DataDir) {
         );
         return;
     }
-    let rows: Vec<[String; 8]> = models
+    let rows: Vec<[String; 9]> = models
         .iter()
         .map(|m| {
             [
@@ -268,11 +268,12 @@ fn print_table(models: &[ModelRecord], data_dir: &crate::context::DataDir) {
                 human_bytes(m.size_bytes),
                 m.sha256[..12].to_string(),
                 m.aliases.join(","),
+                m.source.clone(),
             ]
         })
         .collect();
     let header = [
-        "MODEL", "ARCH", "QUANT", "PARAMS", "CLASS", "SIZE", "SHA256", "ALIASES",
+        "MODEL", "ARCH", "QUANT", "PARAMS", "CLASS", "SIZE", "SHA256", "ALIASES", "SOURCE",
     ];
     let mut widths = header.map(str::len);
     for r in &rows {
@@ -320,6 +321,7 @@ fn print_details(reg: &Registry, m: &ModelRecord) {
         ("sha256", m.sha256.clone()),
         ("aliases", aliases),
         ("imported", m.imported_at.clone()),
+        ("source", m.source.clone()),
         ("file", reg.model_path(m).display().to_string()),
     ] {
         println!("{k:<13} {v}");

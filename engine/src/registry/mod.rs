@@ -9,6 +9,8 @@
 //! - `alias_history`: per alias, the models that were active before, newest last; `rollback`
 //!   pops it. Removing a model removes it from every alias and history.
 //! - `events`: the install history (import, activate, rollback, remove), append-only.
+//! - schema 2: `models.source`, where the model came from: `import` (by hand, the default
+//!   for rows older than the column) or `rollout:ID` (installed by sync for that rollout).
 //!
 //! Crash rules: a model row is inserted only after its blob is durable (see [`blobs`]), and
 //! every change to the tables is one transaction, so a kill at any instant leaves either the
@@ -29,7 +31,8 @@ use blobs::io_err;
 pub use blobs::{BlobStore, GcReport};
 
 /// The schema, one migration per entry; entry `i` moves `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE models (
     id             INTEGER PRIMARY KEY,
     name           TEXT NOT NULL,
@@ -63,7 +66,11 @@ CREATE TABLE events (
     sha256  TEXT NOT NULL,
     alias   TEXT
 );
-"#];
+"#,
+    r#"
+ALTER TABLE models ADD COLUMN source TEXT NOT NULL DEFAULT 'import';
+"#,
+];
 
 /// Longest name, version or alias.
 const MAX_LABEL: usize = 64;
@@ -131,8 +138,28 @@ pub struct ModelRecord {
     pub context_length: Option<u64>,
     pub aliases: Vec<String>,
     pub imported_at: String,
+    /// Where it came from: `import` or `rollout:ID` (see [`ModelSource`]).
+    pub source: String,
     #[serde(skip)]
     id: i64,
+}
+
+/// Where a model came from, as `models.source` keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Imported by hand (`outpost models import`, the API).
+    Import,
+    /// Installed by sync for this rollout.
+    Rollout(u64),
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Import => f.write_str("import"),
+            Self::Rollout(id) => write!(f, "rollout:{id}"),
+        }
+    }
 }
 
 impl ModelRecord {
@@ -286,7 +313,7 @@ pub struct Registry {
 }
 
 const MODEL_COLUMNS: &str = "id, name, version, sha256, size_bytes, architecture, quantization, \
-     parameters, context_length, imported_at";
+     parameters, context_length, imported_at, source";
 
 impl Registry {
     /// Opens the registry in `data_dir` for reading and writing, creating the folder, the
@@ -398,6 +425,18 @@ impl Registry {
         version: Option<&str>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<ImportOutcome> {
+        self.import_from(source, name, version, ModelSource::Import, progress)
+    }
+
+    /// [`Registry::import`], recording where the model came from (`origin`).
+    pub fn import_from(
+        &mut self,
+        source: &Path,
+        name: &str,
+        version: Option<&str>,
+        origin: ModelSource,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<ImportOutcome> {
         check_label("model name", name)?;
         if let Some(v) = version {
             check_label("version", v)?;
@@ -450,6 +489,7 @@ impl Registry {
             quantization: &info.quantization(),
             parameters: info.parameters(),
             context_length: info.context_length(),
+            source: origin,
         });
         if result.is_err() && created && !self.blob_referenced(&sha256)? {
             // Best effort: the blob is unreferenced either way, and gc would find it.
@@ -511,8 +551,8 @@ impl Registry {
         let now = now_rfc3339();
         tx.execute(
             "INSERT INTO models (name, version, sha256, size_bytes, architecture, quantization,
-                                 parameters, context_length, imported_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                 parameters, context_length, imported_at, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 m.name,
                 version,
@@ -522,7 +562,8 @@ impl Registry {
                 m.quantization,
                 m.parameters as i64,
                 m.context_length.map(|c| c as i64),
-                now
+                now,
+                m.source.to_string()
             ],
         )
         .map_err(db_err(&path))?;
@@ -808,6 +849,7 @@ impl Registry {
                     context_length: r.get::<_, Option<i64>>(8)?.map(|c| c as u64),
                     aliases: Vec::new(),
                     imported_at: r.get(9)?,
+                    source: r.get(10)?,
                 })
             })
             .map_err(db_err(path))?;
@@ -838,6 +880,7 @@ struct NewModel<'a> {
     quantization: &'a str,
     parameters: u64,
     context_length: Option<u64>,
+    source: ModelSource,
 }
 
 fn log_event(

@@ -92,6 +92,39 @@ fn import_records_what_the_file_declares() {
 }
 
 #[test]
+fn each_model_says_where_it_came_from_and_old_registries_read_as_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    // A registry written before the column existed (schema 1), with one model.
+    {
+        let conn = Connection::open(dir.path().join("registry.db")).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute(
+            "INSERT INTO models (name, version, sha256, size_bytes, architecture, quantization,
+                                 parameters, context_length, imported_at)
+             VALUES ('old', '1', ?1, 1, 'llama', 'q4_1', 1, NULL, '2026-01-01T00:00:00.000Z')",
+            ["ab".repeat(32)],
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+    }
+    let mut reg = Registry::open(dir.path()).unwrap();
+    let file = dir.path().join("in.gguf");
+    std::fs::write(&file, Fixture::salted(1).build()).unwrap();
+    reg.import_from(&file, "pushed", None, ModelSource::Rollout(7), &mut |_| {})
+        .unwrap();
+    std::fs::write(&file, Fixture::salted(2).build()).unwrap();
+    reg.import(&file, "mine", None, &mut |_| {}).unwrap();
+    let got: Vec<String> = Registry::open_read_only(dir.path())
+        .unwrap()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{} {}", m.label(), m.source))
+        .collect();
+    assert_eq!(got, ["mine:1 import", "old:1 import", "pushed:1 rollout:7"]);
+}
+
+#[test]
 fn same_bytes_are_stored_once() {
     let mut f = Fixture::new();
     let first = f.import(&Fixture::salted(0), "a", None).unwrap();
@@ -343,7 +376,7 @@ fn a_newer_schema_is_refused_not_downgraded() {
     drop(conn);
     let err = Registry::open(f.dir.path()).unwrap_err().to_string();
     assert!(
-        err.contains("schema version 99, but this outpost understands 1"),
+        err.contains("schema version 99, but this outpost understands 2"),
         "{err}"
     );
     assert!(Registry::open_read_only(f.dir.path()).is_err());

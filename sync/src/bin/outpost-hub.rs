@@ -729,13 +729,22 @@ fn rollout_command(
                 println!("no rollouts");
             } else {
                 for r in &report.rollouts {
-                    println!("rollout {} {} -> {}: {}", r.id, r.model, r.target, r.state);
+                    let phased = if r.batches > 1 {
+                        format!(" (batch {} of {} released)", r.released_batches, r.batches)
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "rollout {} {} -> {}: {}{phased}",
+                        r.id, r.model, r.target, r.state
+                    );
                     for d in &r.devices {
                         println!(
-                            "  {:<24} {:<12} {:>4.0}%  {}",
+                            "  {:<24} {:<12} {:>4.0}%  chunks {:<6} {}",
                             d.id,
                             d.state,
                             d.progress * 100.0,
+                            d.chunks_requested,
                             d.reason.as_deref().unwrap_or("")
                         );
                     }

@@ -11,9 +11,20 @@
 //! then renamed (an identical blob already there is kept).
 //!
 //! Distribution: `rollout start` stores the signed documents in `hub.db`; `outpost-hub serve`
-//! publishes the newest document of each target retained on its desired-state topic (after
-//! every connect, and within [`super::serve::DESIRED_POLL`] of a change), and clears it
-//! while the rollout is halted.
+//! publishes the newest released document of each target retained on its desired-state
+//! topic (after every connect, and within [`super::serve::DESIRED_POLL`] of a change), and
+//! clears it while the rollout is halted.
+//!
+//! Phased rollouts (`--batch P` on a group): `rollout start` signs one device document for
+//! every enrolled member up front, in batches of ⌈P % of the members⌉ by device id, and
+//! stores them all; only batch 0 is released. `serve` ([`advance`], every
+//! [`super::serve::DESIRED_POLL`]) looks at each running rollout's devices as they report:
+//! more failed or rolled-back devices than `--max-failures` (0 when not given for a phased
+//! rollout; no automatic halt otherwise) halts it (its topics are cleared); when every
+//! device of the released batches has settled (active, or failed within the allowance) the
+//! next batch is released. Each advance and halt is recorded in the hub's audit chain
+//! (actor `outpost-hub`, `rollout:advance`, `rollout:halt`). The hub chooses only when a
+//! document the administrator signed goes out, never what it says (see ARCHITECTURE.md).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -29,7 +40,7 @@ use super::gguf_keys;
 use super::store::releases::{RolloutRow, StoredModel};
 use super::store::{Store, StoreConfig};
 use super::{HubError, Result, make_dir};
-use crate::protocol::{DeviceId, ReportedState, V1};
+use crate::protocol::{DeviceId, ReportedState, RolloutState, V1};
 use crate::release::{DesiredState, Manifest, Target};
 
 /// Default chunk size: 128 KiB (AWS IoT Core's payload limit is 128 KB; see ARCHITECTURE.md).
@@ -39,6 +50,9 @@ pub const ACTION_PUBLISH: &str = "models:publish";
 pub const ACTION_ROLLOUT: &str = "rollout:start";
 pub const ACTION_HALT: &str = "rollout:halt";
 pub const ACTION_RESUME: &str = "rollout:resume";
+pub const ACTION_ADVANCE: &str = "rollout:advance";
+/// The actor of what `serve` decides on its own.
+pub const HUB_ACTOR: &str = "outpost-hub";
 
 fn bad(msg: impl Into<String>) -> HubError {
     HubError::Release(msg.into())
@@ -295,7 +309,8 @@ pub fn start(data_dir: &Path, store: &StoreConfig, req: &RolloutRequest) -> Resu
         "model": req.model, "sha256": manifest.sha256, "alias": req.alias,
         "activate": req.activate, "batch_percent": req.batch_percent,
         "max_failures": req.max_failures, "kid": req.kid, "public_key": key.public_hex(),
-        "targets": targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "targets": targets.iter().map(|(t, _)| t.to_string()).collect::<Vec<_>>(),
+        "batches": targets.iter().map(|(_, b)| b + 1).max().unwrap_or(1),
     });
     audited(
         data_dir,
@@ -331,15 +346,16 @@ pub fn start(data_dir: &Path, store: &StoreConfig, req: &RolloutRequest) -> Resu
     )
 }
 
-/// The targets of the first batch: the target itself, or for a group and a batch under 100 %,
-/// that share of its devices (rounded up, by id) as device targets.
-fn batch_targets(store: &dyn Store, target: &Target, percent: u8) -> Result<Vec<Target>> {
+/// The documents to sign, with their batch: the target itself (batch 0), or for a group and
+/// a batch under 100 %, every member as a device target, in batches of that share of the
+/// members (rounded up, by id).
+fn batch_targets(store: &dyn Store, target: &Target, percent: u8) -> Result<Vec<(Target, u32)>> {
     match target {
         Target::Device(d) => {
             if store.device(d)?.is_none() {
                 return Err(HubError::NotEnrolled(d.to_string()));
             }
-            Ok(vec![target.clone()])
+            Ok(vec![(target.clone(), 0)])
         }
         Target::Group(g) => {
             let members = store.group_members(g.as_str())?;
@@ -347,12 +363,24 @@ fn batch_targets(store: &dyn Store, target: &Target, percent: u8) -> Result<Vec<
                 return Err(bad(format!("group {g} has no enrolled device")));
             }
             if percent >= 100 {
-                return Ok(vec![target.clone()]);
+                return Ok(vec![(target.clone(), 0)]);
             }
-            let n = (members.len() * usize::from(percent)).div_ceil(100).max(1);
-            Ok(members.into_iter().take(n).map(Target::Device).collect())
+            Ok(batches(members, percent)
+                .into_iter()
+                .map(|(d, b)| (Target::Device(d), b))
+                .collect())
         }
     }
+}
+
+/// `members` (sorted) in batches of ⌈`percent` % of them⌉ (at least one each).
+fn batches(members: Vec<DeviceId>, percent: u8) -> Vec<(DeviceId, u32)> {
+    let n = (members.len() * usize::from(percent)).div_ceil(100).max(1);
+    members
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| (d, u32::try_from(i / n).unwrap_or(u32::MAX)))
+        .collect()
 }
 
 /// `rollout status`'s JSON: `{"rollouts": [...]}`.
@@ -368,6 +396,10 @@ pub struct RolloutStatus {
     pub target: String,
     /// `running`, `halted` or `done` (every device active).
     pub state: String,
+    /// Batches of a phased rollout (1 otherwise), and how many are released.
+    pub batches: u32,
+    pub released_batches: u32,
+    pub max_failures: Option<u64>,
     pub devices: Vec<DeviceStatus>,
 }
 
@@ -380,6 +412,9 @@ pub struct DeviceStatus {
     pub progress: f64,
     pub reason: Option<String>,
     pub chunks_requested: u64,
+    /// Its batch (0 unless phased) and whether that batch is released.
+    pub batch: u32,
+    pub released: bool,
 }
 
 /// Every rollout (or one), with its devices as they last reported (read-only).
@@ -392,21 +427,41 @@ pub fn status(store: &dyn Store, id: Option<u64>) -> Result<StatusReport> {
     }
     let mut rollouts = Vec::new();
     for r in rows {
-        let mut ids: Vec<DeviceId> = Vec::new();
+        // Device → (batch, released); a device in several documents keeps its first.
+        let mut ids: std::collections::BTreeMap<DeviceId, (u32, bool)> = Default::default();
+        let mut batches = 0;
+        let mut released_batches = 0;
         for doc in store.rollout_docs(r.id)? {
+            batches = batches.max(doc.batch + 1);
+            if doc.released {
+                released_batches = released_batches.max(doc.batch + 1);
+            }
+            let at = (doc.batch, doc.released);
             match doc.target {
-                Target::Device(d) => ids.push(d),
-                Target::Group(g) => ids.extend(store.group_members(g.as_str())?),
+                Target::Device(d) => {
+                    ids.entry(d).or_insert(at);
+                }
+                Target::Group(g) => {
+                    for d in store.group_members(g.as_str())? {
+                        ids.entry(d).or_insert(at);
+                    }
+                }
             }
         }
-        ids.sort();
-        ids.dedup();
         let mut devices = Vec::new();
-        for d in ids {
+        for (d, (batch, released)) in ids {
             let reported = store
                 .reported_json(&d)?
                 .and_then(|j| serde_json::from_str::<ReportedState>(&j).ok());
-            devices.push(device_status(&r, &d, reported.as_ref()));
+            let mut status = device_status(&r, &d, reported.as_ref());
+            status.batch = batch;
+            status.released = released;
+            if !released {
+                status.reason = Some(format!(
+                    "in batch {batch}, released when the batches before it succeed"
+                ));
+            }
+            devices.push(status);
         }
         let done = !devices.is_empty() && devices.iter().all(|d| d.state == "active");
         let state = if r.state == "halted" {
@@ -421,14 +476,33 @@ pub fn status(store: &dyn Store, id: Option<u64>) -> Result<StatusReport> {
             model: r.model,
             target: r.target.to_string(),
             state: state.into(),
+            batches,
+            released_batches,
+            max_failures: r.max_failures,
             devices,
         });
     }
     Ok(StatusReport { rollouts })
 }
 
-/// One device's state in a rollout, from its reported state.
+/// One device's state in a rollout, from its reported state: what the device says of this
+/// rollout (`rollout` in its state) first, else what its aliases and followed document
+/// show.
 fn device_status(r: &RolloutRow, id: &DeviceId, reported: Option<&ReportedState>) -> DeviceStatus {
+    let own = reported
+        .and_then(|s| s.rollout.as_ref())
+        .filter(|x| x.rollout == r.id);
+    if let Some(x) = own {
+        return DeviceStatus {
+            id: id.to_string(),
+            state: x.state.as_str().into(),
+            progress: f64::from(x.progress.min(100)) / 100.0,
+            reason: x.reason.clone(),
+            chunks_requested: 0,
+            batch: 0,
+            released: true,
+        };
+    }
     let (state, progress, reason) = match reported {
         None => (
             "pending",
@@ -465,7 +539,124 @@ fn device_status(r: &RolloutRow, id: &DeviceId, reported: Option<&ReportedState>
         progress,
         reason: Some(reason),
         chunks_requested: 0,
+        batch: 0,
+        released: true,
     }
+}
+
+/// What a running rollout's devices call for (see the module header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing now.
+    Wait,
+    /// Release this batch.
+    Release(u32),
+    /// Halt: this many devices failed, more than allowed.
+    Halt { failures: u64, allowed: u64 },
+}
+
+/// The failures a rollout tolerates before `serve` halts it: `--max-failures`, or 0 for a
+/// phased rollout without one; `None`: never halted automatically.
+pub fn allowed_failures(r: &RolloutRow) -> Option<u64> {
+    r.max_failures
+        .or((r.batch_percent < 100 && matches!(r.target, Target::Group(_))).then_some(0))
+}
+
+/// The next step for a running rollout whose devices are `(batch, released, state)`.
+pub fn decide(allowed: Option<u64>, devices: &[(u32, bool, RolloutState)]) -> Step {
+    let released = || devices.iter().filter(|(_, r, _)| *r);
+    let failures = released().filter(|(_, _, s)| s.is_failure()).count() as u64;
+    if let Some(k) = allowed
+        && failures > k
+    {
+        return Step::Halt {
+            failures,
+            allowed: k,
+        };
+    }
+    let settled = released().all(|(_, _, s)| s.is_final());
+    match devices
+        .iter()
+        .filter(|(_, r, _)| !*r)
+        .map(|(b, _, _)| *b)
+        .min()
+    {
+        Some(next) if settled => Step::Release(next),
+        _ => Step::Wait,
+    }
+}
+
+/// What [`advance`] did to one rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advanced {
+    pub rollout: u64,
+    pub step: Step,
+}
+
+/// `serve`'s look at every running rollout: halts the ones with too many failures and
+/// releases the next batch of the ones whose released devices settled, each recorded in the
+/// hub's audit chain under `data_dir`.
+pub fn advance(data_dir: &Path, store: &mut dyn Store) -> Result<Vec<Advanced>> {
+    let mut out = Vec::new();
+    let rows = store.rollouts(None)?;
+    for r in rows.into_iter().filter(|r| r.state == "running") {
+        let allowed = allowed_failures(&r);
+        if allowed.is_none() && r.batch_percent >= 100 {
+            // Nothing to release and no failures to count.
+            continue;
+        }
+        let report = status(store, Some(r.id))?;
+        let Some(st) = report.rollouts.first() else {
+            continue;
+        };
+        let devices: Vec<(u32, bool, RolloutState)> = st
+            .devices
+            .iter()
+            .map(|d| {
+                let s = RolloutState::parse(&d.state).unwrap_or(RolloutState::Pending);
+                (d.batch, d.released, s)
+            })
+            .collect();
+        let step = decide(allowed, &devices);
+        let (action, reason, details) = match &step {
+            Step::Wait => continue,
+            Step::Release(b) => (
+                ACTION_ADVANCE,
+                format!("batch {} settled", b.saturating_sub(1)),
+                serde_json::json!({"batch": b, "devices": st.devices.iter()
+                    .filter(|d| d.batch == *b).map(|d| d.id.clone()).collect::<Vec<_>>()}),
+            ),
+            Step::Halt { failures, allowed } => (
+                ACTION_HALT,
+                format!("{failures} devices failed, more than --max-failures {allowed}"),
+                serde_json::json!({"failures": failures, "max_failures": allowed,
+                    "failed": st.devices.iter().filter(|d| RolloutState::parse(&d.state)
+                        .is_some_and(RolloutState::is_failure)).map(|d| d.id.clone())
+                        .collect::<Vec<_>>()}),
+            ),
+        };
+        let mut intent = Entry::new(HUB_ACTOR, action, Outcome::Allowed, &reason);
+        intent.resource = Some(format!("rollout {}", r.id));
+        intent.details = details;
+        audited(
+            data_dir,
+            intent,
+            || match &step {
+                Step::Release(b) => store
+                    .release_batch(r.id, *b)
+                    .map(|n| format!("batch {b} released ({n} devices)")),
+                _ => store
+                    .set_rollout_state(r.id, "halted")
+                    .map(|_| format!("rollout {} halted", r.id)),
+            },
+            String::clone,
+        )?;
+        out.push(Advanced {
+            rollout: r.id,
+            step,
+        });
+    }
+    Ok(out)
 }
 
 /// `rollout halt|resume ID`: sets the state, recorded in the hub's audit chain.
@@ -500,4 +691,93 @@ pub fn set_state(
         },
         |()| format!("rollout {id} {state}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// `devices` is one word per device, `B:S` with B its batch, `*` after it when released,
+    /// and S its state's first letters (`p`ending, `d`ownloading, `s`taged, `a`ctive,
+    /// `f`ailed, `r`olled back).
+    fn check(allowed: Option<u64>, devices: &str, expect: Step) {
+        let parsed: Vec<(u32, bool, RolloutState)> = devices
+            .split_whitespace()
+            .map(|w| {
+                let (b, s) = w.split_once(':').unwrap();
+                let released = b.ends_with('*');
+                let batch = b.trim_end_matches('*').parse().unwrap();
+                let state = match s {
+                    "p" => RolloutState::Pending,
+                    "d" => RolloutState::Downloading,
+                    "s" => RolloutState::Staged,
+                    "a" => RolloutState::Active,
+                    "f" => RolloutState::Failed,
+                    "r" => RolloutState::RolledBack,
+                    other => panic!("state {other}"),
+                };
+                (batch, released, state)
+            })
+            .collect();
+        assert_eq!(decide(allowed, &parsed), expect, "{devices}");
+    }
+
+    #[test]
+    fn a_batch_is_released_when_every_released_device_settled() {
+        check(Some(0), "0*:a 0*:d 1:p 1:p 2:p", Step::Wait);
+        check(Some(0), "0*:a 0*:s 1:p", Step::Wait);
+        check(Some(0), "0*:a 0*:a 1:p 1:p 2:p", Step::Release(1));
+        check(Some(0), "0*:a 0*:a 1*:a 1*:a 2:p", Step::Release(2));
+        // The last batch released: nothing more to do (status says done when all active).
+        check(Some(0), "0*:a 1*:a 2*:a", Step::Wait);
+        // A failure within the allowance counts as settled.
+        check(Some(1), "0*:a 0*:f 1:p", Step::Release(1));
+        check(Some(1), "0*:r 0*:a 1*:d 2:p", Step::Wait);
+    }
+
+    #[test]
+    fn failures_above_the_allowance_halt_and_only_released_devices_count() {
+        check(
+            Some(0),
+            "0*:f 0*:a 1:p",
+            Step::Halt {
+                failures: 1,
+                allowed: 0,
+            },
+        );
+        check(
+            Some(1),
+            "0*:f 0*:r 1:p",
+            Step::Halt {
+                failures: 2,
+                allowed: 1,
+            },
+        );
+        // No allowance (a rollout that is not phased, without --max-failures): never halts.
+        check(None, "0*:f 0*:f 0*:r", Step::Wait);
+        // Unreleased devices cannot have failed this rollout: their state is not counted.
+        check(Some(0), "0*:a 1:f", Step::Release(1));
+    }
+
+    #[test]
+    fn members_go_into_batches_of_the_share_rounded_up() {
+        let ids = |n: usize| -> Vec<DeviceId> {
+            (1..=n)
+                .map(|i| DeviceId::new(&format!("d{i:02}")).unwrap())
+                .collect()
+        };
+        let shape = |n, p| {
+            batches(ids(n), p)
+                .into_iter()
+                .map(|(_, b)| b.to_string())
+                .collect::<String>()
+        };
+        assert_eq!(shape(3, 50), "001");
+        assert_eq!(shape(4, 25), "0123");
+        assert_eq!(shape(5, 30), "00112");
+        assert_eq!(shape(2, 1), "01");
+        assert_eq!(shape(3, 99), "000");
+    }
 }

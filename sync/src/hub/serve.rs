@@ -81,6 +81,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::ingest::{self, AlertKind, Handled, Kind, Outcome, Prepared, Refusal};
+use super::rollout;
 use super::store::{Store, StoreConfig};
 use super::{HUB_IDENTITY, Result, make_dir};
 use crate::conn::{Link, LinkConfig, LinkEvent, LinkHandle, Session, Will};
@@ -485,8 +486,8 @@ struct Message {
 
 /// What the ingest thread is given.
 enum Work {
-    /// A message, read and checked by the prepare thread.
-    Item(Item),
+    /// A message, read and checked by the prepare thread (boxed: a reported state is large).
+    Item(Box<Item>),
     /// The link connected (again): time to send the unsent acks.
     Connected,
 }
@@ -500,7 +501,7 @@ fn prepare_loop(messages: queue::Receiver<Message>, work: queue::Sender<Work>) {
             bytes: m.payload.len(),
             _permit: Some(m.permit),
         };
-        if work.send(Work::Item(item)).is_err() {
+        if work.send(Work::Item(Box::new(item))).is_err() {
             break;
         }
     }
@@ -549,10 +550,17 @@ struct Worker {
     poll_lag: bool,
     /// When they were last read.
     last_lag: Option<Instant>,
+    /// The hub's data directory (its audit chain records what phased rollouts do).
+    data_dir: PathBuf,
 }
 
 impl Worker {
-    fn new(store: Box<dyn Store>, link: LinkHandle, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        store: Box<dyn Store>,
+        link: LinkHandle,
+        metrics: Arc<Metrics>,
+        data_dir: PathBuf,
+    ) -> Self {
         Self {
             store,
             link,
@@ -567,6 +575,7 @@ impl Worker {
             last_desired: Instant::now(),
             poll_lag: false,
             last_lag: None,
+            data_dir,
         }
     }
 
@@ -614,7 +623,7 @@ impl Worker {
             let mut next = first;
             while let Some(work) = next {
                 match work {
-                    Work::Item(item) => group.push(item),
+                    Work::Item(item) => group.push(*item),
                     Work::Connected => connected = true,
                 }
                 next = if group.len() < MAX_GROUP {
@@ -953,6 +962,14 @@ impl Worker {
         if !self.link.is_connected() {
             return;
         }
+        match rollout::advance(&self.data_dir, &mut self.store) {
+            Ok(steps) => {
+                for a in steps {
+                    info!(rollout = a.rollout, step = ?a.step, "Phased rollout moved.");
+                }
+            }
+            Err(e) => warn!(error = %e, "Rollouts cannot be advanced now."),
+        }
         let current = match self.store.current_desired() {
             Ok(c) => c,
             Err(e) => {
@@ -1157,7 +1174,12 @@ impl Server {
 
         let (messages, messages_rx) = queue::channel::<Message>();
         let (work, work_rx) = queue::channel::<Work>();
-        let mut worker = Worker::new(store, link.clone(), metrics.clone());
+        let mut worker = Worker::new(
+            store,
+            link.clone(),
+            metrics.clone(),
+            settings.data_dir.clone(),
+        );
         worker.poll_lag = poll_lag;
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()

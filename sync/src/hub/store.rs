@@ -26,6 +26,11 @@
 //!   target, alias, activate, batch_percent, max_failures, state, created_at, created_by)`
 //!   and `desired_docs(target, version, rollout_id, doc_json, created_at)`: every signed
 //!   desired state, `version` counted per target (the newest is what `serve` publishes).
+//! - Phased rollouts (schema 4): `desired_docs.batch` (0, 1, … in the order a phased
+//!   rollout releases them; 0 for the rest) and `released` (1 once `serve` may publish the
+//!   document; a phased rollout's later batches are stored signed with 0 until
+//!   [`releases::ReleaseStore::release_batch`]). Only released documents count as a
+//!   target's newest.
 //!
 //! Crash rules: WAL, `synchronous = FULL`; each change is one transaction.
 //!
@@ -141,6 +146,10 @@ CREATE TABLE desired_docs (
     created_at VARCHAR(40) NOT NULL,
     PRIMARY KEY (target, version)
 );
+",
+    "
+ALTER TABLE desired_docs ADD COLUMN batch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE desired_docs ADD COLUMN released INTEGER NOT NULL DEFAULT 1;
 ",
 ];
 

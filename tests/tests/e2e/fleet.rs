@@ -196,14 +196,27 @@ impl Fleet {
 
     /// Enrolls the agent's device with its real audit key and gives its config a `[sync]`.
     pub(crate) fn enroll(&self, agent: &Agent, extra_sync: &str) {
-        let key = self.dir.path().join(format!("{DEVICE}.audit.pem"));
+        self.enroll_as(agent, DEVICE, extra_sync);
+    }
+
+    /// [`Fleet::enroll`] as device `id` in group `lab` (the agent's config says so too).
+    fn enroll_as(&self, agent: &Agent, id: &str, extra_sync: &str) {
+        if id != "edge-1" {
+            let config = std::fs::read_to_string(&agent.d.config).unwrap();
+            std::fs::write(
+                &agent.d.config,
+                config.replace("id = \"edge-1\"\n", &format!("id = \"{id}\"\n")),
+            )
+            .unwrap();
+        }
+        let key = self.dir.path().join(format!("{id}.audit.pem"));
         std::fs::write(&key, agent.d.run(&["keys", "device"]).ok()).unwrap();
         let out = self.dir.path().join("devices");
         self.hub_cli(&[
             "devices",
             "enroll",
             "--id",
-            DEVICE,
+            id,
             "--group",
             "lab",
             "--audit-key",
@@ -224,8 +237,8 @@ impl Fleet {
              key = \"{}\"\n{extra_sync}\n",
             self.port,
             out.join("ca.pem").display(),
-            out.join(format!("{DEVICE}.pem")).display(),
-            out.join(format!("{DEVICE}.key")).display(),
+            out.join(format!("{id}.pem")).display(),
+            out.join(format!("{id}.key")).display(),
         )
         .unwrap();
     }
@@ -901,4 +914,246 @@ fn a_signed_rollout_reaches_the_daemon_and_a_forged_one_is_refused_and_audited()
         "{}",
         fleet.logs()
     );
+}
+
+/// An agent enrolled as `id` in group `lab`, pinning `keys/release-1.pub.pem`, with the
+/// models in `models` imported by hand (version 1 each); the first becomes `default`.
+fn lab_agent(fleet: &Fleet, id: &str, keys: &Path, models: &[(&Path, &str)]) -> Agent {
+    let agent = Agent::new("");
+    let config = std::fs::read_to_string(&agent.d.config).unwrap();
+    std::fs::write(
+        &agent.d.config,
+        config.replace("id = \"edge-1\"\n", "id = \"edge-1\"\ngroups = [\"lab\"]\n"),
+    )
+    .unwrap();
+    fleet.enroll_as(
+        &agent,
+        id,
+        &format!(
+            "[[sync.release_keys]]\nkid = \"release-1\"\npublic_key = \"{}\"",
+            keys.join("release-1.pub.pem").display()
+        ),
+    );
+    for (i, (file, name)) in models.iter().enumerate() {
+        agent.add_model(file, name, i == 0);
+    }
+    agent
+}
+
+/// The device's audit records of `action`, as `audit query --json` prints them.
+fn device_audit(agent: &Agent, action: &str) -> Vec<Value> {
+    agent
+        .d
+        .run(&["audit", "query", "--action", action, "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn rollouts_activate_healthy_models_and_a_failing_one_keeps_the_old_and_halts_the_batch() {
+    let Some(mut fleet) = Fleet::new() else {
+        return;
+    };
+    let Some(smollm2) = crate::support::demo_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let keys = fleet.dir.path().join("release");
+    Agent::new("")
+        .d
+        .run(&[
+            "keys",
+            "generate",
+            "--out",
+            keys.to_str().unwrap(),
+            "--name",
+            "release-1",
+        ])
+        .ok();
+    // The model before the rollouts, a healthy release (the real SmolLM2) and a bad one
+    // (weights full of NaN: it loads, and its health check fails).
+    let tiny = fleet.dir.path().join("tiny.gguf");
+    std::fs::write(&tiny, GgufBuilder::tiny_llama().build()).unwrap();
+    let bad = fleet.dir.path().join("bad.gguf");
+    std::fs::write(&bad, GgufBuilder::tiny_llama().poison_with_nan().build()).unwrap();
+    // Until the blob transfer lands, the releases are on the devices already (imported by
+    // hand under the manifest's name and version, so with the same bytes).
+    let models = [
+        (tiny.as_path(), "tiny"),
+        (&smollm2, "smollm2"),
+        (&bad, "bad"),
+    ];
+    let mut one = lab_agent(&fleet, "edge-1", &keys, &models);
+    let mut two = lab_agent(&fleet, "edge-2", &keys, &models);
+    fleet.start_broker();
+    fleet.start_hub();
+    let key = keys.join("release-1.key.pem");
+    for (file, name) in [(&smollm2, "smollm2"), (&bad, "bad")] {
+        fleet
+            .hub_cli(&[
+                "models",
+                "publish",
+                file.to_str().unwrap(),
+                "--name",
+                name,
+                "--version",
+                "1",
+                "--key",
+                key.to_str().unwrap(),
+                "--kid",
+                "release-1",
+            ])
+            .json();
+    }
+    let start = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "start",
+            "--model",
+            model,
+            "--target",
+            "group:lab",
+            "--activate",
+            "--key",
+            key.to_str().unwrap(),
+            "--kid",
+            "release-1",
+        ];
+        args.extend_from_slice(extra);
+        fleet.hub_cli(&args).json()["rollout"].as_u64().unwrap()
+    };
+    let status = |id: u64| -> Value {
+        fleet
+            .hub_cli(&["rollout", "status", &id.to_string(), "--json"])
+            .json()["rollouts"][0]
+            .clone()
+    };
+    let wait = |what: &str, limit: u64, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(limit);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}\n{}", fleet.logs());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    };
+    one.start();
+    two.start();
+    let default_model = |a: &Agent| -> String {
+        a.d.run(&["models", "list", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| {
+                m["aliases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == "default")
+            })
+            .map(|m| {
+                format!(
+                    "{}:{}",
+                    m["name"].as_str().unwrap(),
+                    m["version"].as_str().unwrap()
+                )
+            })
+            .unwrap_or_default()
+    };
+
+    // 1. The healthy release to the whole group: each device loads it, checks it, switches.
+    let first = start("smollm2:1", &[]);
+    wait("both devices active in rollout 1", 120, &|| {
+        status(first)["state"] == "done"
+    });
+    let s = status(first);
+    for d in s["devices"].as_array().unwrap() {
+        assert_eq!(d["state"], "active", "{s}");
+        assert_eq!(d["progress"], 1.0, "{s}");
+        assert_eq!(d["reason"], "'default' points at smollm2:1", "{s}");
+    }
+    for a in [&one, &two] {
+        assert_eq!(default_model(a), "smollm2:1");
+        let activated = device_audit(a, "models:activate");
+        let outcome = activated
+            .iter()
+            .find(|r| r["outcome"] == "success" && r["actor"] == "outpost-sync")
+            .unwrap_or_else(|| panic!("no activation by sync: {activated:?}"));
+        assert_eq!(outcome["details"]["rollout"], first);
+        assert!(
+            outcome["reason"].as_str().unwrap().starts_with(
+                "activated: 'default' now points at smollm2:1 (health check passed in"
+            ),
+            "{outcome}"
+        );
+    }
+
+    // 2. The bad release, phased: one device per batch, no failure allowed.
+    let second = start("bad:1", &["--batch", "50"]);
+    wait(
+        "rollout 2 halted after its first device failed",
+        60,
+        &|| status(second)["state"] == "halted",
+    );
+    let s = status(second);
+    let (d1, d2) = (&s["devices"][0], &s["devices"][1]);
+    assert_eq!(
+        (d1["id"].as_str(), d1["state"].as_str()),
+        (Some("edge-1"), Some("failed")),
+        "{s}"
+    );
+    let reason = d1["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("bad:1 failed its health check")
+            && reason.ends_with("the previous model keeps serving"),
+        "{reason}"
+    );
+    assert_eq!(
+        (d2["id"].as_str(), d2["state"].as_str(), &d2["released"]),
+        (Some("edge-2"), Some("pending"), &Value::Bool(false)),
+        "{s}"
+    );
+    // The failing device still serves the model it had, and says so.
+    assert_eq!(default_model(&one), "smollm2:1");
+    let t = one.token("olivia", "operator", &[]);
+    let r = one.request(
+        "POST",
+        "/v1/chat/completions",
+        Some(&t),
+        Some(
+            &serde_json::json!({"messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4, "temperature": 0}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "smollm2:1");
+    let failures: Vec<Value> = device_audit(&one, "models:activate")
+        .into_iter()
+        .filter(|r| r["outcome"] == "failure" && r["actor"] == "outpost-sync")
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0]["details"]["rollout"], second);
+    // The second batch never went out: edge-2 did not even see the document.
+    assert!(
+        device_audit(&two, "sync:desired")
+            .iter()
+            .all(|r| r["details"]["rollout"] != second),
+        "edge-2 received rollout {second}"
+    );
+    assert_eq!(default_model(&two), "smollm2:1");
+
+    // A restart does not try the failed model again.
+    one.signal("TERM");
+    assert_eq!(one.wait(Duration::from_secs(30)), Some(0), "{}", one.log());
+    one.start();
+    wait("edge-1 back online", 30, &|| {
+        sync_status(&one)["connected"] == true
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let attempts = device_audit(&one, "models:activate")
+        .iter()
+        .filter(|r| r["outcome"] == "allowed" && r["details"]["rollout"] == second)
+        .count();
+    assert_eq!(attempts, 1, "tried again after a restart:\n{}", one.log());
+    assert_eq!(status(second)["devices"][0]["state"], "failed");
 }

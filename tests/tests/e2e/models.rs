@@ -41,9 +41,11 @@ fn a_model_lifecycle_from_import_to_gc() {
         "context_length",
         "aliases",
         "imported_at",
+        "source",
     ] {
         assert!(imported.get(key).is_some(), "missing {key} in {imported}");
     }
+    assert_eq!(imported["source"], "import", "imported by hand");
     assert_eq!(imported["version"], "1");
     assert_eq!(imported["sha256"], sha256_file(&one));
     let out = d.import(&one, "tiny", &[]);
@@ -59,6 +61,7 @@ fn a_model_lifecycle_from_import_to_gc() {
     let table = d.run(&["models", "list"]);
     let header = table.ok().lines().next().unwrap();
     assert!(header.contains("CLASS"), "{header}");
+    assert!(header.ends_with("SOURCE"), "{header}");
     assert!(table.stdout.contains("micro"), "{table:?}");
 
     let sha = imported["sha256"].as_str().unwrap();

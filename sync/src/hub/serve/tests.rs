@@ -88,9 +88,10 @@ fn fixture() -> Fixture {
         subscriptions: vec![],
     };
     let (_link, handle, _events) = Link::new(&link, session).unwrap();
+    let data_dir = dir.path().to_path_buf();
     Fixture {
         _dir: dir,
-        worker: Worker::new(Box::new(store), handle, Arc::default()),
+        worker: Worker::new(Box::new(store), handle, Arc::default(), data_dir),
         batches,
     }
 }
@@ -193,7 +194,7 @@ fn the_thread_groups_what_is_queued_and_stops_when_the_queue_closes() {
     // Queued before the thread starts: one group, in order; 4, 2 and 3 park, 1 is stored,
     // and the retry after it stores the rest.
     for item in items {
-        tx.send(Work::Item(item)).unwrap();
+        tx.send(Work::Item(Box::new(item))).unwrap();
     }
     drop(tx);
     let worker = fx.worker;

@@ -48,6 +48,10 @@ pub struct DesiredRow {
     pub version: u64,
     pub rollout_id: u64,
     pub doc_json: String,
+    /// Its batch in a phased rollout (0 otherwise).
+    pub batch: u32,
+    /// Whether `serve` may publish it (a later batch is not, until released).
+    pub released: bool,
 }
 
 /// What `serve` publishes for one target: the newest document, and whether its rollout is
@@ -68,13 +72,13 @@ pub trait ReleaseStore {
     /// The next release number of `name` (1 for the first).
     fn next_release(&self, name: &str) -> Result<u64>;
     fn model(&self, name: &str, version: &str) -> Result<Option<StoredModel>>;
-    /// In one write transaction: a new rollout id, then for each of `targets` the next
-    /// version of that target, the document `sign(rollout_id, target, version)` returns,
-    /// stored. Returns the rollout's id.
+    /// In one write transaction: a new rollout id, then for each of `targets` (with its
+    /// batch) the next version of that target, the document `sign(rollout_id, target,
+    /// version)` returns, stored (released when its batch is 0). Returns the rollout's id.
     fn add_rollout(
         &mut self,
         rollout: &RolloutRow,
-        targets: &[Target],
+        targets: &[(Target, u32)],
         sign: &mut dyn FnMut(u64, &Target, u64) -> Result<String>,
     ) -> Result<u64>;
     /// Every rollout (or one), by id.
@@ -83,6 +87,8 @@ pub trait ReleaseStore {
     fn rollout_docs(&self, id: u64) -> Result<Vec<DesiredRow>>;
     /// Sets a rollout's state; false when there is no such rollout.
     fn set_rollout_state(&mut self, id: u64, state: &str) -> Result<bool>;
+    /// Lets `serve` publish the documents of a rollout's `batch`; how many there were.
+    fn release_batch(&mut self, id: u64, batch: u32) -> Result<usize>;
     /// The newest document of every target.
     fn current_desired(&self) -> Result<Vec<CurrentDesired>>;
     /// The devices enrolled in a group.
@@ -208,7 +214,7 @@ impl ReleaseStore for SqliteStore {
     fn add_rollout(
         &mut self,
         rollout: &RolloutRow,
-        targets: &[Target],
+        targets: &[(Target, u32)],
         sign: &mut dyn FnMut(u64, &Target, u64) -> Result<String>,
     ) -> Result<u64> {
         let err = store_err(&self.path);
@@ -240,7 +246,7 @@ impl ReleaseStore for SqliteStore {
             ],
         )
         .map_err(&err)?;
-        for target in targets {
+        for (target, batch) in targets {
             let t = target.to_string();
             let last: Option<i64> = tx
                 .query_row(
@@ -252,14 +258,16 @@ impl ReleaseStore for SqliteStore {
             let version = last.and_then(|n| u64::try_from(n).ok()).unwrap_or(0) + 1;
             let doc = sign(id, target, version)?;
             tx.execute(
-                "INSERT INTO desired_docs (target, version, rollout_id, doc_json, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO desired_docs (target, version, rollout_id, doc_json, created_at, \
+                 batch, released) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     t,
                     to_i64(&path, version)?,
                     to_i64(&path, id)?,
                     doc,
-                    rollout.created_at
+                    rollout.created_at,
+                    i64::from(*batch),
+                    i64::from(*batch == 0)
                 ],
             )
             .map_err(&err)?;
@@ -290,8 +298,8 @@ impl ReleaseStore for SqliteStore {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT target, version, doc_json FROM desired_docs WHERE rollout_id = ?1 \
-                 ORDER BY target",
+                "SELECT target, version, doc_json, batch, released FROM desired_docs \
+                 WHERE rollout_id = ?1 ORDER BY batch, target",
             )
             .map_err(&err)?;
         let rows = stmt
@@ -300,17 +308,21 @@ impl ReleaseStore for SqliteStore {
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })
             .map_err(&err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (target, version, doc_json) = row.map_err(&err)?;
+            let (target, version, doc_json, batch, released) = row.map_err(&err)?;
             out.push(DesiredRow {
                 target: target_of(&self.path, &target)?,
                 version: u64::try_from(version).unwrap_or(0),
                 rollout_id: id,
                 doc_json,
+                batch: u32::try_from(batch).unwrap_or(0),
+                released: released != 0,
             });
         }
         Ok(out)
@@ -327,6 +339,16 @@ impl ReleaseStore for SqliteStore {
         Ok(n > 0)
     }
 
+    fn release_batch(&mut self, id: u64, batch: u32) -> Result<usize> {
+        self.conn
+            .execute(
+                "UPDATE desired_docs SET released = 1 \
+                 WHERE rollout_id = ?1 AND batch = ?2 AND released = 0",
+                params![to_i64(&self.path, id)?, i64::from(batch)],
+            )
+            .map_err(store_err(&self.path))
+    }
+
     fn current_desired(&self) -> Result<Vec<CurrentDesired>> {
         let err = store_err(&self.path);
         let mut stmt = self
@@ -334,8 +356,8 @@ impl ReleaseStore for SqliteStore {
             .prepare(
                 "SELECT d.target, d.version, d.rollout_id, r.state, d.doc_json \
                  FROM desired_docs d JOIN rollouts r ON r.id = d.rollout_id \
-                 WHERE d.version = (SELECT MAX(version) FROM desired_docs x \
-                                    WHERE x.target = d.target) \
+                 WHERE d.released = 1 AND d.version = (SELECT MAX(version) FROM desired_docs x \
+                                    WHERE x.target = d.target AND x.released = 1) \
                  ORDER BY d.target",
             )
             .map_err(&err)?;

@@ -102,7 +102,7 @@ impl ReleaseStore for PgStore {
     fn add_rollout(
         &mut self,
         rollout: &RolloutRow,
-        targets: &[Target],
+        targets: &[(Target, u32)],
         sign: &mut dyn FnMut(u64, &Target, u64) -> Result<String>,
     ) -> Result<u64> {
         let err = pg_err(&self.label);
@@ -139,8 +139,12 @@ impl ReleaseStore for PgStore {
             ],
         )
         .map_err(&err)?;
-        for target in targets {
+        for (target, batch) in targets {
             let t = target.to_string();
+            let batch_sql = i32::try_from(*batch).map_err(|_| HubError::Store {
+                path: label.clone().into(),
+                message: format!("batch {batch} is out of range"),
+            })?;
             let last: Option<i64> = tx
                 .query_one(
                     "SELECT MAX(version) FROM desired_docs WHERE target = $1",
@@ -151,14 +155,16 @@ impl ReleaseStore for PgStore {
             let version = last.map_or(0, u64_of) + 1;
             let doc = sign(id, target, version)?;
             tx.execute(
-                "INSERT INTO desired_docs (target, version, rollout_id, doc_json, created_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO desired_docs (target, version, rollout_id, doc_json, created_at, \
+                 batch, released) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &[
                     &t,
                     &i64_of(&label, version)?,
                     &id_sql,
                     &doc,
                     &rollout.created_at,
+                    &batch_sql,
+                    &i32::from(*batch == 0),
                 ],
             )
             .map_err(&err)?;
@@ -188,8 +194,8 @@ impl ReleaseStore for PgStore {
         let rows = self
             .conn()?
             .query(
-                "SELECT target, version, doc_json FROM desired_docs WHERE rollout_id = $1 \
-                 ORDER BY target COLLATE \"C\"",
+                "SELECT target, version, doc_json, batch, released FROM desired_docs \
+                 WHERE rollout_id = $1 ORDER BY batch, target COLLATE \"C\"",
                 &[&i64_of(&self.label, id)?],
             )
             .map_err(pg_err(&self.label))?;
@@ -200,6 +206,8 @@ impl ReleaseStore for PgStore {
                     version: u64_of(r.get(1)),
                     rollout_id: id,
                     doc_json: r.get(2),
+                    batch: u32::try_from(r.get::<_, i32>(3)).unwrap_or(0),
+                    released: r.get::<_, i32>(4) != 0,
                 })
             })
             .collect()
@@ -216,14 +224,27 @@ impl ReleaseStore for PgStore {
         Ok(n > 0)
     }
 
+    fn release_batch(&mut self, id: u64, batch: u32) -> Result<usize> {
+        let batch = i32::try_from(batch).unwrap_or(i32::MAX);
+        let n = self
+            .conn()?
+            .execute(
+                "UPDATE desired_docs SET released = 1 \
+                 WHERE rollout_id = $1 AND batch = $2 AND released = 0",
+                &[&i64_of(&self.label, id)?, &batch],
+            )
+            .map_err(pg_err(&self.label))?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
     fn current_desired(&self) -> Result<Vec<CurrentDesired>> {
         let rows = self
             .conn()?
             .query(
                 "SELECT d.target, d.version, d.rollout_id, r.state, d.doc_json \
                  FROM desired_docs d JOIN rollouts r ON r.id = d.rollout_id \
-                 WHERE d.version = (SELECT MAX(version) FROM desired_docs x \
-                                    WHERE x.target = d.target) \
+                 WHERE d.released = 1 AND d.version = (SELECT MAX(version) FROM desired_docs x \
+                                    WHERE x.target = d.target AND x.released = 1) \
                  ORDER BY d.target COLLATE \"C\"",
                 &[],
             )
