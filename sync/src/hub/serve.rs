@@ -962,7 +962,7 @@ impl Worker {
         if !self.link.is_connected() {
             return;
         }
-        match rollout::advance(&self.data_dir, &mut self.store) {
+        match rollout::advance(&self.data_dir, self.store.as_mut()) {
             Ok(steps) => {
                 for a in steps {
                     info!(rollout = a.rollout, step = ?a.step, "Phased rollout moved.");

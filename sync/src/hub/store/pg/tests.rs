@@ -431,8 +431,8 @@ fn releases(store: &mut dyn Store) -> String {
     };
     for _ in 0..2 {
         let targets = [
-            Target::parse("device:edge-01").unwrap(),
-            Target::parse("group:lab").unwrap(),
+            (Target::parse("device:edge-01").unwrap(), 0),
+            (Target::parse("group:lab").unwrap(), 1),
         ];
         let id = store
             .add_rollout(&row("group:lab"), &targets, &mut |id, t, v| {
@@ -446,6 +446,8 @@ fn releases(store: &mut dyn Store) -> String {
     out.push_str(&format!("{:?}\n", store.rollouts(None).unwrap()));
     out.push_str(&format!("{:?}\n", store.rollouts(Some(1)).unwrap()));
     out.push_str(&format!("{:?}\n", store.rollout_docs(2).unwrap()));
+    out.push_str(&format!("{:?}\n", store.current_desired().unwrap()));
+    out.push_str(&format!("released {}\n", store.release_batch(2, 1).unwrap()));
     out.push_str(&format!("{:?}\n", store.current_desired().unwrap()));
     out.push_str(&format!("{:?}\n", store.group_members("lab").unwrap()));
     out.push_str(&format!(
