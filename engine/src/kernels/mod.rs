@@ -197,40 +197,13 @@ impl Acts {
         self.per_token = k / wt.block_len();
         // Many tokens (a prompt): spread over the pool, a token per item.
         let parallel = n >= 4 && rayon::current_num_threads() > 1;
+        let len = n * self.per_token;
         if wt.k_quant() {
-            self.q8k.resize(n * self.per_token, Q8KBlock::default());
-            let one = |(xs, bs): (&[f32], &mut [Q8KBlock])| {
-                for (x, b) in xs.chunks_exact(256).zip(bs) {
-                    scalar::quantize_q8k(x, b);
-                }
-            };
-            let out = &mut self.q8k[..n * self.per_token];
-            if parallel {
-                x.par_chunks(k)
-                    .zip(out.par_chunks_mut(self.per_token))
-                    .for_each(one);
-            } else {
-                x.chunks(k)
-                    .zip(out.chunks_mut(self.per_token))
-                    .for_each(one);
-            }
+            self.q8k.resize(len, Q8KBlock::default());
+            quantize_rows(x, k, &mut self.q8k, 256, parallel, scalar::quantize_q8k);
         } else {
-            self.q8.resize(n * self.per_token, Q8Block::default());
-            let one = |(xs, bs): (&[f32], &mut [Q8Block])| {
-                for (x, b) in xs.chunks_exact(32).zip(bs) {
-                    scalar::quantize_q8(x, b);
-                }
-            };
-            let out = &mut self.q8[..n * self.per_token];
-            if parallel {
-                x.par_chunks(k)
-                    .zip(out.par_chunks_mut(self.per_token))
-                    .for_each(one);
-            } else {
-                x.chunks(k)
-                    .zip(out.chunks_mut(self.per_token))
-                    .for_each(one);
-            }
+            self.q8.resize(len, Q8Block::default());
+            quantize_rows(x, k, &mut self.q8, 32, parallel, scalar::quantize_q8);
         }
     }
 
@@ -241,6 +214,30 @@ impl Acts {
         } else {
             ActRef::B(&self.q8[r])
         }
+    }
+}
+
+/// Rows of `k` values of `x` into blocks of `block` values each, a row per work item.
+fn quantize_rows<B: Send>(
+    x: &[f32],
+    k: usize,
+    out: &mut [B],
+    block: usize,
+    parallel: bool,
+    f: fn(&[f32], &mut B),
+) {
+    let per_row = k / block;
+    let one = |(xs, bs): (&[f32], &mut [B])| {
+        for (x, b) in xs.chunks_exact(block).zip(bs) {
+            f(x, b);
+        }
+    };
+    if parallel {
+        x.par_chunks(k)
+            .zip(out.par_chunks_mut(per_row))
+            .for_each(one);
+    } else {
+        x.chunks(k).zip(out.chunks_mut(per_row)).for_each(one);
     }
 }
 

@@ -24,7 +24,7 @@ macro_rules! kernels {
 
             use super::super::scalar::scale_min_k4;
             use super::super::{ActRef, Q8Block, Q8KBlock, WType};
-            use super::{T_Q4_0, T_Q4_1, T_Q5_0, T_Q8_0};
+            use super::{T_Q4_0, T_Q4_1, T_Q5_0, T_Q8_0, hsum};
 
             /// `out[t·n + r]` = row r · token t's activations, for the `n = out.len() / acts.len()`
             /// rows `row_bytes` apart in `w`. Tokens go two at a time through the 32-block kernels (each
@@ -126,15 +126,6 @@ macro_rules! kernels {
                 // SAFETY: the caller points at two readable bytes.
                 let h = unsafe { p.cast::<u16>().read_unaligned() };
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
-            }
-
-            #[target_feature(enable = $features)]
-            #[inline]
-            fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s)
             }
 
             /// 16 bytes of nibbles → 32 bytes: low nibbles in the low lane, high nibbles in the high.
