@@ -120,6 +120,32 @@ impl Context {
         )
     }
 
+    /// Refuses root in a data directory another user owns (the packaged service's user
+    /// `outpost`): what root would create there (a database's `-wal` and `-shm`, a blob, the
+    /// device key) is root's, mode 0600, and the service could no longer open it. The
+    /// message says how to run the command as the owner. A data directory that does not
+    /// exist yet belongs to whoever creates it.
+    pub fn check_data_dir_owner(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let data = self.data_dir();
+        let Ok(meta) = std::fs::metadata(data.root()) else {
+            return Ok(());
+        };
+        let owner = meta.uid();
+        if !nix::unistd::geteuid().is_root() || owner == 0 {
+            return Ok(());
+        }
+        let user = match nix::unistd::User::from_uid(owner.into()) {
+            Ok(Some(u)) => u.name,
+            _ => format!("'#{owner}'"),
+        };
+        anyhow::bail!(
+            "the data directory {} belongs to user {user}, and what root writes there the \
+             service cannot read: run the command as {user} (sudo -u {user} outpost ...)",
+            data.display()
+        )
+    }
+
     /// The `--config` given, for child processes.
     pub fn config_path(&self) -> Option<&Path> {
         self.config_flag.as_deref()

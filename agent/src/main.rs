@@ -101,6 +101,7 @@ fn abort_on_panic() {
 /// `outpost daemon`: configuration checked (exit 78) before the listener is bound; then
 /// the daemon runs until SIGTERM or SIGINT.
 fn run_daemon(ctx: context::Context) -> anyhow::Result<ExitCode> {
+    ctx.check_data_dir_owner()?;
     let listen = daemon::check_config(&ctx)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

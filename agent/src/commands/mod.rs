@@ -9,12 +9,22 @@ mod sync;
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, ConfigCommand};
+use crate::cli::{Cli, Command, ConfigCommand, KeysCommand};
 use crate::config::Loaded;
 use crate::context::Context;
 
 pub fn run(cli: Cli, loaded: Loaded) -> anyhow::Result<ExitCode> {
     let ctx = Context::new(loaded, cli.json, cli.data_dir, cli.config);
+    // Commands that read or write the data directory run as its owner.
+    let leaves_data_alone = matches!(
+        cli.command,
+        Command::Config(ConfigCommand::Check)
+            | Command::Token(_)
+            | Command::Keys(KeysCommand::Generate { .. })
+    );
+    if !leaves_data_alone {
+        ctx.check_data_dir_owner()?;
+    }
     match cli.command {
         Command::Config(ConfigCommand::Check) => config_check(&ctx),
         Command::Models(cmd) => models::run(&ctx, cmd),

@@ -130,3 +130,38 @@ fn usage_errors_exit_2() {
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("--name"), "{out:?}");
 }
+
+/// A packaged device's data directory belongs to the service's user (`outpost`). Root acting
+/// there would leave files (a database's `-wal`, a blob, the device key) that the service
+/// cannot open: the command is refused, names the way (`sudo -u <owner>`), and writes nothing.
+#[test]
+fn root_is_refused_a_data_directory_another_user_owns() {
+    use std::os::unix::fs::{MetadataExt, chown};
+    let d = Device::new();
+    std::fs::create_dir_all(&d.data).unwrap();
+    if std::fs::metadata(&d.data).unwrap().uid() != 0 {
+        crate::support::skip::<()>("changing a folder's owner needs root");
+        return;
+    }
+    let model = d.file("m.gguf", &GgufBuilder::llama_like().build());
+    chown(&d.data, Some(65534), Some(65534)).unwrap();
+    d.import(&model, "m", &[]).fails(1, "belongs to user");
+    let refused = d.run(&["keys", "device"]);
+    refused.fails(1, "sudo -u ");
+    assert!(refused.stderr.contains("outpost ..."), "{refused:?}");
+    assert_eq!(
+        std::fs::read_dir(&d.data).unwrap().count(),
+        0,
+        "the refused commands wrote into the data directory"
+    );
+    // What does not touch the data directory still runs.
+    assert!(
+        d.run(&["config", "check"])
+            .ok()
+            .contains("Configuration OK")
+    );
+
+    chown(&d.data, Some(0), Some(0)).unwrap();
+    d.import(&model, "m", &[]).ok();
+    assert!(d.data.join("registry.db").is_file());
+}
