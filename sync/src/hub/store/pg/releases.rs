@@ -142,7 +142,7 @@ impl ReleaseStore for PgStore {
         for (target, batch) in targets {
             let t = target.to_string();
             let batch_sql = i32::try_from(*batch).map_err(|_| HubError::Store {
-                path: label.clone().into(),
+                path: label.clone(),
                 message: format!("batch {batch} is out of range"),
             })?;
             let last: Option<i64> = tx

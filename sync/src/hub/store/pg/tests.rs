@@ -447,7 +447,10 @@ fn releases(store: &mut dyn Store) -> String {
     out.push_str(&format!("{:?}\n", store.rollouts(Some(1)).unwrap()));
     out.push_str(&format!("{:?}\n", store.rollout_docs(2).unwrap()));
     out.push_str(&format!("{:?}\n", store.current_desired().unwrap()));
-    out.push_str(&format!("released {}\n", store.release_batch(2, 1).unwrap()));
+    out.push_str(&format!(
+        "released {}\n",
+        store.release_batch(2, 1).unwrap()
+    ));
     out.push_str(&format!("{:?}\n", store.current_desired().unwrap()));
     out.push_str(&format!("{:?}\n", store.group_members("lab").unwrap()));
     out.push_str(&format!(
