@@ -19,7 +19,6 @@ mod check;
 mod common;
 mod gemma3;
 mod llama;
-mod ops;
 
 pub use check::{HyperparameterError, check as check_hyperparameters};
 
@@ -110,8 +109,8 @@ impl Weights {
             .and_then(|t| t.unsqueeze(0))
             .map_err(model_err)?;
         let logits = match self {
-            Self::Llama(m) => return m.forward(tokens, pos).map_err(model_err),
-            Self::Gemma3(m) => return m.forward(tokens, pos).map_err(model_err),
+            Self::Llama(m) => m.forward(&input, pos),
+            Self::Gemma3(m) => m.forward(&input, pos),
             Self::Qwen2(m) => m.forward(&input, pos),
             Self::Qwen3(m) => {
                 if pos == 0 {
