@@ -1451,7 +1451,9 @@ fn the_systemd_unit_and_the_example_config_match_the_daemon() {
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
         ("StateDirectory", "outpost"),
-        ("DynamicUser", "yes"),
+        // A fixed system user (sysusers.d), so files the CLI makes are the service's.
+        ("User", "outpost"),
+        ("Group", "outpost"),
     ] {
         assert!(has(k, v), "{k}={v} missing from the unit");
     }
