@@ -73,6 +73,12 @@ pub struct SyncConfig {
     /// Bytes of telemetry queued while offline; the oldest snapshots go first.
     #[serde(default = "default_telemetry_quota")]
     pub telemetry_quota_bytes: u64,
+    /// Model downloads: chunk requests in flight at once.
+    #[serde(default = "default_transfer_window")]
+    pub transfer_window: usize,
+    /// Model downloads: seconds before an unanswered chunk request is sent again.
+    #[serde(default = "default_transfer_timeout")]
+    pub transfer_chunk_timeout_secs: u64,
     /// `[[sync.release_keys]]`: the administrators' keys that desired states and model
     /// manifests must be signed with (none: every desired state is refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -99,6 +105,12 @@ fn default_telemetry_interval() -> u64 {
 }
 fn default_telemetry_quota() -> u64 {
     8 << 20
+}
+fn default_transfer_window() -> usize {
+    16
+}
+fn default_transfer_timeout() -> u64 {
+    10
 }
 
 impl SyncConfig {
@@ -793,6 +805,20 @@ fn validate_sync(
             "must be between 1024 and 1073741824".into(),
         ));
     }
+    if !(1..=256).contains(&s.transfer_window) {
+        return Err(fail(
+            "sync",
+            "transfer_window",
+            "must be between 1 and 256".into(),
+        ));
+    }
+    if !(1..=600).contains(&s.transfer_chunk_timeout_secs) {
+        return Err(fail(
+            "sync",
+            "transfer_chunk_timeout_secs",
+            "must be between 1 and 600".into(),
+        ));
+    }
     let mut kids = std::collections::BTreeSet::new();
     for k in &s.release_keys {
         if !valid_id(&k.kid) {
@@ -979,7 +1005,8 @@ mod tests {
         check(
             &[("outpost.toml", &sync(""))],
             "allow_plaintext: false, batch_max_records: 500, batch_max_bytes: 131072, \
-             telemetry_interval_secs: 60, telemetry_quota_bytes: 8388608",
+             telemetry_interval_secs: 60, telemetry_quota_bytes: 8388608, transfer_window: 16, \
+             transfer_chunk_timeout_secs: 10",
         );
         check(&[("outpost.toml", "")], "sync: None");
         check(
@@ -1037,6 +1064,8 @@ mod tests {
             ("telemetry_interval_secs", "0"),
             ("telemetry_quota_bytes", "0"),
             ("telemetry_quota_bytes", "100000000000"),
+            ("transfer_window", "0"),
+            ("transfer_chunk_timeout_secs", "0"),
         ] {
             check(
                 &[

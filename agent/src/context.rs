@@ -57,6 +57,12 @@ impl DataDir {
         self.0.join("outbox.db")
     }
 
+    /// Partial model downloads (`sync::transfer`'s; on the registry's filesystem, so an
+    /// install is a rename).
+    pub fn downloads(&self) -> PathBuf {
+        self.0.join("downloads")
+    }
+
     /// The device key that signs audit checkpoints, unless `[device] key` says elsewhere.
     pub fn device_key(&self) -> PathBuf {
         self.0.join("device.key")
@@ -74,6 +80,7 @@ impl DataDir {
             ("blobs", self.blobs()),
             ("audit", self.audit_db()),
             ("outbox", self.outbox_db()),
+            ("downloads", self.downloads()),
             ("device_key", self.device_key()),
             ("trusted_time", self.trusted_time()),
         ]

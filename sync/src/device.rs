@@ -36,10 +36,24 @@
 //! and reports the document it follows ([`release::pick_desired`]) in `state/reported`. The
 //! same document delivered again (retained messages come on every connect) is neither
 //! re-checked nor re-recorded; an empty payload (the hub cleared a halted rollout) changes
-//! nothing. The device's state in the rollout it follows is [`apply::step`]'s: it runs the
-//! health-gated activation through [`DeviceSource::activate`] when the model is installed
-//! (on this thread, which waits for it), keeps the outcome in `outbox.db` and reports it in
-//! `state/reported` (`rollout`). Downloading the model comes with the blob transfer.
+//! nothing.
+//!
+//! Model download ([`crate::transfer`], rules in its header): when the followed document's
+//! model is not in the registry, the loop fetches its blob in chunks on
+//! `devices/{id}/blobs/get` (a window of requests in flight, each answered by a chunk frame
+//! on `devices/{id}/blobs`), verifies and writes each chunk, stores the bitmap once per burst
+//! of chunks after an fsync, re-requests what timed out or failed its hash, verifies the
+//! whole SHA-256, and hands the file to [`DeviceSource::install`] (the agent's registry
+//! import by rename). Each step is recorded through [`DeviceSource::record`]; progress goes
+//! out in `state/reported` (`transfer`).
+//!
+//! The device's state in the rollout it follows is [`apply::step`]'s: while the model is not
+//! installed it reports the download's progress (`downloading`, chunks done in percent, or
+//! `failed`); once installed it runs the health-gated activation through
+//! [`DeviceSource::activate`] (on this thread, which waits for it) when the document asks
+//! for it, keeps the outcome in `outbox.db` and reports it in `state/reported` (`rollout`).
+//! A successful install steps the rollout at once, so activation follows the install
+//! without waiting for the next state tick.
 //!
 //! Stopping (the daemon's SIGTERM): no new batches; the loop waits up to [`FLUSH_GRACE`] for
 //! the acks of the batches in flight, then stops the link gracefully (offline status,
@@ -61,12 +75,18 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use crate::apply::{self, ActivateError, ActivateRequest};
 use crate::conn::{self, ConnError, Link, LinkConfig, LinkEvent, LinkHandle, PublishId, Session};
+use crate::outbox::TransferRow;
 use crate::outbox::{AcceptedDesired, Acked, Outbox, OutboxError};
+use crate::protocol::chunk::MAX_CHUNK_REQUEST_BYTES;
 use crate::protocol::{
     self, AuditAck, BatchBuilder, BatchLimits, DeviceId, EncodedBatch, GroupId, LinkState, Pushed,
-    ReportedModel, ReportedState, RolloutReport, Status, Telemetry, Topics, V1,
+    ReportedModel, ReportedState, RolloutReport, RolloutState, Status, Telemetry, Topics, V1,
 };
+use crate::protocol::{ChunkFrame, FrameBody, TransferReport};
 use crate::release::{self, DesiredState, PinnedKeys, Refusal, Target};
+use crate::transfer::{
+    self, ChunkOutcome, Download, InstallOutcome, InstallRequest, TransferEvent, TransferSettings,
+};
 
 /// How long a stopping loop waits for the acks of batches in flight.
 pub const FLUSH_GRACE: Duration = Duration::from_secs(5);
@@ -99,14 +119,21 @@ pub struct Settings {
     pub groups: Vec<GroupId>,
     /// `[[sync.release_keys]]`: the keys desired states and manifests must be signed with.
     pub release_keys: PinnedKeys,
+    /// Model downloads (the partial files' folder, the window, the chunk timeout).
+    pub transfer: TransferSettings,
 }
 
 impl Settings {
     /// The defaults: batches of 500 records or 128 KiB, 8 in flight, resend after 15 s
     /// without an ack, a look at the log every second, state every 5 s, telemetry every
     /// minute under 8 MiB.
+    /// Downloads go to `downloads/` beside `outbox_db`.
     pub fn new(link: LinkConfig, audit_db: PathBuf, outbox_db: PathBuf, version: &str) -> Self {
+        let downloads = outbox_db
+            .parent()
+            .map_or_else(|| PathBuf::from("downloads"), |d| d.join("downloads"));
         Self {
+            transfer: TransferSettings::new(downloads),
             link,
             audit_db,
             outbox_db,
@@ -174,6 +201,15 @@ pub trait DeviceSource: Send + Sync + 'static {
     fn rollout_noted(&self, report: &RolloutReport) {
         let _ = report;
     }
+    /// A verified download: import the file at `req.path` into the registry as
+    /// `req.name:req.version`, MOVING it (rename on the same filesystem, no copy), checking
+    /// its digest against `req.sha256`. On success the file is gone from `req.path` (or
+    /// still there when the registry already had those bytes: the loop deletes it). Activation
+    /// is not the installer's job.
+    fn install(&self, req: &InstallRequest) -> Result<InstallOutcome, String>;
+    /// A step of a download happened (see [`TransferEvent::audit_entry`]): the agent appends
+    /// the record to its audit log.
+    fn record(&self, entry: Entry);
 }
 
 /// What the loop decided about one desired-state document.
@@ -396,7 +432,11 @@ impl SyncLoop {
             published_state: None,
             last_error: None,
             stopping: false,
+            transfer_rows: BTreeMap::new(),
+            download: None,
+            next_request_id: rand::random::<u64>() >> 1,
         };
+        up.load_transfers();
         SyncStats::set(&up.stats.last_acked_seq, up.cursor);
         // A model staged before a restart (or an activation cut short) is taken up now.
         up.step_rollout();
@@ -475,6 +515,13 @@ struct Uplink {
     refused_digests: std::collections::HashSet<String>,
     /// The device's state in the rollout of the document it follows, as last stepped.
     rollout: Option<RolloutReport>,
+    /// Recorded downloads by blob (mirrors `outbox.db`'s `transfers`).
+    transfer_rows: BTreeMap<String, TransferRow>,
+    /// The download in progress.
+    download: Option<Download>,
+    /// The last chunk request id used (random start: a previous process's answers are
+    /// strays).
+    next_request_id: u64,
 }
 
 /// The accepted desired states `outbox.db` holds (one that no longer reads is skipped with a
@@ -524,6 +571,7 @@ impl Uplink {
                 },
                 _ = poll.tick() => self.on_poll(),
                 _ = state.tick() => {
+                    self.tend_download();
                     self.step_rollout();
                     self.publish_state(false);
                 }
@@ -593,6 +641,7 @@ impl Uplink {
             }
         }
         self.apply_ack();
+        self.flush_download();
     }
 
     fn on_event(&mut self, event: LinkEvent) {
@@ -608,6 +657,9 @@ impl Uplink {
                 self.stats.connected.store(false, Ordering::Relaxed);
                 self.rewind(None);
                 self.telemetry.clear();
+                if let Some(d) = self.download.as_mut() {
+                    d.forget_inflight();
+                }
                 if let Err(e) = self.outbox.set_connected(false) {
                     warn!(error = %e, "The outbox could not record the disconnect.");
                 }
@@ -616,6 +668,8 @@ impl Uplink {
             LinkEvent::Message { topic, payload } => {
                 if topic == self.topics.audit_ack() {
                     self.on_ack(&payload);
+                } else if topic == self.topics.blobs() {
+                    self.on_chunk(&payload);
                 } else if let Some(target) = Target::of_topic(&topic) {
                     self.on_desired(&topic, &target, &payload);
                 } else {
@@ -711,6 +765,7 @@ impl Uplink {
         self.source.observe_time(doc.issued_at);
         self.accepted.insert(doc.target.clone(), doc);
         self.decided(&decision, None);
+        self.tend_download();
         self.publish_state(false);
         if self.step_rollout() {
             self.publish_state(false);
@@ -736,14 +791,13 @@ impl Uplink {
                         return false;
                     }
                 };
-                // The blob transfer's report of the download goes here when it lands.
-                let download = None;
+                let download = self.rollout_download(&doc);
                 match apply::step(
                     &mut self.outbox,
                     self.source.as_ref(),
                     &doc,
                     &reported,
-                    download,
+                    download.as_ref(),
                 ) {
                     Ok(r) => Some(r),
                     Err(e) => {
@@ -762,6 +816,35 @@ impl Uplink {
         }
         self.rollout = next;
         true
+    }
+
+    /// The download of `doc`'s blob as the rollout reports it: `downloading` with the
+    /// percent of chunks verified, or `failed`, with the document and the transfer's reason
+    /// (or its chunk count); none when nothing of it was recorded for this rollout.
+    fn rollout_download(&self, doc: &DesiredState) -> Option<apply::Download> {
+        let t = self
+            .transfer_report()
+            .filter(|t| t.rollout == doc.rollout && t.sha256 == doc.manifest.sha256)?;
+        let state = if t.state == "failed" {
+            RolloutState::Failed
+        } else {
+            RolloutState::Downloading
+        };
+        let progress = (t.chunks_done.saturating_mul(100))
+            .checked_div(t.chunks_total)
+            .unwrap_or(100)
+            .min(100);
+        let why = t
+            .reason
+            .unwrap_or_else(|| format!("{} of {} chunks verified", t.chunks_done, t.chunks_total));
+        Some(apply::Download {
+            state,
+            progress: u8::try_from(progress).unwrap_or(100),
+            reason: Some(format!(
+                "desired state {} version {} accepted; {why}",
+                doc.target, doc.version
+            )),
+        })
     }
 
     /// Logs and records a decision; a refused document's digest is remembered.
@@ -799,9 +882,11 @@ impl Uplink {
         self.telemetry.clear();
         let status = self.topics.status().to_string();
         self.publish(&status, self.online_status.clone(), true);
+        self.tend_download();
         self.publish_state(true);
         self.fill();
         self.send_telemetry();
+        self.request_chunks();
     }
 
     fn on_ack(&mut self, payload: &[u8]) {
@@ -898,6 +983,16 @@ impl Uplink {
                      the log was truncated or restored from an older copy",
                     self.cursor
                 ));
+            }
+        }
+        if let Some(d) = self.download.as_mut() {
+            let expired = d.expire(self.settings.transfer.chunk_timeout, Instant::now());
+            if expired > 0 {
+                info!(
+                    requests = expired,
+                    "Chunk requests unanswered: asking again."
+                );
+                self.request_chunks();
             }
         }
         if !self.inflight.is_empty() && self.last_progress.elapsed() >= self.settings.ack_timeout {
@@ -1212,6 +1307,7 @@ impl Uplink {
                 &self.settings.groups,
             ),
             rollout: self.rollout.clone(),
+            transfer: self.transfer_report(),
         };
         if !force && self.published_state.as_ref() == Some(&state) {
             return;
@@ -1309,6 +1405,456 @@ impl Uplink {
             warn!(error = %e, "The outbox could not record the error.");
         }
         self.last_error = Some(message.to_string());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model downloads (rules in `crate::transfer`)
+
+impl Uplink {
+    /// Reads the recorded downloads, resumes none yet (that waits for the followed document),
+    /// and deletes partial files no row keeps.
+    fn load_transfers(&mut self) {
+        match self.outbox.transfers() {
+            Ok(rows) => {
+                self.transfer_rows = rows.into_iter().map(|r| (r.sha256.clone(), r)).collect();
+            }
+            Err(e) => warn!(error = %e, "Recorded downloads cannot be read."),
+        }
+        let rows = &self.transfer_rows;
+        let keep = |sha: &str| {
+            rows.get(sha)
+                .is_some_and(|r| r.state == "downloading" || r.state == "staged")
+        };
+        match transfer::remove_stale_partials(&self.settings.transfer.dir, &keep) {
+            Ok(0) => {}
+            Ok(n) => info!(
+                files = n,
+                "Partial downloads no transfer records were removed."
+            ),
+            Err(e) => warn!(error = %e, "The downloads folder cannot be cleaned."),
+        }
+    }
+
+    /// What `state/reported` says of downloads: the one in progress, else the recorded one
+    /// of the followed document's blob.
+    fn transfer_report(&self) -> Option<TransferReport> {
+        if let Some(d) = &self.download {
+            return Some(d.report());
+        }
+        let doc = release::pick_desired(
+            &self.accepted,
+            self.topics.device_id(),
+            &self.settings.groups,
+        )?;
+        self.transfer_rows
+            .get(&doc.manifest.sha256)
+            .filter(|r| r.rollout == doc.rollout)
+            .map(transfer::report_of)
+    }
+
+    fn record_transfer(&self, row: &TransferRow, event: &TransferEvent) {
+        let entry = event.audit_entry(&row.model, &row.sha256, row.rollout);
+        match event {
+            TransferEvent::ChunkRejected { .. }
+            | TransferEvent::WholeHashMismatch { .. }
+            | TransferEvent::Failed { .. }
+            | TransferEvent::RefusedDiskSpace { .. } => {
+                warn!(model = %row.model, sha256 = %row.sha256, event = ?event, "Download problem.")
+            }
+            _ => info!(model = %row.model, sha256 = %row.sha256, event = ?event, "Download step."),
+        }
+        self.source.record(entry);
+    }
+
+    /// Starts, resumes or leaves alone the download the followed desired state needs.
+    fn tend_download(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let Some(doc) = release::pick_desired(
+            &self.accepted,
+            self.topics.device_id(),
+            &self.settings.groups,
+        )
+        .cloned() else {
+            return;
+        };
+        let sha = doc.manifest.sha256.clone();
+        if let Some(d) = self.download.as_mut()
+            && d.sha256() == sha
+        {
+            if d.doc.rollout != doc.rollout {
+                // Another rollout of the same blob: the download goes on for it.
+                d.doc = doc.clone();
+                d.row.rollout = doc.rollout;
+                let row = d.row.clone();
+                if let Err(e) = self.outbox.set_transfer_rollout(&sha, doc.rollout) {
+                    self.note_error(&format!("recording a download's rollout: {e}"));
+                }
+                self.transfer_rows.insert(sha, row);
+            }
+            self.request_chunks();
+            return;
+        }
+        if let Some(old) = self.download.take() {
+            // Another document is followed now: that download is no longer wanted.
+            let reason = format!("superseded by rollout {}", doc.rollout);
+            self.fail_download(old.row, &reason, Some(&old.path));
+        }
+        let installed = match self.source.reported() {
+            Ok(r) => r.models.iter().any(|m| {
+                m.sha256 == sha && m.name == doc.manifest.name && m.version == doc.manifest.version
+            }),
+            Err(e) => {
+                warn!(error = %e, "The registry cannot be read; the download waits.");
+                return;
+            }
+        };
+        let row = self.transfer_rows.get(&sha).cloned();
+        let dir = self.settings.transfer.dir.clone();
+        let partial = transfer::partial_path(&dir, &sha);
+        if installed {
+            // Installed already (a crash after the install, or another rollout of the same
+            // model): the record says so for the rollout followed now.
+            if let Some(mut r) = row.filter(|r| r.state != "staged" || r.rollout != doc.rollout) {
+                if r.rollout != doc.rollout {
+                    if let Err(e) = self.outbox.set_transfer_rollout(&sha, doc.rollout) {
+                        self.note_error(&format!("recording a download's rollout: {e}"));
+                    }
+                    r.rollout = doc.rollout;
+                }
+                self.set_row_state(r, "staged", None);
+                let _ = std::fs::remove_file(&partial);
+            }
+            return;
+        }
+        match row {
+            Some(r) if r.rollout == doc.rollout && r.state == "failed" => {}
+            Some(r) if r.rollout == doc.rollout && r.state == "staged" => {
+                // Verified, and the install did not happen (a crash in between).
+                if partial.is_file() {
+                    self.install(r, &doc, partial);
+                }
+            }
+            Some(r)
+                if r.state == "downloading"
+                    && r.size == doc.manifest.size
+                    && r.chunk_size == doc.manifest.chunk_size =>
+            {
+                let done = r.done();
+                match Download::resume(r.clone(), doc.clone(), &dir) {
+                    Ok(d) => {
+                        self.record_transfer(&r, &TransferEvent::Resumed { chunks_done: done });
+                        self.download = Some(d);
+                        self.flush_download();
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "The partial download cannot be resumed; starting over.");
+                        let attempts = r.attempts + 1;
+                        self.start_download(doc, attempts);
+                    }
+                }
+            }
+            _ => self.start_download(doc, 1),
+        }
+    }
+
+    /// Checks the disk, records the row, creates the partial file, starts requesting.
+    fn start_download(&mut self, doc: DesiredState, attempts: u64) {
+        let m = &doc.manifest;
+        let dir = self.settings.transfer.dir.clone();
+        let chunks = m.chunk_sha256.len() as u64;
+        let mut row = TransferRow {
+            sha256: m.sha256.clone(),
+            rollout: doc.rollout,
+            model: doc.model.clone(),
+            size: m.size,
+            chunk_size: m.chunk_size,
+            chunks,
+            bitmap: TransferRow::empty_bitmap(chunks),
+            state: "downloading".into(),
+            reason: None,
+            attempts,
+            chunks_rejected: 0,
+        };
+        let need = m.size.saturating_add(transfer::SPACE_MARGIN);
+        let free = std::fs::create_dir_all(&dir).and_then(|()| transfer::free_space(&dir));
+        let refusal = match free {
+            Ok(free) if free < need => {
+                self.record_transfer(&row, &TransferEvent::RefusedDiskSpace { need, free });
+                Some(format!(
+                    "not enough disk space: {need} bytes needed, {free} free"
+                ))
+            }
+            Ok(_) => None,
+            Err(e) => Some(format!("the downloads folder {}: {e}", dir.display())),
+        };
+        if let Some(reason) = refusal {
+            row.state = "failed".into();
+            row.reason = Some(reason.clone());
+            if let Err(e) = self.outbox.start_transfer(&row) {
+                self.note_error(&format!("recording a download: {e}"));
+            }
+            self.record_transfer(&row, &TransferEvent::Failed { reason });
+            self.transfer_rows.insert(row.sha256.clone(), row);
+            self.publish_state(false);
+            return;
+        }
+        if let Err(e) = self.outbox.start_transfer(&row) {
+            self.note_error(&format!("recording a download: {e}"));
+            return;
+        }
+        self.transfer_rows.insert(row.sha256.clone(), row.clone());
+        match Download::create(row.clone(), doc, &dir) {
+            Ok(d) => {
+                self.record_transfer(&row, &TransferEvent::Started);
+                self.download = Some(d);
+                self.request_chunks();
+                self.publish_state(false);
+            }
+            Err(e) => {
+                let reason = format!("creating the partial file: {e}");
+                let path = transfer::partial_path(&dir, &row.sha256);
+                self.fail_download(row, &reason, Some(&path));
+            }
+        }
+    }
+
+    /// Fills the window of chunk requests.
+    fn request_chunks(&mut self) {
+        if !self.up || self.stopping {
+            return;
+        }
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        let requests = d.next_requests(
+            self.settings.transfer.window,
+            &mut self.next_request_id,
+            Instant::now(),
+        );
+        let topic = self.topics.blobs_get();
+        for r in requests {
+            let sent = protocol::encode(&r, MAX_CHUNK_REQUEST_BYTES)
+                .map_err(|e| e.to_string())
+                .and_then(|p| {
+                    let len = p.len() as u64;
+                    self.link
+                        .try_publish(topic, p, false)
+                        .map(|_| len)
+                        .map_err(|e| e.to_string())
+                });
+            match sent {
+                Ok(len) => SyncStats::add(&self.stats.bytes_sent, len),
+                Err(e) => {
+                    debug!(error = %e, "Chunk request not sent now.");
+                    d.unsent(r.id);
+                }
+            }
+        }
+    }
+
+    /// A chunk frame arrived.
+    fn on_chunk(&mut self, payload: &[u8]) {
+        let frame = match ChunkFrame::parse(payload) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "A chunk frame was refused.");
+                return;
+            }
+        };
+        let Some(d) = self.download.as_mut() else {
+            debug!(request_id = frame.request_id, "A chunk for no download.");
+            return;
+        };
+        let outcome = match frame.body {
+            FrameBody::Refused(reason) => {
+                if !d.owns(frame.request_id) {
+                    return;
+                }
+                let reason = format!("the hub refused a chunk request: {reason}");
+                if let Some(d) = self.download.take() {
+                    self.fail_download(d.row, &reason, Some(&d.path));
+                }
+                return;
+            }
+            FrameBody::Chunk(bytes) => {
+                d.on_chunk(frame.request_id, &frame.sha256, frame.offset, bytes)
+            }
+        };
+        match outcome {
+            ChunkOutcome::Written => {}
+            ChunkOutcome::Stray => debug!(request_id = frame.request_id, "A stray chunk."),
+            ChunkOutcome::Rejected { chunk, reason } => {
+                let row = d.row.clone();
+                self.record_transfer(&row, &TransferEvent::ChunkRejected { chunk, reason });
+            }
+            ChunkOutcome::GaveUp { chunk, reason } => {
+                let row = d.row.clone();
+                self.record_transfer(
+                    &row,
+                    &TransferEvent::ChunkRejected {
+                        chunk,
+                        reason: reason.clone(),
+                    },
+                );
+                if let Some(d) = self.download.take() {
+                    self.fail_download(d.row, &reason, Some(&d.path));
+                }
+            }
+        }
+    }
+
+    /// After a burst of events: makes the chunks written durable (fsync, then the bitmap),
+    /// finishes a complete download, or asks for more.
+    fn flush_download(&mut self) {
+        let Some(d) = self.download.as_mut() else {
+            return;
+        };
+        match d.take_unsaved() {
+            Ok(0) => {}
+            Ok(_) => {
+                let saved =
+                    self.outbox
+                        .save_chunks(&d.row.sha256, &d.row.bitmap, d.row.chunks_rejected);
+                match saved {
+                    Ok(()) => {
+                        self.transfer_rows
+                            .insert(d.row.sha256.clone(), d.row.clone());
+                    }
+                    Err(e) => {
+                        let reason = format!("recording verified chunks: {e}");
+                        if let Some(d) = self.download.take() {
+                            self.fail_download(d.row, &reason, Some(&d.path));
+                        }
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = format!("flushing the partial file: {e}");
+                if let Some(d) = self.download.take() {
+                    self.fail_download(d.row, &reason, Some(&d.path));
+                }
+                return;
+            }
+        }
+        if d.complete() {
+            self.finish_download();
+        } else {
+            self.request_chunks();
+        }
+    }
+
+    /// Every chunk is verified: the whole hash, then the install (or another attempt).
+    fn finish_download(&mut self) {
+        let Some(d) = self.download.take() else {
+            return;
+        };
+        let transfer::Parts { row, doc, path } = d.into_parts();
+        let found = match transfer::hash_file(&path) {
+            Ok(h) => h,
+            Err(e) => {
+                let reason = format!("reading the download back: {e}");
+                return self.fail_download(row, &reason, Some(&path));
+            }
+        };
+        if found != row.sha256 {
+            self.record_transfer(
+                &row,
+                &TransferEvent::WholeHashMismatch {
+                    attempt: row.attempts,
+                    found,
+                },
+            );
+            let _ = std::fs::remove_file(&path);
+            if row.attempts >= transfer::MAX_ATTEMPTS {
+                let reason = format!(
+                    "the whole SHA-256 did not match after {} downloads",
+                    row.attempts
+                );
+                return self.fail_download(row, &reason, None);
+            }
+            let attempts = row.attempts + 1;
+            return self.start_download(doc, attempts);
+        }
+        self.record_transfer(&row, &TransferEvent::Verified);
+        let row = self.set_row_state(row, "staged", None);
+        self.install(row, &doc, path);
+    }
+
+    /// Hands a verified file to the installer.
+    fn install(&mut self, row: TransferRow, doc: &DesiredState, path: PathBuf) {
+        let req = InstallRequest {
+            path: path.clone(),
+            sha256: row.sha256.clone(),
+            size: row.size,
+            name: doc.manifest.name.clone(),
+            version: doc.manifest.version.clone(),
+            rollout: doc.rollout,
+            alias: doc.alias.clone(),
+            activate: doc.activate,
+        };
+        match self.source.install(&req) {
+            Ok(out) => {
+                // The registry had the bytes already: the file was not taken.
+                let _ = std::fs::remove_file(&path);
+                self.record_transfer(
+                    &row,
+                    &TransferEvent::Installed {
+                        model: out.model,
+                        created: out.created,
+                    },
+                );
+                self.transfer_rows.insert(row.sha256.clone(), row);
+                // Installed: activate now when the document asks for it (health-gated).
+                self.step_rollout();
+                self.publish_state(false);
+            }
+            Err(e) => {
+                let reason = format!("installing: {e}");
+                self.fail_download(row, &reason, Some(&path));
+            }
+        }
+    }
+
+    /// Records `state` (and a reason) for a download; returns the row as it now is.
+    fn set_row_state(
+        &mut self,
+        mut row: TransferRow,
+        state: &str,
+        reason: Option<&str>,
+    ) -> TransferRow {
+        if let Err(e) = self.outbox.set_transfer_state(&row.sha256, state, reason) {
+            self.note_error(&format!("recording a download's state: {e}"));
+        }
+        row.state = state.into();
+        row.reason = reason.map(str::to_string);
+        self.transfer_rows.insert(row.sha256.clone(), row.clone());
+        row
+    }
+
+    /// A download failed for good (for its rollout): recorded, its partial file deleted.
+    fn fail_download(&mut self, row: TransferRow, reason: &str, partial: Option<&std::path::Path>) {
+        if let Some(p) = partial {
+            let _ = std::fs::remove_file(p);
+        }
+        // The rejected chunks counted since the last save are kept with the failure.
+        if let Err(e) = self
+            .outbox
+            .save_chunks(&row.sha256, &row.bitmap, row.chunks_rejected)
+        {
+            self.note_error(&format!("recording a download: {e}"));
+        }
+        let row = self.set_row_state(row, "failed", Some(reason));
+        self.record_transfer(
+            &row,
+            &TransferEvent::Failed {
+                reason: reason.to_string(),
+            },
+        );
+        self.publish_state(false);
     }
 }
 

@@ -11,7 +11,9 @@
 //! `outpost-hub` binary, and [`device`], the daemon's sync loop (audit upload with acks,
 //! reported state, telemetry, verified desired states), and [`release`]: signed model
 //! manifests and desired states (sync part 2; `hub::rollout` publishes and signs them), and
-//! [`apply`]: the device's state in the rollout it follows and its health-gated activation.
+//! [`apply`]: the device's state in the rollout it follows and its health-gated activation, and
+//! [`transfer`]: the resumable chunked download of a model blob, handed to the agent's
+//! installer (`device::DeviceSource::install`).
 //!
 //! Invariant: this crate never depends on `outpost-engine`; it installs models through a
 //! small trait that the agent implements over the registry.
@@ -23,6 +25,7 @@ pub mod hub;
 pub mod outbox;
 pub mod protocol;
 pub mod release;
+pub mod transfer;
 
 pub use conn::ConnError;
 pub use outbox::{Outbox, OutboxError, OutboxStatus};

@@ -20,6 +20,14 @@
 //!   says `activating` when the loop starts means the agent stopped during the activation
 //!   (killed, out of memory): the loop records it as `failed` instead of trying again, so a
 //!   model that kills the agent cannot make it loop on restarts.
+//! - `transfers` (schema 4): per blob (`sha256`) being downloaded or last downloaded: the
+//!   rollout and `name:version` it is for, `size`, `chunk_size`, `chunks`, `bitmap` (bit `i`
+//!   of byte `i / 8`, least significant first, set once chunk `i` is verified AND the partial
+//!   file was fsynced with it), `state` (`downloading`, `staged`: verified whole and handed
+//!   to the installer, `failed` with `reason`), `attempts` (whole downloads begun: a
+//!   whole-hash mismatch starts another), `chunks_rejected` (chunks whose hash did not
+//!   match). The partial file itself belongs to `sync::transfer` (see its header); a row in
+//!   `downloading` is what keeps it alive.
 //!
 //! Rules:
 //! - The cursor moves only on an ack, and only forward: an ack at or below it is stale (QoS 1
@@ -100,6 +108,23 @@ CREATE TABLE rollout_outcomes (
     reason     TEXT,
     updated_at TEXT NOT NULL,
     PRIMARY KEY (rollout, model)
+);
+"#,
+    r#"
+CREATE TABLE transfers (
+    sha256          TEXT PRIMARY KEY,
+    rollout         INTEGER NOT NULL,
+    model           TEXT NOT NULL,
+    size            INTEGER NOT NULL CHECK (size >= 0),
+    chunk_size      INTEGER NOT NULL CHECK (chunk_size > 0),
+    chunks          INTEGER NOT NULL CHECK (chunks >= 0),
+    bitmap          BLOB NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('downloading', 'staged', 'failed')),
+    reason          TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 1 CHECK (attempts > 0),
+    chunks_rejected INTEGER NOT NULL DEFAULT 0,
+    started_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL
 );
 "#,
 ];
@@ -234,6 +259,48 @@ pub struct RolloutOutcome {
     /// `activating`, `staged`, `active`, `failed` or `rolled_back`.
     pub state: String,
     pub reason: Option<String>,
+}
+
+/// A blob download as `outbox.db` keeps it (see the module header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRow {
+    pub sha256: String,
+    pub rollout: u64,
+    pub model: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub chunks: u64,
+    pub bitmap: Vec<u8>,
+    pub state: String,
+    pub reason: Option<String>,
+    pub attempts: u64,
+    pub chunks_rejected: u64,
+}
+
+impl TransferRow {
+    /// Whether chunk `i` is done.
+    pub fn has(&self, i: u64) -> bool {
+        let (byte, bit) = ((i / 8) as usize, i % 8);
+        self.bitmap.get(byte).is_some_and(|b| b & (1 << bit) != 0)
+    }
+
+    /// Marks chunk `i` done (in memory).
+    pub fn set(&mut self, i: u64) {
+        let byte = (i / 8) as usize;
+        if let Some(b) = self.bitmap.get_mut(byte) {
+            *b |= 1 << (i % 8);
+        }
+    }
+
+    /// Chunks done.
+    pub fn done(&self) -> u64 {
+        self.bitmap.iter().map(|b| u64::from(b.count_ones())).sum()
+    }
+
+    /// An empty bitmap for `chunks` chunks.
+    pub fn empty_bitmap(chunks: u64) -> Vec<u8> {
+        vec![0u8; chunks.div_ceil(8) as usize]
+    }
 }
 
 /// `outbox.db`, open for writing (one process) or reading.
@@ -625,6 +692,36 @@ impl Outbox {
         })
     }
 
+    /// Records a download starting (or starting again): its row, replacing any other row for
+    /// the same blob, with an empty bitmap, `downloading`, and `attempts`.
+    pub fn start_transfer(&mut self, t: &TransferRow) -> Result<()> {
+        let n = |v: u64| i64::try_from(v).map_err(|_| out_of_range(v));
+        self.write(|tx| {
+            let now = now_rfc3339();
+            tx.execute(
+                "INSERT OR REPLACE INTO transfers (sha256, rollout, model, size, chunk_size,
+                    chunks, bitmap, state, reason, attempts, chunks_rejected, started_at,
+                    updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                params![
+                    t.sha256,
+                    n(t.rollout)?,
+                    t.model,
+                    n(t.size)?,
+                    n(t.chunk_size)?,
+                    n(t.chunks)?,
+                    t.bitmap,
+                    t.state,
+                    t.reason,
+                    n(t.attempts)?,
+                    n(t.chunks_rejected)?,
+                    now
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
     /// What was recorded for `rollout` and `model`, if anything.
     pub fn rollout_outcome(&self, rollout: u64, model: &str) -> Result<Option<RolloutOutcome>> {
         let err = db_err(&self.path);
@@ -644,6 +741,78 @@ impl Outbox {
             )
             .optional()
             .map_err(&err)
+    }
+
+    /// Stores a download's bitmap and rejected-chunk count (one transaction, however many
+    /// chunks it adds: the caller fsyncs the partial file first).
+    pub fn save_chunks(&mut self, sha256: &str, bitmap: &[u8], rejected: u64) -> Result<()> {
+        let rejected = i64::try_from(rejected).map_err(|_| out_of_range(rejected));
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE transfers SET bitmap = ?2, chunks_rejected = ?3, updated_at = ?4
+                 WHERE sha256 = ?1",
+                params![sha256, bitmap, rejected?, now_rfc3339()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Sets a download's state (`staged`, `failed` with a reason).
+    pub fn set_transfer_state(
+        &mut self,
+        sha256: &str,
+        state: &str,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE transfers SET state = ?2, reason = ?3, updated_at = ?4 WHERE sha256 = ?1",
+                params![sha256, state, reason, now_rfc3339()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A download (or its outcome) now serves another rollout of the same blob.
+    pub fn set_transfer_rollout(&mut self, sha256: &str, rollout: u64) -> Result<()> {
+        let rollout = i64::try_from(rollout).map_err(|_| out_of_range(rollout));
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE transfers SET rollout = ?2, updated_at = ?3 WHERE sha256 = ?1",
+                params![sha256, rollout?, now_rfc3339()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Every recorded download.
+    pub fn transfers(&self) -> Result<Vec<TransferRow>> {
+        let err = db_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT sha256, rollout, model, size, chunk_size, chunks, bitmap, state, reason,
+                        attempts, chunks_rejected FROM transfers ORDER BY sha256",
+            )
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(TransferRow {
+                    sha256: r.get(0)?,
+                    rollout: get_u64(r, 1)?,
+                    model: r.get(2)?,
+                    size: get_u64(r, 3)?,
+                    chunk_size: get_u64(r, 4)?,
+                    chunks: get_u64(r, 5)?,
+                    bitmap: r.get(6)?,
+                    state: r.get(7)?,
+                    reason: r.get(8)?,
+                    attempts: get_u64(r, 9)?,
+                    chunks_rejected: get_u64(r, 10)?,
+                })
+            })
+            .map_err(&err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(&err)
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction and commits it.
@@ -1036,7 +1205,7 @@ acked=3 queued=1/4B dropped=0 connected=false writer=true error=Some(\"{}\")",
             .pragma_update(None, "user_version", 99)
             .unwrap();
         let refused = format!(
-            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 3): a newer outpost wrote it; nothing was changed",
+            "err: outbox {} has schema version 99, which this outpost does not know (it knows up to 4): a newer outpost wrote it; nothing was changed",
             path.display()
         );
         check(dir.path(), "open", &refused);
@@ -1113,6 +1282,57 @@ acked=3 queued=1/4B dropped=0 connected=false writer=true error=Some(\"{}\")",
             Some(outcome(8, "m:2", "active", None))
         );
         assert_eq!(o.rollout_outcome(7, "m:3").unwrap(), None);
+    }
+
+    #[test]
+    fn a_transfer_bitmap_survives_reopening_and_a_new_attempt_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let mut row = TransferRow {
+            sha256: "ab".repeat(32),
+            rollout: 4,
+            model: "m:1".into(),
+            size: 20 * 100 + 7,
+            chunk_size: 100,
+            chunks: 21,
+            bitmap: TransferRow::empty_bitmap(21),
+            state: "downloading".into(),
+            reason: None,
+            attempts: 1,
+            chunks_rejected: 0,
+        };
+        assert_eq!(row.bitmap.len(), 3);
+        {
+            let mut o = Outbox::open(&path).unwrap();
+            o.start_transfer(&row).unwrap();
+            for i in [0, 7, 8, 20, 99] {
+                row.set(i);
+            }
+            o.save_chunks(&row.sha256, &row.bitmap, 2).unwrap();
+        }
+        let mut o = Outbox::open(&path).unwrap();
+        let back = o.transfers().unwrap().pop().unwrap();
+        let done: Vec<u64> = (0..21).filter(|&i| back.has(i)).collect();
+        assert_eq!(done, [0, 7, 8, 20]);
+        assert_eq!(
+            (back.done(), back.chunks_rejected, back.has(99)),
+            (4, 2, false)
+        );
+        o.set_transfer_state(&row.sha256, "failed", Some("whole hash"))
+            .unwrap();
+        let failed = o.transfers().unwrap().pop().unwrap();
+        assert_eq!(
+            (failed.state.as_str(), failed.reason.as_deref()),
+            ("failed", Some("whole hash"))
+        );
+        // Starting again replaces the row: nothing done, one more attempt.
+        row.bitmap = TransferRow::empty_bitmap(21);
+        row.attempts = 2;
+        o.start_transfer(&row).unwrap();
+        let again = Outbox::open_read_only(&path).unwrap().transfers().unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].done(), again[0].attempts), (0, 2));
+        assert_eq!(integrity(&path), "ok");
     }
 
     #[test]

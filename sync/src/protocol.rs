@@ -12,8 +12,8 @@
 //! | `devices/{id}/state/reported` | up | 1, retained | [`ReportedState`] |
 //! | `devices/{id}/state/desired`, `groups/{g}/state/desired` | down | 1, retained | [`crate::release::DesiredState`] |
 //! | `devices/{id}/audit/ack` | down | 1 | [`AuditAck`] |
-//! | `blobs/get` | up | 1 | part 2 |
-//! | `devices/{id}/blobs` | down | 1 | part 2 (binary chunk frame) |
+//! | `devices/{id}/blobs/get` | up | 1 | [`ChunkRequest`] |
+//! | `devices/{id}/blobs` | down | 1 | a binary chunk frame ([`ChunkFrame`]) |
 //!
 //! The hub subscribes to the upward topics through the shared subscription group `hub`
 //! (`$share/hub/outpost/v1/devices/+/audit`, …), so several hubs split the load.
@@ -31,6 +31,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use outpost_policy::audit::{Checkpoint, Record};
+
+pub mod chunk;
+pub use chunk::{ChunkFrame, ChunkRequest, FrameBody, TransferReport};
 use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -38,8 +41,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const VERSION: u64 = 1;
 /// Every topic starts with this.
 pub const PREFIX: &str = "outpost/v1";
-/// The blob request topic (device → cloud; the request carries the reply's device).
-pub const BLOBS_GET: &str = "outpost/v1/blobs/get";
 /// The hub's shared subscription group.
 pub const HUB_SHARE_GROUP: &str = "hub";
 /// Longest device or group id.
@@ -161,10 +162,12 @@ pub enum DeviceTopic {
     StateReported,
     StateDesired,
     Blobs,
+    /// Chunk requests (up): per device, so the broker's ACL proves who asks.
+    BlobsGet,
 }
 
 impl DeviceTopic {
-    pub const ALL: [DeviceTopic; 7] = [
+    pub const ALL: [DeviceTopic; 8] = [
         DeviceTopic::Status,
         DeviceTopic::Audit,
         DeviceTopic::AuditAck,
@@ -172,6 +175,7 @@ impl DeviceTopic {
         DeviceTopic::StateReported,
         DeviceTopic::StateDesired,
         DeviceTopic::Blobs,
+        DeviceTopic::BlobsGet,
     ];
 
     /// What follows `devices/{id}/`.
@@ -184,6 +188,7 @@ impl DeviceTopic {
             DeviceTopic::StateReported => "state/reported",
             DeviceTopic::StateDesired => "state/desired",
             DeviceTopic::Blobs => "blobs",
+            DeviceTopic::BlobsGet => "blobs/get",
         }
     }
 
@@ -195,6 +200,7 @@ impl DeviceTopic {
                 | DeviceTopic::Audit
                 | DeviceTopic::Telemetry
                 | DeviceTopic::StateReported
+                | DeviceTopic::BlobsGet
         )
     }
 
@@ -235,7 +241,7 @@ pub fn hub_status_topic(hub: &DeviceId) -> String {
 /// ACL topic patterns for the broker configuration (Mosquitto syntax): `%u` stands for the
 /// client's username, which the broker takes from its certificate's CN.
 pub mod acl {
-    use super::{BLOBS_GET, DeviceTopic, GroupId, PREFIX};
+    use super::{DeviceTopic, GroupId, PREFIX};
 
     /// `outpost/v1/devices/%u/{kind}`: a topic of the connected device itself.
     pub fn own_device(kind: DeviceTopic) -> String {
@@ -256,11 +262,6 @@ pub mod acl {
     pub fn group_desired(group: &GroupId) -> String {
         super::group_desired_topic(group)
     }
-
-    /// `outpost/v1/blobs/get`.
-    pub fn blobs_get() -> &'static str {
-        BLOBS_GET
-    }
 }
 
 /// One device's topics, built once.
@@ -274,6 +275,7 @@ pub struct Topics {
     state_reported: String,
     state_desired: String,
     blobs: String,
+    blobs_get: String,
 }
 
 impl Topics {
@@ -287,6 +289,7 @@ impl Topics {
             state_reported: t(DeviceTopic::StateReported),
             state_desired: t(DeviceTopic::StateDesired),
             blobs: t(DeviceTopic::Blobs),
+            blobs_get: t(DeviceTopic::BlobsGet),
             id,
         }
     }
@@ -315,8 +318,8 @@ impl Topics {
     pub fn blobs(&self) -> &str {
         &self.blobs
     }
-    pub fn blobs_get(&self) -> &'static str {
-        BLOBS_GET
+    pub fn blobs_get(&self) -> &str {
+        &self.blobs_get
     }
 
     /// What the device subscribes to: its downward topics and its groups' desired state.
@@ -331,24 +334,22 @@ impl Topics {
     }
 }
 
-/// The hub's subscriptions: every upward topic of every device, and blob requests; with
-/// `shared`, in the shared subscription group [`HUB_SHARE_GROUP`] (hubs side by side split
-/// the load), else plain (one hub, on a broker without `$share/`).
+/// The hub's subscriptions: every upward topic of every device (blob requests included);
+/// with `shared`, in the shared subscription group [`HUB_SHARE_GROUP`] (hubs side by side
+/// split the load), else plain (one hub, on a broker without `$share/`).
 pub fn hub_subscriptions(shared: bool) -> Vec<String> {
-    let share = |filter: String| {
-        if shared {
-            format!("$share/{HUB_SHARE_GROUP}/{filter}")
-        } else {
-            filter
-        }
-    };
-    let mut out: Vec<String> = DeviceTopic::ALL
+    DeviceTopic::ALL
         .into_iter()
         .filter(|k| k.is_upward())
-        .map(|k| share(acl::every_device(k)))
-        .collect();
-    out.push(share(BLOBS_GET.to_string()));
-    out
+        .map(|k| {
+            let filter = acl::every_device(k);
+            if shared {
+                format!("$share/{HUB_SHARE_GROUP}/{filter}")
+            } else {
+                filter
+            }
+        })
+        .collect()
 }
 
 /// What a received topic names.
@@ -356,7 +357,6 @@ pub fn hub_subscriptions(shared: bool) -> Vec<String> {
 pub enum Route {
     Device { id: DeviceId, kind: DeviceTopic },
     GroupDesired { group: GroupId },
-    BlobsGet,
 }
 
 /// Reads a topic a message arrived on; anything not built by this module is refused.
@@ -369,9 +369,6 @@ pub fn parse_topic(topic: &str) -> Result<Route> {
         .strip_prefix(PREFIX)
         .and_then(|r| r.strip_prefix('/'))
         .ok_or_else(|| bad("not under outpost/v1/"))?;
-    if rest == "blobs/get" {
-        return Ok(Route::BlobsGet);
-    }
     let (scope, rest) = rest.split_once('/').ok_or_else(|| bad("unknown topic"))?;
     let (id, suffix) = rest.split_once('/').ok_or_else(|| bad("unknown topic"))?;
     match scope {
@@ -547,6 +544,9 @@ pub struct ReportedState {
     /// How far the device got with the rollout of the document it follows (optional in v1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutReport>,
+    /// The download of the followed model, while there is one (or its last outcome).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferReport>,
 }
 
 /// A device's state in one rollout, as `state/reported` carries it and `rollout status`
@@ -1039,7 +1039,7 @@ mod tests {
             "outpost/v1/devices/edge-01/state/desired"
         );
         assert_eq!(t.blobs(), "outpost/v1/devices/edge-01/blobs");
-        assert_eq!(t.blobs_get(), "outpost/v1/blobs/get");
+        assert_eq!(t.blobs_get(), "outpost/v1/devices/edge-01/blobs/get");
         let g = GroupId::new("lab").unwrap();
         assert_eq!(
             t.subscriptions(std::slice::from_ref(&g)),
@@ -1057,7 +1057,7 @@ mod tests {
                 "$share/hub/outpost/v1/devices/+/audit",
                 "$share/hub/outpost/v1/devices/+/telemetry",
                 "$share/hub/outpost/v1/devices/+/state/reported",
-                "$share/hub/outpost/v1/blobs/get",
+                "$share/hub/outpost/v1/devices/+/blobs/get",
             ]
         );
         assert_eq!(
@@ -1067,7 +1067,7 @@ mod tests {
                 "outpost/v1/devices/+/audit",
                 "outpost/v1/devices/+/telemetry",
                 "outpost/v1/devices/+/state/reported",
-                "outpost/v1/blobs/get",
+                "outpost/v1/devices/+/blobs/get",
             ]
         );
         for kind in DeviceTopic::ALL {
@@ -1088,7 +1088,10 @@ mod tests {
 
     #[test]
     fn hostile_topics_and_ids_are_refused() {
-        check("topic outpost/v1/blobs/get", "ok: BlobsGet");
+        check(
+            "topic outpost/v1/devices/e1/blobs/get",
+            "ok: Device { id: DeviceId(\"e1\"), kind: BlobsGet }",
+        );
         check(
             "topic outpost/v1/devices/e1/audit/ack",
             "ok: Device { id: DeviceId(\"e1\"), kind: AuditAck }",
@@ -1113,6 +1116,8 @@ mod tests {
                 "not under outpost/v1/",
             ),
             ("outpost/v1/blobs/get/x", "unknown topic"),
+            ("outpost/v1/blobs/get", "unknown topic"),
+            ("outpost/v1/devices/e1/blobs/get/x", "unknown topic"),
         ];
         for (topic, reason) in refused {
             check(
@@ -1151,7 +1156,7 @@ mod tests {
         );
         check(
             r#"state {"v":1,"models":[],"aliases":{"default":"m:1"},"policy_version":null,"last_acked_seq":0}"#,
-            r#"ok: ReportedState { v: V1, models: [], aliases: {"default": "m:1"}, policy_version: None, last_acked_seq: 0, desired: None, rollout: None }"#,
+            r#"ok: ReportedState { v: V1, models: [], aliases: {"default": "m:1"}, policy_version: None, last_acked_seq: 0, desired: None, rollout: None, transfer: None }"#,
         );
         // Size is checked first: an oversized payload is refused unread.
         check(

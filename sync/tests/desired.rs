@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outpost_policy::audit::{AuditLog, AuditReader, AuditSettings, Outcome, Query};
+use outpost_policy::audit::{AuditLog, AuditReader, AuditSettings, Entry, Outcome, Query};
 use outpost_policy::signing::KeyPair;
 use outpost_sync::device::{
     DesiredDecision, DeviceSource, Reported, Settings, SyncLoop, SyncStats,
@@ -24,6 +24,7 @@ use outpost_sync::device::{
 use outpost_sync::outbox::Outbox;
 use outpost_sync::protocol::GroupId;
 use outpost_sync::release::{DesiredState, PinnedKeys, Target};
+use outpost_sync::transfer::{InstallOutcome, InstallRequest};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 struct Source {
     log: AuditLog,
     decisions: Mutex<Vec<DesiredDecision>>,
+    transfers: Mutex<Vec<Entry>>,
 }
 
 impl DeviceSource for Source {
@@ -44,6 +46,19 @@ impl DeviceSource for Source {
     fn desired(&self, d: &DesiredDecision) {
         self.log.append(d.audit_entry()).unwrap();
         self.decisions.lock().unwrap().push(d.clone());
+    }
+    /// A stand-in for the registry: the verified file is moved into `installed/`.
+    fn install(&self, req: &InstallRequest) -> Result<InstallOutcome, String> {
+        let dir = req.path.parent().unwrap().join("../installed");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::rename(&req.path, dir.join(&req.sha256)).map_err(|e| e.to_string())?;
+        Ok(InstallOutcome {
+            model: format!("{}:{}", req.name, req.version),
+            created: true,
+        })
+    }
+    fn record(&self, entry: Entry) {
+        self.transfers.lock().unwrap().push(entry);
     }
 }
 
@@ -195,6 +210,7 @@ fn a_rollout_reaches_the_device_and_forgeries_are_refused_and_audited() {
         )
         .unwrap(),
         decisions: Mutex::new(Vec::new()),
+        transfers: Mutex::new(Vec::new()),
     });
     let link = link_config(
         port,

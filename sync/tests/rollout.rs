@@ -480,6 +480,7 @@ fn report(store: &mut SqliteStore, device: &str, rollout: u64, state: RolloutSta
             progress: 100,
             reason: Some(format!("{} here", state.as_str())),
         }),
+        transfer: None,
     };
     let json = serde_json::to_string(&reported).unwrap();
     let mut tx = store.begin_ingest().unwrap();

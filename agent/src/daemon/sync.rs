@@ -23,6 +23,7 @@ use outpost_sync::device::{
 };
 use outpost_sync::protocol::{BatchLimits, GroupId, ReportedModel, RolloutReport, RolloutState};
 use outpost_sync::release::PinnedKeys;
+use outpost_sync::transfer::{InstallOutcome, InstallRequest};
 
 use super::State;
 use super::metrics::rss_bytes;
@@ -48,6 +49,10 @@ pub fn sync_loop(
     settings.telemetry_interval = std::time::Duration::from_secs(config.telemetry_interval_secs);
     settings.telemetry_quota_bytes = config.telemetry_quota_bytes;
     settings.release_keys = release_keys;
+    settings.transfer.dir = data.downloads();
+    settings.transfer.window = config.transfer_window;
+    settings.transfer.chunk_timeout =
+        std::time::Duration::from_secs(config.transfer_chunk_timeout_secs);
     // `config::load` validated every group name.
     settings.groups = groups.iter().filter_map(|g| GroupId::new(g).ok()).collect();
     let source = AgentSource {
@@ -147,6 +152,35 @@ impl DeviceSource for AgentSource {
         let mut entry = Entry::new("outpost-sync", "sync:rollout", outcome, &reason);
         entry.resource = Some(r.model.clone());
         entry.details = serde_json::json!({"rollout": r.rollout, "state": r.state.as_str()});
+        self.state.note(entry);
+    }
+
+    /// The registry's install by rename (`Registry::install_file`: GGUF checked, digest
+    /// checked again, file moved, row inserted with provenance `rollout:ID`). Activation is
+    /// the loop's next step (`sync::apply`), not the installer's.
+    fn install(&self, req: &InstallRequest) -> Result<InstallOutcome, String> {
+        let mut registry = self
+            .state
+            .registry
+            .lock()
+            .map_err(|_| "the registry lock is poisoned".to_string())?;
+        let out = registry
+            .install_file(
+                &req.path,
+                &req.sha256,
+                &req.name,
+                &req.version,
+                outpost_engine::registry::ModelSource::Rollout(req.rollout),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(InstallOutcome {
+            model: out.record().label(),
+            created: matches!(out, outpost_engine::registry::ImportOutcome::Imported(_)),
+        })
+    }
+
+    /// Download steps (`sync:transfer`), recorded as the loop built them.
+    fn record(&self, entry: Entry) {
         self.state.note(entry);
     }
 

@@ -140,6 +140,43 @@ impl BlobStore {
         Ok(true)
     }
 
+    /// Takes a file already on this store's filesystem (a verified download) as the blob
+    /// `expected`: hashes it (the store's own check: a digest name only ever holds bytes
+    /// with that digest), then RENAMES it into place, no copy, and fsyncs the folder. Returns
+    /// whether a new blob was created; when the store already had it, `source` is left where
+    /// it is. A digest other than `expected` is [`RegistryError::DigestMismatch`] and
+    /// nothing moves.
+    pub fn adopt(&self, source: &Path, expected: &str) -> Result<bool, RegistryError> {
+        let mut input = File::open(source).map_err(io_err(source, "opening"))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; COPY_BUF];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(source, "reading")(e)),
+            };
+            hasher.update(&buf[..n]);
+        }
+        let found = hex::encode(hasher.finalize());
+        if found != expected {
+            return Err(RegistryError::DigestMismatch {
+                path: source.to_path_buf(),
+                expected: expected.to_string(),
+                found,
+            });
+        }
+        let dest = self.path_of(expected);
+        if dest.is_file() {
+            return Ok(false);
+        }
+        input.sync_all().map_err(io_err(source, "flushing"))?;
+        fs::rename(source, &dest).map_err(io_err(&dest, "moving the blob into place at"))?;
+        self.sync_dir()?;
+        Ok(true)
+    }
+
     fn sync_dir(&self) -> Result<(), RegistryError> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())

@@ -110,6 +110,12 @@ pub enum RegistryError {
         "invalid model reference '{0}': use NAME, NAME:VERSION or sha256:<12 to 64 hex digits>"
     )]
     InvalidRef(String),
+    #[error("{} has SHA-256 {found}, not the expected {expected}", path.display())]
+    DigestMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
     #[error("no model matches '{0}'")]
     NotFound(String),
     #[error("'{reference}' matches {count} models; give more digits")]
@@ -281,6 +287,26 @@ fn valid_label(s: &str) -> bool {
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Reads the GGUF header of `file` (errors name `named`, the file the user gave): what it
+/// declares, and its architecture, which a model file must have.
+fn inspect_model(file: &Path, named: &Path) -> Result<(gguf::GgufInfo, String)> {
+    let mut f = File::open(file).map_err(io_err(file, "opening"))?;
+    let len = f.metadata().map_err(io_err(named, "reading"))?.len();
+    let info = gguf::inspect_reader(BufReader::with_capacity(1 << 16, &mut f), len).map_err(
+        |source_err| RegistryError::Gguf {
+            path: named.to_path_buf(),
+            source: source_err,
+        },
+    )?;
+    let architecture = info
+        .architecture()
+        .ok_or_else(|| RegistryError::NoArchitecture {
+            path: named.to_path_buf(),
+        })?
+        .to_string();
+    Ok((info, architecture))
 }
 
 fn check_label(what: &'static str, value: &str) -> Result<()> {
@@ -460,22 +486,7 @@ impl Registry {
             });
         }
         let pending = self.blobs.ingest(&mut input, source, progress)?;
-        let info = {
-            let mut f = File::open(pending.path()).map_err(io_err(pending.path(), "reopening"))?;
-            let len = f.metadata().map_err(io_err(source, "reading"))?.len();
-            gguf::inspect_reader(BufReader::with_capacity(1 << 16, &mut f), len).map_err(
-                |source_err| RegistryError::Gguf {
-                    path: source.to_path_buf(),
-                    source: source_err,
-                },
-            )?
-        };
-        let architecture = info
-            .architecture()
-            .ok_or_else(|| RegistryError::NoArchitecture {
-                path: source.to_path_buf(),
-            })?
-            .to_string();
+        let (info, architecture) = inspect_model(pending.path(), source)?;
         let sha256 = pending.sha256.clone();
         let size = pending.size;
         let created = self.blobs.commit(pending)?;
@@ -494,6 +505,54 @@ impl Registry {
         if result.is_err() && created && !self.blob_referenced(&sha256)? {
             // Best effort: the blob is unreferenced either way, and gc would find it.
             let _ = self.blobs.delete(&sha256);
+        }
+        result
+    }
+
+    /// Installs a verified download: the GGUF file at `source` (on the data directory's
+    /// filesystem), whose SHA-256 must be `sha256`, as `name:version`. The file is checked as
+    /// GGUF where it is, then MOVED into the blob store ([`BlobStore::adopt`]: hashed again,
+    /// renamed, no copy), then the row is inserted. `name:version` already installed with
+    /// these bytes is [`ImportOutcome::AlreadyPresent`] (the file stays where it was); with
+    /// other bytes, [`RegistryError::VersionExists`]. `provenance` is recorded as the row's
+    /// `source` (a rollout's id for what sync installs).
+    pub fn install_file(
+        &mut self,
+        source: &Path,
+        sha256: &str,
+        name: &str,
+        version: &str,
+        provenance: ModelSource,
+    ) -> Result<ImportOutcome> {
+        check_label("model name", name)?;
+        check_label("version", version)?;
+        if let Some(m) = self.find_exact(name, version)? {
+            if m.sha256 == sha256 {
+                return Ok(ImportOutcome::AlreadyPresent(m));
+            }
+            return Err(RegistryError::VersionExists {
+                name: name.into(),
+                version: version.into(),
+            });
+        }
+        let (info, architecture) = inspect_model(source, source)?;
+        let size = std::fs::metadata(source)
+            .map_err(io_err(source, "reading"))?
+            .len();
+        let created = self.blobs.adopt(source, sha256)?;
+        let result = self.insert_model(NewModel {
+            name,
+            version: Some(version),
+            sha256,
+            size,
+            architecture: &architecture,
+            quantization: &info.quantization(),
+            parameters: info.parameters(),
+            context_length: info.context_length(),
+            source: provenance,
+        });
+        if result.is_err() && created && !self.blob_referenced(sha256)? {
+            let _ = self.blobs.delete(sha256);
         }
         result
     }

@@ -420,3 +420,61 @@ fn size_classes_follow_the_rounded_parameter_count() {
         assert_eq!(SizeClass::of(params), class, "{params}");
     }
 }
+
+#[test]
+fn a_verified_download_is_moved_into_place_not_copied() {
+    use std::os::unix::fs::MetadataExt;
+    let mut f = Fixture::new();
+    let b = Fixture::salted(7);
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b.build()));
+    // A wrong digest moves nothing and installs nothing.
+    let p = f.file("dl.partial", &b);
+    let e = f
+        .reg
+        .install_file(&p, &"0".repeat(64), "m", "1", ModelSource::Rollout(7))
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::DigestMismatch { .. }), "{e}");
+    assert!(p.is_file());
+    f.check("");
+    // The right one: the same inode ends up in the store (a rename), the source is gone.
+    let inode = std::fs::metadata(&p).unwrap().ino();
+    let out = f
+        .reg
+        .install_file(&p, &sha, "m", "1", ModelSource::Rollout(7))
+        .unwrap();
+    assert!(matches!(out, ImportOutcome::Imported(_)));
+    // Its provenance is the rollout that installed it.
+    assert_eq!(out.record().source, "rollout:7");
+    assert!(!p.exists());
+    let blob = f.dir.path().join("blobs/sha256").join(&sha);
+    assert_eq!(std::fs::metadata(&blob).unwrap().ino(), inode);
+    f.check("m:1[]");
+    // Again: already present, the new file left where it is; other bytes: refused.
+    let p = f.file("dl.partial", &b);
+    let again = f
+        .reg
+        .install_file(&p, &sha, "m", "1", ModelSource::Rollout(7))
+        .unwrap();
+    assert!(matches!(again, ImportOutcome::AlreadyPresent(_)));
+    assert!(p.is_file());
+    let other = f.file("other.partial", &Fixture::salted(8));
+    let other_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        std::fs::read(&other).unwrap(),
+    ));
+    let e = f
+        .reg
+        .install_file(&other, &other_sha, "m", "1", ModelSource::Rollout(7))
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::VersionExists { .. }), "{e}");
+    // Not a GGUF file: refused before anything moves.
+    let junk = f.dir.path().join("junk.partial");
+    std::fs::write(&junk, b"not a model").unwrap();
+    let junk_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"not a model"));
+    assert!(
+        f.reg
+            .install_file(&junk, &junk_sha, "j", "1", ModelSource::Rollout(7))
+            .is_err()
+    );
+    assert!(junk.is_file());
+    assert_eq!(f.blob_files(), [sha]);
+}

@@ -59,6 +59,18 @@ impl DeviceSource for FakeAgent {
             .unwrap()
             .push(format!("noted {}", r.state.as_str()));
     }
+    /// `apply` never installs (the loop does, before it steps the rollout).
+    fn install(
+        &self,
+        req: &crate::transfer::InstallRequest,
+    ) -> Result<crate::transfer::InstallOutcome, String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("install {}:{}", req.name, req.version));
+        Err("not expected".into())
+    }
+    fn record(&self, _: outpost_policy::audit::Entry) {}
 }
 
 fn doc(rollout: u64, activate: bool) -> DesiredState {

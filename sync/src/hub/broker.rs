@@ -19,11 +19,11 @@
 //!
 //! `OUT/acl` (topics from `protocol::acl`; an ACL is deny by default):
 //! - every client, by `pattern` on `%u`: write its own upward topics (`status`, `audit`,
-//!   `telemetry`, `state/reported`), read its own downward ones (`audit/ack`,
-//!   `state/desired`, `blobs`);
-//! - each enrolled device, a `user` block from the hub store: write `blobs/get`, read its
-//!   groups' desired state (so run `broker-config` again after an enrollment);
-//! - the hub (`user outpost-hub`): read every device's upward topics and `blobs/get`; write
+//!   `telemetry`, `state/reported`, `blobs/get`: so a chunk request's topic proves who
+//!   asks), read its own downward ones (`audit/ack`, `state/desired`, `blobs`);
+//! - each enrolled device, a `user` block from the hub store: read its groups' desired
+//!   state (so run `broker-config` again after an enrollment);
+//! - the hub (`user outpost-hub`): read every device's upward topics (chunk requests too); write
 //!   acks, desired state (devices' and groups'), blob chunks, and its own status.
 
 use std::fmt::Write as _;
@@ -59,13 +59,11 @@ pub fn acl_text(devices: &[DeviceRecord]) -> Result<String> {
         let _ = writeln!(s, "topic {access} {}", acl::every_device(kind));
     }
     let _ = writeln!(s, "topic write {}", acl::every_group_desired());
-    let _ = writeln!(s, "topic read {}", acl::blobs_get());
     let hub = DeviceId::new(HUB_IDENTITY)?;
     let _ = writeln!(s, "topic write {}", hub_status_topic(&hub));
-    s.push_str("\n# Each enrolled device: blob requests and its groups' desired state.\n");
+    s.push_str("\n# Each enrolled device: its groups' desired state.\n");
     for d in devices {
         let _ = writeln!(s, "user {}", d.id);
-        let _ = writeln!(s, "topic write {}", acl::blobs_get());
         for g in &d.groups {
             let _ = writeln!(s, "topic read {}", acl::group_desired(g));
         }

@@ -12,6 +12,8 @@
 //! shared_subscriptions = true              # false on a broker without `$share/` (RabbitMQ)
 //! store = "postgres://outpost@db.example/outpost_hub"  # optional: else <data_dir>/hub.db
 //! listen = "127.0.0.1:9102"                # optional: serve's /metrics
+//! chunk_rate = 1000                        # chunk requests per second per device
+//! chunk_burst = 128                        # requests a device may make at once
 //! ```
 //!
 //! Every key is optional for the offline commands; `serve` needs `broker` (and, for
@@ -32,6 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::HUB_IDENTITY;
+use super::blobs::{DEFAULT_BURST, DEFAULT_RATE, RateLimit};
 use super::serve::{QUEUE_MAX_BYTES, ServeSettings, client_id};
 use super::store::StoreConfig;
 use crate::conn::LinkConfig;
@@ -82,6 +85,10 @@ pub struct HubConfig {
     pub store: Option<String>,
     /// `serve`'s `/metrics` address (`127.0.0.1:9102`); absent, none.
     pub listen: Option<String>,
+    /// Chunk requests per second per device (`serve`'s rate limit).
+    pub chunk_rate: Option<f64>,
+    /// Chunk requests a device may make at once (the token bucket's size).
+    pub chunk_burst: Option<f64>,
 }
 
 impl Config {
@@ -128,6 +135,11 @@ impl Config {
         }
         if let Some(url) = &h.store {
             StoreConfig::new(Some(url), Path::new("")).map_err(|e| ("store", e))?;
+        }
+        for (key, v) in [("chunk_rate", h.chunk_rate), ("chunk_burst", h.chunk_burst)] {
+            if v.is_some_and(|v| !v.is_finite() || v < 1.0) {
+                return Err((key, "must be a number of at least 1".into()));
+            }
         }
         if let Some(i) = &h.instance {
             client_id(Some(i)).map_err(|_| {
@@ -201,6 +213,10 @@ impl Config {
             queue_max_bytes: QUEUE_MAX_BYTES,
             shared_subscriptions: self.hub.shared_subscriptions.unwrap_or(true),
             listen: self.hub.listen.as_deref().and_then(|l| l.parse().ok()),
+            chunk_rate: RateLimit {
+                rate: self.hub.chunk_rate.unwrap_or(DEFAULT_RATE),
+                burst: self.hub.chunk_burst.unwrap_or(DEFAULT_BURST),
+            },
         })
     }
 

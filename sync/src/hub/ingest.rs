@@ -49,8 +49,8 @@
 //! its signature verified with the enrolled key and its hash matched the stored record's.
 //!
 //! `status`, `state/reported` and `telemetry` update the device's row (unknown devices are
-//! ignored and counted, bad payloads refused and counted); `blobs/get` is counted and
-//! ignored until blob transfer exists.
+//! ignored and counted, bad payloads refused and counted); `devices/{id}/blobs/get` is
+//! `serve`'s blob server's ([`super::blobs`]); here it is only counted and ignored.
 
 use std::sync::OnceLock;
 
@@ -283,7 +283,8 @@ enum Body {
         verified_with: OnceLock<String>,
     },
     Status(Status),
-    State(ReportedState),
+    /// Boxed: a reported state (rollout, download, models) is the largest body by far.
+    State(Box<ReportedState>),
     Telemetry(Telemetry),
     Ignored,
     Refused {
@@ -348,14 +349,19 @@ fn decode_refusal(e: &ProtocolError) -> Refusal {
 /// Reads a message from `topic` without the store; see the module header.
 pub fn prepare(topic: &str, payload: &[u8]) -> Prepared {
     let (id, kind) = match protocol::parse_topic(topic) {
-        Ok(Route::Device { id, kind }) if kind.is_upward() => (id, kind),
-        Ok(Route::BlobsGet) => {
+        // `serve` hands chunk requests to its blob server; one that reaches ingest anyway
+        // is counted and ignored.
+        Ok(Route::Device {
+            id,
+            kind: DeviceTopic::BlobsGet,
+        }) => {
             return Prepared {
                 kind: Kind::BlobsGet,
-                device: None,
+                device: Some(id),
                 body: Body::Ignored,
             };
         }
+        Ok(Route::Device { id, kind }) if kind.is_upward() => (id, kind),
         Ok(_) => {
             return Prepared {
                 kind: Kind::Other,
@@ -393,7 +399,7 @@ pub fn prepare(topic: &str, payload: &[u8]) -> Prepared {
                         format!("the {DEFAULT_ALIAS} alias is over {MAX_ACTIVE_MODEL} bytes"),
                     )
                 }
-                Ok(s) => Body::State(s),
+                Ok(s) => Body::State(Box::new(s)),
                 Err(e) => refused(decode_refusal(&e), e.to_string()),
             },
         ),
@@ -404,7 +410,7 @@ pub fn prepare(topic: &str, payload: &[u8]) -> Prepared {
                 Err(e) => refused(decode_refusal(&e), e.to_string()),
             },
         ),
-        // `is_upward` above leaves only these four.
+        // `is_upward` above leaves only these four (chunk requests were taken out first).
         _ => (
             Kind::Other,
             refused(Refusal::UnknownTopic, format!("topic {}", clip(topic))),

@@ -12,6 +12,7 @@
 //! action); it acks only what is committed to `hub.db`, and stores nothing a check refused.
 
 pub mod audit;
+pub mod blobs;
 pub mod broker;
 pub mod config;
 pub mod enroll;

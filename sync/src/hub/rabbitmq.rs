@@ -104,7 +104,6 @@ pub fn definitions(devices: &[DeviceRecord]) -> Result<Value> {
     }
     hub_write.push(acl::every_group_desired());
     hub_write.push(hub_status_topic(&hub));
-    hub_read.push(acl::blobs_get().to_string());
     // The hub connects as `outpost-hub.<instance>` (or a random suffix).
     let mut entries = vec![user(
         HUB_IDENTITY,
@@ -113,7 +112,7 @@ pub fn definitions(devices: &[DeviceRecord]) -> Result<Value> {
         &hub_read,
     )];
     for d in devices {
-        let (mut write, mut read) = (vec![acl::blobs_get().to_string()], Vec::new());
+        let (mut write, mut read) = (Vec::new(), Vec::new());
         for kind in DeviceTopic::ALL {
             let side = if kind.is_upward() {
                 &mut write
@@ -287,6 +286,12 @@ mod tests {
         assert!(!matches(&w1, "outpost.v1.devices.edge-2.audit"));
         assert!(!matches(&w1, "outpost.v1.devices.edge-1.audit.ack"));
         assert!(!matches(&w1, "outpost.v1.devices.*.audit"));
+        // Chunk requests go on the device's own topic; chunks come back on its own too.
+        assert!(matches(&w1, "outpost.v1.devices.edge-1.blobs.get"));
+        assert!(!matches(&w1, "outpost.v1.devices.edge-2.blobs.get"));
+        assert!(!matches(&w1, "outpost.v1.blobs.get"));
+        assert!(matches(&r1, "outpost.v1.devices.edge-1.blobs"));
+        assert!(!matches(&r1, "outpost.v1.devices.edge-2.blobs"));
         assert!(matches(&r1, "outpost.v1.devices.edge-1.audit.ack"));
         assert!(matches(&r1, "outpost.v1.groups.lab.state.desired"));
         assert!(!matches(&r1, "outpost.v1.groups.other.state.desired"));
@@ -299,6 +304,8 @@ mod tests {
         // The hub reads every device's upward topics (by wildcard) and writes the downward.
         let (hw, hr) = (topic("outpost-hub", "write"), topic("outpost-hub", "read"));
         assert!(matches(&hr, "outpost.v1.devices.*.audit"));
+        assert!(matches(&hr, "outpost.v1.devices.*.blobs.get"));
+        assert!(matches(&hw, "outpost.v1.devices.edge-2.blobs"));
         assert!(matches(&hw, "outpost.v1.devices.edge-2.audit.ack"));
         assert!(matches(&hw, "outpost.v1.groups.lab.state.desired"));
         assert!(!matches(&hw, "outpost.v1.devices.edge-2.audit"));

@@ -40,6 +40,7 @@ use super::gguf_keys;
 use super::store::releases::{RolloutRow, StoredModel};
 use super::store::{Store, StoreConfig};
 use super::{HubError, Result, make_dir};
+use crate::protocol::chunk::MAX_CHUNK_BYTES;
 use crate::protocol::{DeviceId, ReportedState, RolloutState, V1};
 use crate::release::{DesiredState, Manifest, Target};
 
@@ -93,8 +94,10 @@ pub fn publish(data_dir: &Path, store: &StoreConfig, req: &PublishRequest) -> Re
     check_name("model name", &req.name)?;
     check_name("model version", &req.version)?;
     check_name("key id", &req.kid)?;
-    if req.chunk_size == 0 || req.chunk_size > 1 << 24 {
-        return Err(bad("the chunk size must be 1 byte to 16 MiB"));
+    if req.chunk_size == 0 || req.chunk_size > MAX_CHUNK_BYTES as u64 {
+        return Err(bad(format!(
+            "the chunk size must be 1 to {MAX_CHUNK_BYTES} bytes (a chunk travels in one MQTT packet)"
+        )));
     }
     if req.expires_in_secs == 0 {
         return Err(bad("--expires must be above 0"));
@@ -427,6 +430,11 @@ pub fn status(store: &dyn Store, id: Option<u64>) -> Result<StatusReport> {
     }
     let mut rollouts = Vec::new();
     for r in rows {
+        // The rollout's blob: its model's (for the chunk requests counted per device).
+        let sha = match r.model.split_once(':') {
+            Some((n, v)) => store.model(n, v)?.map(|m| m.sha256),
+            None => None,
+        };
         // Device → (batch, released); a device in several documents keeps its first.
         let mut ids: std::collections::BTreeMap<DeviceId, (u32, bool)> = Default::default();
         let mut batches = 0;
@@ -460,6 +468,9 @@ pub fn status(store: &dyn Store, id: Option<u64>) -> Result<StatusReport> {
                 status.reason = Some(format!(
                     "in batch {batch}, released when the batches before it succeed"
                 ));
+            }
+            if let Some(sha) = &sha {
+                status.chunks_requested = store.chunks_requested(&d, sha)?;
             }
             devices.push(status);
         }
@@ -512,8 +523,30 @@ fn device_status(r: &RolloutRow, id: &DeviceId, reported: Option<&ReportedState>
         Some(s) if s.aliases.get(&r.alias) == Some(&r.model) => {
             ("active", 1.0, format!("{} points at {}", r.alias, r.model))
         }
-        Some(s) => match &s.desired {
-            Some(f) if f.rollout == r.id => (
+        Some(s) => match (&s.desired, &s.transfer) {
+            (Some(f), Some(t)) if f.rollout == r.id && t.rollout == r.id => {
+                let progress = if t.chunks_total == 0 {
+                    1.0
+                } else {
+                    t.chunks_done as f64 / t.chunks_total as f64
+                };
+                let reason = format!(
+                    "desired state {} version {} accepted; {}",
+                    f.target,
+                    f.version,
+                    t.reason.clone().unwrap_or_else(|| format!(
+                        "{} of {} chunks verified",
+                        t.chunks_done, t.chunks_total
+                    ))
+                );
+                let state = match t.state.as_str() {
+                    "staged" => "staged",
+                    "failed" => "failed",
+                    _ => "downloading",
+                };
+                (state, progress, reason)
+            }
+            (Some(f), _) if f.rollout == r.id => (
                 "pending",
                 0.0,
                 format!(
@@ -521,12 +554,12 @@ fn device_status(r: &RolloutRow, id: &DeviceId, reported: Option<&ReportedState>
                     f.target, f.version
                 ),
             ),
-            Some(f) => (
+            (Some(f), _) => (
                 "pending",
                 0.0,
                 format!("the device follows rollout {} ({})", f.rollout, f.target),
             ),
-            None => (
+            (None, _) => (
                 "pending",
                 0.0,
                 "the device has not accepted a desired state".to_string(),

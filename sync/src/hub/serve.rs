@@ -80,14 +80,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::blobs::{self, BlobMetrics, BlobRequest, BlobServer, Gate, RateLimit};
 use super::ingest::{self, AlertKind, Handled, Kind, Outcome, Prepared, Refusal};
 use super::rollout;
 use super::store::{Store, StoreConfig};
 use super::{HUB_IDENTITY, Result, make_dir};
 use crate::conn::{Link, LinkConfig, LinkEvent, LinkHandle, Session, Will};
 use crate::protocol::{
-    self, AuditAck, DeviceId, DeviceTopic, LinkState, MAX_ACK_BYTES, MAX_STATUS_BYTES, Status, V1,
-    device_topic, hub_status_topic,
+    self, AuditAck, DeviceId, DeviceTopic, LinkState, MAX_ACK_BYTES, MAX_STATUS_BYTES, Route,
+    Status, V1, device_topic, hub_status_topic,
 };
 
 /// Most bytes held from the link at once (queued, being handled, parked); a message beyond
@@ -142,6 +143,8 @@ pub struct ServeSettings {
     pub shared_subscriptions: bool,
     /// Where `/metrics` is served (`[hub] listen`), if anywhere.
     pub listen: Option<std::net::SocketAddr>,
+    /// Chunk requests per device ([`super::blobs`]).
+    pub chunk_rate: RateLimit,
 }
 
 /// `outpost-hub.<instance>`, or `outpost-hub.<16 random hex digits>` without one.
@@ -247,7 +250,7 @@ pub struct DeviceLag {
     pub audit_lag: Option<u64>,
 }
 
-fn inc(c: &AtomicU64, by: u64) {
+pub(crate) fn inc(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
 
@@ -413,6 +416,10 @@ struct Intake {
     metrics: Arc<Metrics>,
     /// Messages shed since the last one admitted (logged when shedding starts and ends).
     shedding: u64,
+    /// The blob server's queue (`None` once closed: requests then go to ingest, which
+    /// ignores them).
+    blobs: Option<queue::SyncSender<BlobRequest>>,
+    blob_metrics: Arc<BlobMetrics>,
 }
 
 impl Intake {
@@ -424,13 +431,30 @@ impl Intake {
             messages: Some(messages),
             metrics,
             shedding: 0,
+            blobs: None,
+            blob_metrics: Arc::default(),
         }
     }
 
-    /// Hands a message to the prepare thread if the budget has room, else sheds it; false
-    /// when the threads are gone.
+    /// Hands a message to the prepare thread if the budget has room, else sheds it (a chunk
+    /// request goes to the blob server instead); false when the threads are gone.
     fn take(&mut self, topic: String, payload: Vec<u8>) -> bool {
         inc(&self.metrics.received, 1);
+        if let Some(blobs) = &self.blobs
+            && let Ok(Route::Device {
+                id,
+                kind: DeviceTopic::BlobsGet,
+            }) = protocol::parse_topic(&topic)
+        {
+            let request = BlobRequest {
+                device: id,
+                payload,
+            };
+            if blobs.try_send(request).is_err() {
+                inc(&self.blob_metrics.dropped, 1);
+            }
+            return true;
+        }
         let permit = u32::try_from(cost(&topic, &payload))
             .ok()
             .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
@@ -470,6 +494,7 @@ impl Intake {
     /// are shed.
     fn close(&mut self) {
         self.messages = None;
+        self.blobs = None;
     }
 }
 
@@ -486,7 +511,8 @@ struct Message {
 
 /// What the ingest thread is given.
 enum Work {
-    /// A message, read and checked by the prepare thread (boxed: a reported state is large).
+    /// A message, read and checked by the prepare thread (boxed: a prepared message is
+    /// large and the queue holds many).
     Item(Box<Item>),
     /// The link connected (again): time to send the unsent acks.
     Connected,
@@ -1071,6 +1097,9 @@ fn log_handled(h: &Handled) {
 pub struct Server {
     settings: ServeSettings,
     store: Box<dyn Store>,
+    /// The blob server's own connection (chunk counts), opened here, off the runtime: the
+    /// PostgreSQL client blocks on a runtime of its own.
+    blob_store: Box<dyn Store>,
     metrics: Arc<Metrics>,
     /// `/metrics`, bound by `open` (so a taken port fails before anything starts).
     metrics_listener: Option<std::net::TcpListener>,
@@ -1083,6 +1112,19 @@ impl std::fmt::Debug for Server {
             .field("data_dir", &self.settings.data_dir)
             .finish()
     }
+}
+
+fn log_blob_metrics(m: &BlobMetrics, message: &'static str) {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    info!(
+        requests = get(&m.requests),
+        served = get(&m.served),
+        served_bytes = get(&m.served_bytes),
+        rate_limited = get(&m.rate_limited),
+        refused = get(&m.refused),
+        dropped = get(&m.dropped),
+        "{message}"
+    );
 }
 
 fn status(state: LinkState) -> Result<Vec<u8>> {
@@ -1118,9 +1160,11 @@ impl Server {
             })
             .transpose()?;
         let store = settings.store.open()?;
+        let blob_store = settings.store.open()?;
         Ok(Server {
             settings,
             store,
+            blob_store,
             metrics: Arc::default(),
             metrics_listener,
         })
@@ -1137,6 +1181,7 @@ impl Server {
         let Server {
             settings,
             store,
+            blob_store,
             metrics,
             metrics_listener,
         } = self;
@@ -1198,6 +1243,16 @@ impl Server {
             Box::new(move || prepare_loop(messages_rx, prepare_work)),
         )?;
         let mut intake = Intake::new(settings.queue_max_bytes, messages, metrics.clone());
+        // The blob server: its own connection to the store (counts) and its own thread.
+        let (blob_tx, blob_rx) = queue::sync_channel::<BlobRequest>(blobs::QUEUE_LEN);
+        let gate = Gate::new(blob_store, &settings.data_dir, settings.chunk_rate);
+        let blob_server = BlobServer::new(gate, link.clone(), intake.blob_metrics.clone());
+        let blob_thread = spawn(
+            blobs::BLOB_THREAD,
+            Box::new(move || blob_server.run(blob_rx)),
+        )?;
+        intake.blobs = Some(blob_tx);
+        let blob_metrics = intake.blob_metrics.clone();
 
         let every = settings.summary_every;
         let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -1211,6 +1266,7 @@ impl Server {
                 _ = summary.tick() => {
                     metrics.queued_bytes.store(intake.held() as u64, Ordering::Relaxed);
                     metrics.log("Ingest summary.");
+                    log_blob_metrics(&blob_metrics, "Blob summary.");
                 }
                 event = events.recv() => match event {
                     Some(LinkEvent::Connected) => {
@@ -1304,7 +1360,8 @@ impl Server {
         let joined = tokio::task::spawn_blocking(move || {
             let prepared = prepare_thread.join();
             let ingested = ingest_thread.join();
-            prepared.and(ingested)
+            let served = blob_thread.join();
+            prepared.and(ingested).and(served)
         });
         tokio::pin!(joined);
         let grace = tokio::time::sleep(INGEST_GRACE);
@@ -1345,6 +1402,7 @@ impl Server {
             .store(intake.held() as u64, Ordering::Relaxed);
         metrics_stop.cancel();
         metrics.log("Stopped.");
+        log_blob_metrics(&blob_metrics, "Blob server stopped.");
         match failure {
             Some(why) => Err(super::HubError::Serve(why.into())),
             None => Ok(()),

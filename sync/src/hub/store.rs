@@ -31,6 +31,10 @@
 //!   document; a phased rollout's later batches are stored signed with 0 until
 //!   [`releases::ReleaseStore::release_batch`]). Only released documents count as a
 //!   target's newest.
+//! - Blob serving (schema 5, [`releases`]): `blob_requests(device_id, sha256,
+//!   chunks_requested, refused)`: chunk requests `serve` received per device and blob (the
+//!   `chunks_requested` of `rollout status`: a rollout's blob is its model's), and how many of
+//!   them it refused (rate limit, bad range, unknown blob).
 //!
 //! Crash rules: WAL, `synchronous = FULL`; each change is one transaction.
 //!
@@ -150,6 +154,16 @@ CREATE TABLE desired_docs (
     "
 ALTER TABLE desired_docs ADD COLUMN batch INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE desired_docs ADD COLUMN released INTEGER NOT NULL DEFAULT 1;
+",
+    "
+CREATE TABLE blob_requests (
+    device_id        VARCHAR(64) NOT NULL,
+    sha256           VARCHAR(64) NOT NULL,
+    chunks_requested BIGINT NOT NULL,
+    refused          BIGINT NOT NULL,
+    updated_at       VARCHAR(40) NOT NULL,
+    PRIMARY KEY (device_id, sha256)
+);
 ",
 ];
 
@@ -722,7 +736,9 @@ pub trait IngestTx {
     /// Records an alert, unless one of the same device, kind and seq is there already;
     /// whether it was new.
     fn record_alert(&mut self, alert: &AlertRow<'_>) -> Result<bool>;
-    /// The device's link status (`status` topic).
+    /// The device's link status (`status` topic). Only this changes a known `online`: the
+    /// other setters (acked seq, reported state, telemetry) set it to true when it is still
+    /// unknown, as a device whose status the broker did not replay is evidently connected.
     fn set_status(
         &mut self,
         id: &DeviceId,
@@ -896,7 +912,8 @@ impl IngestTx for SqliteIngest<'_> {
     fn set_acked_seq(&mut self, id: &DeviceId, seq: u64, at: &str) -> Result<()> {
         let seq = sql_seq(self.path, seq)?;
         self.update_device(
-            "UPDATE devices SET acked_seq = ?2, last_seen = ?3 WHERE id = ?1",
+            "UPDATE devices SET acked_seq = ?2, last_seen = ?3, online = COALESCE(online, TRUE) \
+             WHERE id = ?1",
             &[&id.as_str(), &seq, &at],
         )
     }
@@ -949,8 +966,8 @@ impl IngestTx for SqliteIngest<'_> {
         at: &str,
     ) -> Result<()> {
         self.update_device(
-            "UPDATE devices SET reported_json = ?2, active_model = ?3, last_seen = ?4 \
-             WHERE id = ?1",
+            "UPDATE devices SET reported_json = ?2, active_model = ?3, last_seen = ?4, \
+             online = COALESCE(online, TRUE) WHERE id = ?1",
             &[&id.as_str(), &json, &active_model, &at],
         )
     }
@@ -965,7 +982,8 @@ impl IngestTx for SqliteIngest<'_> {
         let last = audit_last_seq.map(|s| sql_seq(self.path, s)).transpose()?;
         self.update_device(
             "UPDATE devices SET telemetry_json = ?2, telemetry_at = ?3, last_seen = ?3, \
-             audit_last_seq = COALESCE(?4, audit_last_seq) WHERE id = ?1",
+             online = COALESCE(online, TRUE), audit_last_seq = COALESCE(?4, audit_last_seq) \
+             WHERE id = ?1",
             &[&id.as_str(), &json, &at, &last],
         )
     }

@@ -105,14 +105,12 @@ fn the_acl_confines_devices_and_gives_the_hub_its_role() {
             "topic read outpost/v1/devices/+/state/reported",
             "topic write outpost/v1/devices/+/state/desired",
             "topic write outpost/v1/devices/+/blobs",
+            "topic read outpost/v1/devices/+/blobs/get",
             "topic write outpost/v1/groups/+/state/desired",
-            "topic read outpost/v1/blobs/get",
             "topic write outpost/v1/hubs/outpost-hub/status",
             "user edge-01",
-            "topic write outpost/v1/blobs/get",
             "topic read outpost/v1/groups/lab/state/desired",
             "user edge-02",
-            "topic write outpost/v1/blobs/get",
             "pattern write outpost/v1/devices/%u/status",
             "pattern write outpost/v1/devices/%u/audit",
             "pattern read outpost/v1/devices/%u/audit/ack",
@@ -120,6 +118,7 @@ fn the_acl_confines_devices_and_gives_the_hub_its_role() {
             "pattern write outpost/v1/devices/%u/state/reported",
             "pattern read outpost/v1/devices/%u/state/desired",
             "pattern read outpost/v1/devices/%u/blobs",
+            "pattern write outpost/v1/devices/%u/blobs/get",
         ]
     );
 }

@@ -203,7 +203,7 @@ fn each_external_library_has_one_home() {
         ("prometheus", &["agent/src/daemon/metrics.rs"]),
         ("postgres", &["sync/src/hub/store/pg"]),
         ("r2d2", &["sync/src/hub/store/pg"]),
-        ("nix", &["agent/src/context.rs"]),
+        ("nix", &["agent/src/context.rs", "sync/src/transfer.rs"]),
         ("indicatif", &["agent/src/commands/models.rs"]),
     ];
     let sources = product_sources();

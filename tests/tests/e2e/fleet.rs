@@ -20,7 +20,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::daemon::Agent;
-use crate::support::{Run, skip, workspace_bin};
+use crate::support::{Device, Run, Tmpfs, skip, workspace_bin};
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// RabbitMQ's own start script (the one in /usr/sbin switches to the rabbitmq user).
@@ -883,9 +883,15 @@ fn a_signed_rollout_reaches_the_daemon_and_a_forged_one_is_refused_and_audited()
             .unwrap_or_default()
             .to_string()
     };
-    wait("the hub sees the device following rollout 1", &|| {
-        reason(0).contains("group:lab version 1 accepted")
+    // The device downloads and installs the (tiny) model at once and, without `--activate`,
+    // reports it staged; before that it reported the accepted document and its download.
+    wait("the hub sees the device staged in rollout 1", &|| {
+        reason(0) == "installed; the desired state does not ask to activate it"
     });
+    let state = fleet.hub_cli(&["rollout", "status", "--json"]).json()["rollouts"][0]["devices"][0]
+        ["state"]
+        .clone();
+    assert_eq!(state, "staged");
     let status = sync_status(&agent);
     assert_eq!(
         status["desired"],
@@ -977,8 +983,9 @@ fn rollouts_activate_healthy_models_and_a_failing_one_keeps_the_old_and_halts_th
     std::fs::write(&tiny, GgufBuilder::tiny_llama().build()).unwrap();
     let bad = fleet.dir.path().join("bad.gguf");
     std::fs::write(&bad, GgufBuilder::tiny_llama().poison_with_nan().build()).unwrap();
-    // Until the blob transfer lands, the releases are on the devices already (imported by
-    // hand under the manifest's name and version, so with the same bytes).
+    // Here the releases are on the devices already (imported by hand under the manifest's
+    // name and version, so with the same bytes): no download, activation only. The download
+    // is covered by `a_rollout_of_smollm2_to_three_agents_downloads_installs_and_activates_on_each`.
     let models = [
         (tiny.as_path(), "tiny"),
         (&smollm2, "smollm2"),
@@ -1156,4 +1163,682 @@ fn rollouts_activate_healthy_models_and_a_failing_one_keeps_the_old_and_halts_th
         .count();
     assert_eq!(attempts, 1, "tried again after a restart:\n{}", one.log());
     assert_eq!(status(second)["devices"][0]["state"], "failed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model rollouts: chunked download, resume, install (sync part 2)
+
+/// A download as the device's `outbox.db` records it: (chunks done, chunks, state,
+/// chunks rejected).
+fn transfer_row(agent: &Agent) -> Option<(u64, u64, String, u64)> {
+    let path = agent.d.data.join("outbox.db");
+    let c = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.query_row(
+        "SELECT bitmap, chunks, state, chunks_rejected FROM transfers",
+        [],
+        |r| {
+            let bitmap: Vec<u8> = r.get(0)?;
+            let done = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+            Ok((
+                done,
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        },
+    )
+    .ok()
+}
+
+/// Chunks the device has verified and recorded.
+fn done(agent: &Agent) -> u64 {
+    transfer_row(agent).map_or(0, |r| r.0)
+}
+
+/// Chunk requests the hub received from the device (all blobs), as `hub.db` counts them.
+fn hub_chunk_requests(fleet: &Fleet) -> u64 {
+    let path = fleet.hub_data().join("hub.db");
+    let Ok(c) = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.query_row(
+        "SELECT coalesce(sum(chunks_requested), 0) FROM blob_requests WHERE device_id = ?1",
+        [DEVICE],
+        |r| r.get::<_, i64>(0),
+    )
+    .map_or(0, |n| n as u64)
+}
+
+/// The `sync:transfer` steps in the agent's audit log, in order.
+fn transfer_steps(agent: &Agent) -> Vec<String> {
+    let records = agent
+        .d
+        .run(&["audit", "query", "--action", "sync:transfer", "--json"])
+        .json();
+    records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["details"]["step"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// A fleet with one agent in group `lab` pinning `release-1`, the hub serving chunks as fast
+/// as asked (`hub_extra` adds `[hub]` lines), `model` published in chunks of `chunk_size` as
+/// `name:1` and rolled out to the group. Returns the fleet, the agent (not started), the
+/// manifest.
+fn rollout_fleet(
+    model: &Path,
+    name: &str,
+    chunk_size: u64,
+    sync_extra: &str,
+    hub_extra: &str,
+    before_rollout: &dyn Fn(&Fleet),
+) -> Option<(Fleet, Agent, Value)> {
+    let agent = Agent::new("");
+    rollout_fleet_on(agent, model, name, chunk_size, sync_extra, hub_extra, before_rollout)
+}
+
+/// [`rollout_fleet`] with a given agent (e.g. one whose data directory is a small mount).
+fn rollout_fleet_on(
+    agent: Agent,
+    model: &Path,
+    name: &str,
+    chunk_size: u64,
+    sync_extra: &str,
+    hub_extra: &str,
+    before_rollout: &dyn Fn(&Fleet),
+) -> Option<(Fleet, Agent, Value)> {
+    let mut fleet = Fleet::new()?;
+    let mut hub_conf = std::fs::read_to_string(fleet.hub_config()).unwrap();
+    hub_conf.push_str(&format!(
+        "chunk_rate = 100000\nchunk_burst = 1000\n{hub_extra}\n"
+    ));
+    std::fs::write(fleet.hub_config(), hub_conf).unwrap();
+    let keys = fleet.dir.path().join("release");
+    agent
+        .d
+        .run(&[
+            "keys",
+            "generate",
+            "--out",
+            keys.to_str().unwrap(),
+            "--name",
+            "release-1",
+        ])
+        .ok();
+    let config = std::fs::read_to_string(&agent.d.config).unwrap();
+    std::fs::write(
+        &agent.d.config,
+        config.replace("id = \"edge-1\"\n", "id = \"edge-1\"\ngroups = [\"lab\"]\n"),
+    )
+    .unwrap();
+    fleet.enroll(
+        &agent,
+        &format!(
+            "{sync_extra}\n[[sync.release_keys]]\nkid = \"release-1\"\npublic_key = \"{}\"",
+            keys.join("release-1.pub.pem").display()
+        ),
+    );
+    fleet.start_broker();
+    fleet.start_hub();
+    let key = keys.join("release-1.key.pem");
+    let manifest = fleet
+        .hub_cli(&[
+            "models",
+            "publish",
+            model.to_str().unwrap(),
+            "--name",
+            name,
+            "--version",
+            "1",
+            "--key",
+            key.to_str().unwrap(),
+            "--kid",
+            "release-1",
+            "--chunk-size",
+            &chunk_size.to_string(),
+        ])
+        .json();
+    before_rollout(&fleet);
+    let started = fleet
+        .hub_cli(&[
+            "rollout",
+            "start",
+            "--model",
+            &format!("{name}:1"),
+            "--target",
+            "group:lab",
+            "--key",
+            key.to_str().unwrap(),
+            "--kid",
+            "release-1",
+        ])
+        .json();
+    assert_eq!(started["rollout"], 1, "{started}");
+    Some((fleet, agent, manifest))
+}
+
+fn wait_until(fleet: &Fleet, agent: &Agent, what: &str, limit: Duration, done: &dyn Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}\n--- agent\n{}\n{}",
+            tail(&agent.log(), 40),
+            fleet.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_rollout_of_smollm2_downloads_in_chunks_resumes_after_a_broker_outage_and_a_kill_and_installs()
+{
+    let Some(model) = crate::support::demo_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    // One request in flight: the download is slow enough to interrupt at a known point,
+    // and each interruption can cost at most one chunk asked for again.
+    const WINDOW: u64 = 1;
+    let Some((mut fleet, mut agent, manifest)) = rollout_fleet(
+        &model,
+        "smollm2",
+        64 * 1024,
+        &format!("transfer_window = {WINDOW}\ntransfer_chunk_timeout_secs = 2"),
+        "",
+        &|_| {},
+    ) else {
+        return;
+    };
+    let chunks = manifest["chunk_sha256"].as_array().unwrap().len() as u64;
+    assert!(chunks > 1000, "{chunks} chunks");
+    agent.start();
+
+    // A broker outage a fifth of the way: nothing moves while it is down.
+    wait_until(
+        &fleet,
+        &agent,
+        "a fifth downloaded",
+        Duration::from_secs(120),
+        &|| done(&agent) >= chunks / 5,
+    );
+    fleet.kill_broker();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = done(&agent);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(done(&agent), during, "progress without a broker");
+    assert!(during < chunks, "finished before the outage");
+    fleet.start_broker();
+
+    // The agent SIGKILLed half way, then started again: it resumes from its bitmap.
+    wait_until(
+        &fleet,
+        &agent,
+        "half downloaded",
+        Duration::from_secs(120),
+        &|| done(&agent) >= chunks / 2,
+    );
+    agent.signal("KILL");
+    let _ = agent.wait(Duration::from_secs(5));
+    let at_kill = done(&agent);
+    assert!(at_kill < chunks, "finished before the kill");
+    agent.start();
+
+    let sha = manifest["sha256"].as_str().unwrap().to_string();
+    wait_until(
+        &fleet,
+        &agent,
+        "verified",
+        Duration::from_secs(180),
+        &|| transfer_row(&agent).is_some_and(|r| r.2 != "downloading"),
+    );
+    wait_until(
+        &fleet,
+        &agent,
+        "installed",
+        Duration::from_secs(30),
+        &|| {
+            agent
+                .d
+                .models()
+                .iter()
+                .any(|(label, _)| label == "smollm2:1")
+        },
+    );
+    // In the registry under its digest, the bytes the administrator published.
+    let blob = agent.d.data.join("blobs/sha256").join(&sha);
+    assert_eq!(crate::support::sha256_file(&blob), sha);
+    assert_eq!(sha, crate::support::sha256_file(&model));
+    let row = transfer_row(&agent).unwrap();
+    assert_eq!((row.0, row.1, row.2.as_str()), (chunks, chunks, "staged"));
+    // No partial file left behind.
+    let downloads: Vec<_> = std::fs::read_dir(agent.d.data.join("downloads"))
+        .unwrap()
+        .collect();
+    assert!(downloads.is_empty(), "{downloads:?}");
+
+    // Every chunk requested once, plus at most the window again per interruption (a
+    // request in flight when the broker went, and one when the agent was killed).
+    wait_until(
+        &fleet,
+        &agent,
+        "the hub's counts stored",
+        Duration::from_secs(10),
+        &|| hub_chunk_requests(&fleet) >= chunks,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let requested = hub_chunk_requests(&fleet);
+    assert!(
+        (chunks..=chunks + 2 * WINDOW).contains(&requested),
+        "{requested} requests for {chunks} chunks"
+    );
+    let status = || fleet.hub_cli(&["rollout", "status", "--json"]).json();
+    wait_until(
+        &fleet,
+        &agent,
+        "the hub sees it staged",
+        Duration::from_secs(20),
+        &|| status()["rollouts"][0]["devices"][0]["state"] == "staged",
+    );
+    let status = status();
+    let dev = &status["rollouts"][0]["devices"][0];
+    assert_eq!(dev["chunks_requested"], requested, "{status}");
+    assert_eq!(dev["progress"], 1.0, "{status}");
+
+    // Audited: started, resumed after the kill, verified, installed.
+    let steps = transfer_steps(&agent);
+    for step in ["started", "resumed", "verified", "installed"] {
+        assert!(steps.iter().any(|s| s == step), "no {step} in {steps:?}");
+    }
+    assert!(!steps.iter().any(|s| s == "chunk_rejected"), "{steps:?}");
+    // The model is installed, not activated (that is the health-gated next step).
+    let listed = agent.d.run(&["models", "list", "--json"]).json();
+    assert_eq!(listed[0]["name"], "smollm2", "{listed}");
+}
+
+/// A device whose disk cannot hold the download refuses it before writing a byte: the
+/// refusal is audited with the sizes, the hub shows the device `failed` with the reason, and
+/// the registry and active model are unchanged.
+#[test]
+fn a_download_that_does_not_fit_on_the_disk_is_refused_before_it_starts() {
+    let Some(model) = crate::support::demo_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    // 48 MiB: room for the agent's databases and a tiny model, not for SmolLM2's 98 MB.
+    let Some(fs) = Tmpfs::mount(48 << 20) else {
+        return;
+    };
+    let agent = Agent::on(Device::with_data(fs.path().join("data")), "");
+    let Some((fleet, mut agent, manifest)) =
+        rollout_fleet_on(agent, &model, "smollm2", 1 << 20, "", "", &|_| {})
+    else {
+        return;
+    };
+    agent.add_tiny("before");
+    let before = agent.d.models();
+    let free_before = crate::support::free_bytes(fs.path());
+    agent.start();
+    let status = || fleet.hub_cli(&["rollout", "status", "--json"]).json();
+    wait_until(
+        &fleet,
+        &agent,
+        "the hub sees the device failed",
+        Duration::from_secs(60),
+        &|| status()["rollouts"][0]["devices"][0]["state"] == "failed",
+    );
+    let status = status();
+    let reason = status["rollouts"][0]["devices"][0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let size = manifest["size"].as_u64().unwrap();
+    assert!(
+        reason.starts_with("not enough disk space") && reason.contains(&format!("{} bytes needed", size + (16 << 20))),
+        "{status}"
+    );
+    // Audited: the refusal with what was needed and what was free, then the failure.
+    let steps = transfer_steps(&agent);
+    assert!(!steps.iter().any(|s| s == "started"), "{steps:?}");
+    let refused = device_audit(&agent, "sync:transfer")
+        .into_iter()
+        .find(|r| r["details"]["step"] == "refused_disk_space")
+        .unwrap_or_else(|| panic!("no refusal in {steps:?}"));
+    assert_eq!(refused["outcome"], "denied", "{refused}");
+    let need = refused["details"]["need_bytes"].as_u64().unwrap();
+    assert_eq!(need, size + (16 << 20), "{refused}");
+    assert!(
+        refused["details"]["free_bytes"].as_u64().unwrap() < need,
+        "{refused}"
+    );
+    assert!(steps.iter().any(|s| s == "failed"), "{steps:?}");
+    // Nothing written: no partial file, the space still free, the registry as it was.
+    let partials = std::fs::read_dir(agent.d.data.join("downloads"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(partials, 0);
+    assert!(
+        crate::support::free_bytes(fs.path()) + (4 << 20) > free_before,
+        "space used by a refused download"
+    );
+    assert_eq!(agent.d.models(), before);
+    let r = agent.d.run(&["models", "list", "--json"]).json();
+    assert_eq!(r.as_array().map(Vec::len), Some(1), "{r}");
+}
+
+#[test]
+fn a_corrupted_blob_at_the_hub_is_refused_chunk_by_chunk_and_nothing_is_installed() {
+    let model = std::env::temp_dir().join(format!("outpost-tiny-{}.gguf", std::process::id()));
+    let tiny = GgufBuilder::tiny_llama().build();
+    std::fs::write(&model, &tiny).unwrap();
+    let Some((fleet, mut agent, manifest)) = rollout_fleet(&model, "tiny", 256, "", "", &|_| {})
+    else {
+        return;
+    };
+    std::fs::remove_file(&model).unwrap();
+    // The hub's copy is damaged after publishing: one byte of the third chunk.
+    let sha = manifest["sha256"].as_str().unwrap();
+    let blob = fleet.hub_data().join("blobs/sha256").join(sha);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[2 * 256 + 10] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    agent.add_tiny("before");
+    let before = agent.d.models();
+    agent.start();
+    wait_until(
+        &fleet,
+        &agent,
+        "the download failed",
+        Duration::from_secs(60),
+        &|| transfer_row(&agent).is_some_and(|r| r.2 == "failed"),
+    );
+    let row = transfer_row(&agent).unwrap();
+    // The bad chunk was asked for again until the limit; the others were fine.
+    assert_eq!(row.3, 3, "{row:?}");
+    let steps = transfer_steps(&agent);
+    assert_eq!(
+        steps.iter().filter(|s| *s == "chunk_rejected").count(),
+        3,
+        "{steps:?}"
+    );
+    assert!(steps.iter().any(|s| s == "failed"), "{steps:?}");
+    assert!(!steps.iter().any(|s| s == "installed"), "{steps:?}");
+    // Registry and active model unchanged; no partial file kept.
+    assert_eq!(agent.d.models(), before);
+    assert_eq!(
+        std::fs::read_dir(agent.d.data.join("downloads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let status = || fleet.hub_cli(&["rollout", "status", "--json"]).json();
+    wait_until(
+        &fleet,
+        &agent,
+        "the hub sees it failed",
+        Duration::from_secs(20),
+        &|| status()["rollouts"][0]["devices"][0]["state"] == "failed",
+    );
+    let status = status();
+    let dev = &status["rollouts"][0]["devices"][0];
+    assert!(
+        dev["reason"]
+            .as_str()
+            .unwrap()
+            .contains("chunk 2 failed its check 3 times"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_blob_whose_whole_hash_does_not_match_its_manifest_is_refused_after_three_downloads() {
+    let model = std::env::temp_dir().join(format!("outpost-tiny-w-{}.gguf", std::process::id()));
+    std::fs::write(&model, GgufBuilder::tiny_llama().build()).unwrap();
+    let wrong = "f".repeat(64);
+    // An administrator's mistake (or a forged blob name) the chunk hashes cannot catch: a
+    // manifest, properly signed, whose whole SHA-256 is not its bytes'. Made at the hub
+    // between publish and rollout: re-signed with the release key, the blob under that name.
+    let tamper = |fleet: &Fleet| {
+        let db = Connection::open(fleet.hub_data().join("hub.db")).unwrap();
+        let (sha, manifest): (String, String) = db
+            .query_row("SELECT sha256, manifest_json FROM models", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        let mut m: Value = serde_json::from_str(&manifest).unwrap();
+        m["sha256"] = Value::from(wrong.clone());
+        m.as_object_mut().unwrap().remove("signatures");
+        let signed = format!(
+            "outpost/v1 manifest\n{}",
+            outpost_policy::jcs::to_string(&m).unwrap()
+        );
+        let key = outpost_policy::signing::KeyPair::load(
+            &fleet.dir.path().join("release/release-1.key.pem"),
+        )
+        .unwrap();
+        m["signatures"] =
+            serde_json::json!([{"kid": "release-1", "sig": key.sign_hex(signed.as_bytes())}]);
+        db.execute(
+            "UPDATE models SET sha256 = ?1, manifest_json = ?2",
+            rusqlite::params![wrong, m.to_string()],
+        )
+        .unwrap();
+        let blobs = fleet.hub_data().join("blobs/sha256");
+        std::fs::copy(blobs.join(&sha), blobs.join(&wrong)).unwrap();
+    };
+    let Some((fleet, mut agent, manifest)) = rollout_fleet(&model, "tiny", 1024, "", "", &tamper)
+    else {
+        return;
+    };
+    std::fs::remove_file(&model).unwrap();
+    let chunks = manifest["chunk_sha256"].as_array().unwrap().len() as u64;
+    agent.start();
+    wait_until(
+        &fleet,
+        &agent,
+        "the download failed",
+        Duration::from_secs(60),
+        &|| transfer_row(&agent).is_some_and(|r| r.2 == "failed"),
+    );
+    let steps = transfer_steps(&agent);
+    assert_eq!(
+        steps.iter().filter(|s| *s == "hash_mismatch").count(),
+        3,
+        "{steps:?}"
+    );
+    assert_eq!(
+        steps.iter().filter(|s| *s == "started").count(),
+        3,
+        "{steps:?}"
+    );
+    assert!(
+        !steps.iter().any(|s| s == "verified" || s == "installed"),
+        "{steps:?}"
+    );
+    // Nothing installed, nothing left behind; every chunk was fetched once per attempt.
+    assert!(agent.d.models().is_empty(), "{:?}", agent.d.models());
+    assert_eq!(
+        std::fs::read_dir(agent.d.data.join("downloads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    wait_until(
+        &fleet,
+        &agent,
+        "the hub's counts",
+        Duration::from_secs(10),
+        &|| hub_chunk_requests(&fleet) >= 3 * chunks,
+    );
+    assert_eq!(hub_chunk_requests(&fleet), 3 * chunks);
+    let status = || fleet.hub_cli(&["rollout", "status", "--json"]).json();
+    wait_until(
+        &fleet,
+        &agent,
+        "the hub sees it failed",
+        Duration::from_secs(20),
+        &|| status()["rollouts"][0]["devices"][0]["state"] == "failed",
+    );
+    let status = status();
+    assert!(
+        status["rollouts"][0]["devices"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the whole SHA-256 did not match after 3 downloads"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_rollout_of_smollm2_to_three_agents_downloads_installs_and_activates_on_each() {
+    let Some(smollm2) = crate::support::demo_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let Some(mut fleet) = Fleet::new() else {
+        return;
+    };
+    let mut hub_conf = std::fs::read_to_string(fleet.hub_config()).unwrap();
+    hub_conf.push_str("chunk_rate = 100000\nchunk_burst = 1000\n");
+    std::fs::write(fleet.hub_config(), hub_conf).unwrap();
+    let keys = fleet.dir.path().join("release");
+    Agent::new("")
+        .d
+        .run(&[
+            "keys",
+            "generate",
+            "--out",
+            keys.to_str().unwrap(),
+            "--name",
+            "release-1",
+        ])
+        .ok();
+    // Each device serves a tiny model before the rollout; SmolLM2 is on none of them.
+    let tiny = fleet.dir.path().join("tiny.gguf");
+    std::fs::write(&tiny, GgufBuilder::tiny_llama().build()).unwrap();
+    let ids = ["edge-1", "edge-2", "edge-3"];
+    let mut agents: Vec<Agent> = ids
+        .iter()
+        .map(|id| lab_agent(&fleet, id, &keys, &[(tiny.as_path(), "tiny")]))
+        .collect();
+    fleet.start_broker();
+    fleet.start_hub();
+    let key = keys.join("release-1.key.pem");
+    let manifest = fleet
+        .hub_cli(&[
+            "models",
+            "publish",
+            smollm2.to_str().unwrap(),
+            "--name",
+            "smollm2",
+            "--version",
+            "1",
+            "--key",
+            key.to_str().unwrap(),
+            "--kid",
+            "release-1",
+        ])
+        .json();
+    let chunks = manifest["chunk_sha256"].as_array().unwrap().len() as u64;
+    assert!(chunks > 100, "{chunks} chunks");
+    let sha = manifest["sha256"].as_str().unwrap().to_string();
+    for a in &mut agents {
+        a.start();
+    }
+    let started = fleet
+        .hub_cli(&[
+            "rollout",
+            "start",
+            "--model",
+            "smollm2:1",
+            "--target",
+            "group:lab",
+            "--activate",
+            "--key",
+            key.to_str().unwrap(),
+            "--kid",
+            "release-1",
+        ])
+        .json();
+    let id = started["rollout"].as_u64().unwrap();
+    let status = || {
+        fleet
+            .hub_cli(&["rollout", "status", &id.to_string(), "--json"])
+            .json()["rollouts"][0]
+            .clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while status()["state"] != "done" {
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not finish: {}\n{}",
+            status(),
+            fleet.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let s = status();
+    let devices = s["devices"].as_array().unwrap();
+    let seen: Vec<&str> = devices.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(seen, ids, "{s}");
+    for d in devices {
+        assert_eq!(d["state"], "active", "{s}");
+        assert_eq!(d["progress"], 1.0, "{s}");
+        // Each device fetched every chunk itself (more only if a request timed out).
+        let requested = d["chunks_requested"].as_u64().unwrap();
+        assert!(requested >= chunks, "{requested} of {chunks} chunks: {s}");
+    }
+    for a in &agents {
+        // Installed by the rollout (its provenance), the published bytes, and serving.
+        let listed = a.d.run(&["models", "list", "--json"]).json();
+        let model = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "smollm2")
+            .unwrap_or_else(|| panic!("smollm2 not installed: {listed}"))
+            .clone();
+        assert_eq!(model["source"], format!("rollout:{id}"), "{model}");
+        assert!(
+            model["aliases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "default"),
+            "{model}"
+        );
+        let blob = a.d.data.join("blobs/sha256").join(&sha);
+        assert_eq!(crate::support::sha256_file(&blob), sha);
+        let steps = transfer_steps(a);
+        for step in ["started", "verified", "installed"] {
+            assert!(steps.iter().any(|s| s == step), "no {step} in {steps:?}");
+        }
+        let activated = device_audit(a, "models:activate");
+        assert!(
+            activated.iter().any(|r| r["outcome"] == "success"
+                && r["actor"] == "outpost-sync"
+                && r["details"]["rollout"] == id),
+            "{activated:?}"
+        );
+        let t = a.token("olivia", "operator", &[]);
+        let r = a.request(
+            "POST",
+            "/v1/chat/completions",
+            Some(&t),
+            Some(
+                &serde_json::json!({"messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 4, "temperature": 0}),
+            ),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["model"], "smollm2:1");
+        // No partial file left behind.
+        assert_eq!(
+            std::fs::read_dir(a.d.data.join("downloads"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
 }

@@ -864,6 +864,34 @@ fn status_state_and_telemetry_update_the_device_row() {
     assert_eq!(fx.store.devices().unwrap().len(), 1);
 }
 
+/// A broker that keeps no retained messages for wildcard subscriptions (RabbitMQ) loses a
+/// device's `online` status published before the hub subscribed: its first traffic says it
+/// is connected. A known `offline` (its will) is changed only by a status message, since a
+/// batch can reach one hub after another hub stored the will.
+#[test]
+fn traffic_from_a_device_of_unknown_status_marks_it_online_but_never_overrides_a_will() {
+    let mut fx = Fixture::new();
+    let online = |fx: &Fixture| fx.store.device(&dev(DEVICE)).unwrap().unwrap().online;
+    assert_eq!(online(&fx), None);
+    let b = packed(DEVICE, &fx.records(1..=3), Some(&fx.cp(3)));
+    fx.send(DEVICE, DeviceTopic::Audit, &b);
+    assert_eq!(online(&fx), Some(true));
+
+    fx.send(
+        DEVICE,
+        DeviceTopic::Status,
+        br#"{"v":1,"state":"offline","agent_version":"0.2.0"}"#,
+    );
+    let b = packed(DEVICE, &fx.records(4..=5), Some(&fx.cp(5)));
+    fx.send(DEVICE, DeviceTopic::Audit, &b);
+    fx.send(
+        DEVICE,
+        DeviceTopic::Telemetry,
+        br#"{"v":1,"ts":"t","metrics":{"audit_last_seq":5}}"#,
+    );
+    assert_eq!(online(&fx), Some(false));
+}
+
 #[test]
 fn topics_the_hub_does_not_read_are_refused_and_blob_requests_ignored() {
     let mut fx = Fixture::new();
@@ -875,7 +903,14 @@ fn topics_the_hub_does_not_read_are_refused_and_blob_requests_ignored() {
         tx.commit().unwrap();
         format!("{} {}", kind.as_str(), describe(&h.outcome))
     };
-    assert_eq!(run("outpost/v1/blobs/get"), "blobs_get ignored");
+    assert_eq!(
+        run("outpost/v1/devices/edge-01/blobs/get"),
+        "blobs_get ignored"
+    );
+    assert_eq!(
+        run("outpost/v1/blobs/get"),
+        "other refused unknown_topic: topic \"outpost/v1/blobs/get\": unknown topic"
+    );
     assert_eq!(
         run("outpost/v1/devices/edge-01/audit/ack"),
         "other refused unknown_topic: topic \"outpost/v1/devices/edge-01/audit/ack\""

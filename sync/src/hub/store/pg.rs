@@ -829,7 +829,8 @@ impl IngestTx for PgIngest<'_> {
         let seq = i64_of(self.label, seq)?;
         self.update_device(
             id,
-            "UPDATE devices SET acked_seq = $2, last_seen = $3 WHERE id = $1",
+            "UPDATE devices SET acked_seq = $2, last_seen = $3, online = COALESCE(online, TRUE) \
+             WHERE id = $1",
             &[&id.as_str(), &seq, &at],
         )
     }
@@ -882,8 +883,8 @@ impl IngestTx for PgIngest<'_> {
     ) -> Result<()> {
         self.update_device(
             id,
-            "UPDATE devices SET reported_json = $2, active_model = $3, last_seen = $4 \
-             WHERE id = $1",
+            "UPDATE devices SET reported_json = $2, active_model = $3, last_seen = $4, \
+             online = COALESCE(online, TRUE) WHERE id = $1",
             &[&id.as_str(), &json, &active_model, &at],
         )
     }
@@ -899,7 +900,8 @@ impl IngestTx for PgIngest<'_> {
         self.update_device(
             id,
             "UPDATE devices SET telemetry_json = $2, telemetry_at = $3, last_seen = $3, \
-             audit_last_seq = COALESCE($4, audit_last_seq) WHERE id = $1",
+             online = COALESCE(online, TRUE), audit_last_seq = COALESCE($4, audit_last_seq) \
+             WHERE id = $1",
             &[&id.as_str(), &json, &at, &last],
         )
     }

@@ -1,7 +1,8 @@
-//! The release tables of the hub's store (schema 3): published models, rollouts and the
-//! signed desired-state documents, behind [`ReleaseStore`]. This file is the SQLite side;
-//! the PostgreSQL side is `store::pg::releases`, the same statements with `$n`
-//! placeholders. A new table or query is one more trait method, implemented in both.
+//! The release tables of the hub's store (schema 3, and 5's `blob_requests`): published
+//! models, rollouts, the signed desired-state documents and the chunk-request counts, behind
+//! [`ReleaseStore`]. This file is the SQLite side; the PostgreSQL side is
+//! `store::pg::releases`, the same statements with `$n` placeholders. A new table or query is
+//! one more trait method, implemented in both.
 
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
@@ -95,6 +96,21 @@ pub trait ReleaseStore {
     fn group_members(&self, group: &str) -> Result<Vec<DeviceId>>;
     /// A device's last reported state (JSON as received).
     fn reported_json(&self, id: &DeviceId) -> Result<Option<String>>;
+    /// The published model whose blob is `sha256` (the newest publication of it).
+    fn model_by_sha(&self, sha256: &str) -> Result<Option<StoredModel>>;
+    /// Adds chunk requests received (and refused) per device and blob, in one transaction.
+    fn add_chunk_counts(&mut self, counts: &[ChunkCount]) -> Result<()>;
+    /// Chunk requests received from `device` for `sha256`.
+    fn chunks_requested(&self, device: &DeviceId, sha256: &str) -> Result<u64>;
+}
+
+/// Chunk requests `serve` received from one device for one blob since it last wrote them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkCount {
+    pub device: DeviceId,
+    pub sha256: String,
+    pub requested: u64,
+    pub refused: u64,
 }
 
 fn to_i64(path: &std::path::Path, n: u64) -> Result<i64> {
@@ -108,6 +124,20 @@ pub(crate) fn target_of(path: &std::path::Path, s: &str) -> Result<Target> {
     Target::parse(s).map_err(|e| HubError::Store {
         path: path.to_path_buf(),
         message: format!("stored target {s:?}: {e}"),
+    })
+}
+
+/// A `models` row, columns in the order the queries select them.
+fn stored_model(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredModel> {
+    Ok(StoredModel {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        release: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+        sha256: r.get(3)?,
+        size: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+        manifest_json: r.get(5)?,
+        published_at: r.get(6)?,
+        published_by: r.get(7)?,
     })
 }
 
@@ -194,18 +224,7 @@ impl ReleaseStore for SqliteStore {
                 "SELECT name, version, release_no, sha256, size, manifest_json, published_at, \
                  published_by FROM models WHERE name = ?1 AND version = ?2",
                 params![name, version],
-                |r| {
-                    Ok(StoredModel {
-                        name: r.get(0)?,
-                        version: r.get(1)?,
-                        release: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                        sha256: r.get(3)?,
-                        size: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
-                        manifest_json: r.get(5)?,
-                        published_at: r.get(6)?,
-                        published_by: r.get(7)?,
-                    })
-                },
+                stored_model,
             )
             .optional()
             .map_err(store_err(&self.path))
@@ -400,6 +419,59 @@ impl ReleaseStore for SqliteStore {
             out.push(DeviceId::try_from(id.map_err(&err)?)?);
         }
         Ok(out)
+    }
+
+    fn model_by_sha(&self, sha256: &str) -> Result<Option<StoredModel>> {
+        self.conn
+            .query_row(
+                "SELECT name, version, release_no, sha256, size, manifest_json, published_at, \
+                 published_by FROM models WHERE sha256 = ?1 ORDER BY published_at DESC LIMIT 1",
+                params![sha256],
+                stored_model,
+            )
+            .optional()
+            .map_err(store_err(&self.path))
+    }
+
+    fn add_chunk_counts(&mut self, counts: &[ChunkCount]) -> Result<()> {
+        let err = store_err(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let now = outpost_policy::audit::now_rfc3339();
+        for c in counts {
+            tx.execute(
+                "INSERT INTO blob_requests (device_id, sha256, chunks_requested, refused, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (device_id, sha256) DO UPDATE SET
+                    chunks_requested = blob_requests.chunks_requested + excluded.chunks_requested,
+                    refused = blob_requests.refused + excluded.refused,
+                    updated_at = excluded.updated_at",
+                params![
+                    c.device.as_str(),
+                    c.sha256,
+                    to_i64(&self.path, c.requested)?,
+                    to_i64(&self.path, c.refused)?,
+                    now
+                ],
+            )
+            .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)
+    }
+
+    fn chunks_requested(&self, device: &DeviceId, sha256: &str) -> Result<u64> {
+        let n: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT chunks_requested FROM blob_requests WHERE device_id = ?1 AND sha256 = ?2",
+                params![device.as_str(), sha256],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(store_err(&self.path))?;
+        Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
     }
 
     fn reported_json(&self, id: &DeviceId) -> Result<Option<String>> {

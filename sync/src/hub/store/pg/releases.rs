@@ -6,7 +6,7 @@
 
 use super::{PgStore, i64_of, pg_err, u64_of};
 use crate::hub::store::releases::{
-    CurrentDesired, DesiredRow, ReleaseStore, RolloutRow, StoredModel, target_of,
+    ChunkCount, CurrentDesired, DesiredRow, ReleaseStore, RolloutRow, StoredModel, target_of,
 };
 use crate::hub::{HubError, Result};
 use crate::protocol::DeviceId;
@@ -17,6 +17,20 @@ const ROLLOUT_LOCK: i64 = 0x6f75_7470_6f73_7432;
 
 const ROLLOUT_COLUMNS: &str = "id, model, target, alias, activate, batch_percent, max_failures, \
                                state, created_at, created_by";
+
+/// A `models` row, columns in the order the queries select them.
+fn stored_model(r: &postgres::Row) -> StoredModel {
+    StoredModel {
+        name: r.get(0),
+        version: r.get(1),
+        release: u64_of(r.get(2)),
+        sha256: r.get(3),
+        size: u64_of(r.get(4)),
+        manifest_json: r.get(5),
+        published_at: r.get(6),
+        published_by: r.get(7),
+    }
+}
 
 impl PgStore {
     fn rollout_from_row(&self, r: &postgres::Row) -> Result<RolloutRow> {
@@ -87,16 +101,7 @@ impl ReleaseStore for PgStore {
                 &[&name, &version],
             )
             .map_err(pg_err(&self.label))?;
-        Ok(row.map(|r| StoredModel {
-            name: r.get(0),
-            version: r.get(1),
-            release: u64_of(r.get(2)),
-            sha256: r.get(3),
-            size: u64_of(r.get(4)),
-            manifest_json: r.get(5),
-            published_at: r.get(6),
-            published_by: r.get(7),
-        }))
+        Ok(row.as_ref().map(stored_model))
     }
 
     fn add_rollout(
@@ -287,5 +292,57 @@ impl ReleaseStore for PgStore {
             )
             .map_err(pg_err(&self.label))?;
         Ok(row.and_then(|r| r.get(0)))
+    }
+
+    fn model_by_sha(&self, sha256: &str) -> Result<Option<StoredModel>> {
+        let row = self
+            .conn()?
+            .query_opt(
+                "SELECT name, version, release_no, sha256, size, manifest_json, published_at, \
+                 published_by FROM models WHERE sha256 = $1 \
+                 ORDER BY published_at COLLATE \"C\" DESC LIMIT 1",
+                &[&sha256],
+            )
+            .map_err(pg_err(&self.label))?;
+        Ok(row.as_ref().map(stored_model))
+    }
+
+    fn add_chunk_counts(&mut self, counts: &[ChunkCount]) -> Result<()> {
+        let err = pg_err(&self.label);
+        let label = self.label.clone();
+        let now = outpost_policy::audit::now_rfc3339();
+        let mut c = self.conn()?;
+        let mut tx = c.transaction().map_err(&err)?;
+        for n in counts {
+            tx.execute(
+                "INSERT INTO blob_requests (device_id, sha256, chunks_requested, refused, \
+                 updated_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (device_id, sha256) DO UPDATE SET \
+                    chunks_requested = blob_requests.chunks_requested \
+                                       + excluded.chunks_requested, \
+                    refused = blob_requests.refused + excluded.refused, \
+                    updated_at = excluded.updated_at",
+                &[
+                    &n.device.as_str(),
+                    &n.sha256,
+                    &i64_of(&label, n.requested)?,
+                    &i64_of(&label, n.refused)?,
+                    &now,
+                ],
+            )
+            .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)
+    }
+
+    fn chunks_requested(&self, device: &DeviceId, sha256: &str) -> Result<u64> {
+        let row = self
+            .conn()?
+            .query_opt(
+                "SELECT chunks_requested FROM blob_requests WHERE device_id = $1 AND sha256 = $2",
+                &[&device.as_str(), &sha256],
+            )
+            .map_err(pg_err(&self.label))?;
+        Ok(row.map_or(0, |r| u64_of(r.get(0))))
     }
 }

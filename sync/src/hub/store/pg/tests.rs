@@ -16,7 +16,7 @@ use super::testing::TestDb;
 use super::*;
 use crate::hub::audit::DeviceChain;
 use crate::hub::ingest::{Handled, apply, prepare};
-use crate::hub::store::releases::{RolloutRow, StoredModel};
+use crate::hub::store::releases::{ChunkCount, RolloutRow, StoredModel};
 use crate::hub::store::{SqliteStore, Store, StoreConfig};
 use crate::protocol::{BatchBuilder, BatchLimits, DeviceTopic, Pushed, device_topic};
 use crate::release::Target;
@@ -457,6 +457,40 @@ fn releases(store: &mut dyn Store) -> String {
         "{:?}\n",
         store.reported_json(&dev("edge-01")).unwrap()
     ));
+    // Chunk requests add up per (device, blob), across writes; the blob names its model.
+    let sha = "ab".repeat(32);
+    let count = |device: &str, sha256: &str, requested, refused| ChunkCount {
+        device: dev(device),
+        sha256: sha256.into(),
+        requested,
+        refused,
+    };
+    store
+        .add_chunk_counts(&[count("edge-01", &sha, 5, 1), count("edge-02", &sha, 2, 0)])
+        .unwrap();
+    store
+        .add_chunk_counts(&[count("edge-01", &sha, 3, 0), count("edge-01", "cd", 1, 1)])
+        .unwrap();
+    store.add_chunk_counts(&[]).unwrap();
+    for (device, sha256) in [
+        ("edge-01", sha.as_str()),
+        ("edge-02", &sha),
+        ("edge-01", "cd"),
+    ] {
+        out.push_str(&format!(
+            "chunks {device} {sha256}: {}\n",
+            store.chunks_requested(&dev(device), sha256).unwrap()
+        ));
+    }
+    out.push_str(&format!(
+        "chunks none: {}\n",
+        store.chunks_requested(&dev("edge-03"), &sha).unwrap()
+    ));
+    out.push_str(&format!(
+        "by sha: {:?} {:?}\n",
+        store.model_by_sha(&sha).unwrap().map(|m| m.version),
+        store.model_by_sha("cd").unwrap()
+    ));
     out
 }
 
@@ -478,6 +512,11 @@ fn both_stores_keep_releases_alike() {
     assert_eq!(sqlite, pg);
     assert!(pg.contains("doc 2 group:lab 2"), "{pg}");
     assert!(pg.contains("halted: true"), "{pg}");
+    assert!(
+        pg.contains(&format!("chunks edge-01 {}: 8\n", "ab".repeat(32))),
+        "{pg}"
+    );
+    assert!(pg.contains("by sha: Some(\"1.0\") None"), "{pg}");
 }
 
 #[test]
@@ -516,7 +555,8 @@ fn migrate_moves_everything_verifies_it_and_refuses_a_database_that_has_rows() {
             "audit_alerts 1",
             "models 1",
             "rollouts 2",
-            "desired_docs 4"
+            "desired_docs 4",
+            "blob_requests 3"
         ]
     );
     // The same reads there (releases() adds to what it reads, so only the audit side is
