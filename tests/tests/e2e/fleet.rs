@@ -1238,7 +1238,15 @@ fn rollout_fleet(
     before_rollout: &dyn Fn(&Fleet),
 ) -> Option<(Fleet, Agent, Value)> {
     let agent = Agent::new("");
-    rollout_fleet_on(agent, model, name, chunk_size, sync_extra, hub_extra, before_rollout)
+    rollout_fleet_on(
+        agent,
+        model,
+        name,
+        chunk_size,
+        sync_extra,
+        hub_extra,
+        before_rollout,
+    )
 }
 
 /// [`rollout_fleet`] with a given agent (e.g. one whose data directory is a small mount).
@@ -1473,7 +1481,7 @@ fn a_download_that_does_not_fit_on_the_disk_is_refused_before_it_starts() {
     };
     let agent = Agent::on(Device::with_data(fs.path().join("data")), "");
     let Some((fleet, mut agent, manifest)) =
-        rollout_fleet_on(agent, &model, "smollm2", 1 << 20, "", "", &|_| {})
+        rollout_fleet_on(agent, &model, "smollm2", 128 << 10, "", "", &|_| {})
     else {
         return;
     };
@@ -1496,7 +1504,10 @@ fn a_download_that_does_not_fit_on_the_disk_is_refused_before_it_starts() {
         .to_string();
     let size = manifest["size"].as_u64().unwrap();
     assert!(
-        reason.starts_with("not enough disk space") && reason.contains(&format!("{} bytes needed", size + (16 << 20))),
+        reason.contains(&format!(
+            "not enough disk space: {} bytes needed",
+            size + (16 << 20)
+        )),
         "{status}"
     );
     // Audited: the refusal with what was needed and what was free, then the failure.

@@ -873,7 +873,7 @@ fn traffic_from_a_device_of_unknown_status_marks_it_online_but_never_overrides_a
     let mut fx = Fixture::new();
     let online = |fx: &Fixture| fx.store.device(&dev(DEVICE)).unwrap().unwrap().online;
     assert_eq!(online(&fx), None);
-    let b = packed(DEVICE, &fx.records(1..=3), Some(&fx.cp(3)));
+    let b = packed(DEVICE, &fx.records(1..=5), Some(&fx.cp(5)));
     fx.send(DEVICE, DeviceTopic::Audit, &b);
     assert_eq!(online(&fx), Some(true));
 
@@ -882,12 +882,12 @@ fn traffic_from_a_device_of_unknown_status_marks_it_online_but_never_overrides_a
         DeviceTopic::Status,
         br#"{"v":1,"state":"offline","agent_version":"0.2.0"}"#,
     );
-    let b = packed(DEVICE, &fx.records(4..=5), Some(&fx.cp(5)));
+    let b = packed(DEVICE, &fx.records(6..=10), Some(&fx.cp(10)));
     fx.send(DEVICE, DeviceTopic::Audit, &b);
     fx.send(
         DEVICE,
         DeviceTopic::Telemetry,
-        br#"{"v":1,"ts":"t","metrics":{"audit_last_seq":5}}"#,
+        br#"{"v":1,"ts":"t","metrics":{"audit_last_seq":10}}"#,
     );
     assert_eq!(online(&fx), Some(false));
 }
