@@ -18,6 +18,7 @@ pub mod arch;
 pub mod chat;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod lease;
 pub mod quantize;
 pub mod registry;

@@ -6,61 +6,75 @@
 //! layers and `rope.freq_base` on every sixth, global, layer; grouped-query attention) →
 //! RMSNorm → residual; RMSNorm → GELU-gated MLP → RMSNorm → residual. Embeddings are scaled
 //! by √hidden; the output head is tied to the embedding unless `output.weight` exists.
-//! Sliding-window layers keep only the last `window` positions in their KV cache. The token
-//! embedding stays in its file type (Q8_0: 170 MiB for the 262k vocabulary, instead of
-//! 640 MiB as f32) and is shared with the tied output head; rows are dequantized on lookup.
+//! Sliding-window layers keep only the last `window` positions (plus one chunk) in their KV
+//! cache (see `ops`). The token embedding stays in its file type (Q8_0: 170 MiB for the 262k
+//! vocabulary, instead of 640 MiB as f32) and is shared with the tied output head; rows are
+//! dequantized on lookup. The pass runs on f32 slices with buffers reused across calls.
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::sync::Arc;
 
-use super::common::{Embeddings, Rope, attention_mask};
-
-use candle_core::quantized::QMatMul;
+use candle_core::Result;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::{Device, IndexOp, Module, Result, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
+
+use super::common::{Embeddings, Linear, Source};
+use super::ops::{self, KvCache, MAX_CHUNK, Rope};
 
 /// Every `GLOBAL_EVERY`-th layer attends globally; the others use the sliding window.
 const GLOBAL_EVERY: usize = 6;
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
 
 struct Layer {
-    attn_norm: RmsNorm,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    post_attn_norm: RmsNorm,
-    ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
-    post_ffn_norm: RmsNorm,
-    /// `Some(window)` on sliding-window layers.
-    window: Option<usize>,
+    attn_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    post_attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Vec<f32>,
     global_rope: bool,
-    cache: Option<(Tensor, Tensor)>,
+    cache: KvCache,
+}
+
+/// Activations of one chunk, kept between calls.
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cs_local: Vec<(f32, f32)>,
+    cs_global: Vec<(f32, f32)>,
 }
 
 pub struct Gemma3 {
     embed: Embeddings,
     hidden: usize,
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    output: QMatMul,
+    norm: Vec<f32>,
+    eps: f32,
+    output: Linear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     local_rope: Rope,
     global_rope: Rope,
+    context: usize,
+    buf: Buffers,
 }
 
 impl Gemma3 {
     pub fn load(ct: &Content, file: &mut File, max_positions: usize) -> Result<Self> {
-        let dev = Device::Cpu;
         let md = |k: &str| {
             ct.metadata
                 .get(&format!("gemma3.{k}"))
@@ -71,43 +85,43 @@ impl Gemma3 {
         let layers_n = md("block_count")?.to_u32()? as usize;
         let hidden = md("embedding_length")?.to_u32()? as usize;
         let head_dim = md("attention.key_length")?.to_u32()? as usize;
-        let eps = f64::from(md("attention.layer_norm_rms_epsilon")?.to_f32()?);
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
         let window = md("attention.sliding_window")?.to_u32()? as usize;
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || window == 0 {
+            candle_core::bail!(
+                "{heads} attention heads, {kv_heads} KV heads and a window of {window} do not fit"
+            );
+        }
         let global_base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(1_000_000.0);
         let local_base = md("rope.local_freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(LOCAL_ROPE_BASE);
-        let mut tensor = |name: &str| ct.tensor(file, name, &dev);
-        let table = Arc::new(tensor("token_embd.weight")?);
-        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
-        let output = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_arc(table.clone())?,
-        };
-        let embed = Embeddings::new(table, hidden);
+        let mut src = Source::new(ct, file);
+        let (embed, output) = src.embeddings("token_embd.weight", hidden)?;
+        let norm = src.norm("output_norm.weight")?;
+        let context = max_positions.max(1);
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
-            let mut t = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
+            let name = |n: &str| format!("blk.{i}.{n}.weight");
             let global = (i + 1) % GLOBAL_EVERY == 0;
             layers.push(Layer {
-                attn_norm: RmsNorm::from_qtensor(t("attn_norm")?, eps)?,
-                q: QMatMul::from_qtensor(t("attn_q")?)?,
-                k: QMatMul::from_qtensor(t("attn_k")?)?,
-                v: QMatMul::from_qtensor(t("attn_v")?)?,
-                o: QMatMul::from_qtensor(t("attn_output")?)?,
-                q_norm: RmsNorm::from_qtensor(t("attn_q_norm")?, eps)?,
-                k_norm: RmsNorm::from_qtensor(t("attn_k_norm")?, eps)?,
-                post_attn_norm: RmsNorm::from_qtensor(t("post_attention_norm")?, eps)?,
-                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, eps)?,
-                gate: QMatMul::from_qtensor(t("ffn_gate")?)?,
-                up: QMatMul::from_qtensor(t("ffn_up")?)?,
-                down: QMatMul::from_qtensor(t("ffn_down")?)?,
-                post_ffn_norm: RmsNorm::from_qtensor(t("post_ffw_norm")?, eps)?,
-                window: (!global).then_some(window),
+                attn_norm: src.norm(&name("attn_norm"))?,
+                q: src.linear(&name("attn_q"))?,
+                k: src.linear(&name("attn_k"))?,
+                v: src.linear(&name("attn_v"))?,
+                o: src.linear(&name("attn_output"))?,
+                q_norm: src.norm(&name("attn_q_norm"))?,
+                k_norm: src.norm(&name("attn_k_norm"))?,
+                post_attn_norm: src.norm(&name("post_attention_norm"))?,
+                ffn_norm: src.norm(&name("ffn_norm"))?,
+                gate: src.linear(&name("ffn_gate"))?,
+                up: src.linear(&name("ffn_up"))?,
+                down: src.linear(&name("ffn_down"))?,
+                post_ffn_norm: src.norm(&name("post_ffw_norm"))?,
                 global_rope: global,
-                cache: None,
+                cache: KvCache::new(context, kv_heads * head_dim, (!global).then_some(window)),
             });
         }
         Ok(Self {
@@ -115,95 +129,97 @@ impl Gemma3 {
             hidden,
             layers,
             norm,
+            eps,
             output,
             heads,
             kv_heads,
             head_dim,
-            local_rope: Rope::new(head_dim, local_base, max_positions, &dev)?,
-            global_rope: Rope::new(head_dim, global_base, max_positions, &dev)?,
+            local_rope: Rope::new(head_dim, local_base, true),
+            global_rope: Rope::new(head_dim, global_base, true),
+            context,
+            buf: Buffers::default(),
         })
     }
 
+    /// Frees the KV cache's memory (an idle server need not hold it).
     pub fn clear_cache(&mut self) {
         for layer in &mut self.layers {
-            layer.cache = None;
+            layer.cache.reset();
         }
     }
 
     /// Logits after the last of `tokens`, placed at positions `pos..`.
-    pub fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {
-        let (b, len) = tokens.dims2()?;
-        let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
-        let mut x = self.embed.lookup(&ids)?.reshape((b, len, self.hidden))?;
-        x = (x * (self.hidden as f64).sqrt())?;
-        let mut masks: HashMap<Option<usize>, Tensor> = HashMap::new();
-        for layer in &mut self.layers {
-            if pos == 0 {
-                layer.cache = None;
-            }
-            let rope = if layer.global_rope {
-                &self.global_rope
-            } else {
-                &self.local_rope
-            };
-            let h = layer.attn_norm.forward(&x)?;
-            let q = layer
-                .q
-                .forward(&h)?
-                .reshape((b, len, self.heads, self.head_dim))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&h)?
-                .reshape((b, len, self.kv_heads, self.head_dim))?
-                .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&h)?
-                .reshape((b, len, self.kv_heads, self.head_dim))?
-                .transpose(1, 2)?;
-            let q = rope.apply(&layer.q_norm.forward(&q.contiguous()?)?, pos)?;
-            let k = rope.apply(&layer.k_norm.forward(&k.contiguous()?)?, pos)?;
-            let (k, v) = match &layer.cache {
-                Some((kc, vc)) => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
-                None => (k, v.contiguous()?),
-            };
-            let total = k.dim(2)?;
-            // Key j (of `total`, the last `len` being new) is at position pos + len - total + j.
-            let first_key = pos + len - total;
-            let mask = match masks.get(&layer.window) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = attention_mask(len, total, pos, first_key, layer.window)?;
-                    masks.insert(layer.window, m.clone());
-                    m
-                }
-            };
-            // Sliding layers never need more than the window.
-            layer.cache = Some(match layer.window {
-                Some(w) if total > w => (
-                    k.narrow(2, total - w, w)?.contiguous()?,
-                    v.narrow(2, total - w, w)?.contiguous()?,
-                ),
-                _ => (k.clone(), v.clone()),
-            });
-            let rep = self.heads / self.kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-            let scores = (q.contiguous()?.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-            let scores = scores.broadcast_add(&mask)?;
-            let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-            let attn = attn
-                .transpose(1, 2)?
-                .reshape((b, len, self.heads * self.head_dim))?;
-            let attn = layer.post_attn_norm.forward(&layer.o.forward(&attn)?)?;
-            x = (x + attn)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let gated = (layer.gate.forward(&h)?.gelu()? * layer.up.forward(&h)?)?;
-            let ffn = layer.post_ffn_norm.forward(&layer.down.forward(&gated)?)?;
-            x = (x + ffn)?;
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        if tokens.is_empty() || pos + tokens.len() > self.context {
+            candle_core::bail!(
+                "{} tokens at position {pos} do not fit a context of {}",
+                tokens.len(),
+                self.context
+            );
         }
-        let last = x.i((.., len - 1, ..))?;
-        self.output.forward(&self.norm.forward(&last)?)
+        let mut p = pos;
+        for chunk in tokens.chunks(MAX_CHUNK) {
+            self.chunk(chunk, p)?;
+            p += chunk.len();
+        }
+        let b = &mut self.buf;
+        let last = &b.x[b.x.len() - self.hidden..];
+        ops::rms_norm_into(last, &self.norm, self.eps, &mut b.h);
+        let mut logits = Vec::new();
+        self.output.matmul(&b.h, &mut logits)?;
+        Ok(logits)
+    }
+
+    fn chunk(&mut self, ids: &[u32], pos: usize) -> Result<()> {
+        let (hd, heads, kvh) = (self.head_dim, self.heads, self.kv_heads);
+        let b = &mut self.buf;
+        self.embed.lookup_into(ids, &mut b.x)?;
+        let s = (self.hidden as f32).sqrt();
+        b.x.iter_mut().for_each(|v| *v *= s);
+        let scale = 1.0 / (hd as f32).sqrt();
+        self.local_rope.table(pos, ids.len(), &mut b.cs_local);
+        self.global_rope.table(pos, ids.len(), &mut b.cs_global);
+        for layer in &mut self.layers {
+            let (rope, cs) = if layer.global_rope {
+                (&self.global_rope, &b.cs_global)
+            } else {
+                (&self.local_rope, &b.cs_local)
+            };
+            ops::rms_norm_into(&b.x, &layer.attn_norm, self.eps, &mut b.h);
+            Linear::group(
+                &[&layer.q, &layer.k, &layer.v],
+                &b.h,
+                &mut [&mut b.q, &mut b.k, &mut b.v],
+            )?;
+            ops::rms_norm(&mut b.q, &layer.q_norm, self.eps);
+            ops::rms_norm(&mut b.k, &layer.k_norm, self.eps);
+            rope.apply(&mut b.q, heads, cs);
+            rope.apply(&mut b.k, kvh, cs);
+            layer.cache.store(&b.k, &b.v, pos);
+            b.att.resize(b.q.len(), 0.0);
+            layer
+                .cache
+                .attend(&b.q, heads, kvh, hd, pos, scale, &mut b.att);
+            layer.o.matmul(&b.att, &mut b.o)?;
+            ops::rms_norm(&mut b.o, &layer.post_attn_norm, self.eps);
+            add(&mut b.x, &b.o);
+            ops::rms_norm_into(&b.x, &layer.ffn_norm, self.eps, &mut b.h);
+            Linear::group(
+                &[&layer.gate, &layer.up],
+                &b.h,
+                &mut [&mut b.gate, &mut b.up],
+            )?;
+            ops::gelu_mul(&mut b.gate, &b.up);
+            layer.down.matmul(&b.gate, &mut b.o)?;
+            ops::rms_norm(&mut b.o, &layer.post_ffn_norm, self.eps);
+            add(&mut b.x, &b.o);
+        }
+        Ok(())
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }

@@ -5,47 +5,65 @@
 //! and a tied output head uses the same quantized table.
 //!
 //! Per layer: RMSNorm → attention (interleaved RoPE, as llama.cpp's GGUF conversion lays
-//! out Q and K; grouped-query attention; KV cache) → residual; RMSNorm → SiLU-gated MLP →
-//! residual. Then RMSNorm and the output head on the last position.
+//! out Q and K; grouped-query attention over the preallocated KV cache of `ops`) →
+//! residual; RMSNorm → SiLU-gated MLP → residual. Then RMSNorm and the output head on the
+//! last position. The pass runs on f32 slices with buffers reused across calls; every
+//! matmul goes through [`Linear`] (our kernels where the type has them), all prompt
+//! positions of a chunk at once.
 
 use std::fs::File;
-use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::Result;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::{Device, IndexOp, Module, Result, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
 
-use super::common::{Embeddings, Rope, attention_mask};
+use super::common::{Embeddings, Linear, Source};
+use super::ops::{self, KvCache, MAX_CHUNK, Rope};
 
 struct Layer {
-    attn_norm: RmsNorm,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
-    ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
-    cache: Option<(Tensor, Tensor)>,
+    attn_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    cache: KvCache,
+}
+
+/// Activations of one chunk, kept between calls.
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cs: Vec<(f32, f32)>,
 }
 
 pub struct Llama {
     embed: Embeddings,
     hidden: usize,
     layers: Vec<Layer>,
-    norm: RmsNorm,
-    output: QMatMul,
+    norm: Vec<f32>,
+    eps: f32,
+    output: Linear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     rope: Rope,
+    context: usize,
+    buf: Buffers,
 }
 
 impl Llama {
     pub fn load(ct: &Content, file: &mut File, max_positions: usize) -> Result<Self> {
-        let dev = Device::Cpu;
         let md = |k: &str| {
             ct.metadata
                 .get(&format!("llama.{k}"))
@@ -69,113 +87,117 @@ impl Llama {
                 "partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"
             );
         }
-        let eps = f64::from(md("attention.layer_norm_rms_epsilon")?.to_f32()?);
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
         let base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
         if md("expert_count").and_then(|v| v.to_u32()).unwrap_or(0) > 1 {
             candle_core::bail!("mixture-of-experts llama models are not supported");
         }
-        let mut tensor = |name: &str| ct.tensor(file, name, &dev);
-        let table = Arc::new(tensor("token_embd.weight")?);
-        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, eps)?;
-        let output = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_arc(table.clone())?,
-        };
+        let mut src = Source::new(ct, file);
+        let (embed, output) = src.embeddings("token_embd.weight", hidden)?;
+        let norm = src.norm("output_norm.weight")?;
+        let context = max_positions.max(1);
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
-            let mut t = |n: &str| tensor(&format!("blk.{i}.{n}.weight"));
+            let name = |n: &str| format!("blk.{i}.{n}.weight");
             layers.push(Layer {
-                attn_norm: RmsNorm::from_qtensor(t("attn_norm")?, eps)?,
-                q: QMatMul::from_qtensor(t("attn_q")?)?,
-                k: QMatMul::from_qtensor(t("attn_k")?)?,
-                v: QMatMul::from_qtensor(t("attn_v")?)?,
-                o: QMatMul::from_qtensor(t("attn_output")?)?,
-                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, eps)?,
-                gate: QMatMul::from_qtensor(t("ffn_gate")?)?,
-                up: QMatMul::from_qtensor(t("ffn_up")?)?,
-                down: QMatMul::from_qtensor(t("ffn_down")?)?,
-                cache: None,
+                attn_norm: src.norm(&name("attn_norm"))?,
+                q: src.linear(&name("attn_q"))?,
+                k: src.linear(&name("attn_k"))?,
+                v: src.linear(&name("attn_v"))?,
+                o: src.linear(&name("attn_output"))?,
+                ffn_norm: src.norm(&name("ffn_norm"))?,
+                gate: src.linear(&name("ffn_gate"))?,
+                up: src.linear(&name("ffn_up"))?,
+                down: src.linear(&name("ffn_down"))?,
+                cache: KvCache::new(context, kv_heads * head_dim, None),
             });
         }
         Ok(Self {
-            embed: Embeddings::new(table, hidden),
+            embed,
             hidden,
             layers,
             norm,
+            eps,
             output,
             heads,
             kv_heads,
             head_dim,
-            rope: Rope::new(head_dim, base, max_positions, &dev)?,
+            rope: Rope::new(head_dim, base, false),
+            context,
+            buf: Buffers::default(),
         })
     }
 
+    /// Frees the KV cache's memory (an idle server need not hold it).
     pub fn clear_cache(&mut self) {
         for layer in &mut self.layers {
-            layer.cache = None;
+            layer.cache.reset();
         }
     }
 
     /// Logits after the last of `tokens`, placed at positions `pos..`; `pos == 0` starts a
     /// new sequence.
-    pub fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {
-        let (b, len) = tokens.dims2()?;
-        let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
-        let mut x = self.embed.lookup(&ids)?.reshape((b, len, self.hidden))?;
-        let total = pos + len;
-        // One query attends to everything before it: no mask needed.
-        let mask = (len > 1)
-            .then(|| attention_mask(len, total, pos, 0, None))
-            .transpose()?;
-        let rep = self.heads / self.kv_heads;
-        for layer in &mut self.layers {
-            if pos == 0 {
-                layer.cache = None;
-            }
-            let h = layer.attn_norm.forward(&x)?;
-            let split = |m: &QMatMul, n: usize| -> Result<Tensor> {
-                m.forward(&h)?
-                    .reshape((b, len, n, self.head_dim))?
-                    .transpose(1, 2)
-            };
-            let q = self
-                .rope
-                .apply_interleaved(&split(&layer.q, self.heads)?, pos)?;
-            let k = self
-                .rope
-                .apply_interleaved(&split(&layer.k, self.kv_heads)?, pos)?;
-            let v = split(&layer.v, self.kv_heads)?.contiguous()?;
-            let (k, v) = match &layer.cache {
-                Some((kc, vc)) => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
-                None => (k, v),
-            };
-            if k.dim(2)? != total {
-                candle_core::bail!(
-                    "the KV cache holds {} positions, expected {total}",
-                    k.dim(2)?
-                );
-            }
-            layer.cache = Some((k.clone(), v.clone()));
-            let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-            let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
-            let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-            let scores = match &mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-            let attn = attn
-                .transpose(1, 2)?
-                .reshape((b, len, self.heads * self.head_dim))?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&gated)?)?;
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        if tokens.is_empty() || pos + tokens.len() > self.context {
+            candle_core::bail!(
+                "{} tokens at position {pos} do not fit a context of {}",
+                tokens.len(),
+                self.context
+            );
         }
-        let last = x.i((.., len - 1, ..))?;
-        self.output.forward(&self.norm.forward(&last)?)
+        let mut p = pos;
+        for chunk in tokens.chunks(MAX_CHUNK) {
+            self.chunk(chunk, p)?;
+            p += chunk.len();
+        }
+        let b = &mut self.buf;
+        let last = &b.x[b.x.len() - self.hidden..];
+        ops::rms_norm_into(last, &self.norm, self.eps, &mut b.h);
+        let mut logits = Vec::new();
+        self.output.matmul(&b.h, &mut logits)?;
+        Ok(logits)
+    }
+
+    fn chunk(&mut self, ids: &[u32], pos: usize) -> Result<()> {
+        let (hd, heads, kvh) = (self.head_dim, self.heads, self.kv_heads);
+        let b = &mut self.buf;
+        self.embed.lookup_into(ids, &mut b.x)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        self.rope.table(pos, ids.len(), &mut b.cs);
+        for layer in &mut self.layers {
+            ops::rms_norm_into(&b.x, &layer.attn_norm, self.eps, &mut b.h);
+            Linear::group(
+                &[&layer.q, &layer.k, &layer.v],
+                &b.h,
+                &mut [&mut b.q, &mut b.k, &mut b.v],
+            )?;
+            self.rope.apply(&mut b.q, heads, &b.cs);
+            self.rope.apply(&mut b.k, kvh, &b.cs);
+            layer.cache.store(&b.k, &b.v, pos);
+            b.att.resize(b.q.len(), 0.0);
+            layer
+                .cache
+                .attend(&b.q, heads, kvh, hd, pos, scale, &mut b.att);
+            layer.o.matmul(&b.att, &mut b.o)?;
+            add(&mut b.x, &b.o);
+            ops::rms_norm_into(&b.x, &layer.ffn_norm, self.eps, &mut b.h);
+            Linear::group(
+                &[&layer.gate, &layer.up],
+                &b.h,
+                &mut [&mut b.gate, &mut b.up],
+            )?;
+            ops::silu_mul(&mut b.gate, &b.up);
+            layer.down.matmul(&b.gate, &mut b.o)?;
+            add(&mut b.x, &b.o);
+        }
+        Ok(())
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }

@@ -19,6 +19,7 @@ mod check;
 mod common;
 mod gemma3;
 mod llama;
+mod ops;
 
 pub use check::{HyperparameterError, check as check_hyperparameters};
 
@@ -109,8 +110,8 @@ impl Weights {
             .and_then(|t| t.unsqueeze(0))
             .map_err(model_err)?;
         let logits = match self {
-            Self::Llama(m) => m.forward(&input, pos),
-            Self::Gemma3(m) => m.forward(&input, pos),
+            Self::Llama(m) => return m.forward(tokens, pos).map_err(model_err),
+            Self::Gemma3(m) => return m.forward(tokens, pos).map_err(model_err),
             Self::Qwen2(m) => m.forward(&input, pos),
             Self::Qwen3(m) => {
                 if pos == 0 {

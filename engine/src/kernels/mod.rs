@@ -1,0 +1,543 @@
+//! Our own quantized matrix kernels: weights stay in their GGUF blocks, activations are
+//! quantized to 8 bits once per matmul, and the dot products are integer, with the SIMD path
+//! chosen at run time from the CPU's features (so the portable x86-64 release binary still
+//! gets AVX2, and an aarch64 build gets NEON) and a scalar fallback that is also the reference
+//! the SIMD paths are tested against.
+//!
+//! This is the only module of the workspace allowed `unsafe` (SIMD intrinsics, unaligned
+//! block reads, and disjoint writes into one output from several threads); each unsafe block
+//! says why it is sound.
+//!
+//! Weight types (GGUF block layouts, little-endian, f16 scales):
+//! - `Q4_0` (18 B / 32): `d`, 16 bytes of nibbles; value = d·(q − 8). Low nibbles are values
+//!   0..16, high nibbles 16..32.
+//! - `Q4_1` (20 B / 32): `d`, `m`, nibbles; value = d·q + m.
+//! - `Q5_0` (22 B / 32): `d`, 32 high bits `qh`, nibbles; value = d·(q | hᵢ<<4 − 16).
+//! - `Q8_0` (34 B / 32): `d`, 32 × i8; value = d·q.
+//! - `Q4_K` (144 B / 256): `d`, `dmin`, 12 bytes of 6-bit sub-block scales and mins, 128
+//!   bytes of nibbles; value = d·scⱼ·q − dmin·mⱼ over eight sub-blocks of 32.
+//! - `Q6_K` (210 B / 256): 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 × i8 scales,
+//!   `d`; value = d·scₛ·(q − 32) over sixteen sub-blocks of 16.
+//!
+//! Activations (our own in-memory layouts, never written anywhere): [`Q8Block`] (32 values,
+//! f32 scale rounded through f16 as llama.cpp does, and the scaled sum `s` that Q4_1's minimum
+//! term needs) for the 32-blocks, [`Q8KBlock`] (256 values, f32 scale, sums per 16) for the
+//! K-quants.
+//!
+//! Threads: the matmul splits output rows in chunks over rayon's global pool, whose size the
+//! agent sets from `--threads` (`RAYON_NUM_THREADS`); the activation scratch is a per-thread
+//! buffer reused across calls, so steady-state decoding allocates nothing here.
+//! `OUTPOST_KERNELS=scalar` forces the scalar path (for comparisons).
+
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod scalar;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Quantized weight types these kernels multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl WType {
+    /// From a GGML type id (as in GGUF tensor infos).
+    pub fn from_ggml_id(id: u32) -> Option<Self> {
+        Some(match id {
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            14 => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Values per block.
+    pub const fn block_len(self) -> usize {
+        match self {
+            Self::Q4K | Self::Q6K => 256,
+            _ => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
+        }
+    }
+
+    /// Whether activations go in Q8_K blocks (else Q8 blocks of 32).
+    pub const fn k_quant(self) -> bool {
+        matches!(self, Self::Q4K | Self::Q6K)
+    }
+}
+
+/// 32 activations quantized to i8: value ≈ d·q; `s` = d·Σq.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(8))]
+pub struct Q8Block {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; 32],
+}
+
+/// 256 activations quantized to i8 with the sums of each 16.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(4))]
+pub struct Q8KBlock {
+    pub d: f32,
+    pub qs: [i8; 256],
+    pub bsums: [i16; 16],
+}
+
+impl Default for Q8KBlock {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            qs: [0; 256],
+            bsums: [0; 16],
+        }
+    }
+}
+
+/// The instruction set the kernels use, chosen once per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2's kernels with AVX-512 VNNI's `vpdpbusd` (256-bit, so AVX512VL; and BW, F).
+    Avx512Vnni,
+    /// aarch64 Advanced SIMD.
+    Neon,
+    /// NEON with the dot-product extension (`sdot`).
+    NeonDot,
+}
+
+/// The kernels' instruction set on this CPU, chosen once. `OUTPOST_KERNELS=scalar` forces
+/// the fallback, `OUTPOST_KERNELS=avx2` caps x86 at AVX2 (to compare like with like).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = std::env::var("OUTPOST_KERNELS").unwrap_or_default();
+        match (cap.as_str(), detect()) {
+            ("scalar", _) => Isa::Scalar,
+            ("avx2", Isa::Avx512Vnni) => Isa::Avx2,
+            (_, isa) => isa,
+        }
+    })
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+            {
+                return Isa::Avx512Vnni;
+            }
+            return Isa::Avx2;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                return Isa::NeonDot;
+            }
+            return Isa::Neon;
+        }
+    }
+    Isa::Scalar
+}
+
+/// Activations of `n` tokens quantized for one weight type.
+#[derive(Default)]
+pub struct Acts {
+    q8: Vec<Q8Block>,
+    q8k: Vec<Q8KBlock>,
+    /// Blocks per token.
+    per_token: usize,
+}
+
+impl Acts {
+    /// Quantizes `x` (`n` rows of `k`) for multiplying with weights of type `wt`.
+    pub fn quantize(&mut self, wt: WType, x: &[f32], k: usize) {
+        let n = x.len() / k;
+        self.per_token = k / wt.block_len();
+        // Many tokens (a prompt): spread over the pool, a token per item.
+        let parallel = n >= 4 && rayon::current_num_threads() > 1;
+        let len = n * self.per_token;
+        if wt.k_quant() {
+            self.q8k.resize(len, Q8KBlock::default());
+            quantize_rows(x, k, &mut self.q8k, 256, parallel, scalar::quantize_q8k);
+        } else {
+            self.q8.resize(len, Q8Block::default());
+            quantize_rows(x, k, &mut self.q8, 32, parallel, scalar::quantize_q8);
+        }
+    }
+
+    fn token(&self, wt: WType, t: usize) -> ActRef<'_> {
+        let r = t * self.per_token..(t + 1) * self.per_token;
+        if wt.k_quant() {
+            ActRef::K(&self.q8k[r])
+        } else {
+            ActRef::B(&self.q8[r])
+        }
+    }
+}
+
+/// Rows of `k` values of `x` into blocks of `block` values each, a row per work item.
+fn quantize_rows<B: Send>(
+    x: &[f32],
+    k: usize,
+    out: &mut [B],
+    block: usize,
+    parallel: bool,
+    f: fn(&[f32], &mut B),
+) {
+    let per_row = k / block;
+    let one = |(xs, bs): (&[f32], &mut [B])| {
+        for (x, b) in xs.chunks_exact(block).zip(bs) {
+            f(x, b);
+        }
+    };
+    if parallel {
+        x.par_chunks(k)
+            .zip(out.par_chunks_mut(per_row))
+            .for_each(one);
+    } else {
+        x.chunks(k).zip(out.chunks_mut(per_row)).for_each(one);
+    }
+}
+
+/// One token's quantized activations.
+#[derive(Clone, Copy)]
+pub enum ActRef<'a> {
+    B(&'a [Q8Block]),
+    K(&'a [Q8KBlock]),
+}
+
+/// `out[t·n + r]` = row r of `w` · `acts[t]`, for the `n = out.len() / acts.len()` rows
+/// stored back to back in `w`, all activations having the same block count.
+pub fn dot_rows(isa: Isa, wt: WType, w: &[u8], acts: &[ActRef<'_>], out: &mut [f32]) {
+    let nb = |a: &ActRef<'_>| match a {
+        ActRef::B(a) => a.len(),
+        ActRef::K(a) => a.len(),
+    };
+    let Some(first) = acts.first() else { return };
+    let blocks = nb(first);
+    assert!(
+        acts.iter()
+            .all(|a| nb(a) == blocks && matches!(a, ActRef::K(_)) == wt.k_quant()),
+        "activations quantized for another shape or type"
+    );
+    let row_bytes = blocks * wt.block_bytes();
+    let n = out.len() / acts.len();
+    assert!(
+        w.len() >= row_bytes * n && out.len() == n * acts.len(),
+        "weight rows or outputs out of range"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if matches!(detect(), Isa::Avx2 | Isa::Avx512Vnni) => {
+            // SAFETY: the guard checked avx2, fma and f16c on this CPU (std caches the
+            // answer); the lengths and activation types were checked above.
+            unsafe { x86::avx2::dot_rows(wt, w, row_bytes, acts, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if detect() == Isa::Avx512Vnni => {
+            // SAFETY: the guard checked AVX2's features and avx512f/bw/vl/vnni on this CPU;
+            // the lengths and activation types were checked above.
+            unsafe { x86::vnni::dot_rows(wt, w, row_bytes, acts, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot if detect() == Isa::NeonDot || isa == Isa::Neon => {
+            for (t, act) in acts.iter().enumerate() {
+                // SAFETY: NEON is part of every aarch64 Linux target; dotprod only runs when
+                // the guard saw this CPU report it; lengths and types were checked above.
+                unsafe {
+                    neon::dot_rows(
+                        isa == Isa::NeonDot,
+                        wt,
+                        w,
+                        row_bytes,
+                        *act,
+                        &mut out[t * n..(t + 1) * n],
+                    )
+                }
+            }
+        }
+        _ => {
+            for (t, act) in acts.iter().enumerate() {
+                for r in 0..n {
+                    out[t * n + r] = scalar::dot(wt, &w[r * row_bytes..(r + 1) * row_bytes], *act);
+                }
+            }
+        }
+    }
+}
+
+/// Σ a·b over f32 slices of equal length (attention scores).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot product of unequal lengths");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni) {
+        // SAFETY: `isa()` is one of these only when `detect` saw avx2, fma and f16c.
+        return unsafe { x86::dot_f32(a, b) };
+    }
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// y ← y + a·x over f32 slices of equal length (attention's weighted sum of values).
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy of unequal lengths");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni) {
+        // SAFETY: `isa()` is one of these only when `detect` saw avx2, fma and f16c.
+        return unsafe { x86::axpy(a, x, y) };
+    }
+    for (v, u) in y.iter_mut().zip(x) {
+        *v += a * u;
+    }
+}
+
+/// Whole blocks of type `wt` → f32: `out.len() / wt.block_len()` blocks from the start of `w`.
+pub fn dequantize(wt: WType, w: &[u8], out: &mut [f32]) {
+    let blocks = out.len() / wt.block_len();
+    assert!(
+        out.len().is_multiple_of(wt.block_len()) && w.len() >= blocks * wt.block_bytes(),
+        "dequantizing past the blocks given"
+    );
+    scalar::dequantize(wt, w, out);
+}
+
+/// A file mapped read-only: model weights used in place, shared with the page cache, read
+/// from disk as they are first touched.
+pub struct MappedFile(memmap2::Mmap);
+
+impl MappedFile {
+    pub fn map(file: &File) -> std::io::Result<Self> {
+        // SAFETY: the mapping is read-only and private to this process; what a mapping
+        // cannot rule out is the file changing underneath it. Models are registry blobs:
+        // content-addressed, written once under a temporary name and renamed, never
+        // modified in place, and held by a lease (a lock that keeps `gc` away) while loaded.
+        // Files loaded straight from a path get the same promise from the caller as
+        // llama.cpp asks of its users (it maps too).
+        unsafe { memmap2::Mmap::map(file) }.map(Self)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A weight matrix in its GGUF blocks: `rows` rows of `cols` values.
+#[derive(Clone, Copy)]
+pub struct QMatrix<'a> {
+    pub wt: WType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl QMatrix<'_> {
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.wt.block_len() * self.wt.block_bytes()
+    }
+}
+
+/// Why a matrix cannot go through these kernels.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ShapeError(String);
+
+thread_local! {
+    static SCRATCH: RefCell<Acts> = RefCell::new(Acts::default());
+}
+
+/// Output rows per work item (several per activation block in the row kernels).
+const ROW_CHUNK_MIN: usize = 16;
+/// Rows per `dot_rows` call inside a work item.
+const TILE: usize = 64;
+
+/// Most matrices one [`matmul_group`] takes.
+pub const GROUP_MAX: usize = 4;
+
+/// `out` (`n` × `w.rows`) = `x` (`n` × `w.cols`) · `wᵀ`, on rayon's pool.
+pub fn matmul(w: QMatrix<'_>, x: &[f32], out: &mut [f32]) -> Result<(), ShapeError> {
+    matmul_group(&[w], x, &mut [out])
+}
+
+/// [`matmul`] for up to [`GROUP_MAX`] matrices of the same width over the same `x` (a
+/// layer's Q, K and V; gate and up): the activations are quantized once and all rows share
+/// one parallel section. The matrices must all be K-quants or all not.
+pub fn matmul_group(
+    ws: &[QMatrix<'_>],
+    x: &[f32],
+    outs: &mut [&mut [f32]],
+) -> Result<(), ShapeError> {
+    let Some(first) = ws.first() else {
+        return Err(ShapeError("no matrix to multiply".into()));
+    };
+    if ws.len() != outs.len() || ws.len() > GROUP_MAX {
+        return Err(ShapeError(format!(
+            "{} matrices for {} outputs (at most {GROUP_MAX})",
+            ws.len(),
+            outs.len()
+        )));
+    }
+    let k = first.cols;
+    if k == 0 || !x.len().is_multiple_of(k) {
+        return Err(ShapeError(format!(
+            "{} activations in rows of {k}",
+            x.len()
+        )));
+    }
+    let n = x.len() / k;
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        if w.cols != k || w.wt.k_quant() != first.wt.k_quant() {
+            return Err(ShapeError(format!(
+                "a {:?} matrix of width {} grouped with a {:?} one of width {k}",
+                w.wt, w.cols, first.wt
+            )));
+        }
+        if !k.is_multiple_of(w.wt.block_len()) {
+            return Err(ShapeError(format!(
+                "rows of {k} are not whole {:?} blocks",
+                w.wt
+            )));
+        }
+        if w.data.len() < w.rows * w.row_bytes() || out.len() != n * w.rows {
+            return Err(ShapeError(format!(
+                "{}×{k} {:?} matrix: {} bytes of weights, {} outputs for {n} tokens",
+                w.rows,
+                w.wt,
+                w.data.len(),
+                out.len()
+            )));
+        }
+    }
+    SCRATCH.with(|s| {
+        let mut acts = s.borrow_mut();
+        acts.quantize(first.wt, x, k);
+        run(ws, &acts, n, outs);
+    });
+    Ok(())
+}
+
+/// Shares the outputs between workers that write disjoint elements.
+struct OutPtrs([*mut f32; GROUP_MAX]);
+
+impl OutPtrs {
+    /// (A method, so closures capture the whole `Sync` wrapper, not its raw fields.)
+    fn get(&self, i: usize) -> *mut f32 {
+        self.0[i]
+    }
+}
+// SAFETY: workers write disjoint index sets (distinct row ranges of every token), and the
+// pointers do not outlive the `outs` borrow held by `run` for the whole parallel section.
+unsafe impl Sync for OutPtrs {}
+unsafe impl Send for OutPtrs {}
+
+fn run(ws: &[QMatrix<'_>], acts: &Acts, n: usize, outs: &mut [&mut [f32]]) {
+    let isa = isa();
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    let threads = rayon::current_num_threads().max(1);
+    // A few chunks per thread for balance, each a multiple of 4 rows.
+    let chunk = total
+        .div_ceil(threads * 4)
+        .max(ROW_CHUNK_MIN)
+        .next_multiple_of(4);
+    let chunks: usize = ws.iter().map(|w| w.rows.div_ceil(chunk)).sum();
+    let mut ptrs = [std::ptr::null_mut(); GROUP_MAX];
+    for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
+        *p = o.as_mut_ptr();
+    }
+    let ptrs = OutPtrs(ptrs);
+    let work = |mut c: usize| {
+        // Global chunk c → matrix i, local chunk c.
+        let mut i = 0;
+        while c >= ws[i].rows.div_ceil(chunk) {
+            c -= ws[i].rows.div_ceil(chunk);
+            i += 1;
+        }
+        let w = &ws[i];
+        let (rows, rb) = (w.rows, w.row_bytes());
+        let r0 = c * chunk;
+        let r1 = (r0 + chunk).min(rows);
+        let mut tmp = [0f32; 2 * TILE];
+        let wslice = &w.data[r0 * rb..r1 * rb];
+        let mut t = 0;
+        while t < n {
+            let pair = (n - t).min(2);
+            let acts = [acts.token(w.wt, t), acts.token(w.wt, t + pair - 1)];
+            let mut r = r0;
+            while r < r1 {
+                let m = (r1 - r).min(TILE);
+                dot_rows(
+                    isa,
+                    w.wt,
+                    &wslice[(r - r0) * rb..(r - r0 + m) * rb],
+                    &acts[..pair],
+                    &mut tmp[..pair * m],
+                );
+                for j in 0..pair {
+                    // SAFETY: t + j < n and r + m <= rows, so the range lies in output i
+                    // (n × rows, checked by `matmul_group`); rows r0..r1 of matrix i belong
+                    // to this chunk alone, so no two workers write the same element, and
+                    // nobody reads the outputs until the parallel section ends.
+                    unsafe {
+                        let dst = ptrs.get(i).add((t + j) * rows + r);
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr().add(j * m), dst, m);
+                    }
+                }
+                r += m;
+            }
+            t += pair;
+        }
+    };
+    if threads == 1 || chunks == 1 {
+        (0..chunks).for_each(work);
+    } else {
+        (0..chunks).into_par_iter().for_each(work);
+    }
+}
