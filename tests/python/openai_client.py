@@ -17,11 +17,14 @@ models = client.models.list()
 ids = [m.id for m in models.data]
 assert "smollm2:1" in ids, ids
 
-# Chat, whole answer
+# Chat, whole answer. The system message is one whose answer starts without a near-tie (the
+# first token leads by more than one logit on every kernel path); with "You are terse." the
+# first step was a near-tie ("The" vs "Al", 0.2 to 0.34 apart) that the quantized kernels and
+# candle's settled differently, so the answer flipped between "Paris" and "Allez, bonjour".
 r = client.chat.completions.create(
     model="smollm2",
     messages=[
-        {"role": "system", "content": "You are terse."},
+        {"role": "system", "content": "Answer in one short sentence."},
         {"role": "user", "content": "What is the capital of France?"},
     ],
     max_tokens=24,
@@ -42,7 +45,7 @@ whole = choice.message.content
 stream = client.chat.completions.create(
     model="smollm2",
     messages=[
-        {"role": "system", "content": "You are terse."},
+        {"role": "system", "content": "Answer in one short sentence."},
         {"role": "user", "content": "What is the capital of France?"},
     ],
     max_tokens=24,
