@@ -230,7 +230,7 @@ def scenario(setup, n, hubs, a, bad=False):
         t_sim = time.monotonic()
         sampler.take()
         sampler.start()
-        if bad:
+        if bad and a.stall > 0:
             time.sleep(a.stall_at)
             log(f"   hub-0 stopped (SIGSTOP) for {a.stall} s")
             hub_procs[0].send_signal(signal.SIGSTOP)
@@ -329,8 +329,8 @@ def main():
     ap.add_argument("--bad", action="store_true", help="add the bad-input run")
     ap.add_argument("--bad-only", action="store_true", help="only the bad-input run")
     ap.add_argument("--bad-devices", type=int, default=1000)
-    ap.add_argument("--bad-duration", type=float, default=240.0)
-    ap.add_argument("--stall-at", type=float, default=60.0)
+    ap.add_argument("--bad-duration", type=float, default=200.0)
+    ap.add_argument("--stall-at", type=float, default=40.0)
     ap.add_argument("--stall", type=float, default=120.0)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--json")
