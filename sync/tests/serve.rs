@@ -1048,6 +1048,92 @@ async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_limited_and_counted_while_the_others_flow() {
+    use outpost_sync::hub::blobs::RateLimit;
+    use outpost_sync::hub::config::Config;
+    use outpost_sync::hub::serve::Server;
+    if mosquitto().is_none() {
+        return;
+    }
+    let (key_a, key_b) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let fleet = Fleet::new(&[("dev-A", &key_a), ("dev-B", &key_b)]);
+    let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
+    let mut settings = config.serve_settings(None).unwrap();
+    settings.ingest_rate = RateLimit {
+        rate: 20.0,
+        burst: 40.0,
+    };
+    let server = Server::open(settings).unwrap();
+    let metrics = server.metrics();
+    let hub_stop = CancellationToken::new();
+    let hub_task = tokio::spawn(server.run(hub_stop.clone()));
+
+    let stop = CancellationToken::new();
+    let mut flooder = Device::connect(&fleet, "dev-A", &key_a, 50, &stop).await;
+    let mut quiet = Device::connect(&fleet, "dev-B", &key_b, 10, &stop).await;
+    // dev-A sends 1,000 telemetry messages and its 100 records five times over, as fast as
+    // its link takes them; dev-B sends its 20 records once, in the middle of the flood.
+    let telemetry = flooder.topics.telemetry().to_string();
+    let flood_total = flooder.append(100);
+    let quiet_total = quiet.append(20);
+    let started = Instant::now();
+    for i in 0..1000 {
+        let payload = format!(r#"{{"v":1,"ts":"2026-12-01T12:00:00.000Z","metrics":{{"n":{i}}}}}"#);
+        flooder
+            .publish_raw(telemetry.clone(), payload.into_bytes())
+            .await;
+        if i % 200 == 0 {
+            flooder.send_from_cursor().await;
+        }
+        if i == 500 {
+            quiet.send_from_cursor().await;
+        }
+        while let Ok(e) = flooder.client.events.try_recv() {
+            flooder.on_event(e);
+        }
+    }
+    // The quiet device's records flow at once: its first send is stored and acked.
+    quiet
+        .drain(
+            quiet_total,
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(quiet.resends, 0, "dev-B had to send again");
+    // The flooder is held to its rate and counted; what was dropped comes again.
+    flooder
+        .drain(flood_total, Duration::from_secs(1), Duration::from_secs(60))
+        .await;
+    assert_store_holds(&fleet, &quiet, quiet_total);
+    assert_store_holds(&fleet, &flooder, flood_total);
+    let m = metrics.snapshot();
+    eprintln!("flood of {:?}: {m:?}", started.elapsed());
+    assert!(
+        m.limited >= 800,
+        "only {} messages limited: {m:?}",
+        m.limited
+    );
+    let per_device = metrics.limited_devices();
+    assert_eq!(per_device.len(), 1, "{per_device:?}");
+    assert_eq!(per_device[0].0.as_str(), "dev-A");
+    assert_eq!(per_device[0].1, m.limited);
+    let text = outpost_sync::hub::metrics::render(&metrics);
+    for line in [
+        format!("outpost_hub_messages_limited_total {}", m.limited),
+        format!(
+            "outpost_hub_device_messages_limited_total{{device=\"dev-A\"}} {}",
+            m.limited
+        ),
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    hub_stop.cancel();
+    hub_task.await.unwrap().unwrap();
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_stopping_mid_stream_hands_what_it_has_not_read_to_the_other() {
     if mosquitto().is_none() {
         return;

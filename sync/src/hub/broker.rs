@@ -13,6 +13,13 @@
 //! `set_tcp_nodelay true`: an audit ack is a small packet after others; with Nagle's
 //! algorithm it waits for the peer's delayed ACK (~40 ms), which capped the drain of a backlog
 //! at about 50,000 records/s whatever the window.
+//! `max_queued_messages 100000`: Mosquitto holds at most this many QoS 1 messages per client
+//! beyond the 20 in flight, and drops the rest with "Outgoing messages are being dropped for
+//! client …". Its default, 1,000, is what the hub's client overran when 1,000 devices
+//! connected within 2 s (each sends its status, reported state and a batch): the dropped
+//! batches came again only after the devices' 15 s ack timeout (`docs/scale.md`). Sessions
+//! are clean, so only connected clients hold a queue, and a device's own queue holds little
+//! (acks, desired state).
 //! Choice: `persistence false`
 //! (when run as root Mosquitto drops to its own user, which could not write beside the
 //! PKI); retained messages survive a broker restart only if the operator turns it on.
@@ -37,6 +44,9 @@ use crate::protocol::{DeviceId, DeviceTopic, acl, hub_status_topic};
 /// Largest MQTT packet the broker takes: the links' `max_packet_size`
 /// (`conn::LinkConfig::new`'s default, held equal by a test).
 pub const MAX_PACKET_SIZE: usize = 256 * 1024;
+
+/// QoS 1 messages Mosquitto queues per client beyond those in flight (see the header).
+pub const MAX_QUEUED_MESSAGES: usize = 100_000;
 
 /// What `broker-config` writes.
 #[derive(Debug, Clone)]
@@ -97,6 +107,9 @@ pub fn conf_text(
          persistence false\n\
          log_dest stderr\n\
          max_packet_size {MAX_PACKET_SIZE}\n\
+         # The hubs' clients take every device's messages: a connect storm must queue, not\n\
+         # drop (the default is 1000).\n\
+         max_queued_messages {MAX_QUEUED_MESSAGES}\n\
          # Small packets (acks) go out at once: with Nagle's algorithm they wait for the\n\
          # peer's delayed ACK, about 40 ms per round trip.\n\
          set_tcp_nodelay true\n\

@@ -14,6 +14,8 @@
 //! listen = "127.0.0.1:9102"                # optional: serve's /metrics
 //! chunk_rate = 1000                        # chunk requests per second per device
 //! chunk_burst = 128                        # requests a device may make at once
+//! ingest_rate = 200                        # upward messages per second per device
+//! ingest_burst = 400                       # messages a device may send at once
 //! ```
 //!
 //! Every key is optional for the offline commands; `serve` needs `broker` (and, for
@@ -35,7 +37,9 @@ use serde::Deserialize;
 
 use super::HUB_IDENTITY;
 use super::blobs::{DEFAULT_BURST, DEFAULT_RATE, RateLimit};
-use super::serve::{QUEUE_MAX_BYTES, ServeSettings, client_id};
+use super::serve::{
+    DEFAULT_INGEST_BURST, DEFAULT_INGEST_RATE, QUEUE_MAX_BYTES, ServeSettings, client_id,
+};
 use super::store::StoreConfig;
 use crate::conn::LinkConfig;
 use crate::protocol::DeviceId;
@@ -89,6 +93,10 @@ pub struct HubConfig {
     pub chunk_rate: Option<f64>,
     /// Chunk requests a device may make at once (the token bucket's size).
     pub chunk_burst: Option<f64>,
+    /// Upward messages per second per device (`serve`'s ingest rate limit).
+    pub ingest_rate: Option<f64>,
+    /// Messages a device may send at once (that bucket's size).
+    pub ingest_burst: Option<f64>,
 }
 
 impl Config {
@@ -136,7 +144,12 @@ impl Config {
         if let Some(url) = &h.store {
             StoreConfig::new(Some(url), Path::new("")).map_err(|e| ("store", e))?;
         }
-        for (key, v) in [("chunk_rate", h.chunk_rate), ("chunk_burst", h.chunk_burst)] {
+        for (key, v) in [
+            ("chunk_rate", h.chunk_rate),
+            ("chunk_burst", h.chunk_burst),
+            ("ingest_rate", h.ingest_rate),
+            ("ingest_burst", h.ingest_burst),
+        ] {
             if v.is_some_and(|v| !v.is_finite() || v < 1.0) {
                 return Err((key, "must be a number of at least 1".into()));
             }
@@ -216,6 +229,10 @@ impl Config {
             chunk_rate: RateLimit {
                 rate: self.hub.chunk_rate.unwrap_or(DEFAULT_RATE),
                 burst: self.hub.chunk_burst.unwrap_or(DEFAULT_BURST),
+            },
+            ingest_rate: RateLimit {
+                rate: self.hub.ingest_rate.unwrap_or(DEFAULT_INGEST_RATE),
+                burst: self.hub.ingest_burst.unwrap_or(DEFAULT_INGEST_BURST),
             },
         })
     }

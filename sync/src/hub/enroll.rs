@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use outpost_policy::audit::{AuditLog, AuditSettings, Entry, Outcome, now_rfc3339};
+use outpost_policy::audit::{AuditLog, AuditSettings, Entry, Outcome};
 use outpost_policy::signing::{KeyPair, PublicKey};
 
 use super::pki::{Ca, PkiPaths};
@@ -121,19 +121,7 @@ pub fn enroll(data_dir: &Path, store: &StoreConfig, req: &EnrollRequest) -> Resu
         if !ca_path.exists() {
             write_new(&ca_path, ca.cert_pem().as_bytes(), 0o644)?;
         }
-        let record = DeviceRecord {
-            id: req.id.clone(),
-            groups,
-            audit_key: audit_key.to_hex(),
-            enrolled_at: now_rfc3339(),
-            enrolled_by: req.actor.clone(),
-            online: None,
-            last_seen: None,
-            agent_version: None,
-            active_model: None,
-            acked_seq: None,
-            audit_lag: None,
-        };
+        let record = DeviceRecord::enrolled(req.id.clone(), groups, audit_key.to_hex(), &req.actor);
         store.enroll(&record)?;
         Ok(record)
     };

@@ -25,6 +25,19 @@
 //! batch again (the hub acks duplicates), status and reported state on its next connect or
 //! change, and a shed telemetry snapshot is lost.
 //!
+//! Rate limit per device, before the budget: each device's upward messages (audit,
+//! status, state, telemetry; chunk requests have the blob server's own limit) draw from a
+//! token bucket of `ServeSettings::ingest_rate` messages per second holding up to its
+//! `burst` ([`DEFAULT_INGEST_RATE`], [`DEFAULT_INGEST_BURST`]). A message without a token
+//! is dropped WITHOUT an ack, like a shed one, and counted as `limited`, in total and per
+//! device (`/metrics`); the first of a run of them is logged per device at most every
+//! [`LIMITED_LOG_EVERY`]. A device far above its rate (a flood, a device replaying old
+//! batches over and over) therefore takes at most its share of the hub and cannot fill the
+//! byte budget the other devices' messages need; its audit batches come again after its ack
+//! timeout and nothing is lost. A well-behaved device sends a few messages a second (its
+//! window of 8 batches bounds the audit upload), and a backlog drains at up to `rate` ×
+//! 500 records per second.
+//!
 //! An `ahead` batch (it starts after the stored head + 1: with several hubs on a shared
 //! subscription, Mosquitto hands a device's batches out round-robin, so the one before it
 //! may be in another hub's hands right now) is parked rather than acked at once, and
@@ -67,7 +80,7 @@
 //!   also rows of `audit_alerts`. The first sighting of an alert is logged at `error`, a
 //!   repeat (same device, kind and seq) at `debug`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,7 +93,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::blobs::{self, BlobMetrics, BlobRequest, BlobServer, Gate, RateLimit};
+use super::blobs::{self, BlobMetrics, BlobRequest, BlobServer, Bucket, Gate, RateLimit};
 use super::ingest::{self, AlertKind, Handled, Kind, Outcome, Prepared, Refusal};
 use super::rollout;
 use super::store::{Store, StoreConfig};
@@ -118,6 +131,12 @@ pub const PARK_FOR: Duration = Duration::from_secs(5);
 pub const PARK_MAX_BYTES: usize = 16 << 20;
 /// How often parked batches are tried again while there are any.
 pub const PARK_RETRY: Duration = Duration::from_millis(10);
+/// Default per-device rate limit: upward messages per second ([`ServeSettings::ingest_rate`]).
+pub const DEFAULT_INGEST_RATE: f64 = 200.0;
+/// Default per-device burst: messages a device may send at once.
+pub const DEFAULT_INGEST_BURST: f64 = 400.0;
+/// How often, at most, a device's messages dropped over its rate are logged.
+pub const LIMITED_LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often unsent acks are tried again while connected.
 pub const ACK_RETRY: Duration = Duration::from_millis(250);
 /// How often `hub.db` is looked at for new, halted or resumed desired states while connected.
@@ -145,6 +164,8 @@ pub struct ServeSettings {
     pub listen: Option<std::net::SocketAddr>,
     /// Chunk requests per device ([`super::blobs`]).
     pub chunk_rate: RateLimit,
+    /// Upward messages per device (see the module header).
+    pub ingest_rate: RateLimit,
 }
 
 /// `outpost-hub.<instance>`, or `outpost-hub.<16 random hex digits>` without one.
@@ -178,6 +199,9 @@ pub struct Metrics {
     devices: std::sync::Mutex<Vec<DeviceLag>>,
     received: AtomicU64,
     shed: AtomicU64,
+    limited: AtomicU64,
+    /// Messages dropped over the rate limit, by device (only devices that were limited).
+    limited_devices: std::sync::Mutex<BTreeMap<DeviceId, u64>>,
     queued_bytes: AtomicU64,
     batches_stored: AtomicU64,
     batches_duplicate: AtomicU64,
@@ -204,6 +228,8 @@ pub struct MetricsSnapshot {
     /// Messages dropped unacked: over the byte budget, or delivered after shutdown closed
     /// the queues.
     pub shed: u64,
+    /// Messages dropped unacked over their device's rate limit.
+    pub limited: u64,
     /// Bytes held from the link when last looked (a gauge, set by the serve loop).
     pub queued_bytes: u64,
     pub batches_stored: u64,
@@ -307,6 +333,21 @@ impl Metrics {
         }
     }
 
+    /// Messages dropped over the rate limit, per device that was limited.
+    pub fn limited_devices(&self) -> Vec<(DeviceId, u64)> {
+        self.limited_devices
+            .lock()
+            .map(|d| d.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    fn count_limited(&self, device: &DeviceId) {
+        inc(&self.limited, 1);
+        if let Ok(mut d) = self.limited_devices.lock() {
+            *d.entry(device.clone()).or_default() += 1;
+        }
+    }
+
     /// Every device's acked seq and lag, as last read from the store.
     pub fn devices(&self) -> Vec<DeviceLag> {
         self.devices.lock().map(|d| d.clone()).unwrap_or_default()
@@ -350,6 +391,7 @@ impl Metrics {
         MetricsSnapshot {
             received: get(&self.received),
             shed: get(&self.shed),
+            limited: get(&self.limited),
             queued_bytes: get(&self.queued_bytes),
             batches_stored: get(&self.batches_stored),
             batches_duplicate: get(&self.batches_duplicate),
@@ -376,6 +418,7 @@ impl Metrics {
         info!(
             received = s.received,
             shed = s.shed,
+            limited = s.limited,
             queued_bytes = s.queued_bytes,
             batches_stored = s.batches_stored,
             batches_duplicate = s.batches_duplicate,
@@ -420,6 +463,11 @@ struct Intake {
     /// ignores them).
     blobs: Option<queue::SyncSender<BlobRequest>>,
     blob_metrics: Arc<BlobMetrics>,
+    /// The per-device rate limit on upward messages, and each device's bucket.
+    ingest_rate: RateLimit,
+    buckets: HashMap<DeviceId, Bucket>,
+    /// When each limited device was last logged.
+    limited_logged: HashMap<DeviceId, Instant>,
 }
 
 impl Intake {
@@ -433,18 +481,54 @@ impl Intake {
             shedding: 0,
             blobs: None,
             blob_metrics: Arc::default(),
+            ingest_rate: RateLimit {
+                rate: DEFAULT_INGEST_RATE,
+                burst: DEFAULT_INGEST_BURST,
+            },
+            buckets: HashMap::new(),
+            limited_logged: HashMap::new(),
         }
+    }
+
+    /// Whether `device` may send one more message now (its bucket has a token); else the
+    /// message is counted as limited.
+    fn within_rate(&mut self, device: &DeviceId) -> bool {
+        let now = Instant::now();
+        let limit = self.ingest_rate;
+        let bucket = self
+            .buckets
+            .entry(device.clone())
+            .or_insert_with(|| Bucket::full(limit, now));
+        if bucket.take(limit, now) {
+            return true;
+        }
+        self.metrics.count_limited(device);
+        let log = self
+            .limited_logged
+            .get(device)
+            .is_none_or(|t| now.duration_since(*t) >= LIMITED_LOG_EVERY);
+        if log {
+            self.limited_logged.insert(device.clone(), now);
+            warn!(
+                device_id = %device,
+                rate = limit.rate,
+                burst = limit.burst,
+                "A device is over its message rate: its messages are dropped unacked (it sends its audit batches again)."
+            );
+        }
+        false
     }
 
     /// Hands a message to the prepare thread if the budget has room, else sheds it (a chunk
     /// request goes to the blob server instead); false when the threads are gone.
     fn take(&mut self, topic: String, payload: Vec<u8>) -> bool {
         inc(&self.metrics.received, 1);
+        let route = protocol::parse_topic(&topic);
         if let Some(blobs) = &self.blobs
             && let Ok(Route::Device {
                 id,
                 kind: DeviceTopic::BlobsGet,
-            }) = protocol::parse_topic(&topic)
+            }) = route
         {
             let request = BlobRequest {
                 device: id,
@@ -453,6 +537,12 @@ impl Intake {
             if blobs.try_send(request).is_err() {
                 inc(&self.blob_metrics.dropped, 1);
             }
+            return true;
+        }
+        if let Ok(Route::Device { id, .. }) = &route
+            && !self.within_rate(id)
+        {
+            debug!(topic = %topic, bytes = payload.len(), "Message over its device's rate dropped.");
             return true;
         }
         let permit = u32::try_from(cost(&topic, &payload))
@@ -1243,6 +1333,7 @@ impl Server {
             Box::new(move || prepare_loop(messages_rx, prepare_work)),
         )?;
         let mut intake = Intake::new(settings.queue_max_bytes, messages, metrics.clone());
+        intake.ingest_rate = settings.ingest_rate;
         // The blob server: its own connection to the store (counts) and its own thread.
         let (blob_tx, blob_rx) = queue::sync_channel::<BlobRequest>(blobs::QUEUE_LEN);
         let gate = Gate::new(blob_store, &settings.data_dir, settings.chunk_rate);

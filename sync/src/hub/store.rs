@@ -189,6 +189,25 @@ pub struct DeviceRecord {
     pub audit_lag: Option<u64>,
 }
 
+impl DeviceRecord {
+    /// A device as enrollment registers it (enrolled now, by `by`): nothing seen of it yet.
+    pub fn enrolled(id: DeviceId, groups: Vec<GroupId>, audit_key: String, by: &str) -> Self {
+        Self {
+            id,
+            groups,
+            audit_key,
+            enrolled_at: outpost_policy::audit::now_rfc3339(),
+            enrolled_by: by.to_string(),
+            online: None,
+            last_seen: None,
+            agent_version: None,
+            active_model: None,
+            acked_seq: None,
+            audit_lag: None,
+        }
+    }
+}
+
 /// What the hub keeps about devices and their audit chains; in `hub.db` ([`SqliteStore`]) or
 /// PostgreSQL ([`pg::PgStore`]).
 pub trait HubStore {

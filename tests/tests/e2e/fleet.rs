@@ -170,7 +170,7 @@ impl Fleet {
     pub(crate) fn pki(&self) -> PathBuf {
         self.dir.path().join("pki")
     }
-    fn hub_data(&self) -> PathBuf {
+    pub(crate) fn hub_data(&self) -> PathBuf {
         self.dir.path().join("hub-data")
     }
     fn hub_config(&self) -> PathBuf {

@@ -15,5 +15,6 @@ mod inference;
 mod models;
 mod package;
 mod policy;
+mod scale;
 mod support;
 mod sync;
