@@ -1113,12 +1113,20 @@ async fn a_flooding_device_is_limited_and_counted_while_the_others_flow() {
         .await;
     assert_store_holds(&fleet, &quiet, quiet_total);
     assert_store_holds(&fleet, &flooder, flood_total);
+    // The hub stopped before its counters are read: messages still arriving would move them
+    // between the snapshot and the /metrics text.
+    let elapsed = started.elapsed().as_secs_f64();
+    hub_stop.cancel();
+    hub_task.await.unwrap().unwrap();
     let m = metrics.snapshot();
-    eprintln!("flood of {:?}: {m:?}", started.elapsed());
+    eprintln!("flood of {elapsed:.1} s: {m:?}");
+    // What got through is what the bucket allows (40 at once, 20 a second) plus dev-B's few
+    // messages; the count received depends on how much of the flood the broker passed on
+    // (telemetry is QoS 0), so it is the passed share that is checked, not a fixed count.
+    let passed = m.received - m.limited;
     assert!(
-        m.limited >= 800,
-        "only {} messages limited: {m:?}",
-        m.limited
+        m.limited > 0 && passed as f64 <= 40.0 + 20.0 * elapsed + 30.0,
+        "{passed} messages passed in {elapsed:.1} s: {m:?}"
     );
     let per_device = metrics.limited_devices();
     assert_eq!(per_device.len(), 1, "{per_device:?}");
@@ -1134,6 +1142,53 @@ async fn a_flooding_device_is_limited_and_counted_while_the_others_flow() {
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
     }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_draining_a_backlog_fast_is_never_limited_by_the_default_rate() {
+    use outpost_sync::hub::config::Config;
+    use outpost_sync::hub::serve::Server;
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+    // The hub as shipped: no ingest_rate in hub.toml, so the default limit applies.
+    let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
+    let server = Server::open(config.serve_settings(None).unwrap()).unwrap();
+    let metrics = server.metrics();
+    let hub_stop = CancellationToken::new();
+    let hub_task = tokio::spawn(server.run(hub_stop.clone()));
+
+    // A release build drains a backlog at about 240 batches a second (bench/sync.py); this
+    // device sends 1,500 batches at 500 a second, for 3 s. The first default (200 a second,
+    // 400 at once) dropped a third of them, each costing the device an ack timeout.
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 100, &stop).await;
+    dev.limits.max_records = 1;
+    let total = dev.append(1500);
+    let batches = dev.batches_from_cursor();
+    assert_eq!(batches.len(), 1500);
+    let audit = dev.topics.audit().to_string();
+    let started = Instant::now();
+    for (i, chunk) in batches.chunks(50).enumerate() {
+        for payload in chunk {
+            dev.publish_raw(audit.clone(), payload.clone()).await;
+        }
+        while let Ok(e) = dev.client.events.try_recv() {
+            dev.on_event(e);
+        }
+        let due = Duration::from_millis(100 * (i as u64 + 1));
+        tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+    }
+    dev.drain(total, Duration::from_secs(20), Duration::from_secs(60))
+        .await;
+    assert_store_holds(&fleet, &dev, total);
+    let m = metrics.snapshot();
+    eprintln!("1,500 batches in {:?}: {m:?}", started.elapsed());
+    assert_eq!(m.limited, 0, "a draining device was limited: {m:?}");
+    assert_eq!(dev.resends, 0, "the device had to send again: {m:?}");
     hub_stop.cancel();
     hub_task.await.unwrap().unwrap();
     stop.cancel();

@@ -14,8 +14,8 @@
 //! listen = "127.0.0.1:9102"                # optional: serve's /metrics
 //! chunk_rate = 1000                        # chunk requests per second per device
 //! chunk_burst = 128                        # requests a device may make at once
-//! ingest_rate = 200                        # upward messages per second per device
-//! ingest_burst = 400                       # messages a device may send at once
+//! ingest_rate = 1000                       # upward messages per second per device
+//! ingest_burst = 2000                      # messages a device may send at once
 //! ```
 //!
 //! Every key is optional for the offline commands; `serve` needs `broker` (and, for
