@@ -109,6 +109,17 @@ fn hostile_input_is_refused_with_clear_errors() {
     let (code, err) = failed(&hub(dir, &["--config", "hub.toml", "devices", "list"]));
     assert_eq!(code, 78);
     assert!(err.contains("allow_plaintext"), "{err}");
+    // A rate limit that would drop everything (or nothing: NaN) is refused by name.
+    for bad in ["ingest_rate = 0", "ingest_burst = -5", "ingest_rate = nan"] {
+        std::fs::write(dir.join("hub.toml"), format!("[hub]\n{bad}\n")).unwrap();
+        let (code, err) = failed(&hub(dir, &["--config", "hub.toml", "devices", "list"]));
+        assert_eq!(code, 78, "{bad}: {err}");
+        let key = bad.split(' ').next().unwrap();
+        assert!(
+            err.contains(key) && err.contains("at least 1"),
+            "{bad}: {err}"
+        );
+    }
     let (code, _) = failed(&hub(dir, &["devices", "enroll", "--id", "x"]));
     assert_eq!(code, 2);
 
