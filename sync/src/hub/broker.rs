@@ -19,7 +19,10 @@
 //! connected within 2 s (each sends its status, reported state and a batch): the dropped
 //! batches came again only after the devices' 15 s ack timeout (`docs/scale.md`). Sessions
 //! are clean, so only connected clients hold a queue, and a device's own queue holds little
-//! (acks, desired state).
+//! (acks, desired state). `max_queued_bytes` (256 MiB) bounds the same queue in bytes: a
+//! connected hub that stops reading (stalled, or stopped until its keep-alive runs out) would
+//! otherwise let 100,000 messages of up to 256 KiB each, 25 GiB, pile up in the broker;
+//! whichever limit is reached first drops, and the devices send their batches again.
 //! Choice: `persistence false`
 //! (when run as root Mosquitto drops to its own user, which could not write beside the
 //! PKI); retained messages survive a broker restart only if the operator turns it on.
@@ -47,6 +50,9 @@ pub const MAX_PACKET_SIZE: usize = 256 * 1024;
 
 /// QoS 1 messages Mosquitto queues per client beyond those in flight (see the header).
 pub const MAX_QUEUED_MESSAGES: usize = 100_000;
+
+/// Bytes of such messages Mosquitto queues per client (see the header).
+pub const MAX_QUEUED_BYTES: usize = 256 << 20;
 
 /// What `broker-config` writes.
 #[derive(Debug, Clone)]
@@ -110,6 +116,7 @@ pub fn conf_text(
          # The hubs' clients take every device's messages: a connect storm must queue, not\n\
          # drop (the default is 1000).\n\
          max_queued_messages {MAX_QUEUED_MESSAGES}\n\
+         max_queued_bytes {MAX_QUEUED_BYTES}\n\
          # Small packets (acks) go out at once: with Nagle's algorithm they wait for the\n\
          # peer's delayed ACK, about 40 ms per round trip.\n\
          set_tcp_nodelay true\n\

@@ -498,10 +498,14 @@ impl Intake {
     fn within_rate(&mut self, device: &DeviceId) -> bool {
         let now = Instant::now();
         let limit = self.ingest_rate;
-        let bucket = self
-            .buckets
-            .entry(device.clone())
-            .or_insert_with(|| Bucket::full(limit, now));
+        // The device's id is cloned only for its first message, not for every one.
+        let bucket = match self.buckets.get_mut(device) {
+            Some(b) => b,
+            None => self
+                .buckets
+                .entry(device.clone())
+                .or_insert_with(|| Bucket::full(limit, now)),
+        };
         if bucket.take(limit, now) {
             return true;
         }

@@ -1,9 +1,11 @@
 //! The fleet simulator (`fleet-sim`, `bench/scale.py`) run briefly as the scale bench runs
 //! it: devices enrolled from the fleet's PKI into the hub's store, a real Mosquitto with TLS
 //! from `broker-config`, `outpost-hub serve`, and simulated devices (reconnecting, one
-//! flooding, one replaying old batches, half-open TLS connections beside them) uploading
+//! writing fast, one replaying old batches, half-open TLS connections beside them) uploading
 //! over the real link. At the end the store holds every record each device wrote exactly
-//! once and every chain verifies against the enrolled key, all of it signed.
+//! once and every chain verifies against the enrolled key, all of it signed. The fast writer
+//! stays under the hub's default per-device limit here: the limit itself is tested in
+//! `sync/tests/serve.rs` (`a_flooding_device_is_limited_and_counted_while_the_others_flow`).
 
 use std::process::Command;
 
