@@ -5,8 +5,9 @@
 //!
 //! A GGUF file's `general.architecture` picks the implementation: `llama` (SmolLM2, Llama 2/3,
 //! TinyLlama), `gemma3`, `qwen2`, `qwen3`, `phi3`. Everything else is refused by name before
-//! any weight is read. Weights are read from the file into memory by candle (it does not
-//! memory-map quantized tensors; see ARCHITECTURE.md).
+//! any weight is read. Our llama and Gemma 3 use the matrices our kernels take in place in the
+//! memory-mapped file; candle's architectures read their weights into memory (its GGUF loader
+//! copies; see ARCHITECTURE.md).
 
 use std::collections::HashMap;
 use std::fs::File;
