@@ -25,6 +25,8 @@ pub enum HyperparameterError {
     KvHeads { heads: u64, kv_heads: u64 },
     #[error("{heads} attention heads do not divide the embedding length {embedding}")]
     HeadsDoNotDivide { heads: u64, embedding: u64 },
+    #[error("the attention head size {head_dim} is odd: rotary embeddings rotate pairs")]
+    OddHeadSize { head_dim: u64 },
     #[error("tensor '{0}' is missing")]
     MissingTensor(String),
     #[error("tensor '{name}' has shape {found:?}, but the hyperparameters make it {expected:?}")]
@@ -109,6 +111,9 @@ pub fn check(arch: &str, info: &GgufInfo) -> Result<()> {
             embd / heads
         }
     };
+    if !head_dim.is_multiple_of(2) {
+        return Err(HyperparameterError::OddHeadSize { head_dim });
+    }
     if arch == "gemma3" {
         let w = md.get("attention.sliding_window")?;
         md.range("attention.sliding_window", w, 1, u64::from(u32::MAX))?;
@@ -300,6 +305,23 @@ mod tests {
                     "{arch}"
                 ),
             }
+            // An odd head size (rotary embeddings rotate pairs of values).
+            let (e, head_dim) = match arch {
+                "gemma3" | "qwen3" => (
+                    refused(arch, |b| {
+                        b.kv_u32(&key("attention.key_length"), 3);
+                    }),
+                    3,
+                ),
+                _ => (
+                    refused(arch, |b| {
+                        b.kv_u32(&key("attention.head_count"), 64);
+                        b.kv_u32(&key("attention.head_count_kv"), 64);
+                    }),
+                    1,
+                ),
+            };
+            assert_eq!(e, H::OddHeadSize { head_dim }, "{arch}");
             // A tensor whose shape disagrees with the declared dimensions.
             let (name, dims): (&str, &[u64]) = if arch == "phi3" {
                 ("blk.1.attn_qkv.weight", &[64, 96])
