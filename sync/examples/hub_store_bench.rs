@@ -72,17 +72,8 @@ fn device(
         })
         .collect();
     let record = DeviceRecord {
-        id: did,
-        groups: vec![],
-        audit_key: key.public_hex(),
         enrolled_at: "2026-01-01T00:00:00.000Z".into(),
-        enrolled_by: "local:bench".into(),
-        online: None,
-        last_seen: None,
-        agent_version: None,
-        active_model: None,
-        acked_seq: None,
-        audit_lag: None,
+        ..DeviceRecord::enrolled(did, vec![], key.public_hex(), "local:bench")
     };
     (record, prepared)
 }

@@ -986,8 +986,10 @@ async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
     let mut settings = config.serve_settings(None).unwrap();
     settings.link.keep_alive = Duration::from_secs(2);
     settings.queue_max_bytes = 2 << 20;
-    // This test is about the byte budget: the per-device message limit (which would hold
-    // this flood back before the budget fills) is lifted.
+    // This test is about the byte budget: the per-device limits (its message rate and its
+    // share of the budget, which would hold this flood back before the budget fills) are
+    // lifted.
+    settings.device_max_bytes = usize::MAX;
     settings.ingest_rate = outpost_sync::hub::blobs::RateLimit {
         rate: 1e9,
         burst: 1e9,

@@ -48,15 +48,19 @@ pub fn open_audit_log(data_dir: &Path) -> Result<AuditLog> {
 
 /// Runs `act` between its intent and outcome records in the hub's own audit chain (no
 /// record, no action): the intent durably first, then `act`, then the outcome (`done`'s
-/// words on success, the error on failure).
-pub(crate) fn audited_action<T>(
+/// words on success, the error on failure). Generic over the error so that tools beside
+/// the hub (the fleet simulator) record their actions the same way.
+pub fn audited_action<T, E>(
     data_dir: &Path,
     mut intent: Entry,
-    act: impl FnOnce() -> Result<T>,
+    act: impl FnOnce() -> Result<T, E>,
     done: impl FnOnce(&T) -> String,
-) -> Result<T> {
+) -> Result<T, E>
+where
+    E: From<super::HubError> + std::fmt::Display,
+{
     let log = open_audit_log(data_dir)?;
-    log.append(intent.clone())?;
+    log.append(intent.clone()).map_err(super::HubError::from)?;
     let result = act();
     match &result {
         Ok(v) => {
@@ -65,11 +69,12 @@ pub(crate) fn audited_action<T>(
         }
         Err(e) => {
             intent.outcome = Outcome::Failure;
-            intent.reason = e.to_string();
+            // `{:#}`: the whole chain of an error that has one (anyhow).
+            intent.reason = format!("{e:#}");
         }
     }
-    let recorded = log.append(intent);
-    let closed = log.close();
+    let recorded = log.append(intent).map_err(super::HubError::from);
+    let closed = log.close().map_err(super::HubError::from);
     let value = result?;
     recorded?;
     closed?;

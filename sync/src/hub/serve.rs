@@ -25,21 +25,33 @@
 //! batch again (the hub acks duplicates), status and reported state on its next connect or
 //! change, and a shed telemetry snapshot is lost.
 //!
-//! Rate limit per device, before the budget: each device's upward messages (audit,
-//! status, state, telemetry; chunk requests have the blob server's own limit) draw from a
-//! token bucket of `ServeSettings::ingest_rate` messages per second holding up to its
-//! `burst` ([`DEFAULT_INGEST_RATE`], [`DEFAULT_INGEST_BURST`]). A message without a token
-//! is dropped WITHOUT an ack, like a shed one, and counted as `limited`, in total and per
-//! device (`/metrics`); the first of a run of them is logged per device at most every
+//! Limits per device, before the budget: each device's upward messages (audit, status,
+//! state, telemetry; chunk requests have the blob server's own limit) draw from a token
+//! bucket of `ServeSettings::ingest_rate` messages per second holding up to its `burst`
+//! ([`DEFAULT_INGEST_RATE`], [`DEFAULT_INGEST_BURST`]), and what one device's messages hold
+//! of the byte budget is capped at `ServeSettings::device_max_bytes` ([`DEVICE_MAX_BYTES`],
+//! an eighth of it), each message weighing its bytes plus [`MESSAGE_WEIGHT`] (the hub's
+//! work per message). A message without a token, or beyond its device's share, is dropped
+//! WITHOUT an ack, like a shed one, and counted as `limited`, in total and per device
+//! (`/metrics`); the first of a run of them is logged per device at most every
 //! [`LIMITED_LOG_EVERY`]. A device far above its rate (a flood, a device replaying old
-//! batches over and over) therefore takes at most its share of the hub and cannot fill the
-//! byte budget the other devices' messages need; its audit batches come again after its ack
-//! timeout and nothing is lost. A well-behaved device sends a few messages a second (its
-//! window of 8 batches bounds the audit upload), and a backlog drains at up to `rate` ×
-//! 500 records per second. The default (1,000 a second) sits well above one device draining
-//! a backlog as fast as a release build does (about 240 batches of 500 a second, 119,652
-//! records/s in `bench/sync.py`): a limit below that would drop a draining device's batches
-//! and stall it for an ack timeout each time.
+//! batches over and over) therefore takes at most its share of the hub: the budget cannot
+//! fill with its messages, and the others' messages wait behind at most its share of work,
+//! not behind the whole flood; its audit batches come again after its ack timeout and
+//! nothing is lost. The rate bounds messages per second, the share what is held at once: a
+//! flooder's big batches (a resend of 500 records is one message), or its many small ones
+//! while the hub is busy, hold it to its share even within its rate. A well-behaved device
+//! sends a few messages a second (its window of 8 batches bounds the audit upload, two
+//! windows of its usual 128 KiB batches fit its share), and a backlog drains at up to
+//! `rate` × 500 records per second. The default (1,000 a second) sits well above one device
+//! draining a backlog as fast as a release build does (about 240 batches of 500 a second,
+//! 119,652 records/s in `bench/sync.py`): a limit below that would drop a draining device's
+//! batches and stall it for an ack timeout each time. A hub so far behind that a device's
+//! resent windows pile up on its share limits a well-behaved device too (counted as
+//! `limited`; nothing is lost): a steady `limited` count for many devices means a slow hub,
+//! for a few a flood. What the intake remembers per device is forgotten once the device
+//! holds nothing and has been quiet long enough for its bucket to be full again (checked
+//! every [`LAG_POLL`]).
 //!
 //! An `ahead` batch (it starts after the stored head + 1: with several hubs on a shared
 //! subscription, Mosquitto hands a device's batches out round-robin, so the one before it
@@ -54,6 +66,10 @@
 //! reported `last_acked_seq` is compared with the head ([`ingest::note_behind`]): above it,
 //! the hub is behind the device (`hub.db` restored from an older backup), alerted once as
 //! `behind`. Without parking, every overtaken batch would cost the device its resend delay.
+//! Not parked, but counted as `ahead` and acked at once: a batch of a device that had an
+//! audit batch dropped here (limited or shed) within the last [`PARK_FOR`], since the gap
+//! before it is that batch, which only the device's own resend fills; a flooder's disorder
+//! then costs the hub no retries.
 //!
 //! Rules:
 //! - Nothing is acked that is not committed. A group whose transaction fails is rolled
@@ -86,7 +102,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self as queue, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -112,6 +128,18 @@ use crate::protocol::{
 pub const QUEUE_MAX_BYTES: usize = 32 << 20;
 /// What a message costs beyond its payload and topic, so empty ones are bounded too.
 pub const MESSAGE_OVERHEAD: usize = 256;
+/// Most of the budget one device's messages may hold ([`ServeSettings::device_max_bytes`]),
+/// each weighing its bytes plus [`MESSAGE_WEIGHT`]: an eighth, two windows of a device's
+/// usual audit batches (2 × 8 × (128 + 16) KiB; one window of the largest, 256 KiB) or about
+/// 240 small messages, so that a flood from a few devices leaves the others most of the
+/// budget and a short wait.
+pub const DEVICE_MAX_BYTES: usize = QUEUE_MAX_BYTES / 8;
+/// What a message weighs against its device's share beyond its bytes: the hub's work per
+/// message (a transaction's share, an ack, a signature check) is about that of 16 to 32
+/// KiB of batch (one hub stores ~1,100 one-record batches a second, or ~70,000 records a
+/// second in 256 KiB batches: docs/scale.md), so a flood of small messages is held to its
+/// share of the hub's time, not only of its memory.
+pub const MESSAGE_WEIGHT: usize = 16 << 10;
 /// Most messages applied in one transaction.
 pub const MAX_GROUP: usize = 128;
 /// How long shutdown waits for the broker to confirm the unsubscribe and send what it had
@@ -161,6 +189,9 @@ pub struct ServeSettings {
     pub summary_every: Duration,
     /// The byte budget of what the hub holds from the link ([`QUEUE_MAX_BYTES`]).
     pub queue_max_bytes: usize,
+    /// One device's share of it ([`DEVICE_MAX_BYTES`]), its messages weighing their bytes
+    /// plus [`MESSAGE_WEIGHT`] each.
+    pub device_max_bytes: usize,
     /// Subscribe through `$share/hub/…` (see [`protocol::hub_subscriptions`]).
     pub shared_subscriptions: bool,
     /// Where `/metrics` is served (`[hub] listen`), if anywhere.
@@ -203,7 +234,7 @@ pub struct Metrics {
     received: AtomicU64,
     shed: AtomicU64,
     limited: AtomicU64,
-    /// Messages dropped over the rate limit, by device (only devices that were limited).
+    /// Messages dropped over a per-device limit, by device (only devices that were limited).
     limited_devices: std::sync::Mutex<BTreeMap<DeviceId, u64>>,
     queued_bytes: AtomicU64,
     batches_stored: AtomicU64,
@@ -231,7 +262,8 @@ pub struct MetricsSnapshot {
     /// Messages dropped unacked: over the byte budget, or delivered after shutdown closed
     /// the queues.
     pub shed: u64,
-    /// Messages dropped unacked over their device's rate limit.
+    /// Messages dropped unacked over their device's limits: its message rate, or its share
+    /// of the byte budget.
     pub limited: u64,
     /// Bytes held from the link when last looked (a gauge, set by the serve loop).
     pub queued_bytes: u64,
@@ -336,7 +368,7 @@ impl Metrics {
         }
     }
 
-    /// Messages dropped over the rate limit, per device that was limited.
+    /// Messages dropped over a per-device limit, per device that was limited.
     pub fn limited_devices(&self) -> Vec<(DeviceId, u64)> {
         self.limited_devices
             .lock()
@@ -452,8 +484,47 @@ fn cost(topic: &str, payload: &[u8]) -> usize {
     payload.len() + topic.len() + MESSAGE_OVERHEAD
 }
 
-/// The serve loop's side of the queues: admits a message within the byte budget or sheds
-/// it; never waits.
+/// What a device's messages not yet done with (queued, being handled, parked) weigh: their
+/// bytes plus [`MESSAGE_WEIGHT`] each.
+type DeviceHeld = Arc<AtomicUsize>;
+
+/// What the intake knows of one device that sent lately (forgotten after [`Intake::idle`]).
+struct DeviceIntake {
+    bucket: Bucket,
+    held: DeviceHeld,
+    /// When an audit batch of this device was last dropped (over its rate or its share, or
+    /// shed): its batches that follow have a gap before them which only its resend fills.
+    dropped: Option<Instant>,
+    /// When its being limited was last logged.
+    logged: Option<Instant>,
+    /// When it last sent.
+    seen: Instant,
+}
+
+/// A message's share of the budget, with its device's: returned when the message is done.
+#[derive(Debug)]
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    device: Option<(DeviceHeld, usize)>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some((held, bytes)) = &self.device {
+            held.fetch_sub(*bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why a device's message was dropped by a per-device limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    Rate,
+    Share,
+}
+
+/// The serve loop's side of the queues: admits a message within its device's rate, its
+/// device's share of the byte budget and the budget, or drops it; never waits.
 struct Intake {
     budget: Arc<Semaphore>,
     max: usize,
@@ -466,11 +537,13 @@ struct Intake {
     /// ignores them).
     blobs: Option<queue::SyncSender<BlobRequest>>,
     blob_metrics: Arc<BlobMetrics>,
-    /// The per-device rate limit on upward messages, and each device's bucket.
+    /// The per-device rate limit on upward messages.
     ingest_rate: RateLimit,
-    buckets: HashMap<DeviceId, Bucket>,
-    /// When each limited device was last logged.
-    limited_logged: HashMap<DeviceId, Instant>,
+    /// Most one device's messages may weigh ([`ServeSettings::device_max_bytes`]).
+    device_max: usize,
+    devices: HashMap<DeviceId, DeviceIntake>,
+    /// When `devices` was last pruned.
+    pruned: Instant,
 }
 
 impl Intake {
@@ -488,42 +561,92 @@ impl Intake {
                 rate: DEFAULT_INGEST_RATE,
                 burst: DEFAULT_INGEST_BURST,
             },
-            buckets: HashMap::new(),
-            limited_logged: HashMap::new(),
+            // Unlimited until `Server::run` sets it from the settings.
+            device_max: usize::MAX,
+            devices: HashMap::new(),
+            pruned: Instant::now(),
         }
     }
 
-    /// Whether `device` may send one more message now (its bucket has a token); else the
-    /// message is counted as limited.
-    fn within_rate(&mut self, device: &DeviceId) -> bool {
-        let now = Instant::now();
+    /// How long a device that holds nothing is remembered after its last message: by then
+    /// its bucket is full again, its last drop too old to matter and its log line due.
+    fn idle(&self) -> Duration {
+        let refill = self.ingest_rate.burst / self.ingest_rate.rate;
+        let refill = Duration::try_from_secs_f64(refill).unwrap_or(Duration::MAX);
+        refill.max(PARK_FOR).max(LIMITED_LOG_EVERY)
+    }
+
+    /// Forgets the devices that hold nothing and have been quiet for [`Self::idle`], every
+    /// [`LAG_POLL`]: the map holds the devices sending now, not every device ever seen.
+    fn prune(&mut self, now: Instant) {
+        if now.duration_since(self.pruned) < LAG_POLL {
+            return;
+        }
+        self.pruned = now;
+        let idle = self.idle();
+        self.devices
+            .retain(|_, d| d.held.load(Ordering::Relaxed) > 0 || now.duration_since(d.seen) < idle);
+    }
+
+    /// Whether `device` may send one more message weighing `weight` now: a token in its
+    /// bucket and room in its share; else why not (counted as limited, and logged; a dropped
+    /// `audit` batch leaves a gap in the device's stream).
+    fn within_limits(
+        &mut self,
+        device: &DeviceId,
+        weight: usize,
+        audit: bool,
+        now: Instant,
+    ) -> Result<(), Over> {
         let limit = self.ingest_rate;
         // The device's id is cloned only for its first message, not for every one.
-        let bucket = match self.buckets.get_mut(device) {
-            Some(b) => b,
+        let d = match self.devices.get_mut(device) {
+            Some(d) => d,
             None => self
-                .buckets
+                .devices
                 .entry(device.clone())
-                .or_insert_with(|| Bucket::full(limit, now)),
+                .or_insert_with(|| DeviceIntake {
+                    bucket: Bucket::full(limit, now),
+                    held: Arc::default(),
+                    dropped: None,
+                    logged: None,
+                    seen: now,
+                }),
         };
-        if bucket.take(limit, now) {
-            return true;
+        d.seen = now;
+        // The rate first: a message over its share has used a token too, as it should (a
+        // flooder sending into a full share is still sending).
+        let over = if !d.bucket.take(limit, now) {
+            Over::Rate
+        } else if d.held.load(Ordering::Relaxed) + weight > self.device_max {
+            Over::Share
+        } else {
+            return Ok(());
+        };
+        if audit {
+            d.dropped = Some(now);
         }
         self.metrics.count_limited(device);
-        let log = self
-            .limited_logged
-            .get(device)
-            .is_none_or(|t| now.duration_since(*t) >= LIMITED_LOG_EVERY);
-        if log {
-            self.limited_logged.insert(device.clone(), now);
-            warn!(
-                device_id = %device,
-                rate = limit.rate,
-                burst = limit.burst,
-                "A device is over its message rate: its messages are dropped unacked (it sends its audit batches again)."
-            );
+        if d.logged
+            .is_none_or(|t| now.duration_since(t) >= LIMITED_LOG_EVERY)
+        {
+            d.logged = Some(now);
+            match over {
+                Over::Rate => warn!(
+                    device_id = %device,
+                    rate = limit.rate,
+                    burst = limit.burst,
+                    "A device is over its message rate: its messages are dropped unacked (it sends its audit batches again)."
+                ),
+                Over::Share => warn!(
+                    device_id = %device,
+                    held = d.held.load(Ordering::Relaxed),
+                    device_max_bytes = self.device_max,
+                    "A device holds its whole share of the hub's byte budget: its messages are dropped unacked until the hub is through them (it sends its audit batches again)."
+                ),
+            }
         }
-        false
+        Err(over)
     }
 
     /// Hands a message to the prepare thread if the budget has room, else sheds it (a chunk
@@ -546,17 +669,31 @@ impl Intake {
             }
             return true;
         }
-        if let Ok(Route::Device { id, .. }) = &route
-            && !self.within_rate(id)
+        let bytes = cost(&topic, &payload);
+        let weight = bytes + MESSAGE_WEIGHT;
+        let now = Instant::now();
+        self.prune(now);
+        let (device, audit) = match route {
+            Ok(Route::Device { id, kind }) => (Some(id), kind == DeviceTopic::Audit),
+            _ => (None, false),
+        };
+        if let Some(id) = &device
+            && let Err(over) = self.within_limits(id, weight, audit, now)
         {
-            debug!(topic = %topic, bytes = payload.len(), "Message over its device's rate dropped.");
+            debug!(topic = %topic, bytes = payload.len(), ?over, "Message over its device's limit dropped.");
             return true;
         }
-        let permit = u32::try_from(cost(&topic, &payload))
+        let permit = u32::try_from(bytes)
             .ok()
             .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok());
+        let device = device.and_then(|id| self.devices.get_mut(&id));
         let (Some(messages), Some(permit)) = (&self.messages, permit) else {
             inc(&self.metrics.shed, 1);
+            if let Some(d) = device
+                && audit
+            {
+                d.dropped = Some(now);
+            }
             if self.shedding == 0 {
                 warn!(
                     budget_bytes = self.max,
@@ -573,11 +710,26 @@ impl Intake {
             info!(shed = self.shedding, "Taking messages again.");
             self.shedding = 0;
         }
+        // A batch of a device that lost an audit batch here lately is not parked if it comes
+        // `ahead`: the gap before it is the dropped batch, which only the device's own resend
+        // fills.
+        let may_park = device
+            .as_ref()
+            .and_then(|d| d.dropped)
+            .is_none_or(|t| now.duration_since(t) >= PARK_FOR);
+        let held = Held {
+            _permit: permit,
+            device: device.map(|d| {
+                d.held.fetch_add(weight, Ordering::Relaxed);
+                (d.held.clone(), weight)
+            }),
+        };
         messages
             .send(Message {
                 topic,
                 payload,
-                permit,
+                held,
+                may_park,
             })
             .is_ok()
     }
@@ -603,7 +755,9 @@ impl Intake {
 struct Message {
     topic: String,
     payload: Vec<u8>,
-    permit: OwnedSemaphorePermit,
+    held: Held,
+    /// Whether the ingest thread may park it if it comes `ahead`.
+    may_park: bool,
 }
 
 /// What the ingest thread is given.
@@ -622,7 +776,8 @@ fn prepare_loop(messages: queue::Receiver<Message>, work: queue::Sender<Work>) {
         let item = Item {
             prepared: ingest::prepare(&m.topic, &m.payload),
             bytes: m.payload.len(),
-            _permit: Some(m.permit),
+            may_park: m.may_park,
+            _held: Some(m.held),
         };
         if work.send(Work::Item(Box::new(item))).is_err() {
             break;
@@ -636,7 +791,9 @@ fn prepare_loop(messages: queue::Receiver<Message>, work: queue::Sender<Work>) {
 struct Item {
     prepared: Prepared,
     bytes: usize,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// False for a batch of a device that lost a message here lately (see [`Intake::take`]).
+    may_park: bool,
+    _held: Option<Held>,
 }
 
 /// The devices `items` concern (for [`super::store::IngestTx::lock_devices`]).
@@ -885,7 +1042,11 @@ impl Worker {
         let mut acks: Vec<(DeviceId, u64)> = Vec::new();
         let mut stored = false;
         for (item, h) in items.into_iter().zip(handled) {
-            if may_park && matches!(h.outcome, Outcome::Ahead { .. }) && self.park(item) {
+            if may_park
+                && item.may_park
+                && matches!(h.outcome, Outcome::Ahead { .. })
+                && self.park(item)
+            {
                 continue;
             }
             stored |= matches!(h.outcome, Outcome::Stored { .. });
@@ -1239,11 +1400,21 @@ impl Server {
     pub fn open(settings: ServeSettings) -> Result<Server> {
         settings.link.validate()?;
         let largest = settings.link.max_packet_size + MESSAGE_OVERHEAD;
-        if settings.queue_max_bytes < largest {
-            return Err(super::HubError::Serve(format!(
-                "queue_max_bytes ({}) must hold at least one packet of max_packet_size ({} bytes)",
-                settings.queue_max_bytes, settings.link.max_packet_size
-            )));
+        for (name, bytes, largest) in [
+            ("queue_max_bytes", settings.queue_max_bytes, largest),
+            (
+                "device_max_bytes",
+                settings.device_max_bytes,
+                largest + MESSAGE_WEIGHT,
+            ),
+        ] {
+            if bytes < largest {
+                return Err(super::HubError::Serve(format!(
+                    "{name} ({bytes}) must hold at least one packet of max_packet_size ({} \
+                     bytes) and its overhead: {largest} bytes",
+                    settings.link.max_packet_size
+                )));
+            }
         }
         make_dir(&settings.data_dir)?;
         let metrics_listener = settings
@@ -1341,6 +1512,7 @@ impl Server {
         )?;
         let mut intake = Intake::new(settings.queue_max_bytes, messages, metrics.clone());
         intake.ingest_rate = settings.ingest_rate;
+        intake.device_max = settings.device_max_bytes;
         // The blob server: its own connection to the store (counts) and its own thread.
         let (blob_tx, blob_rx) = queue::sync_channel::<BlobRequest>(blobs::QUEUE_LEN);
         let gate = Gate::new(blob_store, &settings.data_dir, settings.chunk_rate);

@@ -11,17 +11,13 @@ use crate::protocol::{DeviceId, GroupId};
 
 pub(super) fn device(id: &str, groups: &[&str]) -> DeviceRecord {
     DeviceRecord {
-        id: DeviceId::new(id).unwrap(),
-        groups: groups.iter().map(|g| GroupId::new(g).unwrap()).collect(),
-        audit_key: "ab".repeat(32),
         enrolled_at: "2026-01-01T00:00:00Z".into(),
-        enrolled_by: "local:test".into(),
-        online: None,
-        last_seen: None,
-        agent_version: None,
-        active_model: None,
-        acked_seq: None,
-        audit_lag: None,
+        ..DeviceRecord::enrolled(
+            DeviceId::new(id).unwrap(),
+            groups.iter().map(|g| GroupId::new(g).unwrap()).collect(),
+            "ab".repeat(32),
+            "local:test",
+        )
     }
 }
 

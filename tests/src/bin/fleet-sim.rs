@@ -48,7 +48,7 @@ use outpost_policy::audit::{Checkpoint, Entry, Outcome, Record, now_rfc3339};
 use outpost_policy::signing::KeyPair;
 use outpost_sync::conn::{Backoff, ConnError, Link, LinkConfig, LinkEvent, LinkHandle, Session};
 use outpost_sync::hub::audit::DeviceChain;
-use outpost_sync::hub::enroll::{ACTION_ENROLL, open_audit_log};
+use outpost_sync::hub::enroll::{ACTION_ENROLL, audited_action};
 use outpost_sync::hub::pki::{Ca, PkiPaths};
 use outpost_sync::hub::{DeviceRecord, StoreConfig};
 use outpost_sync::protocol::{
@@ -235,7 +235,6 @@ fn enroll(a: &EnrollArgs) -> Result<bool> {
         .with_context(|| format!("creating {}", a.store.data_dir.display()))?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut store = config.open()?;
-    let log = open_audit_log(&a.store.data_dir)?;
     let mut intent = Entry::new(
         "local:fleet-sim",
         ACTION_ENROLL,
@@ -243,50 +242,42 @@ fn enroll(a: &EnrollArgs) -> Result<bool> {
         "fleet simulator",
     );
     intent.details = json!({ "devices": a.devices, "prefix": a.prefix });
-    log.append(intent.clone())?;
     let started = StdInstant::now();
-    let mut reused = 0u32;
-    let result = (|| -> Result<()> {
-        std::fs::write(a.out.join("ca.pem"), ca.cert_pem())
-            .with_context(|| format!("writing {}", a.out.join("ca.pem").display()))?;
-        for i in 0..a.devices {
-            let id = device_id(&a.prefix, i);
-            let (key_path, cert, cert_key) = (
-                audit_key_path(&a.out, &id),
-                a.out.join(format!("{id}.pem")),
-                a.out.join(format!("{id}.key")),
-            );
-            // A device made by an earlier run (same PKI) is enrolled again as it is.
-            let key = if key_path.exists() && cert.exists() && cert_key.exists() {
-                reused += 1;
-                KeyPair::load(&key_path)?
-            } else {
-                let key = KeyPair::generate()?;
-                key.write_private(&key_path)?;
-                ca.client(&id)?.write(&cert, &cert_key)?;
-                key
-            };
-            store.enroll(&DeviceRecord::enrolled(
-                DeviceId::new(&id)?,
-                Vec::new(),
-                key.public_hex(),
-                "local:fleet-sim",
-            ))?;
-        }
-        Ok(())
-    })();
-    intent.outcome = if result.is_ok() {
-        Outcome::Success
-    } else {
-        Outcome::Failure
-    };
-    intent.reason = match &result {
-        Ok(()) => format!("enrolled {} simulated devices", a.devices),
-        Err(e) => format!("{e:#}"),
-    };
-    log.append(intent)?;
-    log.close()?;
-    result?;
+    let reused = audited_action(
+        &a.store.data_dir,
+        intent,
+        || -> Result<u32> {
+            let mut reused = 0u32;
+            std::fs::write(a.out.join("ca.pem"), ca.cert_pem())
+                .with_context(|| format!("writing {}", a.out.join("ca.pem").display()))?;
+            for i in 0..a.devices {
+                let id = device_id(&a.prefix, i);
+                let (key_path, cert, cert_key) = (
+                    audit_key_path(&a.out, &id),
+                    a.out.join(format!("{id}.pem")),
+                    a.out.join(format!("{id}.key")),
+                );
+                // A device made by an earlier run (same PKI) is enrolled again as it is.
+                let key = if key_path.exists() && cert.exists() && cert_key.exists() {
+                    reused += 1;
+                    KeyPair::load(&key_path)?
+                } else {
+                    let key = KeyPair::generate()?;
+                    key.write_private(&key_path)?;
+                    ca.client(&id)?.write(&cert, &cert_key)?;
+                    key
+                };
+                store.enroll(&DeviceRecord::enrolled(
+                    DeviceId::new(&id)?,
+                    Vec::new(),
+                    key.public_hex(),
+                    "local:fleet-sim",
+                ))?;
+            }
+            Ok(reused)
+        },
+        |_| format!("enrolled {} simulated devices", a.devices),
+    )?;
     println!(
         "Enrolled {} devices ({}-00000 …; {reused} with files from an earlier run) in {:.1} s; their files are in {}.",
         a.devices,

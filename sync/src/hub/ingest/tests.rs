@@ -213,17 +213,8 @@ impl Fixture {
 
 fn enrolled(id: &str, key: &KeyPair) -> DeviceRecord {
     DeviceRecord {
-        id: dev(id),
-        groups: vec![],
-        audit_key: key.public_hex(),
         enrolled_at: "2026-01-01T00:00:00.000Z".into(),
-        enrolled_by: "local:test".into(),
-        online: None,
-        last_seen: None,
-        agent_version: None,
-        active_model: None,
-        acked_seq: None,
-        audit_lag: None,
+        ..DeviceRecord::enrolled(dev(id), vec![], key.public_hex(), "local:test")
     }
 }
 

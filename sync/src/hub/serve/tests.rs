@@ -62,17 +62,8 @@ fn fixture() -> Fixture {
     let mut store = SqliteStore::open(dir.path()).unwrap();
     store
         .enroll(&DeviceRecord {
-            id: id.clone(),
-            groups: vec![],
-            audit_key: hex,
             enrolled_at: "t".into(),
-            enrolled_by: "t".into(),
-            online: None,
-            last_seen: None,
-            agent_version: None,
-            active_model: None,
-            acked_seq: None,
-            audit_lag: None,
+            ..DeviceRecord::enrolled(id.clone(), vec![], hex, "t")
         })
         .unwrap();
     let mut link = LinkConfig::new(
@@ -106,7 +97,8 @@ impl Fixture {
                 payload,
             ),
             bytes: payload.len(),
-            _permit: None,
+            may_park: true,
+            _held: None,
         }
     }
 
@@ -186,6 +178,34 @@ fn a_parked_batch_that_times_out_is_acked_as_ahead() {
 }
 
 #[test]
+fn an_ahead_batch_after_a_message_dropped_here_is_acked_at_once_not_parked() {
+    let mut fx = fixture();
+    let b1 = fx.item(1);
+    fx.worker.handle(vec![b1]);
+    // Batch 2 was dropped by the intake (over its device's limit): 3 and 4 come ahead, and
+    // only the device's resend fills the gap, so waiting for it is no use.
+    for n in [3, 4] {
+        let mut b = fx.item(n);
+        b.may_park = false;
+        fx.worker.handle(vec![b]);
+    }
+    assert_eq!(
+        fx.state(),
+        "head Some(10) stored 1 records 10 ahead 2 parked 0/0 acks 3"
+    );
+    assert_eq!(fx.worker.parked_bytes, 0);
+    // The resend: 2, 3 and 4 are stored in turn.
+    for n in [2, 3, 4] {
+        let b = fx.item(n);
+        assert!(fx.worker.handle(vec![b]));
+    }
+    assert_eq!(
+        fx.state(),
+        "head Some(40) stored 4 records 40 ahead 2 parked 0/0 acks 6"
+    );
+}
+
+#[test]
 fn the_thread_groups_what_is_queued_and_stops_when_the_queue_closes() {
     let fx = fixture();
     let items: Vec<Item> = [4, 2, 3, 1].into_iter().map(|n| fx.item(n)).collect();
@@ -258,23 +278,15 @@ fn a_message_the_store_cannot_take_does_not_hold_up_its_group() {
     fx.worker
         .store
         .enroll(&DeviceRecord {
-            id: id.clone(),
-            groups: vec![],
-            audit_key: unusable,
             enrolled_at: "t".into(),
-            enrolled_by: "t".into(),
-            online: None,
-            last_seen: None,
-            agent_version: None,
-            active_model: None,
-            acked_seq: None,
-            audit_lag: None,
+            ..DeviceRecord::enrolled(id.clone(), vec![], unusable, "t")
         })
         .unwrap();
     let bad = Item {
         prepared: ingest::prepare(&device_topic(&id, DeviceTopic::Audit), &payload),
         bytes: payload.len(),
-        _permit: None,
+        may_park: true,
+        _held: None,
     };
     // Rejected as a group, then one by one: edge-01's batches are stored around it.
     let group = vec![fx.item(1), bad, fx.item(2)];
@@ -361,7 +373,8 @@ fn an_ahead_batch_timing_out_on_a_hub_behind_its_device_is_alerted_once() {
     let reported = Item {
         prepared: ingest::prepare(&topic, state),
         bytes: state.len(),
-        _permit: None,
+        may_park: true,
+        _held: None,
     };
     fx.worker.handle(vec![reported]);
     for n in [5, 4] {
@@ -425,6 +438,58 @@ fn the_byte_budget_sheds_what_does_not_fit_and_takes_again_once_freed() {
     drop(rx);
     let mut intake = Intake::new(1000, tx, metrics);
     assert!(!intake.take(topic(), vec![4; 10]));
+}
+
+#[test]
+fn a_device_over_its_share_of_the_budget_is_dropped_while_the_others_are_taken() {
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = queue::channel();
+    let mut intake = Intake::new(10_000, tx, metrics.clone());
+    // The intake reads topics, not payloads: these stand for audit batches.
+    let flooder = || "outpost/v1/devices/edge-01/audit".to_string();
+    let quiet = || "outpost/v1/devices/edge-02/audit".to_string();
+    let each = cost(&flooder(), &[0; 300]);
+    // Each message weighs its cost and MESSAGE_WEIGHT against its device's share.
+    intake.device_max = 4 * (each + MESSAGE_WEIGHT) + 100;
+    // edge-01 floods: four messages fit its share, the rest are dropped as limited although
+    // the budget has room for 16.
+    for i in 0..10 {
+        assert!(intake.take(flooder(), vec![i; 300]));
+    }
+    let m = metrics.snapshot();
+    assert_eq!((m.received, m.limited, m.shed), (10, 6, 0), "{m:?}");
+    assert_eq!(intake.held(), 4 * each);
+    assert_eq!(
+        metrics.limited_devices(),
+        [(DeviceId::new("edge-01").unwrap(), 6)]
+    );
+    // edge-02 is taken, and may be parked; edge-01's next batch (once there is room) may
+    // not, since it follows one dropped here.
+    assert!(intake.take(quiet(), vec![9; 300]));
+    let mut taken: Vec<Message> = rx.try_iter().collect();
+    assert_eq!(taken.len(), 5);
+    let last = taken.pop().unwrap();
+    assert_eq!(
+        (last.topic.as_str(), last.may_park),
+        (quiet().as_str(), true)
+    );
+    assert!(taken.iter().all(|m| m.may_park));
+    // Done with edge-01's first message: room in its share again.
+    drop(taken.remove(0));
+    assert!(intake.take(flooder(), vec![7; 300]));
+    let next = rx.try_recv().unwrap();
+    assert_eq!((next.payload[0], next.may_park), (7, false));
+    assert_eq!(metrics.snapshot().limited, 6);
+    // Pruned later: a device that holds nothing is forgotten, one still holding is kept.
+    drop(last);
+    let later = Instant::now() + intake.idle() + LAG_POLL;
+    intake.prune(later);
+    let kept: Vec<&str> = intake.devices.keys().map(DeviceId::as_str).collect();
+    assert_eq!(kept, ["edge-01"]);
+    drop((taken, next));
+    assert_eq!(intake.held(), 0);
+    intake.prune(later + LAG_POLL);
+    assert!(intake.devices.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,17 +83,13 @@ fn batch(device: &str, records: &[Record], cps: &[Checkpoint]) -> Vec<u8> {
 
 fn enrolled(id: &str, key: &KeyPair, groups: &[&str]) -> DeviceRecord {
     DeviceRecord {
-        id: dev(id),
-        groups: groups.iter().map(|g| GroupId::new(g).unwrap()).collect(),
-        audit_key: key.public_hex(),
         enrolled_at: "2026-01-01T00:00:00.000Z".into(),
-        enrolled_by: "local:test".into(),
-        online: None,
-        last_seen: None,
-        agent_version: None,
-        active_model: None,
-        acked_seq: None,
-        audit_lag: None,
+        ..DeviceRecord::enrolled(
+            dev(id),
+            groups.iter().map(|g| GroupId::new(g).unwrap()).collect(),
+            key.public_hex(),
+            "local:test",
+        )
     }
 }
 
