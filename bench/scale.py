@@ -3,7 +3,7 @@
 PostgreSQL, measured; then bad input at scale. Figures and reading in docs/scale.md.
 
 Usage: bench/scale.py [--sizes 1000,5000,10000] [--hubs 1,2] [--interval 5] [--duration 60]
-                      [--bad] [--bad-only] [--json FILE] [--keep DIR]
+                      [--bad] [--bad-only] [--json FILE] [--keep DIR] [--bin-dir DIR]
 
 Builds the release binaries (outpost-hub, fleet-sim). For each size and hub count, in a
 temporary directory: `outpost-hub pki init`; a PostgreSQL database of its own on
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sync import free_port, wait_port  # noqa: E402  (bench/sync.py's helpers)
 
 ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
+RELEASE = ROOT / "target" / "release"  # or --bin-dir
 MOSQUITTO = "/usr/sbin/mosquitto"
 PG = "postgres://postgres@127.0.0.1:5432"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -261,6 +261,7 @@ def scenario(setup, n, hubs, a, bad=False):
                     'outpost_hub_batches_total{outcome="duplicate"}',
                     'outpost_hub_batches_total{outcome="stored"}',
                     'outpost_hub_batches_total{outcome="ahead"}',
+                    'outpost_hub_batches_total{outcome="parked"}',
                     "outpost_hub_store_transaction_seconds_count",
                     "outpost_hub_store_transaction_seconds_sum",
                     "outpost_hub_broker_disconnects_total", "outpost_hub_acks_unsent_total")
@@ -321,6 +322,24 @@ def fmt_row(r):
             f"{c['written']:,} / lost {c['lost']} / twice {c['duplicated']} / verified {whole} |")
 
 
+def fmt_bad(r):
+    """The bad-input run's own line: the flooders' lag beside the others', and what the hubs
+    did with the flood (summed over the hubs)."""
+    s = r["sim"]
+    total = lambda k: sum((m.get(k) or 0) for m in r["hub_metrics"])
+    fl = s.get("flooder_lag_ms") or {}
+    ahead = total('outpost_hub_batches_total{outcome="ahead"}')
+    parked = total('outpost_hub_batches_total{outcome="parked"}')
+    tx = total("outpost_hub_store_transaction_seconds_count")
+    tx_ms = 1000 * total("outpost_hub_store_transaction_seconds_sum") / max(1, tx)
+    return (f"bad input: others' lag p50 {s['lag_ms']['p50']} ms, p99 {s['lag_ms']['p99']} ms; "
+            f"flooders' lag p50 {fl.get('p50', '-')} ms, p99 {fl.get('p99', '-')} ms; hubs: "
+            f"received {total('outpost_hub_messages_received_total'):,.0f}, limited "
+            f"{total('outpost_hub_messages_limited_total'):,.0f}, shed "
+            f"{total('outpost_hub_messages_shed_total'):,.0f}, ahead {ahead:,.0f}, parked "
+            f"{parked:,.0f}, transactions {tx:,.0f} ({tx_ms:.1f} ms on average)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,5000,10000")
@@ -338,7 +357,13 @@ def main():
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--keep", help="keep the run folders under this directory")
+    ap.add_argument("--bin-dir", help="run outpost-hub and fleet-sim from here (built "
+                    "elsewhere, e.g. an older commit's, to compare); implies --no-build")
     a = ap.parse_args()
+    global RELEASE
+    if a.bin_dir:
+        RELEASE = Path(a.bin_dir).resolve()
+        a.no_build = True
     # SIGTERM ends the run like Ctrl-C: the processes it started are stopped by PID and the
     # database dropped (the `finally` blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
@@ -369,6 +394,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(fmt_row(r))
+    for r in results:
+        if r["bad"]:
+            print(fmt_bad(r))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 
