@@ -972,6 +972,54 @@ async fn hubs_side_by_side_share_the_work_and_the_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_hub_is_dropped_by_the_broker_and_the_other_takes_its_share() {
+    if mosquitto().is_none() {
+        return;
+    }
+    let key = KeyPair::generate().unwrap();
+    let fleet = Fleet::new(&[("dev-A", &key)]);
+    let a = fleet.start_hub("a");
+    let b = fleet.start_hub("b");
+    // Hub a hangs (SIGSTOP: its connection stays open, nothing is read or answered). The
+    // broker still hands it every other batch until it drops it after 1.5 × its keep-alive
+    // (10 s for a hub: 15 s); then the device's resends all reach b.
+    let signal = |sig: &str, hub: &HubProcess| {
+        let pid = hub.child.id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    };
+    signal("-STOP", &a);
+    let stop = CancellationToken::new();
+    let mut dev = Device::connect(&fleet, "dev-A", &key, 100, &stop).await;
+    dev.limits.max_records = 20;
+    let total = dev.append(400);
+    let started = Instant::now();
+    dev.send_from_cursor().await;
+    // With the devices' 30 s keep-alive, a hung hub held its share for 45 s.
+    dev.drain(total, Duration::from_secs(2), Duration::from_secs(40))
+        .await;
+    eprintln!(
+        "{total} records acked with hub a hung, in {:?} ({} resends)",
+        started.elapsed(),
+        dev.resends
+    );
+    assert_store_is(&fleet, &dev, total);
+    let broker_log = std::fs::read_to_string(fleet.dir().join("mosquitto.log")).unwrap();
+    assert!(
+        broker_log
+            .lines()
+            .any(|l| l.contains("outpost-hub.a") && l.contains("exceeded timeout")),
+        "the broker did not drop the hung hub:\n{broker_log}"
+    );
+    signal("-CONT", &a);
+    for (name, hub) in [("a", a), ("b", b)] {
+        let (code, log) = hub.terminate();
+        assert_eq!(code, Some(0), "hub {name}: {log}");
+    }
+    assert_store_is(&fleet, &dev, total);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
     use outpost_sync::hub::config::Config;
     use outpost_sync::hub::serve::Server;

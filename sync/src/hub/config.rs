@@ -43,6 +43,13 @@ use super::serve::{
 };
 use super::store::StoreConfig;
 use crate::conn::LinkConfig;
+
+/// The hub's MQTT keep-alive (a device's is 30 s). A hub that hangs (its process stopped, its
+/// machine gone without closing the connection) is dropped by the broker after 1.5 × this,
+/// and only then does the broker hand its share of the shared subscriptions to the other
+/// hubs; what it had been handed comes again with the devices' resends. A busy hub is not
+/// dropped: its serve loop never waits (`serve`'s module header).
+pub const HUB_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::protocol::DeviceId;
 
 /// Where the hub keeps its data when neither flag nor file says.
@@ -188,7 +195,8 @@ impl Config {
         Ok(())
     }
 
-    /// The hub's broker link settings (client id [`HUB_IDENTITY`]), when a broker is set.
+    /// The hub's broker link settings (client id [`HUB_IDENTITY`], keep-alive
+    /// [`HUB_KEEP_ALIVE`]), when a broker is set.
     pub fn link_config(&self) -> Option<LinkConfig> {
         let h = &self.hub;
         let broker = h.broker.as_ref()?;
@@ -198,6 +206,7 @@ impl Config {
         link.cert = h.cert.clone();
         link.key = h.key.clone();
         link.allow_plaintext = h.allow_plaintext;
+        link.keep_alive = HUB_KEEP_ALIVE;
         Some(link)
     }
 
