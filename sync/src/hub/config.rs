@@ -38,8 +38,8 @@ use serde::Deserialize;
 use super::HUB_IDENTITY;
 use super::blobs::{DEFAULT_BURST, DEFAULT_RATE, RateLimit};
 use super::serve::{
-    DEFAULT_INGEST_BURST, DEFAULT_INGEST_RATE, DEVICE_MAX_BYTES, QUEUE_MAX_BYTES, ServeSettings,
-    client_id,
+    DEFAULT_INGEST_BURST, DEFAULT_INGEST_RATE, DEVICE_MAX_BYTES, DEVICE_MAX_MESSAGES,
+    QUEUE_MAX_BYTES, ServeSettings, client_id,
 };
 use super::store::StoreConfig;
 use crate::conn::LinkConfig;
@@ -235,6 +235,7 @@ impl Config {
             summary_every: SUMMARY_EVERY,
             queue_max_bytes: QUEUE_MAX_BYTES,
             device_max_bytes: DEVICE_MAX_BYTES,
+            device_max_messages: DEVICE_MAX_MESSAGES,
             shared_subscriptions: self.hub.shared_subscriptions.unwrap_or(true),
             listen: self.hub.listen.as_deref().and_then(|l| l.parse().ok()),
             chunk_rate: RateLimit {

@@ -29,29 +29,28 @@
 //! state, telemetry; chunk requests have the blob server's own limit) draw from a token
 //! bucket of `ServeSettings::ingest_rate` messages per second holding up to its `burst`
 //! ([`DEFAULT_INGEST_RATE`], [`DEFAULT_INGEST_BURST`]), and what one device's messages hold
-//! of the byte budget is capped at `ServeSettings::device_max_bytes` ([`DEVICE_MAX_BYTES`],
-//! an eighth of it), each message weighing its bytes plus [`MESSAGE_WEIGHT`] (the hub's
-//! work per message). A message without a token, or beyond its device's share, is dropped
-//! WITHOUT an ack, like a shed one, and counted as `limited`, in total and per device
-//! (`/metrics`); the first of a run of them is logged per device at most every
-//! [`LIMITED_LOG_EVERY`]. A device far above its rate (a flood, a device replaying old
-//! batches over and over) therefore takes at most its share of the hub: the budget cannot
-//! fill with its messages, and the others' messages wait behind at most its share of work,
-//! not behind the whole flood; its audit batches come again after its ack timeout and
-//! nothing is lost. The rate bounds messages per second, the share what is held at once: a
-//! flooder's big batches (a resend of 500 records is one message), or its many small ones
-//! while the hub is busy, hold it to its share even within its rate. A well-behaved device
-//! sends a few messages a second (its window of 8 batches bounds the audit upload, two
-//! windows of its usual 128 KiB batches fit its share), and a backlog drains at up to
-//! `rate` × 500 records per second. The default (1,000 a second) sits well above one device
-//! draining a backlog as fast as a release build does (about 240 batches of 500 a second,
-//! 119,652 records/s in `bench/sync.py`): a limit below that would drop a draining device's
-//! batches and stall it for an ack timeout each time. A hub so far behind that a device's
-//! resent windows pile up on its share limits a well-behaved device too (counted as
-//! `limited`; nothing is lost): a steady `limited` count for many devices means a slow hub,
-//! for a few a flood. What the intake remembers per device is forgotten once the device
-//! holds nothing and has been quiet long enough for its bucket to be full again (checked
-//! every [`LAG_POLL`]).
+//! at once is capped: `ServeSettings::device_max_bytes` of the byte budget
+//! ([`DEVICE_MAX_BYTES`], an eighth of it) and `device_max_messages` messages
+//! ([`DEVICE_MAX_MESSAGES`], 32). A message without a token, or beyond its device's share,
+//! is dropped WITHOUT an ack, like a shed one, and counted as `limited`, in total and per
+//! device (`/metrics`); the first of a run of them is logged per device at most every
+//! [`LIMITED_LOG_EVERY`]. The hub serves what it holds in arrival order, so what a device
+//! holds is its share of the hub's time as well as of its memory: a device far above its
+//! rate (a flood, a device replaying old batches over and over) cannot fill the budget, and
+//! the others' messages wait behind at most 32 of its messages, not behind the whole flood,
+//! even when the hub is slower than what arrives; its audit batches come again after its
+//! ack timeout and nothing is lost. The rate bounds messages per second, the share what is
+//! held at once. A well-behaved device sends a few messages a second and holds fewer than
+//! its share (its window of 8 batches bounds the audit upload), and a backlog drains at up
+//! to `rate` × 500 records per second. The default (1,000 a second) sits well above one
+//! device draining a backlog as fast as a release build does (about 240 batches of 500 a
+//! second, 119,652 records/s in `bench/sync.py`): a limit below that would drop a draining
+//! device's batches and stall it for an ack timeout each time. A hub so far behind that a
+//! device's resent windows pile up on its share limits a well-behaved device too (counted
+//! as `limited`; nothing is lost): a steady `limited` count for many devices means a slow
+//! hub, for a few a flood. What the intake remembers per device is forgotten once the
+//! device holds nothing and has been quiet long enough for its bucket to be full again
+//! (checked every [`LAG_POLL`]).
 //!
 //! An `ahead` batch (it starts after the stored head + 1: with several hubs on a shared
 //! subscription, Mosquitto hands a device's batches out round-robin, so the one before it
@@ -128,18 +127,19 @@ use crate::protocol::{
 pub const QUEUE_MAX_BYTES: usize = 32 << 20;
 /// What a message costs beyond its payload and topic, so empty ones are bounded too.
 pub const MESSAGE_OVERHEAD: usize = 256;
-/// Most of the budget one device's messages may hold ([`ServeSettings::device_max_bytes`]),
-/// each weighing its bytes plus [`MESSAGE_WEIGHT`]: an eighth, two windows of a device's
-/// usual audit batches (2 × 8 × (128 + 16) KiB; one window of the largest, 256 KiB) or about
-/// 240 small messages, so that a flood from a few devices leaves the others most of the
-/// budget and a short wait.
+/// Most bytes of the budget one device's messages may hold at once
+/// ([`ServeSettings::device_max_bytes`]): an eighth, two windows of a device's usual 128 KiB
+/// audit batches (one of the largest, 256 KiB), so that a flood from a few devices leaves
+/// the others most of the budget.
 pub const DEVICE_MAX_BYTES: usize = QUEUE_MAX_BYTES / 8;
-/// What a message weighs against its device's share beyond its bytes: the hub's work per
-/// message (a transaction's share, an ack, a signature check) is about that of 16 to 32
-/// KiB of batch (one hub stores ~1,100 one-record batches a second, or ~70,000 records a
-/// second in 256 KiB batches: docs/scale.md), so a flood of small messages is held to its
-/// share of the hub's time, not only of its memory.
-pub const MESSAGE_WEIGHT: usize = 16 << 10;
+/// Most messages one device may have in the hub's hands at once
+/// ([`ServeSettings::device_max_messages`]): a device's window is 8 audit batches, a
+/// rewind can put a second copy of it behind the first, and status, state and telemetry
+/// come beside them; 32 is twice that. The hub serves what it holds in arrival order, so
+/// what a device holds is its share of the hub's time: held to 32, five flooders hold 160
+/// messages where a hundred ordinary devices hold a hundred or two, and an overloaded hub
+/// still serves the others.
+pub const DEVICE_MAX_MESSAGES: usize = 32;
 /// Most messages applied in one transaction.
 pub const MAX_GROUP: usize = 128;
 /// How long shutdown waits for the broker to confirm the unsubscribe and send what it had
@@ -189,9 +189,10 @@ pub struct ServeSettings {
     pub summary_every: Duration,
     /// The byte budget of what the hub holds from the link ([`QUEUE_MAX_BYTES`]).
     pub queue_max_bytes: usize,
-    /// One device's share of it ([`DEVICE_MAX_BYTES`]), its messages weighing their bytes
-    /// plus [`MESSAGE_WEIGHT`] each.
+    /// One device's share of it ([`DEVICE_MAX_BYTES`]).
     pub device_max_bytes: usize,
+    /// The most messages one device may have in the hub's hands ([`DEVICE_MAX_MESSAGES`]).
+    pub device_max_messages: usize,
     /// Subscribe through `$share/hub/…` (see [`protocol::hub_subscriptions`]).
     pub shared_subscriptions: bool,
     /// Where `/metrics` is served (`[hub] listen`), if anywhere.
@@ -484,14 +485,17 @@ fn cost(topic: &str, payload: &[u8]) -> usize {
     payload.len() + topic.len() + MESSAGE_OVERHEAD
 }
 
-/// What a device's messages not yet done with (queued, being handled, parked) weigh: their
-/// bytes plus [`MESSAGE_WEIGHT`] each.
-type DeviceHeld = Arc<AtomicUsize>;
+/// What a device's messages not yet done with (queued, being handled, parked) hold.
+#[derive(Debug, Default)]
+struct DeviceHeld {
+    bytes: AtomicUsize,
+    messages: AtomicUsize,
+}
 
 /// What the intake knows of one device that sent lately (forgotten after [`Intake::idle`]).
 struct DeviceIntake {
     bucket: Bucket,
-    held: DeviceHeld,
+    held: Arc<DeviceHeld>,
     /// When an audit batch of this device was last dropped (over its rate or its share, or
     /// shed): its batches that follow have a gap before them which only its resend fills.
     dropped: Option<Instant>,
@@ -505,13 +509,14 @@ struct DeviceIntake {
 #[derive(Debug)]
 struct Held {
     _permit: OwnedSemaphorePermit,
-    device: Option<(DeviceHeld, usize)>,
+    device: Option<(Arc<DeviceHeld>, usize)>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         if let Some((held, bytes)) = &self.device {
-            held.fetch_sub(*bytes, Ordering::Relaxed);
+            held.bytes.fetch_sub(*bytes, Ordering::Relaxed);
+            held.messages.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -539,8 +544,10 @@ struct Intake {
     blob_metrics: Arc<BlobMetrics>,
     /// The per-device rate limit on upward messages.
     ingest_rate: RateLimit,
-    /// Most one device's messages may weigh ([`ServeSettings::device_max_bytes`]).
+    /// Most bytes and messages one device's may hold ([`ServeSettings::device_max_bytes`],
+    /// [`ServeSettings::device_max_messages`]).
     device_max: usize,
+    device_max_messages: usize,
     devices: HashMap<DeviceId, DeviceIntake>,
     /// When `devices` was last pruned.
     pruned: Instant,
@@ -563,6 +570,7 @@ impl Intake {
             },
             // Unlimited until `Server::run` sets it from the settings.
             device_max: usize::MAX,
+            device_max_messages: usize::MAX,
             devices: HashMap::new(),
             pruned: Instant::now(),
         }
@@ -584,17 +592,18 @@ impl Intake {
         }
         self.pruned = now;
         let idle = self.idle();
-        self.devices
-            .retain(|_, d| d.held.load(Ordering::Relaxed) > 0 || now.duration_since(d.seen) < idle);
+        self.devices.retain(|_, d| {
+            d.held.messages.load(Ordering::Relaxed) > 0 || now.duration_since(d.seen) < idle
+        });
     }
 
-    /// Whether `device` may send one more message weighing `weight` now: a token in its
-    /// bucket and room in its share; else why not (counted as limited, and logged; a dropped
-    /// `audit` batch leaves a gap in the device's stream).
+    /// Whether `device` may send one more message of `bytes` now: a token in its bucket and
+    /// room in its share; else why not (counted as limited, and logged; a dropped `audit`
+    /// batch leaves a gap in the device's stream).
     fn within_limits(
         &mut self,
         device: &DeviceId,
-        weight: usize,
+        bytes: usize,
         audit: bool,
         now: Instant,
     ) -> Result<(), Over> {
@@ -618,7 +627,9 @@ impl Intake {
         // flooder sending into a full share is still sending).
         let over = if !d.bucket.take(limit, now) {
             Over::Rate
-        } else if d.held.load(Ordering::Relaxed) + weight > self.device_max {
+        } else if d.held.bytes.load(Ordering::Relaxed) + bytes > self.device_max
+            || d.held.messages.load(Ordering::Relaxed) >= self.device_max_messages
+        {
             Over::Share
         } else {
             return Ok(());
@@ -640,8 +651,10 @@ impl Intake {
                 ),
                 Over::Share => warn!(
                     device_id = %device,
-                    held = d.held.load(Ordering::Relaxed),
+                    held_bytes = d.held.bytes.load(Ordering::Relaxed),
+                    held_messages = d.held.messages.load(Ordering::Relaxed),
                     device_max_bytes = self.device_max,
+                    device_max_messages = self.device_max_messages,
                     "A device holds its whole share of the hub's byte budget: its messages are dropped unacked until the hub is through them (it sends its audit batches again)."
                 ),
             }
@@ -670,7 +683,6 @@ impl Intake {
             return true;
         }
         let bytes = cost(&topic, &payload);
-        let weight = bytes + MESSAGE_WEIGHT;
         let now = Instant::now();
         self.prune(now);
         let (device, audit) = match route {
@@ -678,7 +690,7 @@ impl Intake {
             _ => (None, false),
         };
         if let Some(id) = &device
-            && let Err(over) = self.within_limits(id, weight, audit, now)
+            && let Err(over) = self.within_limits(id, bytes, audit, now)
         {
             debug!(topic = %topic, bytes = payload.len(), ?over, "Message over its device's limit dropped.");
             return true;
@@ -720,8 +732,9 @@ impl Intake {
         let held = Held {
             _permit: permit,
             device: device.map(|d| {
-                d.held.fetch_add(weight, Ordering::Relaxed);
-                (d.held.clone(), weight)
+                d.held.bytes.fetch_add(bytes, Ordering::Relaxed);
+                d.held.messages.fetch_add(1, Ordering::Relaxed);
+                (d.held.clone(), bytes)
             }),
         };
         messages
@@ -1400,13 +1413,9 @@ impl Server {
     pub fn open(settings: ServeSettings) -> Result<Server> {
         settings.link.validate()?;
         let largest = settings.link.max_packet_size + MESSAGE_OVERHEAD;
-        for (name, bytes, largest) in [
-            ("queue_max_bytes", settings.queue_max_bytes, largest),
-            (
-                "device_max_bytes",
-                settings.device_max_bytes,
-                largest + MESSAGE_WEIGHT,
-            ),
+        for (name, bytes) in [
+            ("queue_max_bytes", settings.queue_max_bytes),
+            ("device_max_bytes", settings.device_max_bytes),
         ] {
             if bytes < largest {
                 return Err(super::HubError::Serve(format!(
@@ -1415,6 +1424,11 @@ impl Server {
                     settings.link.max_packet_size
                 )));
             }
+        }
+        if settings.device_max_messages == 0 {
+            return Err(super::HubError::Serve(
+                "device_max_messages must be at least 1".into(),
+            ));
         }
         make_dir(&settings.data_dir)?;
         let metrics_listener = settings
@@ -1513,6 +1527,7 @@ impl Server {
         let mut intake = Intake::new(settings.queue_max_bytes, messages, metrics.clone());
         intake.ingest_rate = settings.ingest_rate;
         intake.device_max = settings.device_max_bytes;
+        intake.device_max_messages = settings.device_max_messages;
         // The blob server: its own connection to the store (counts) and its own thread.
         let (blob_tx, blob_rx) = queue::sync_channel::<BlobRequest>(blobs::QUEUE_LEN);
         let gate = Gate::new(blob_store, &settings.data_dir, settings.chunk_rate);

@@ -449,10 +449,9 @@ fn a_device_over_its_share_of_the_budget_is_dropped_while_the_others_are_taken()
     let flooder = || "outpost/v1/devices/edge-01/audit".to_string();
     let quiet = || "outpost/v1/devices/edge-02/audit".to_string();
     let each = cost(&flooder(), &[0; 300]);
-    // Each message weighs its cost and MESSAGE_WEIGHT against its device's share.
-    intake.device_max = 4 * (each + MESSAGE_WEIGHT) + 100;
-    // edge-01 floods: four messages fit its share, the rest are dropped as limited although
-    // the budget has room for 16.
+    // edge-01 floods: four messages fit its share (in bytes), the rest are dropped as
+    // limited although the budget has room for 16.
+    intake.device_max = 4 * each + 100;
     for i in 0..10 {
         assert!(intake.take(flooder(), vec![i; 300]));
     }
@@ -490,6 +489,31 @@ fn a_device_over_its_share_of_the_budget_is_dropped_while_the_others_are_taken()
     assert_eq!(intake.held(), 0);
     intake.prune(later + LAG_POLL);
     assert!(intake.devices.is_empty());
+}
+
+#[test]
+fn a_device_holding_its_most_messages_is_limited_until_the_hub_is_done_with_one() {
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = queue::channel();
+    let mut intake = Intake::new(1 << 20, tx, metrics.clone());
+    intake.device_max = 1 << 20;
+    intake.device_max_messages = 3;
+    let topic = |d: &str| format!("outpost/v1/devices/{d}/state/reported");
+    // Small messages, far within the bytes: the count holds edge-01 to 3.
+    for _ in 0..5 {
+        assert!(intake.take(topic("edge-01"), vec![0; 10]));
+    }
+    assert!(intake.take(topic("edge-02"), vec![0; 10]));
+    let m = metrics.snapshot();
+    assert_eq!((m.received, m.limited, m.shed), (6, 2, 0), "{m:?}");
+    let mut taken: Vec<Message> = rx.try_iter().collect();
+    assert_eq!(taken.len(), 4);
+    // State is not audit: dropping it leaves no gap, so edge-01 may still be parked.
+    drop(taken.remove(0));
+    assert!(intake.take(topic("edge-01"), vec![1; 10]));
+    let next = rx.try_recv().unwrap();
+    assert_eq!((next.payload[0], next.may_park), (1, true));
+    assert_eq!(metrics.snapshot().limited, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
