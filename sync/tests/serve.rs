@@ -1015,7 +1015,10 @@ async fn a_hung_hub_is_dropped_by_the_broker_and_the_other_takes_its_share() {
         .lines()
         .filter(|l| l.contains("Client outpost-hub.") && l.contains("exceeded timeout"))
         .count();
-    assert_eq!(dropped, 1, "the broker did not drop the hung hub:\n{broker_log}");
+    assert_eq!(
+        dropped, 1,
+        "the broker did not drop the hung hub:\n{broker_log}"
+    );
     signal("-CONT", &a);
     for (name, hub) in [("a", a), ("b", b)] {
         let (code, log) = hub.terminate();

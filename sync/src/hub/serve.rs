@@ -6,9 +6,11 @@
 //! (their work is blocking or CPU-bound and never runs on the async runtime): the prepare
 //! thread ([`PREPARE_THREAD`]) reads and checks each one without the store
 //! ([`ingest::prepare`]: decoding, the hash chain inside a batch); the ingest thread
-//! ([`INGEST_THREAD`]), which owns `hub.db`, takes what is queued (up to [`MAX_GROUP`]
-//! messages), applies them in ONE write transaction ([`ingest::apply`]) and commits: one
-//! fsync for the group. The two overlap, so hashing and storing use two cores. Only after
+//! ([`INGEST_THREAD`]), which owns `hub.db`, takes what is queued into its backlog, takes
+//! up to [`MAX_GROUP`] messages from it round-robin by device (one of each device in turn,
+//! each device's in their order: a device with many waiting cannot take the others' turns),
+//! applies them in ONE write transaction ([`ingest::apply`]) and commits: one fsync for the
+//! group. The two overlap, so hashing and storing use two cores. Only after
 //! the commit does the ingest thread publish the acks (`AuditAck` with the device's stored
 //! head; one per device per group), through [`LinkHandle::try_publish`], which never waits.
 //!
@@ -98,7 +100,7 @@
 //!   also rows of `audit_alerts`. The first sighting of an alert is logged at `error`, a
 //!   repeat (same device, kind and seq) at `debug`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -814,6 +816,62 @@ fn devices_of<'a>(items: impl Iterator<Item = &'a Item>) -> Vec<&'a DeviceId> {
     items.filter_map(|i| i.prepared.device()).collect()
 }
 
+/// What the ingest thread has been given and not yet applied, served round-robin by device:
+/// a group takes one message of each device in turn (a device's own stay in their order), so
+/// a device with many messages waiting (a flood, a big resend) takes its turn like the
+/// others instead of the hub's time in arrival order. Bounded by the byte budget (each item
+/// holds its share of it).
+#[derive(Default)]
+struct Backlog {
+    by_device: HashMap<Option<DeviceId>, VecDeque<Item>>,
+    /// Devices with something waiting, in the order of their next turn.
+    turns: VecDeque<Option<DeviceId>>,
+    len: usize,
+}
+
+impl Backlog {
+    fn push(&mut self, item: Item) {
+        let key = item.prepared.device().cloned();
+        let waiting = self.by_device.entry(key.clone()).or_default();
+        if waiting.is_empty() {
+            self.turns.push_back(key);
+        }
+        waiting.push_back(item);
+        self.len += 1;
+    }
+
+    /// Up to `max` messages, one per device per turn.
+    fn group(&mut self, max: usize) -> Vec<Item> {
+        let mut group = Vec::with_capacity(max.min(self.len));
+        while group.len() < max {
+            let Some(key) = self.turns.pop_front() else {
+                break;
+            };
+            let Some(waiting) = self.by_device.get_mut(&key) else {
+                continue;
+            };
+            if let Some(item) = waiting.pop_front() {
+                group.push(item);
+                self.len -= 1;
+            }
+            if waiting.is_empty() {
+                self.by_device.remove(&key);
+            } else {
+                self.turns.push_back(key);
+            }
+        }
+        group
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Most messages taken from the queue into the [`Backlog`] at once (the queue holds what
+/// the prepare thread handed over since, within the byte budget).
+const BACKLOG_TAKE_MAX: usize = 1 << 16;
+
 /// An `ahead` batch waiting for the head to reach it.
 struct Parked {
     item: Item,
@@ -824,6 +882,7 @@ struct Worker {
     store: Box<dyn Store>,
     link: LinkHandle,
     metrics: Arc<Metrics>,
+    backlog: Backlog,
     parked: Vec<Parked>,
     parked_bytes: usize,
     /// When parked batches were last looked at.
@@ -858,6 +917,7 @@ impl Worker {
             store,
             link,
             metrics,
+            backlog: Backlog::default(),
             parked: Vec::new(),
             parked_bytes: 0,
             last_retry: Instant::now(),
@@ -896,35 +956,54 @@ impl Worker {
     }
 
     fn run(mut self, queue: queue::Receiver<Work>) {
+        let mut closed = false;
         loop {
-            // Asleep until work comes, unless parked batches or unsent acks need a timer.
-            let first = match self.wake_at() {
-                None => match queue.recv() {
-                    Ok(work) => Some(work),
-                    Err(_) => break,
-                },
-                Some(at) => {
-                    match queue.recv_timeout(at.saturating_duration_since(Instant::now())) {
+            // Asleep until work comes, unless a backlog, parked batches or unsent acks need
+            // it; once the queue is closed, only the backlog is left to do.
+            let first = if closed {
+                None
+            } else {
+                let wake = if self.backlog.is_empty() {
+                    self.wake_at()
+                } else {
+                    Some(Instant::now())
+                };
+                match wake {
+                    None => match queue.recv() {
                         Ok(work) => Some(work),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => break,
+                        Err(_) => break,
+                    },
+                    Some(at) => {
+                        match queue.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                            Ok(work) => Some(work),
+                            Err(RecvTimeoutError::Timeout) => None,
+                            Err(RecvTimeoutError::Disconnected) => {
+                                closed = true;
+                                None
+                            }
+                        }
                     }
                 }
             };
-            let mut group = Vec::new();
+            if closed && self.backlog.is_empty() {
+                break;
+            }
             let mut connected = false;
             let mut next = first;
+            let mut taken = 0;
             while let Some(work) = next {
                 match work {
-                    Work::Item(item) => group.push(*item),
+                    Work::Item(item) => self.backlog.push(*item),
                     Work::Connected => connected = true,
                 }
-                next = if group.len() < MAX_GROUP {
+                taken += 1;
+                next = if taken < BACKLOG_TAKE_MAX {
                     queue.try_recv().ok()
                 } else {
                     None
                 };
             }
+            let group = self.backlog.group(MAX_GROUP);
             let stored = !group.is_empty() && self.handle(group);
             if stored || self.due(self.last_retry, PARK_RETRY, !self.parked.is_empty()) {
                 self.retry_parked();

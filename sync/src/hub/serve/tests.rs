@@ -206,6 +206,61 @@ fn an_ahead_batch_after_a_message_dropped_here_is_acked_at_once_not_parked() {
 }
 
 #[test]
+fn the_backlog_serves_devices_in_turn_not_in_arrival_order() {
+    let state = br#"{"v":1,"models":[],"aliases":{},"policy_version":null,"last_acked_seq":0}"#;
+    let item = |device: &str, n: usize| {
+        let id = DeviceId::new(device).unwrap();
+        let mut payload = state.to_vec();
+        payload.extend(std::iter::repeat_n(b' ', n));
+        Item {
+            prepared: ingest::prepare(&device_topic(&id, DeviceTopic::StateReported), &payload),
+            bytes: payload.len(),
+            may_park: true,
+            _held: None,
+        }
+    };
+    let mut backlog = Backlog::default();
+    // A flooder's 300 messages came first, then one of edge-02, then 2 of edge-03.
+    for n in 0..300 {
+        backlog.push(item("flooder", n));
+    }
+    backlog.push(item("edge-02", 0));
+    backlog.push(item("edge-03", 0));
+    backlog.push(item("edge-03", 1));
+    let seen = |group: &[Item]| -> Vec<(String, usize)> {
+        group
+            .iter()
+            .map(|i| {
+                (
+                    i.prepared.device().unwrap().to_string(),
+                    i.bytes - state.len(),
+                )
+            })
+            .collect()
+    };
+    let first = seen(&backlog.group(5));
+    assert_eq!(
+        first,
+        [
+            ("flooder".to_string(), 0),
+            ("edge-02".to_string(), 0),
+            ("edge-03".to_string(), 0),
+            ("flooder".to_string(), 1),
+            ("edge-03".to_string(), 1),
+        ]
+    );
+    // Then the flooder alone, its messages in their order, until none is left.
+    let rest = seen(&backlog.group(1000));
+    assert_eq!(rest.len(), 298);
+    assert!(
+        rest.iter()
+            .zip(2..)
+            .all(|((d, n), want)| d == "flooder" && *n == want)
+    );
+    assert!(backlog.is_empty() && backlog.group(10).is_empty());
+}
+
+#[test]
 fn the_thread_groups_what_is_queued_and_stops_when_the_queue_closes() {
     let fx = fixture();
     let items: Vec<Item> = [4, 2, 3, 1].into_iter().map(|n| fx.item(n)).collect();
