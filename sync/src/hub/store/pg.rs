@@ -75,6 +75,15 @@ mod tests;
 pub const POOL_SIZE: u32 = 4;
 /// How long a checkout waits for a connection before the operation fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a writing session may sit idle inside a transaction before PostgreSQL ends it
+/// (`idle_in_transaction_session_timeout`), releasing its locks. A hub's transactions send
+/// their statements back to back; one idle this long belongs to a hub that hangs (stopped,
+/// swapped out, its VM frozen) while holding its devices' row locks, which would otherwise
+/// hold up every other hub that takes one of those devices until it came back. Its
+/// transaction is then lost, never committed, so never acked: the devices send again.
+/// (Not on read-only sessions: an export that streams to a slow reader waits between
+/// fetches.)
+pub const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
 /// The advisory lock migrations run under (any fixed number; "outpost1" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_7431;
 
@@ -276,6 +285,11 @@ impl PgStore {
         options.push_str(" -c synchronous_commit=on");
         if read_only {
             options.push_str(" -c default_transaction_read_only=on");
+        } else {
+            options.push_str(&format!(
+                " -c idle_in_transaction_session_timeout={}",
+                IDLE_IN_TRANSACTION.as_millis()
+            ));
         }
         config.options(options.trim());
         if config.get_connect_timeout().is_none() {

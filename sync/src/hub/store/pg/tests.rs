@@ -298,6 +298,42 @@ fn schema_is_migrated_once_by_hubs_starting_together_and_a_newer_one_is_left_alo
 }
 
 #[test]
+fn a_hub_hung_inside_a_transaction_holds_its_devices_locks_no_longer_than_the_timeout() {
+    let Some(db) = TestDb::create() else { return };
+    let mut hung = PgStore::open(db.url()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    hung.enroll(&enrolled("edge-a", &key, &[])).unwrap();
+    let id = dev("edge-a");
+    // Hub 1 takes edge-a's lock and then hangs (it sends nothing more).
+    let mut tx = hung.begin_ingest().unwrap();
+    tx.lock_devices(&[&id]).unwrap();
+    let started = std::time::Instant::now();
+    // Hub 2 takes the same device: it waits, and gets it once PostgreSQL has ended hub 1's
+    // idle transaction (without the timeout it would wait until hub 1 came back).
+    let url = db.url().to_string();
+    let other = std::thread::spawn(move || {
+        let mut store = PgStore::open(&url).unwrap();
+        let mut tx = store.begin_ingest().unwrap();
+        tx.lock_devices(&[&dev("edge-a")]).unwrap();
+        tx.commit().unwrap();
+        started.elapsed()
+    });
+    let deadline = IDLE_IN_TRANSACTION * 3;
+    while !other.is_finished() {
+        assert!(
+            started.elapsed() < deadline,
+            "the other hub still waits for the device's lock after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let waited = other.join().unwrap();
+    assert!(waited >= IDLE_IN_TRANSACTION, "{waited:?}");
+    // Hub 1, back: its transaction is gone, so nothing of it commits (nor is acked).
+    assert!(tx.commit().is_err());
+}
+
+#[test]
 fn two_hubs_ingesting_the_same_streams_store_each_record_once_and_never_ack_ahead() {
     let Some(db) = TestDb::create() else { return };
     let dir = TempDir::new().unwrap();
