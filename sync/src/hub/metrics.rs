@@ -7,7 +7,7 @@
 //!   (`stored`, `duplicate`, `ahead`, `parked`): the ingest rate is `rate()` of them;
 //! - `batches_refused_total{reason}` (every reason, 0 included) and `alerts_total{kind}`;
 //! - `messages_received_total`, `messages_shed_total`, `messages_limited_total` (over a
-//!   device's rate limit or its share of the byte budget; per device in
+//!   device's rate limit or its share of the hub; per device in
 //!   `device_messages_limited_total{device}`, only for devices that were limited),
 //!   `queued_bytes`, `acks_sent_total`,
 //!   `acks_unsent_total`, `store_errors_total`, `broker_disconnects_total`;
@@ -145,7 +145,7 @@ pub fn render(metrics: &Metrics) -> String {
     );
     counter(
         "messages_limited_total",
-        "Messages dropped unacked over their device's rate limit or share of the byte budget (devices send audit again).",
+        "Messages dropped unacked over their device's rate limit or share of the hub (devices send audit again).",
         s.limited,
     );
     counter(
@@ -262,8 +262,7 @@ pub fn render(metrics: &Metrics) -> String {
     let _ = writeln!(
         out,
         "# HELP outpost_hub_device_messages_limited_total Messages of the device dropped \
-         unacked over its rate limit or its share of the byte budget (only devices that were \
-         limited).\n\
+         unacked over its rate limit or its share of the hub (only devices that were limited).\n\
          # TYPE outpost_hub_device_messages_limited_total counter"
     );
     for (id, n) in metrics.limited_devices() {

@@ -36,23 +36,23 @@
 //! ([`DEVICE_MAX_MESSAGES`], 32). A message without a token, or beyond its device's share,
 //! is dropped WITHOUT an ack, like a shed one, and counted as `limited`, in total and per
 //! device (`/metrics`); the first of a run of them is logged per device at most every
-//! [`LIMITED_LOG_EVERY`]. The hub serves what it holds in arrival order, so what a device
-//! holds is its share of the hub's time as well as of its memory: a device far above its
-//! rate (a flood, a device replaying old batches over and over) cannot fill the budget, and
-//! the others' messages wait behind at most 32 of its messages, not behind the whole flood,
-//! even when the hub is slower than what arrives; its audit batches come again after its
-//! ack timeout and nothing is lost. The rate bounds messages per second, the share what is
-//! held at once. A well-behaved device sends a few messages a second and holds fewer than
-//! its share (its window of 8 batches bounds the audit upload), and a backlog drains at up
-//! to `rate` × 500 records per second. The default (1,000 a second) sits well above one
-//! device draining a backlog as fast as a release build does (about 240 batches of 500 a
-//! second, 119,652 records/s in `bench/sync.py`): a limit below that would drop a draining
-//! device's batches and stall it for an ack timeout each time. A hub so far behind that a
-//! device's resent windows pile up on its share limits a well-behaved device too (counted
-//! as `limited`; nothing is lost): a steady `limited` count for many devices means a slow
-//! hub, for a few a flood. What the intake remembers per device is forgotten once the
-//! device holds nothing and has been quiet long enough for its bucket to be full again
-//! (checked every [`LAG_POLL`]).
+//! [`LIMITED_LOG_EVERY`]. A device far above its rate (a flood, a device replaying old
+//! batches over and over) therefore cannot fill the budget, and the ingest thread serves
+//! the devices in turn (one message of each at a time, [`Backlog`]), so the others'
+//! messages wait for one of its messages each, not behind the whole flood, even when the
+//! hub is slower than what arrives; its audit batches come again after its ack timeout and
+//! nothing is lost. The rate bounds messages per second, the share what is held at once. A
+//! well-behaved device sends a few messages a second and holds fewer than its share (its
+//! window of 8 batches bounds the audit upload), and a backlog drains at up to `rate` × 500
+//! records per second. The default (1,000 a second) sits well above one device draining a
+//! backlog as fast as a release build does (about 240 batches of 500 a second, 119,652
+//! records/s in `bench/sync.py`): a limit below that would drop a draining device's batches
+//! and stall it for an ack timeout each time. A hub so far behind that a device's resent
+//! windows pile up on its share limits a well-behaved device too (counted as `limited`;
+//! nothing is lost): a steady `limited` count for many devices means a slow hub, for a few
+//! a flood. What the intake remembers per device is forgotten once the device holds nothing
+//! and has been quiet long enough for its bucket to be full again (checked every
+//! [`LAG_POLL`]).
 //!
 //! An `ahead` batch (it starts after the stored head + 1: with several hubs on a shared
 //! subscription, Mosquitto hands a device's batches out round-robin, so the one before it
@@ -137,10 +137,8 @@ pub const DEVICE_MAX_BYTES: usize = QUEUE_MAX_BYTES / 8;
 /// Most messages one device may have in the hub's hands at once
 /// ([`ServeSettings::device_max_messages`]): a device's window is 8 audit batches, a
 /// rewind can put a second copy of it behind the first, and status, state and telemetry
-/// come beside them; 32 is twice that. The hub serves what it holds in arrival order, so
-/// what a device holds is its share of the hub's time: held to 32, five flooders hold 160
-/// messages where a hundred ordinary devices hold a hundred or two, and an overloaded hub
-/// still serves the others.
+/// come beside them; 32 is twice that. With the ingest thread's turns ([`Backlog`]), it
+/// bounds how much of a flood the hub holds at once, not how often the flooder is served.
 pub const DEVICE_MAX_MESSAGES: usize = 32;
 /// Most messages applied in one transaction.
 pub const MAX_GROUP: usize = 128;
@@ -266,7 +264,7 @@ pub struct MetricsSnapshot {
     /// the queues.
     pub shed: u64,
     /// Messages dropped unacked over their device's limits: its message rate, or its share
-    /// of the byte budget.
+    /// of the hub (bytes or messages held).
     pub limited: u64,
     /// Bytes held from the link when last looked (a gauge, set by the serve loop).
     pub queued_bytes: u64,
@@ -657,7 +655,7 @@ impl Intake {
                     held_messages = d.held.messages.load(Ordering::Relaxed),
                     device_max_bytes = self.device_max,
                     device_max_messages = self.device_max_messages,
-                    "A device holds its whole share of the hub's byte budget: its messages are dropped unacked until the hub is through them (it sends its audit batches again)."
+                    "A device holds its whole share of the hub (bytes or messages held): its messages are dropped unacked until the hub is through them (it sends its audit batches again)."
                 ),
             }
         }
