@@ -219,6 +219,40 @@ impl Drop for HubProcess {
     }
 }
 
+/// A hub run in this test's process (its counters readable, its settings changed by the
+/// test) over the fleet's `hub.toml`.
+struct InProcessHub {
+    metrics: std::sync::Arc<outpost_sync::hub::serve::Metrics>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<outpost_sync::hub::Result<()>>,
+}
+
+impl InProcessHub {
+    fn start(
+        fleet: &Fleet,
+        tweak: impl FnOnce(&mut outpost_sync::hub::serve::ServeSettings),
+    ) -> Self {
+        use outpost_sync::hub::config::Config;
+        use outpost_sync::hub::serve::Server;
+        let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
+        let mut settings = config.serve_settings(None).unwrap();
+        tweak(&mut settings);
+        let server = Server::open(settings).unwrap();
+        let stop = CancellationToken::new();
+        Self {
+            metrics: server.metrics(),
+            task: tokio::spawn(server.run(stop.clone())),
+            stop,
+        }
+    }
+
+    /// Stops it, and waits until it has (its counters no longer move).
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// What a device does with each ack it receives, beside moving its cursor.
 type AckCheck = Box<dyn FnMut(&DeviceId, u64) + Send>;
 
@@ -1030,8 +1064,6 @@ async fn a_hung_hub_is_dropped_by_the_broker_and_the_other_takes_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
-    use outpost_sync::hub::config::Config;
-    use outpost_sync::hub::serve::Server;
     if mosquitto().is_none() {
         return;
     }
@@ -1039,23 +1071,20 @@ async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
     let fleet = Fleet::new(&[("dev-A", &key)]);
     // The hub in this process, with a short keep-alive (the broker drops a client silent
     // for 1.5 × keep-alive) and a small byte budget.
-    let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
-    let mut settings = config.serve_settings(None).unwrap();
-    settings.link.keep_alive = Duration::from_secs(2);
-    settings.queue_max_bytes = 2 << 20;
-    // This test is about the byte budget: the per-device limits (its message rate and its
-    // share of the budget, which would hold this flood back before the budget fills) are
-    // lifted.
-    settings.device_max_bytes = usize::MAX;
-    settings.device_max_messages = usize::MAX;
-    settings.ingest_rate = outpost_sync::hub::blobs::RateLimit {
-        rate: 1e9,
-        burst: 1e9,
-    };
-    let server = Server::open(settings).unwrap();
-    let metrics = server.metrics();
-    let hub_stop = CancellationToken::new();
-    let hub_task = tokio::spawn(server.run(hub_stop.clone()));
+    let hub = InProcessHub::start(&fleet, |settings| {
+        settings.link.keep_alive = Duration::from_secs(2);
+        settings.queue_max_bytes = 2 << 20;
+        // This test is about the byte budget: the per-device limits (its message rate and its
+        // share of the budget, which would hold this flood back before the budget fills) are
+        // lifted.
+        settings.device_max_bytes = usize::MAX;
+        settings.device_max_messages = usize::MAX;
+        settings.ingest_rate = outpost_sync::hub::blobs::RateLimit {
+            rate: 1e9,
+            burst: 1e9,
+        };
+    });
+    let metrics = hub.metrics.clone();
 
     let stop = CancellationToken::new();
     let mut dev = Device::connect(&fleet, "dev-A", &key, 50, &stop).await;
@@ -1107,8 +1136,7 @@ async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
         !broker_log.contains("exceeded timeout"),
         "the broker dropped a client for its keep-alive:\n{broker_log}"
     );
-    hub_stop.cancel();
-    hub_task.await.unwrap().unwrap();
+    hub.stop().await;
     assert_eq!(metrics.snapshot().queued_bytes, 0);
     stop.cancel();
 }
@@ -1116,23 +1144,18 @@ async fn a_busy_store_costs_the_hub_neither_its_connection_nor_a_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_device_is_limited_and_counted_while_the_others_flow() {
     use outpost_sync::hub::blobs::RateLimit;
-    use outpost_sync::hub::config::Config;
-    use outpost_sync::hub::serve::Server;
     if mosquitto().is_none() {
         return;
     }
     let (key_a, key_b) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
     let fleet = Fleet::new(&[("dev-A", &key_a), ("dev-B", &key_b)]);
-    let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
-    let mut settings = config.serve_settings(None).unwrap();
-    settings.ingest_rate = RateLimit {
-        rate: 20.0,
-        burst: 40.0,
-    };
-    let server = Server::open(settings).unwrap();
-    let metrics = server.metrics();
-    let hub_stop = CancellationToken::new();
-    let hub_task = tokio::spawn(server.run(hub_stop.clone()));
+    let hub = InProcessHub::start(&fleet, |settings| {
+        settings.ingest_rate = RateLimit {
+            rate: 20.0,
+            burst: 40.0,
+        };
+    });
+    let metrics = hub.metrics.clone();
 
     let stop = CancellationToken::new();
     let mut flooder = Device::connect(&fleet, "dev-A", &key_a, 50, &stop).await;
@@ -1176,8 +1199,7 @@ async fn a_flooding_device_is_limited_and_counted_while_the_others_flow() {
     // The hub stopped before its counters are read: messages still arriving would move them
     // between the snapshot and the /metrics text.
     let elapsed = started.elapsed().as_secs_f64();
-    hub_stop.cancel();
-    hub_task.await.unwrap().unwrap();
+    hub.stop().await;
     let m = metrics.snapshot();
     eprintln!("flood of {elapsed:.1} s: {m:?}");
     // What got through is what the bucket allows (40 at once, 20 a second) plus dev-B's few
@@ -1208,8 +1230,6 @@ async fn a_flooding_device_is_limited_and_counted_while_the_others_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_cannot_take_the_byte_budget_the_other_devices_need() {
     use outpost_sync::hub::blobs::RateLimit;
-    use outpost_sync::hub::config::Config;
-    use outpost_sync::hub::serve::Server;
     if mosquitto().is_none() {
         return;
     }
@@ -1217,18 +1237,15 @@ async fn a_flood_cannot_take_the_byte_budget_the_other_devices_need() {
     let fleet = Fleet::new(&[("dev-A", &key_a), ("dev-B", &key_b)]);
     // A 4 MiB budget, an eighth of it per device (the shipped proportion), and no message
     // rate limit: only the share stands between the flood and the budget.
-    let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
-    let mut settings = config.serve_settings(None).unwrap();
-    settings.queue_max_bytes = 4 << 20;
-    settings.device_max_bytes = 512 << 10;
-    settings.ingest_rate = RateLimit {
-        rate: 1e9,
-        burst: 1e9,
-    };
-    let server = Server::open(settings).unwrap();
-    let metrics = server.metrics();
-    let hub_stop = CancellationToken::new();
-    let hub_task = tokio::spawn(server.run(hub_stop.clone()));
+    let hub = InProcessHub::start(&fleet, |settings| {
+        settings.queue_max_bytes = 4 << 20;
+        settings.device_max_bytes = 512 << 10;
+        settings.ingest_rate = RateLimit {
+            rate: 1e9,
+            burst: 1e9,
+        };
+    });
+    let metrics = hub.metrics.clone();
 
     let stop = CancellationToken::new();
     let mut flooder = Device::connect(&fleet, "dev-A", &key_a, 50, &stop).await;
@@ -1288,8 +1305,7 @@ async fn a_flood_cannot_take_the_byte_budget_the_other_devices_need() {
         .await;
     assert_eq!(quiet.resends, 0, "dev-B had to send again");
     assert_store_holds(&fleet, &quiet, quiet_total);
-    hub_stop.cancel();
-    hub_task.await.unwrap().unwrap();
+    hub.stop().await;
     let m = metrics.snapshot();
     eprintln!("{m:?}");
     // The flood was limited (dev-A's share), never shed (the budget never filled).
@@ -1303,25 +1319,20 @@ async fn a_flood_cannot_take_the_byte_budget_the_other_devices_need() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_draining_a_backlog_fast_is_never_limited_by_the_default_rate() {
-    use outpost_sync::hub::config::Config;
-    use outpost_sync::hub::serve::Server;
     if mosquitto().is_none() {
         return;
     }
     let key = KeyPair::generate().unwrap();
     let fleet = Fleet::new(&[("dev-A", &key)]);
     // The hub as shipped: no ingest_rate in hub.toml, so the default limit applies. Its
-    // share of the hub (bytes and messages held) is lifted: this device publishes without a window, so what
-    // it holds depends on how fast this (debug, busy) hub stores, where a real device's
-    // window of 8 batches keeps it far below its share.
-    let config = Config::load(Some(&fleet.dir().join("hub.toml"))).unwrap();
-    let mut settings = config.serve_settings(None).unwrap();
-    settings.device_max_bytes = usize::MAX;
-    settings.device_max_messages = usize::MAX;
-    let server = Server::open(settings).unwrap();
-    let metrics = server.metrics();
-    let hub_stop = CancellationToken::new();
-    let hub_task = tokio::spawn(server.run(hub_stop.clone()));
+    // share of the hub (bytes and messages held) is lifted: this device publishes without a
+    // window, so what it holds depends on how fast this (debug, busy) hub stores, where a
+    // real device's window of 8 batches keeps it far below its share.
+    let hub = InProcessHub::start(&fleet, |settings| {
+        settings.device_max_bytes = usize::MAX;
+        settings.device_max_messages = usize::MAX;
+    });
+    let metrics = hub.metrics.clone();
 
     // A release build drains a backlog at about 240 batches a second (bench/sync.py); this
     // device sends 1,500 batches at 500 a second, for 3 s. The first default (200 a second,
@@ -1351,8 +1362,7 @@ async fn a_device_draining_a_backlog_fast_is_never_limited_by_the_default_rate()
     eprintln!("1,500 batches in {:?}: {m:?}", started.elapsed());
     assert_eq!(m.limited, 0, "a draining device was limited: {m:?}");
     assert_eq!(dev.resends, 0, "the device had to send again: {m:?}");
-    hub_stop.cancel();
-    hub_task.await.unwrap().unwrap();
+    hub.stop().await;
     stop.cancel();
 }
 
