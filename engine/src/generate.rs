@@ -95,9 +95,8 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
-/// Estimated resident bytes: the file (weights are read into memory), the embedding
-/// dequantized to f32 where the implementation does so (all but our Gemma 3), and an f32
-/// KV cache for `ctx`.
+/// Estimated resident bytes: the file (mapped, and all of it touched while generating) and
+/// an f32 KV cache for `ctx`.
 pub fn estimate_footprint(info: &GgufInfo, ctx: usize) -> u64 {
     let md = |k: &str| {
         info.architecture()
@@ -110,17 +109,7 @@ pub fn estimate_footprint(info: &GgufInfo, ctx: usize) -> u64 {
     let kv_heads = md("attention.head_count_kv").unwrap_or(heads);
     let head_dim = md("attention.key_length").unwrap_or(embd / heads);
     let kv = 2 * layers * ctx as u64 * kv_heads * head_dim * 4;
-    // Our llama and Gemma 3 keep the embedding in its file type; candle's others hold an
-    // f32 copy beside it.
-    let embedding = match info.architecture() {
-        Some("gemma3" | "llama") => 0,
-        _ => info
-            .tensors
-            .iter()
-            .find(|t| t.name == "token_embd.weight")
-            .map_or(0, |t| t.elements * 4),
-    };
-    info.file_len + embedding + kv
+    info.file_len + kv
 }
 
 impl LoadedModel {
@@ -128,7 +117,12 @@ impl LoadedModel {
     /// memory budget) before reading any weights, then loads it.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
         let started = Instant::now();
-        let info = gguf::inspect(path).map_err(|source| EngineError::Gguf {
+        let io = |source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let info = gguf::read_model(&file).map_err(|source| EngineError::Gguf {
             path: path.to_path_buf(),
             source,
         })?;
@@ -170,19 +164,14 @@ impl LoadedModel {
                 budget,
             });
         }
-        let mut file = std::fs::File::open(path).map_err(|e| EngineError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let content = arch::read_content(&mut file)?;
-        let tokenizer = TextTokenizer::from_metadata(&content.metadata)?;
-        let template = content
+        let tokenizer = TextTokenizer::from_metadata(&info.metadata)?;
+        let template = info
             .metadata
             .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
         let chat = ChatTemplate::new(template, &tokenizer)?;
-        let weights = Weights::load(&architecture, content, &mut file, context_length)?;
+        let weights = Weights::load(&architecture, &info, &mut file, context_length)?;
         Ok(Self {
             weights,
             tokenizer: std::sync::Arc::new(tokenizer),

@@ -147,8 +147,9 @@ impl fmt::Display for GgmlType {
     }
 }
 
-/// A metadata value kept after parsing: scalars and short strings. Arrays are validated and
-/// skipped, only their length is kept.
+/// A metadata value kept after parsing. [`inspect`] keeps scalars and short strings; arrays
+/// are validated and skipped, only their length is kept. [`read_model`] keeps everything:
+/// arrays as [`MetaValue::List`] (the tokenizer's vocabulary, merges and scores).
 #[derive(Clone, Debug, PartialEq)]
 pub enum MetaValue {
     UInt(u64),
@@ -157,6 +158,7 @@ pub enum MetaValue {
     Bool(bool),
     Str(String),
     Array { len: u64 },
+    List(Vec<MetaValue>),
 }
 
 impl MetaValue {
@@ -174,7 +176,45 @@ impl MetaValue {
             _ => None,
         }
     }
+
+    pub fn as_u32(&self) -> Option<u32> {
+        self.as_u64().and_then(|v| u32::try_from(v).ok())
+    }
+
+    pub fn as_f32(&self) -> Option<f32> {
+        match *self {
+            MetaValue::Float(v) => Some(v as f32),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// An array's elements, where they were kept ([`read_model`]).
+    pub fn as_list(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::List(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// An array's length, kept or not.
+    pub fn array_len(&self) -> Option<u64> {
+        match self {
+            MetaValue::Array { len } => Some(*len),
+            MetaValue::List(v) => Some(v.len() as u64),
+            _ => None,
+        }
+    }
 }
+
+/// A file's metadata by key.
+pub type Metadata = BTreeMap<String, MetaValue>;
 
 /// One tensor as the header describes it.
 #[derive(Clone, Debug)]
@@ -192,11 +232,14 @@ pub struct TensorInfo {
 #[derive(Clone, Debug)]
 pub struct GgufInfo {
     pub version: u32,
-    pub metadata: BTreeMap<String, MetaValue>,
+    pub metadata: Metadata,
     pub tensors: Vec<TensorInfo>,
     /// Absolute file offset of the tensor data section.
     pub data_offset: u64,
     pub file_len: u64,
+    /// Each metadata key/value's bytes in the file (key, type and value), in file order:
+    /// what `quantize` copies unchanged into the file it writes.
+    pub kv_spans: Vec<(String, std::ops::Range<u64>)>,
 }
 
 impl GgufInfo {
@@ -213,6 +256,11 @@ impl GgufInfo {
         self.metadata
             .get(&format!("{arch}.context_length"))
             .and_then(MetaValue::as_u64)
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
     }
 
     /// Total parameters: the elements of every tensor.
@@ -290,10 +338,22 @@ pub fn inspect(path: &Path) -> Result<GgufInfo> {
 
 /// Reads and validates a GGUF header from `reader`, which holds a file of `len` bytes.
 pub fn inspect_reader<R: Read + Seek>(reader: R, len: u64) -> Result<GgufInfo> {
+    read_header(reader, len, false)
+}
+
+/// [`inspect`], keeping every metadata value whole (arrays and long strings): what loading
+/// a model needs. The same caps apply.
+pub fn read_model(file: &File) -> Result<GgufInfo> {
+    let len = file.metadata()?.len();
+    read_header(BufReader::with_capacity(1 << 16, file), len, true)
+}
+
+fn read_header<R: Read + Seek>(reader: R, len: u64, full: bool) -> Result<GgufInfo> {
     let mut r = Reader {
         inner: reader,
         pos: 0,
         len,
+        full,
     };
     let mut magic = [0u8; 4];
     r.exact(&mut magic, "magic")?;
@@ -314,7 +374,9 @@ pub fn inspect_reader<R: Read + Seek>(reader: R, len: u64) -> Result<GgufInfo> {
     r.fits(n_tensors.saturating_mul(24), "tensor infos")?;
 
     let mut metadata = BTreeMap::new();
+    let mut kv_spans = Vec::with_capacity(n_kv as usize);
     for _ in 0..n_kv {
+        let start = r.pos;
         let key = r.string("metadata key", caps::MAX_NAME_LEN)?;
         let ty = r.u32("metadata type")?;
         let value = r.value(ty, &key, 0)?;
@@ -323,6 +385,7 @@ pub fn inspect_reader<R: Read + Seek>(reader: R, len: u64) -> Result<GgufInfo> {
                 "duplicate metadata key '{key}'"
             )));
         }
+        kv_spans.push((key, start..r.pos));
     }
 
     let mut tensors = Vec::with_capacity(n_tensors as usize);
@@ -353,6 +416,7 @@ pub fn inspect_reader<R: Read + Seek>(reader: R, len: u64) -> Result<GgufInfo> {
         tensors,
         data_offset,
         file_len: len,
+        kv_spans,
     })
 }
 
@@ -413,6 +477,8 @@ struct Reader<R> {
     inner: R,
     pos: u64,
     len: u64,
+    /// Keep arrays and long strings ([`read_model`]).
+    full: bool,
 }
 
 impl<R: Read + Seek> Reader<R> {
@@ -464,9 +530,13 @@ impl<R: Read + Seek> Reader<R> {
 
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<MetaValue> {
         let what = format!("value of '{key}'");
+        self.value_as(ty, key, &what, depth)
+    }
+
+    fn value_as(&mut self, ty: u32, key: &str, what: &str, depth: u32) -> Result<MetaValue> {
         let mut fixed = |n: usize| -> Result<u64> {
             let mut b = [0u8; 8];
-            self.exact(&mut b[..n], &what)?;
+            self.exact(&mut b[..n], what)?;
             Ok(u64::from_le_bytes(b))
         };
         Ok(match ty {
@@ -483,15 +553,15 @@ impl<R: Read + Seek> Reader<R> {
                 b => return Err(GgufError::Malformed(format!("{what}: bool byte {b}"))),
             },
             8 => {
-                let n = self.u64(&what)?;
+                let n = self.u64(what)?;
                 capped(&format!("length of {what}"), n, caps::MAX_STRING_LEN)?;
-                if n > caps::MAX_KEPT_STRING {
-                    self.skip(n, &what)?;
+                if n > caps::MAX_KEPT_STRING && !self.full {
+                    self.skip(n, what)?;
                     MetaValue::Str(String::new())
                 } else {
-                    self.fits(n, &what)?;
+                    self.fits(n, what)?;
                     let mut buf = vec![0u8; n as usize];
-                    self.exact(&mut buf, &what)?;
+                    self.exact(&mut buf, what)?;
                     let s = String::from_utf8(buf)
                         .map_err(|_| GgufError::Malformed(format!("{what} is not UTF-8")))?;
                     MetaValue::Str(s)
@@ -505,17 +575,28 @@ impl<R: Read + Seek> Reader<R> {
                         cap: u64::from(caps::MAX_ARRAY_DEPTH),
                     });
                 }
-                let elem = self.u32(&what)?;
-                let n = self.u64(&what)?;
+                let elem = self.u32(what)?;
+                let n = self.u64(what)?;
                 capped(&format!("length of array '{key}'"), n, caps::MAX_ARRAY_LEN)?;
+                if self.full {
+                    // Every element takes at least a byte (a string its 8-byte length):
+                    // a count the file cannot hold is refused before allocating for it.
+                    let least = fixed_size(elem).unwrap_or(8);
+                    self.fits(n.saturating_mul(least), what)?;
+                    let mut items = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        items.push(self.value_as(elem, key, what, depth + 1)?);
+                    }
+                    return Ok(MetaValue::List(items));
+                }
                 match fixed_size(elem) {
-                    Some(size) => self.skip(n.saturating_mul(size), &what)?,
+                    Some(size) => self.skip(n.saturating_mul(size), what)?,
                     None if elem == 8 => {
-                        self.fits(n.saturating_mul(8), &what)?;
+                        self.fits(n.saturating_mul(8), what)?;
                         for _ in 0..n {
-                            let len = self.u64(&what)?;
+                            let len = self.u64(what)?;
                             capped(&format!("length of {what}"), len, caps::MAX_STRING_LEN)?;
-                            self.skip(len, &what)?;
+                            self.skip(len, what)?;
                         }
                     }
                     None if elem == 9 => {
@@ -654,6 +735,67 @@ mod tests {
         check(b.build(), "quant=q4_k_m ");
         b.kv_u32("general.file_type", 3); // a file type that contradicts the tensors is ignored
         check(b.build(), "quant=q4_k ");
+    }
+
+    #[test]
+    fn a_model_read_whole_keeps_its_arrays_and_where_each_value_lies() {
+        let bytes = GgufBuilder::tiny_llama().build();
+        let path = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(path.path(), &bytes).unwrap();
+        let info = read_model(&File::open(path.path()).unwrap()).unwrap();
+        let tokens = info.metadata["tokenizer.ggml.tokens"].as_list().unwrap();
+        assert_eq!(tokens.len(), 260);
+        assert_eq!(tokens[257].as_str(), Some("<|im_end|>"));
+        let types = info.metadata["tokenizer.ggml.token_type"]
+            .as_list()
+            .unwrap();
+        assert_eq!(types[256], MetaValue::Int(3));
+        // The light read keeps only the length; both agree on it.
+        let light = inspect(path.path()).unwrap();
+        assert_eq!(
+            light.metadata["tokenizer.ggml.tokens"],
+            MetaValue::Array { len: 260 }
+        );
+        // Each span starts with its key, as a GGUF string.
+        for (key, span) in &info.kv_spans {
+            let at = span.start as usize;
+            assert_eq!(
+                &bytes[at..at + 8],
+                (key.len() as u64).to_le_bytes(),
+                "{key}"
+            );
+            assert_eq!(&bytes[at + 8..at + 8 + key.len()], key.as_bytes());
+        }
+        assert_eq!(info.kv_spans.len(), info.metadata.len());
+    }
+
+    #[test]
+    fn hostile_arrays_are_refused_when_read_whole_too() {
+        for (b, expect) in [
+            (
+                GgufBuilder::llama_like()
+                    .raw_kv_array("x", 4, u64::MAX)
+                    .clone(),
+                "above the cap",
+            ),
+            (
+                GgufBuilder::llama_like()
+                    .raw_kv_array("x", 8, 1 << 20)
+                    .clone(),
+                "truncated",
+            ),
+            (
+                GgufBuilder::llama_like().raw_nested_arrays("x", 3).clone(),
+                "nesting",
+            ),
+        ] {
+            let path = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(path.path(), b.build()).unwrap();
+            let e = read_model(&File::open(path.path()).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expect), "expected {expect:?} in {e:?}");
+        }
     }
 
     #[test]

@@ -6,10 +6,11 @@
 //!
 //! - [`gguf`]: reading and validating the GGUF container (untrusted input, capped).
 //! - [`registry`]: the content-addressed blob store and `registry.db`.
-//! - [`arch`]: the architectures (the only home of `candle-transformers`).
+//! - [`arch`]: the architectures (one decoder over the mapped weights).
 //! - [`tokenizer`]: tokenizers built from the GGUF metadata; streaming detokenization.
 //! - [`chat`]: chat templates from the file, with untrusted contents kept out of specials.
 //! - [`generate`]: loading, sampling, generation, timings.
+//! - [`quant`]: ggml's block types, decoded and encoded.
 //! - [`quantize`]: writing a model in another quantization.
 //! - [`lease`]: a model loaded from the registry with its blob locked while it lives.
 //! - [`testing`]: GGUF files built in code, for tests in this and other crates.
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod lease;
+pub mod quant;
 pub mod quantize;
 pub mod registry;
 pub mod testing;
@@ -70,10 +72,9 @@ pub enum EngineError {
         architecture: String,
         source: HyperparameterError,
     },
-    /// candle refused the weights or a computation (its first line: candle appends a
-    /// backtrace when `RUST_BACKTRACE` is set).
-    #[error("model: {}", arch::first_line(source))]
-    Model { source: candle_core::Error },
+    /// The weights do not fit what the architecture needs, or a computation was refused.
+    #[error("model: {0}")]
+    Model(String),
     /// The blob could not be opened or locked.
     #[error(transparent)]
     Registry(#[from] RegistryError),

@@ -8,42 +8,42 @@
 //! (weights are dequantized first) but compounds the error; callers warn.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use candle_core::Device;
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::EngineError;
+use crate::gguf::{self, MetaValue, TensorInfo};
+use crate::quant::{self, QType};
 
 /// The types `quantize` writes, by the names the CLI takes.
 pub const TARGETS: [&str; 8] = [
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
 ];
 
-fn target(name: &str) -> Option<(GgmlDType, u32)> {
+fn target(name: &str) -> Option<(QType, u32)> {
     // (type, llama.cpp's general.file_type for a file mostly of that type)
     Some(match name {
-        "q4_0" => (GgmlDType::Q4_0, 2),
-        "q4_1" => (GgmlDType::Q4_1, 3),
-        "q5_0" => (GgmlDType::Q5_0, 8),
-        "q5_1" => (GgmlDType::Q5_1, 9),
-        "q8_0" => (GgmlDType::Q8_0, 7),
-        "q4_k" => (GgmlDType::Q4K, 14),
-        "q5_k" => (GgmlDType::Q5K, 16),
-        "q6_k" => (GgmlDType::Q6K, 18),
+        "q4_0" => (QType::Q4_0, 2),
+        "q4_1" => (QType::Q4_1, 3),
+        "q5_0" => (QType::Q5_0, 8),
+        "q5_1" => (QType::Q5_1, 9),
+        "q8_0" => (QType::Q8_0, 7),
+        "q4_k" => (QType::Q4K, 14),
+        "q5_k" => (QType::Q5K, 16),
+        "q6_k" => (QType::Q6K, 18),
         _ => return None,
     })
 }
 
 /// The type used for rows that are not a whole number of the target's blocks.
-fn fallback(t: GgmlDType) -> GgmlDType {
+fn fallback(t: QType) -> QType {
     match t {
-        GgmlDType::Q4K => GgmlDType::Q4_1,
-        GgmlDType::Q5K => GgmlDType::Q5_1,
-        GgmlDType::Q6K => GgmlDType::Q8_0,
+        QType::Q4K => QType::Q4_1,
+        QType::Q5K => QType::Q5_1,
+        QType::Q6K => QType::Q8_0,
         other => other,
     }
 }
@@ -60,27 +60,40 @@ pub struct QuantizeReport {
     pub requantized: bool,
 }
 
+/// One tensor of the output: where its data comes from and what it becomes.
+struct Planned<'a> {
+    info: &'a TensorInfo,
+    /// `None`: copied as it is.
+    to: Option<QType>,
+    bytes: u64,
+}
+
+/// Rows encoded per parallel work item.
+const ROWS_PER_TASK: usize = 64;
+
 /// Writes `src` quantized to `to` into `dst`.
 pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, EngineError> {
-    let (dtype, ftype) = target(to).ok_or_else(|| {
+    let (qtype, ftype) = target(to).ok_or_else(|| {
         EngineError::Unsupported(format!(
             "quantization '{to}' (use one of {})",
             TARGETS.join(", ")
         ))
-    })?;
-    // Our own validation (caps, bounds) before candle reads anything.
-    crate::gguf::inspect(src).map_err(|source| EngineError::Gguf {
-        path: src.to_path_buf(),
-        source,
     })?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| EngineError::Io { path, source }
     };
     let mut file = File::open(src).map_err(io(src))?;
-    let content = gguf_file::Content::read(&mut file).map_err(crate::arch::model_err)?;
-    let dev = Device::Cpu;
-    let model_err = crate::arch::model_err;
+    // Our own validation (caps, bounds) of everything this function then reads.
+    let info = gguf::read_model(&file).map_err(|source| EngineError::Gguf {
+        path: src.to_path_buf(),
+        source,
+    })?;
+    let alignment = info
+        .metadata
+        .get("general.alignment")
+        .and_then(MetaValue::as_u64)
+        .unwrap_or(32);
     let mut report = QuantizeReport {
         to: to.to_string(),
         tensors_quantized: 0,
@@ -88,57 +101,134 @@ pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, Engi
         kept: 0,
         requantized: false,
     };
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort_by_key(|n| content.tensor_infos[*n].offset);
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
-    for name in names {
-        let qt = content.tensor(&mut file, name, &dev).map_err(model_err)?;
-        let dims = qt.shape().dims().to_vec();
-        if dims.len() < 2 {
+    let mut tensors: Vec<&TensorInfo> = info.tensors.iter().collect();
+    tensors.sort_by_key(|t| t.offset);
+    let mut plan = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let keep = Planned {
+            info: t,
+            to: None,
+            bytes: t.bytes,
+        };
+        let row = t.dims.first().copied().unwrap_or(0);
+        if t.dims.len() < 2 {
             report.kept += 1;
-            tensors.push((name.clone(), qt));
+            plan.push(keep);
             continue;
         }
-        if !matches!(
-            qt.dtype(),
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-        ) {
+        let Some(from) = QType::from_ggml_id(t.ggml_type.id()) else {
+            return Err(EngineError::Unsupported(format!(
+                "tensor type {} (tensor '{}'): it cannot be decoded to quantize it",
+                t.ggml_type, t.name
+            )));
+        };
+        if !matches!(from, QType::F32 | QType::F16 | QType::BF16) {
             report.requantized = true;
         }
-        let row = dims.last().copied().unwrap_or(0);
-        let mut ty = dtype;
-        if row % ty.block_size() != 0 {
+        let mut ty = qtype;
+        if !row.is_multiple_of(ty.block_len() as u64) {
             ty = fallback(ty);
-            if row % ty.block_size() != 0 {
+            if !row.is_multiple_of(ty.block_len() as u64) {
                 report.kept += 1;
-                tensors.push((name.clone(), qt));
+                plan.push(keep);
                 continue;
             }
             report
                 .fallbacks
-                .push((name.clone(), format!("{ty:?}").to_lowercase()));
+                .push((t.name.clone(), ty.name().to_string()));
         }
-        let f = qt.dequantize(&dev).map_err(model_err)?;
-        let q = QTensor::quantize(&f, ty).map_err(model_err)?;
         report.tensors_quantized += 1;
-        tensors.push((name.clone(), q));
+        plan.push(Planned {
+            info: t,
+            to: Some(ty),
+            bytes: t.elements / ty.block_len() as u64 * ty.block_bytes() as u64,
+        });
     }
-    let file_type = Value::U32(ftype);
-    let mut metadata: Vec<(&str, &Value)> = content
-        .metadata
-        .iter()
-        .filter(|(k, _)| k.as_str() != "general.file_type")
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
-    metadata.sort_by_key(|(k, _)| *k);
-    metadata.push(("general.file_type", &file_type));
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+
     let out = File::create(dst).map_err(io(dst))?;
-    let mut w = BufWriter::new(out);
-    gguf_file::write(&mut w, &metadata, &refs).map_err(model_err)?;
+    let mut w = BufWriter::with_capacity(1 << 20, out);
+    let mut header = Vec::new();
+    header.extend_from_slice(b"GGUF");
+    header.extend_from_slice(&3u32.to_le_bytes());
+    header.extend_from_slice(&(plan.len() as u64).to_le_bytes());
+    let kept_kvs: Vec<_> = info
+        .kv_spans
+        .iter()
+        .filter(|(k, _)| k != "general.file_type")
+        .collect();
+    header.extend_from_slice(&(kept_kvs.len() as u64 + 1).to_le_bytes());
+    // Every other key/value as the source has it, byte for byte (types included, which
+    // llama.cpp checks), then the new file type.
+    for (_, span) in &kept_kvs {
+        file.seek(SeekFrom::Start(span.start)).map_err(io(src))?;
+        let mut raw = vec![0u8; (span.end - span.start) as usize];
+        file.read_exact(&mut raw).map_err(io(src))?;
+        header.extend_from_slice(&raw);
+    }
+    put_string(&mut header, "general.file_type");
+    header.extend_from_slice(&4u32.to_le_bytes()); // u32
+    header.extend_from_slice(&ftype.to_le_bytes());
+    let mut offset = 0u64;
+    for p in &plan {
+        put_string(&mut header, &p.info.name);
+        header.extend_from_slice(&(p.info.dims.len() as u32).to_le_bytes());
+        for d in &p.info.dims {
+            header.extend_from_slice(&d.to_le_bytes());
+        }
+        let id = p.to.map_or(p.info.ggml_type.id(), QType::ggml_id);
+        header.extend_from_slice(&id.to_le_bytes());
+        header.extend_from_slice(&offset.to_le_bytes());
+        offset = (offset + p.bytes).next_multiple_of(alignment);
+    }
+    let pad = (header.len() as u64).next_multiple_of(alignment) - header.len() as u64;
+    header.resize(header.len() + pad as usize, 0);
+    w.write_all(&header).map_err(io(dst))?;
+
+    for p in &plan {
+        let t = p.info;
+        file.seek(SeekFrom::Start(info.data_offset + t.offset))
+            .map_err(io(src))?;
+        let mut raw = vec![0u8; t.bytes as usize];
+        file.read_exact(&mut raw).map_err(io(src))?;
+        let data = match (p.to, QType::from_ggml_id(t.ggml_type.id())) {
+            (Some(to), Some(from)) => {
+                let mut x = vec![0f32; t.elements as usize];
+                quant::dequantize(from, &raw, &mut x);
+                drop(raw);
+                encode(to, &x, t.dims[0] as usize)
+                    .map_err(|e| EngineError::Unsupported(format!("{}: {e}", t.name)))?
+            }
+            _ => raw,
+        };
+        w.write_all(&data).map_err(io(dst))?;
+        let pad = (data.len() as u64).next_multiple_of(alignment) - data.len() as u64;
+        w.write_all(&vec![0u8; pad as usize]).map_err(io(dst))?;
+    }
     w.flush().map_err(io(dst))?;
     w.get_ref().sync_all().map_err(io(dst))?;
     Ok(report)
+}
+
+/// `x` (rows of `row` values) encoded as `to`, rows in parallel.
+fn encode(to: QType, x: &[f32], row: usize) -> Result<Vec<u8>, String> {
+    let parts: Vec<Result<Vec<u8>, String>> = x
+        .par_chunks(row * ROWS_PER_TASK)
+        .map(|rows| {
+            let mut out = Vec::with_capacity(rows.len() / to.block_len() * to.block_bytes());
+            quant::quantize(to, rows, &mut out).map(|()| out)
+        })
+        .collect();
+    let mut data = Vec::with_capacity(x.len() / to.block_len() * to.block_bytes());
+    for p in parts {
+        data.extend_from_slice(&p?);
+    }
+    Ok(data)
+}
+
+/// A GGUF string: u64 length, then the bytes.
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
 #[cfg(test)]
@@ -201,6 +291,52 @@ mod tests {
             r.fallbacks
         );
         assert!(!tokens.is_empty());
+    }
+
+    #[test]
+    fn metadata_is_copied_byte_for_byte_and_candle_reads_the_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("f32.gguf");
+        let dst = dir.path().join("q.gguf");
+        std::fs::write(&src, GgufBuilder::tiny_llama().build()).unwrap();
+        quantize(&src, &dst, "q8_0").unwrap();
+        let (a, b) = (
+            crate::gguf::inspect(&src).unwrap(),
+            crate::gguf::inspect(&dst).unwrap(),
+        );
+        let (a_bytes, b_bytes) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let raw = |bytes: &[u8], r: &std::ops::Range<u64>| {
+            bytes[r.start as usize..r.end as usize].to_vec()
+        };
+        for (key, span) in a.kv_spans.iter().filter(|(k, _)| k != "general.file_type") {
+            let theirs = b.kv_spans.iter().find(|(k, _)| k == key).unwrap();
+            assert_eq!(raw(&a_bytes, span), raw(&b_bytes, &theirs.1), "{key}");
+        }
+        assert_eq!(b.metadata["general.file_type"], MetaValue::UInt(7));
+        // Another reader of GGUF (candle's, a test dependency) decodes what we wrote to the
+        // same values.
+        let name = "blk.1.ffn_down.weight";
+        let mut f = File::open(&dst).unwrap();
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let t = ct.tensor(&mut f, name, &dev).unwrap();
+        assert_eq!(t.dtype(), candle_core::quantized::GgmlDType::Q8_0);
+        let theirs: Vec<f32> = t
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let info = b.tensor(name).unwrap();
+        let start = (b.data_offset + info.offset) as usize;
+        let mut ours = vec![0.0; info.elements as usize];
+        quant::dequantize(
+            QType::Q8_0,
+            &b_bytes[start..start + info.bytes as usize],
+            &mut ours,
+        );
+        assert_eq!(ours, theirs);
     }
 
     #[test]

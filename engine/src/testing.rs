@@ -299,6 +299,25 @@ impl GgufBuilder {
         b
     }
 
+    /// Gives every norm (`*norm.weight`) deterministic weights between 0.5 and 1.5 instead
+    /// of ones, so that a norm applied to the wrong values, or not at all, shows.
+    pub fn vary_norms(&mut self) -> &mut Self {
+        let mut seed = 7u32;
+        for i in 0..self.tensors.len() {
+            if self.tensors[i].0.ends_with("norm.weight") {
+                let n: u64 = self.tensors[i].1.iter().product();
+                let bytes = (0..n)
+                    .flat_map(|_| {
+                        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        (0.5 + (seed >> 8) as f32 / (1u32 << 24) as f32).to_le_bytes()
+                    })
+                    .collect();
+                self.data.insert(i, bytes);
+            }
+        }
+        self
+    }
+
     /// Fills the final norm's weights with NaN: the model loads, and every logit it makes
     /// is NaN (what a corrupt or badly quantized release looks like to a health check).
     pub fn poison_with_nan(&mut self) -> &mut Self {

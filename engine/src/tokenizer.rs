@@ -29,8 +29,7 @@ use tokenizers::{
 };
 
 use crate::EngineError;
-use crate::arch::Metadata;
-use candle_core::quantized::gguf_file::Value;
+use crate::gguf::{MetaValue, Metadata};
 
 /// llama.cpp token types.
 const TYPE_NORMAL: u32 = 1;
@@ -74,39 +73,33 @@ fn build_err(source: tokenizers::Error) -> EngineError {
 struct Meta<'a>(&'a Metadata);
 
 impl Meta<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
+    fn get(&self, key: &str) -> Option<&MetaValue> {
         self.0.get(key)
     }
 
     fn string(&self, key: &str) -> Option<String> {
-        self.get(key).and_then(|v| v.to_string().ok()).cloned()
+        self.get(key)
+            .and_then(MetaValue::as_str)
+            .map(str::to_string)
     }
 
     fn u32(&self, key: &str) -> Option<u32> {
-        self.get(key).and_then(|v| match v {
-            Value::U8(x) => Some(u32::from(*x)),
-            Value::U16(x) => Some(u32::from(*x)),
-            Value::U32(x) => Some(*x),
-            Value::U64(x) => u32::try_from(*x).ok(),
-            Value::I32(x) => u32::try_from(*x).ok(),
-            Value::I64(x) => u32::try_from(*x).ok(),
-            _ => None,
-        })
+        self.get(key).and_then(MetaValue::as_u32)
     }
 
     fn bool(&self, key: &str) -> Option<bool> {
-        self.get(key).and_then(|v| v.to_bool().ok())
+        self.get(key).and_then(MetaValue::as_bool)
     }
 
     fn strings(&self, key: &str) -> Result<Vec<String>, EngineError> {
         let arr = self
             .get(key)
             .ok_or_else(|| TokenizerError::MissingKey(key.into()))?
-            .to_vec()
-            .map_err(|_| TokenizerError::NotAnArray(key.into()))?;
+            .as_list()
+            .ok_or_else(|| TokenizerError::NotAnArray(key.into()))?;
         arr.iter()
             .map(|v| {
-                v.to_string().cloned().map_err(|_| {
+                v.as_str().map(str::to_string).ok_or_else(|| {
                     TokenizerError::WrongElement {
                         key: key.into(),
                         expected: "string",
@@ -120,14 +113,14 @@ impl Meta<'_> {
     fn numbers<T>(
         &self,
         key: &str,
-        f: impl Fn(&Value) -> Option<T>,
+        f: impl Fn(&MetaValue) -> Option<T>,
     ) -> Result<Vec<T>, EngineError> {
         let Some(v) = self.get(key) else {
             return Ok(Vec::new());
         };
         let arr = v
-            .to_vec()
-            .map_err(|_| TokenizerError::NotAnArray(key.into()))?;
+            .as_list()
+            .ok_or_else(|| TokenizerError::NotAnArray(key.into()))?;
         arr.iter()
             .map(|v| {
                 f(v).ok_or_else(|| {
@@ -181,11 +174,7 @@ impl TextTokenizer {
             .string("tokenizer.ggml.model")
             .ok_or(TokenizerError::Missing)?;
         let tokens = m.strings("tokenizer.ggml.tokens")?;
-        let types: Vec<u32> = m.numbers("tokenizer.ggml.token_type", |v| match v {
-            Value::I32(x) => u32::try_from(*x).ok(),
-            Value::U32(x) => Some(*x),
-            _ => None,
-        })?;
+        let types: Vec<u32> = m.numbers("tokenizer.ggml.token_type", MetaValue::as_u32)?;
         let type_of = |i: usize| types.get(i).copied().unwrap_or(TYPE_NORMAL);
         let vocab: HashMap<String, u32> = tokens
             .iter()
@@ -243,7 +232,7 @@ impl TextTokenizer {
                 t
             }
             "llama" => {
-                let scores: Vec<f32> = m.numbers("tokenizer.ggml.scores", |v| v.to_f32().ok())?;
+                let scores: Vec<f32> = m.numbers("tokenizer.ggml.scores", MetaValue::as_f32)?;
                 let score = |i: u32| scores.get(i as usize).copied().unwrap_or(0.0);
                 // Every split of a normal token into two tokens is a merge with that token's score.
                 let mut merges: Vec<(f32, u32, String, String)> = Vec::new();
@@ -454,9 +443,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.gguf");
         std::fs::write(&path, GgufBuilder::tiny_llama().build()).unwrap();
-        let mut f = std::fs::File::open(&path).unwrap();
-        let content = crate::arch::read_content(&mut f).unwrap();
-        TextTokenizer::from_metadata(&content.metadata).unwrap()
+        let f = std::fs::File::open(&path).unwrap();
+        let info = crate::gguf::read_model(&f).unwrap();
+        TextTokenizer::from_metadata(&info.metadata).unwrap()
     }
 
     #[test]

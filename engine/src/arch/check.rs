@@ -148,11 +148,14 @@ pub fn check(arch: &str, info: &GgufInfo) -> Result<()> {
             });
         }
     };
-    if let Some(MetaValue::Array { len }) = info.metadata.get("tokenizer.ggml.tokens")
-        && *len > vocab
+    if let Some(len) = info
+        .metadata
+        .get("tokenizer.ggml.tokens")
+        .and_then(MetaValue::array_len)
+        && len > vocab
     {
         return Err(HyperparameterError::Vocabulary {
-            tokens: *len,
+            tokens: len,
             rows: vocab,
         });
     }

@@ -1,181 +1,225 @@
-//! What our own architectures share: where weights come from ([`Source`]), the matrices
-//! ([`Linear`]) and the token embedding table ([`Embeddings`]).
+//! Where weights come from ([`Source`]), the matrices ([`Linear`]) and the token embedding
+//! table ([`Embeddings`]).
 //!
-//! Weights whose type our kernels handle (`kernels::WType`) are used in place in the
-//! memory-mapped GGUF file: nothing is copied at load, the pages are shared with the page
-//! cache, and a tied output head is the embedding table itself. Other types (and norms, which
-//! are small) are read into memory by candle, and such matrices go through candle's kernels.
-//! The embedding table stays in its file type, rows dequantized on lookup (for SmolLM2's
-//! 49k × 576 table that is 108 MiB saved against f32; for Gemma 3's 262k × 640, 470 MiB).
+//! Every tensor is used in place in the memory-mapped GGUF file (read into memory only where
+//! mapping fails): nothing is copied at load, the pages are shared with the page cache, and a
+//! tied output head is the embedding table itself. Matrices of a type our kernels multiply
+//! (`kernels::WType`) go through them; other types (f32, f16, bf16, Q5_1, Q8_1, Q2_K, Q3_K,
+//! Q5_K, Q8_K) through [`Linear::Rows`], which decodes each row with `quant` and takes f32 dot
+//! products. Norms and biases, which are small, are decoded to f32 at load. The embedding
+//! table stays in its file type, rows decoded on lookup (for SmolLM2's 49k × 576 table that
+//! is 108 MiB saved against f32; for Gemma 3's 262k × 640, 470 MiB).
 
 use std::fs::File;
+use std::io::Read;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
-use candle_core::{Device, Module, Result, Tensor};
+use rayon::prelude::*;
 
+use super::{ModelError, Result, bail};
+use crate::gguf::{GgufInfo, TensorInfo};
 use crate::kernels::{self, MappedFile, QMatrix, WType};
+use crate::quant::{self, QType};
 
-fn wtype(dtype: GgmlDType) -> Option<WType> {
-    Some(match dtype {
-        GgmlDType::Q4_0 => WType::Q4_0,
-        GgmlDType::Q4_1 => WType::Q4_1,
-        GgmlDType::Q5_0 => WType::Q5_0,
-        GgmlDType::Q8_0 => WType::Q8_0,
-        GgmlDType::Q4K => WType::Q4K,
-        GgmlDType::Q6K => WType::Q6K,
-        _ => return None,
-    })
-}
-
-/// `OUTPOST_KERNELS=candle` keeps every matmul on candle's kernels (for comparisons).
-fn candle_only() -> bool {
+/// `OUTPOST_KERNELS=rows` sends every matmul through [`Linear::Rows`] (for comparisons).
+fn rows_only() -> bool {
     static ONLY: OnceLock<bool> = OnceLock::new();
-    *ONLY.get_or_init(|| std::env::var("OUTPOST_KERNELS").is_ok_and(|v| v == "candle"))
+    *ONLY.get_or_init(|| std::env::var("OUTPOST_KERNELS").is_ok_and(|v| v == "rows"))
 }
 
-/// A matrix in its GGUF blocks, inside the mapped file.
+/// The model file's bytes: mapped, or read whole where mapping failed.
+pub enum FileBytes {
+    Mapped(MappedFile),
+    Read(Vec<u8>),
+}
+
+impl FileBytes {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m.bytes(),
+            Self::Read(v) => v,
+        }
+    }
+}
+
+/// A matrix (or table) in its GGUF blocks, inside the file.
 #[derive(Clone)]
 pub struct Weight {
-    map: Arc<MappedFile>,
+    file: Arc<FileBytes>,
     start: usize,
-    wt: WType,
+    qt: QType,
     rows: usize,
     cols: usize,
 }
 
 impl Weight {
-    fn matrix(&self) -> QMatrix<'_> {
-        let len = self.rows * self.cols / self.wt.block_len() * self.wt.block_bytes();
-        QMatrix {
-            wt: self.wt,
+    fn row_bytes(&self) -> usize {
+        self.cols / self.qt.block_len() * self.qt.block_bytes()
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.file.bytes()[self.start..self.start + self.rows * self.row_bytes()]
+    }
+
+    /// For our kernels, when they take the type.
+    fn matrix(&self) -> Option<QMatrix<'_>> {
+        let wt = WType::from_ggml_id(self.qt.ggml_id())?;
+        Some(QMatrix {
+            wt,
             rows: self.rows,
             cols: self.cols,
-            data: &self.map.bytes()[self.start..self.start + len],
-        }
+            data: self.data(),
+        })
+    }
+
+    /// Row `r` decoded into `out` (`cols` values).
+    fn row_into(&self, r: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        quant::dequantize(self.qt, &self.data()[r * rb..(r + 1) * rb], out);
     }
 }
 
-/// The GGUF header, the file, and the file mapped (`None` where mapping failed: then
-/// everything is read).
+/// The GGUF header and the file's bytes.
 pub struct Source<'a> {
-    ct: &'a Content,
-    file: &'a mut File,
-    map: Option<Arc<MappedFile>>,
+    info: &'a GgufInfo,
+    file: Arc<FileBytes>,
 }
 
 impl<'a> Source<'a> {
-    pub fn new(ct: &'a Content, file: &'a mut File) -> Self {
-        let map = MappedFile::map(file).ok().map(Arc::new);
-        Self { ct, file, map }
-    }
-
-    /// `name` read into memory by candle.
-    pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        self.ct.tensor(self.file, name, &Device::Cpu)
+    pub fn new(info: &'a GgufInfo, file: &mut File) -> Result<Self> {
+        let bytes = match MappedFile::map(file) {
+            Ok(m) => FileBytes::Mapped(m),
+            Err(_) => {
+                let mut v = Vec::new();
+                file.read_to_end(&mut v)
+                    .map_err(|e| ModelError(format!("reading the model: {e}")))?;
+                FileBytes::Read(v)
+            }
+        };
+        if (bytes.bytes().len() as u64) < info.file_len {
+            bail!("the model file shrank while it was being loaded");
+        }
+        Ok(Self {
+            info,
+            file: Arc::new(bytes),
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.ct.tensor_infos.contains_key(name)
+        self.info.tensor(name).is_some()
     }
 
-    /// A norm's weights as f32.
-    pub fn norm(&mut self, name: &str) -> Result<Vec<f32>> {
-        self.tensor(name)?
-            .dequantize(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()
+    fn tensor(&self, name: &str) -> Result<(&TensorInfo, QType, usize)> {
+        let Some(t) = self.info.tensor(name) else {
+            bail!("the model has no tensor {name}");
+        };
+        let Some(qt) = QType::from_ggml_id(t.ggml_type.id()) else {
+            bail!(
+                "tensor {name} has type {}, which is not supported",
+                t.ggml_type
+            );
+        };
+        // `gguf` checked that the data lies inside the file.
+        let start = usize::try_from(self.info.data_offset + t.offset)
+            .map_err(|_| ModelError(format!("tensor {name} lies beyond the address space")))?;
+        Ok((t, qt, start))
     }
 
-    /// `name` in place in the mapped file, when our kernels take its type and shape.
-    fn mapped(&self, name: &str) -> Result<Option<Weight>> {
-        let Some(map) = &self.map else {
-            return Ok(None);
-        };
-        let Some(info) = self.ct.tensor_infos.get(name) else {
-            candle_core::bail!("cannot find tensor info for {name}")
-        };
-        let (Some(wt), &[rows, cols]) = (wtype(info.ggml_dtype), info.shape.dims()) else {
-            return Ok(None);
-        };
-        if cols == 0 || !cols.is_multiple_of(wt.block_len()) || candle_only() {
-            return Ok(None);
+    /// A norm's or bias's weights as f32 (`len` of them).
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let (t, qt, start) = self.tensor(name)?;
+        if t.elements != len as u64 || !len.is_multiple_of(qt.block_len()) {
+            bail!("tensor {name} has {} values, {len} expected", t.elements);
         }
-        let start = self
-            .ct
-            .tensor_data_offset
-            .checked_add(info.offset)
-            .and_then(|s| usize::try_from(s).ok());
-        let len = rows.checked_mul(cols / wt.block_len() * wt.block_bytes());
-        match (start, len) {
-            (Some(start), Some(len))
-                if start
-                    .checked_add(len)
-                    .is_some_and(|end| end <= map.bytes().len()) =>
-            {
-                Ok(Some(Weight {
-                    map: map.clone(),
-                    start,
-                    wt,
-                    rows,
-                    cols,
-                }))
-            }
-            _ => candle_core::bail!("tensor {name} runs past the end of the file"),
-        }
+        let mut out = vec![0.0; len];
+        let bytes = &self.file.bytes()[start..start + t.bytes as usize];
+        quant::dequantize(qt, bytes, &mut out);
+        Ok(out)
     }
 
-    /// A matrix: mapped for our kernels, else read for candle's.
-    pub fn linear(&mut self, name: &str) -> Result<Linear> {
-        match self.mapped(name)? {
-            Some(w) => Ok(Linear::Own(w)),
-            None => Ok(Linear::Candle(QMatMul::from_qtensor(self.tensor(name)?)?)),
-        }
-    }
-
-    /// The token embedding `name` (rows of `hidden`), and the output head: `output.weight`
-    /// when the file has one, else the same table.
-    pub fn embeddings(&mut self, name: &str, hidden: usize) -> Result<(Embeddings, Linear)> {
-        let table = match self.mapped(name)? {
-            Some(w) if w.cols == hidden => Table::Mapped(w),
-            _ => Table::Read(Arc::new(self.tensor(name)?)),
-        };
-        let output = if self.has("output.weight") {
-            self.linear("output.weight")?
+    /// [`vector`](Self::vector) where the tensor exists.
+    pub fn optional_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
         } else {
-            match &table {
-                Table::Mapped(w) => Linear::Own(w.clone()),
-                Table::Read(t) => Linear::Candle(QMatMul::from_arc(t.clone())?),
-            }
+            Ok(None)
+        }
+    }
+
+    /// A matrix of `rows` rows of `cols` values, in place.
+    fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let (t, qt, start) = self.tensor(name)?;
+        let dims: Vec<u64> = t.dims.clone();
+        if dims != [cols as u64, rows as u64] {
+            bail!("tensor {name} is {dims:?}, [{cols}, {rows}] expected");
+        }
+        if !cols.is_multiple_of(qt.block_len()) {
+            bail!("tensor {name}: rows of {cols} are not whole {qt:?} blocks");
+        }
+        Ok(Weight {
+            file: self.file.clone(),
+            start,
+            qt,
+            rows,
+            cols,
+        })
+    }
+
+    /// The matrix `name`, `rows` × `cols`.
+    pub fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<Linear> {
+        Ok(Linear::from_weight(self.weight(name, rows, cols)?))
+    }
+
+    /// The token embedding `name` (`vocab` rows of `hidden`), and the output head:
+    /// `output.weight` when the file has one, else the same table.
+    pub fn embeddings(
+        &self,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+    ) -> Result<(Embeddings, Linear)> {
+        let table = self.weight(name, vocab, hidden)?;
+        let output = if self.has("output.weight") {
+            self.linear("output.weight", vocab, hidden)?
+        } else {
+            Linear::from_weight(table.clone())
         };
-        Ok((
-            Embeddings {
-                table,
-                hidden,
-                dense: OnceLock::new(),
-            },
-            output,
-        ))
+        Ok((Embeddings { table }, output))
     }
 }
 
 /// A weight matrix (out × in) applied to rows of its input width.
 pub enum Linear {
-    /// Our kernels, over the tensor's GGUF blocks in the mapped file.
+    /// Our kernels, over the tensor's GGUF blocks.
     Own(Weight),
-    Candle(QMatMul),
+    /// Any other type: each row decoded, then f32 dot products.
+    Rows(Weight),
 }
 
 impl Linear {
+    fn from_weight(w: Weight) -> Self {
+        if w.matrix().is_some() && !rows_only() {
+            Self::Own(w)
+        } else {
+            Self::Rows(w)
+        }
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Own(w) | Self::Rows(w) => w.rows,
+        }
+    }
+
     /// Each `ls[i]` over the same `x` into `outs[i]`: in one pass of our kernels when they
     /// take all of them (activations quantized once, one parallel section), else one by one.
     pub fn group(ls: &[&Linear], x: &[f32], outs: &mut [&mut Vec<f32>]) -> Result<()> {
         let mut ms = Vec::with_capacity(ls.len());
         for l in ls {
             match l {
-                Self::Own(w) => ms.push(w.matrix()),
-                Self::Candle(_) => break,
+                Self::Own(w) => ms.extend(w.matrix()),
+                Self::Rows(_) => break,
             }
         }
         let fits = ms.len() == ls.len()
@@ -195,92 +239,142 @@ impl Linear {
             out.resize(n * m.rows, 0.0);
         }
         let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        kernels::matmul_group(&ms, x, &mut slices)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        kernels::matmul_group(&ms, x, &mut slices).map_err(|e| ModelError(e.to_string()))
     }
 
     /// `out` ← each row of `x` times the matrix.
     pub fn matmul(&self, x: &[f32], out: &mut Vec<f32>) -> Result<()> {
         match self {
             Self::Own(w) => {
-                let m = w.matrix();
+                let Some(m) = w.matrix() else {
+                    bail!("a {:?} matrix in our kernels", w.qt);
+                };
                 out.clear();
                 out.resize(x.len() / m.cols * m.rows, 0.0);
-                kernels::matmul(m, x, out).map_err(|e| candle_core::Error::Msg(e.to_string()))
+                kernels::matmul(m, x, out).map_err(|e| ModelError(e.to_string()))
             }
-            Self::Candle(q) => {
-                let cols = match q {
-                    QMatMul::QTensor(w) => w.shape().dims2()?.1,
-                    QMatMul::Tensor(w) | QMatMul::TensorF16(w) => w.dims2()?.1,
-                };
-                let t = Tensor::from_slice(x, (x.len() / cols, cols), &Device::Cpu)?;
-                *out = q.forward(&t)?.flatten_all()?.to_vec1::<f32>()?;
-                Ok(())
-            }
+            Self::Rows(w) => rows_matmul(w, x, out),
         }
     }
 }
 
-enum Table {
-    Mapped(Weight),
-    Read(Arc<QTensor>),
+/// Output rows per work item of [`rows_matmul`].
+const ROWS_CHUNK: usize = 16;
+
+/// `out` (n × rows) = `x` (n × cols) · `wᵀ`, decoding each row of `w` once per call.
+fn rows_matmul(w: &Weight, x: &[f32], out: &mut Vec<f32>) -> Result<()> {
+    let (rows, cols) = (w.rows, w.cols);
+    if cols == 0 || !x.len().is_multiple_of(cols) {
+        bail!("{} activations in rows of {cols}", x.len());
+    }
+    let n = x.len() / cols;
+    out.clear();
+    if n == 0 || rows == 0 {
+        return Ok(());
+    }
+    // Row-major by weight row (each work item owns whole rows), transposed after.
+    let mut by_row = vec![0f32; rows * n];
+    by_row
+        .par_chunks_mut(ROWS_CHUNK * n)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; cols],
+            |row, (c, dst)| {
+                for (i, d) in dst.chunks_exact_mut(n).enumerate() {
+                    w.row_into(c * ROWS_CHUNK + i, row);
+                    for (t, v) in d.iter_mut().enumerate() {
+                        *v = kernels::dot_f32(row, &x[t * cols..(t + 1) * cols]);
+                    }
+                }
+            },
+        );
+    out.resize(n * rows, 0.0);
+    for (r, vals) in by_row.chunks_exact(n).enumerate() {
+        for (t, v) in vals.iter().enumerate() {
+            out[t * rows + r] = *v;
+        }
+    }
+    Ok(())
 }
 
 pub struct Embeddings {
-    table: Table,
-    hidden: usize,
-    /// A read table whose rows are not whole blocks: the whole table as f32, made on first
-    /// use.
-    dense: OnceLock<Tensor>,
+    table: Weight,
 }
 
 impl Embeddings {
     /// Rows `ids`, back to back in `out`.
     pub fn lookup_into(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
-        let vocab = match &self.table {
-            Table::Mapped(w) => w.rows,
-            Table::Read(t) => t.shape().dims().first().copied().unwrap_or(0),
-        };
+        let (vocab, hidden) = (self.table.rows, self.table.cols);
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+            bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
         out.clear();
-        out.resize(ids.len() * self.hidden, 0.0);
-        match &self.table {
-            Table::Mapped(w) => {
-                let m = w.matrix();
-                let rb = m.row_bytes();
-                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.hidden)) {
-                    let at = id as usize * rb;
-                    kernels::dequantize(m.wt, &m.data[at..at + rb], row);
-                }
-            }
-            Table::Read(t) if self.hidden.is_multiple_of(t.dtype().block_size()) => {
-                let data = t.data()?;
-                let rb = self.hidden / t.dtype().block_size() * t.dtype().type_size();
-                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.hidden)) {
-                    let start = id as usize * rb;
-                    let bytes = data.get(start..start + rb).ok_or_else(|| {
-                        candle_core::Error::Msg("embedding row out of range".into())
-                    })?;
-                    let v = qtensor_from_ggml(t.dtype(), bytes, vec![self.hidden], &Device::Cpu)?
-                        .dequantize(&Device::Cpu)?
-                        .to_vec1::<f32>()?;
-                    row.copy_from_slice(&v);
-                }
-            }
-            Table::Read(t) => {
-                let dense = match self.dense.get() {
-                    Some(d) => d,
-                    None => {
-                        let d = t.dequantize(&Device::Cpu)?;
-                        self.dense.get_or_init(|| d)
-                    }
-                };
-                let rows = dense.index_select(&Tensor::new(ids, &Device::Cpu)?, 0)?;
-                out.copy_from_slice(&rows.flatten_all()?.to_vec1::<f32>()?);
-            }
+        out.resize(ids.len() * hidden, 0.0);
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
+            self.table.row_into(id as usize, row);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `rows` × `cols` matrix of `qt` from deterministic values, as a [`Weight`].
+    fn weight(qt: QType, rows: usize, cols: usize) -> Weight {
+        let mut seed = 3u32;
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        quant::quantize(qt, &x, &mut bytes).unwrap();
+        Weight {
+            file: Arc::new(FileBytes::Read(bytes)),
+            start: 0,
+            qt,
+            rows,
+            cols,
+        }
+    }
+
+    #[test]
+    fn decoded_rows_multiply_like_our_kernels_and_like_plain_f32() {
+        let (rows, cols, n) = (40, 512, 3);
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0)
+            .collect();
+        for qt in [QType::Q8_0, QType::Q4_1, QType::Q4K, QType::Q6K] {
+            let w = weight(qt, rows, cols);
+            let (mut by_rows, mut by_kernels) = (Vec::new(), Vec::new());
+            Linear::Rows(w.clone()).matmul(&x, &mut by_rows).unwrap();
+            Linear::Own(w.clone()).matmul(&x, &mut by_kernels).unwrap();
+            // The plain product of the decoded matrix: what `Rows` must give exactly.
+            let mut dense = vec![0f32; rows * cols];
+            for r in 0..rows {
+                w.row_into(r, &mut dense[r * cols..(r + 1) * cols]);
+            }
+            for t in 0..n {
+                for r in 0..rows {
+                    let exact: f32 = (0..cols)
+                        .map(|c| dense[r * cols + c] * x[t * cols + c])
+                        .sum();
+                    let got = by_rows[t * rows + r];
+                    assert!(
+                        (got - exact).abs() < 1e-3,
+                        "{qt:?} [{t},{r}]: {got} vs {exact}"
+                    );
+                    // Our kernels quantize the activations to 8 bits: close, not equal.
+                    let k = by_kernels[t * rows + r];
+                    assert!(
+                        (k - exact).abs() < 0.05 * (1.0 + exact.abs()),
+                        "{qt:?} [{t},{r}]: kernels {k} vs {exact}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,132 @@
+//! Our decoder against candle-transformers' quantized models (a dev-dependency: the shipped
+//! binary has no candle), on the tiny models `testing` builds for each architecture, with
+//! norms varied so that each one counts: the logits of a prompt and of each decoded token
+//! after it must agree. Gemma 3 is compared with llama.cpp instead (the golden tests): candle
+//! 0.11.1's gates its MLP with SiLU where Gemma uses GELU.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::{
+    quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3,
+};
+
+use super::Weights;
+use crate::testing::GgufBuilder;
+
+enum Theirs {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
+    Qwen3(quantized_qwen3::ModelWeights),
+    Phi3(quantized_phi3::ModelWeights),
+}
+
+impl Theirs {
+    fn load(arch: &str, path: &Path) -> Self {
+        let mut f = std::fs::File::open(path).unwrap();
+        let ct = gguf_file::Content::read(&mut f).unwrap();
+        let dev = Device::Cpu;
+        match arch {
+            "llama" => {
+                Self::Llama(quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev).unwrap())
+            }
+            "qwen2" => {
+                Self::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &dev).unwrap())
+            }
+            "qwen3" => {
+                Self::Qwen3(quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &dev).unwrap())
+            }
+            "phi3" => Self::Phi3(
+                quantized_phi3::ModelWeights::from_gguf(false, ct, &mut f, &dev).unwrap(),
+            ),
+            other => panic!("no candle model for {other}"),
+        }
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Vec<f32> {
+        let x = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = match self {
+            Self::Llama(m) => m.forward(&x, pos),
+            Self::Qwen2(m) => m.forward(&x, pos),
+            Self::Qwen3(m) => m.forward(&x, pos),
+            Self::Phi3(m) => m.forward(&x, pos),
+        }
+        .unwrap();
+        let logits = logits.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let v = logits.to_vec1::<f32>().unwrap();
+        // Some return every position's logits: keep the last.
+        let vocab = 260;
+        v[v.len() - vocab..].to_vec()
+    }
+}
+
+/// Largest difference between the logits, against the largest logit.
+fn relative_gap(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let gap = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
+    gap / scale.max(1e-6)
+}
+
+/// Prompt then 4 greedy steps through both; returns the largest relative gap seen.
+fn compare(arch: &str) -> f32 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    std::fs::write(&path, GgufBuilder::tiny(arch).vary_norms().build()).unwrap();
+    let info = crate::gguf::read_model(&std::fs::File::open(&path).unwrap()).unwrap();
+    let mut ours =
+        Weights::load(arch, &info, &mut std::fs::File::open(&path).unwrap(), 64).unwrap();
+    let mut theirs = Theirs::load(arch, &path);
+    let prompt = [256u32, 104, 101, 108, 108, 111, 44, 32, 119];
+    let (mut a, mut b) = (
+        ours.forward(&prompt, 0).unwrap(),
+        theirs.forward(&prompt, 0),
+    );
+    let mut worst = relative_gap(&a, &b);
+    for pos in prompt.len()..prompt.len() + 4 {
+        let next = crate::generate::argmax(&b);
+        assert_eq!(
+            crate::generate::argmax(&a),
+            next,
+            "{arch}: the greedy tokens part at {pos}"
+        );
+        a = ours.forward(&[next], pos).unwrap();
+        b = theirs.forward(&[next], pos);
+        worst = worst.max(relative_gap(&a, &b));
+    }
+    worst
+}
+
+#[test]
+fn llama_computes_what_candle_computes() {
+    let gap = compare("llama");
+    assert!(gap < 1e-5, "llama: logits differ by {gap} of the largest");
+}
+
+#[test]
+fn qwen2_computes_what_candle_computes() {
+    let gap = compare("qwen2");
+    assert!(gap < 1e-5, "qwen2: logits differ by {gap} of the largest");
+}
+
+#[test]
+fn qwen3_computes_what_candle_computes() {
+    // candle's Qwen 3 builds its rotary table in f16 unless `general.dtype` says f32; ours
+    // is f32 (as llama.cpp's), hence the wider margin.
+    let gap = compare("qwen3");
+    assert!(gap < 1e-3, "qwen3: logits differ by {gap} of the largest");
+}
+
+#[test]
+fn phi3_computes_what_candle_computes() {
+    let gap = compare("phi3");
+    assert!(gap < 1e-5, "phi3: logits differ by {gap} of the largest");
+}
