@@ -11,7 +11,7 @@
 //! is 108 MiB saved against f32; for Gemma 3's 262k × 640, 470 MiB).
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
@@ -40,6 +40,16 @@ impl FileBytes {
             Self::Read(v) => v,
         }
     }
+}
+
+/// The whole file in memory, from its first byte (the header was read through the same
+/// handle, which left its position past the header).
+pub(super) fn read_whole(file: &mut File) -> Result<FileBytes> {
+    let mut v = Vec::new();
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut v))
+        .map_err(|e| ModelError(format!("reading the model: {e}")))?;
+    Ok(FileBytes::Read(v))
 }
 
 /// A matrix (or table) in its GGUF blocks, inside the file.
@@ -89,13 +99,12 @@ impl<'a> Source<'a> {
     pub fn new(info: &'a GgufInfo, file: &mut File) -> Result<Self> {
         let bytes = match MappedFile::map(file) {
             Ok(m) => FileBytes::Mapped(m),
-            Err(_) => {
-                let mut v = Vec::new();
-                file.read_to_end(&mut v)
-                    .map_err(|e| ModelError(format!("reading the model: {e}")))?;
-                FileBytes::Read(v)
-            }
+            Err(_) => read_whole(file)?,
         };
+        Self::with_bytes(info, bytes)
+    }
+
+    pub(super) fn with_bytes(info: &'a GgufInfo, bytes: FileBytes) -> Result<Self> {
         if (bytes.bytes().len() as u64) < info.file_len {
             bail!("the model file shrank while it was being loaded");
         }

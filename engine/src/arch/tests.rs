@@ -130,3 +130,23 @@ fn phi3_computes_what_candle_computes() {
     let gap = compare("phi3");
     assert!(gap < 1e-5, "phi3: logits differ by {gap} of the largest");
 }
+
+#[test]
+fn a_model_read_into_memory_computes_what_the_mapped_one_does() {
+    // Where a file cannot be mapped it is read whole, through the handle its header was
+    // read from (whose position is then past the header).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    std::fs::write(&path, GgufBuilder::tiny("qwen2").vary_norms().build()).unwrap();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let info = crate::gguf::read_model(&file).unwrap();
+    let prompt = [256u32, 104, 101, 108];
+    let mut mapped = Weights::load("qwen2", &info, &mut file, 64).unwrap();
+    let read = super::common::read_whole(&mut file).unwrap();
+    let src = super::common::Source::with_bytes(&info, read).unwrap();
+    let mut in_memory = super::decoder::Decoder::load("qwen2", &src, &info, 64).unwrap();
+    assert_eq!(
+        mapped.forward(&prompt, 0).unwrap(),
+        in_memory.forward(&prompt, 0).unwrap()
+    );
+}
