@@ -341,8 +341,18 @@ pub fn inspect_reader<R: Read + Seek>(reader: R, len: u64) -> Result<GgufInfo> {
     read_header(reader, len, false)
 }
 
-/// [`inspect`], keeping every metadata value whole (arrays and long strings): what loading
-/// a model needs. The same caps apply.
+/// The arrays [`read_model`] keeps whole: what the tokenizer reads. Any other array is
+/// validated and skipped as [`inspect`] does, so that a file cannot make the reader hold
+/// 30 bytes of values for each byte of an array nobody reads.
+const KEPT_ARRAYS: [&str; 4] = [
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+];
+
+/// [`inspect`], keeping what loading a model needs whole: long strings (the chat template)
+/// and the tokenizer's arrays ([`KEPT_ARRAYS`]). The same caps apply.
 pub fn read_model(file: &File) -> Result<GgufInfo> {
     let len = file.metadata()?.len();
     read_header(BufReader::with_capacity(1 << 16, file), len, true)
@@ -418,6 +428,14 @@ fn read_header<R: Read + Seek>(reader: R, len: u64, full: bool) -> Result<GgufIn
         file_len: len,
         kv_spans,
     })
+}
+
+/// [`capped`] for the length of `what`, the message made only when it is over.
+fn capped_length(what: &str, value: u64, cap: u64) -> Result<()> {
+    if value > cap {
+        return capped(&format!("length of {what}"), value, cap);
+    }
+    Ok(())
 }
 
 fn capped(what: &str, value: u64, cap: u64) -> Result<()> {
@@ -521,7 +539,7 @@ impl<R: Read + Seek> Reader<R> {
 
     fn string(&mut self, what: &str, cap: u64) -> Result<String> {
         let n = self.u64(what)?;
-        capped(&format!("length of {what}"), n, cap)?;
+        capped_length(what, n, cap)?;
         self.fits(n, what)?;
         let mut buf = vec![0u8; n as usize];
         self.exact(&mut buf, what)?;
@@ -554,7 +572,7 @@ impl<R: Read + Seek> Reader<R> {
             },
             8 => {
                 let n = self.u64(what)?;
-                capped(&format!("length of {what}"), n, caps::MAX_STRING_LEN)?;
+                capped_length(what, n, caps::MAX_STRING_LEN)?;
                 if n > caps::MAX_KEPT_STRING && !self.full {
                     self.skip(n, what)?;
                     MetaValue::Str(String::new())
@@ -578,7 +596,7 @@ impl<R: Read + Seek> Reader<R> {
                 let elem = self.u32(what)?;
                 let n = self.u64(what)?;
                 capped(&format!("length of array '{key}'"), n, caps::MAX_ARRAY_LEN)?;
-                if self.full {
+                if self.full && KEPT_ARRAYS.contains(&key) {
                     // Every element takes at least a byte (a string its 8-byte length):
                     // a count the file cannot hold is refused before allocating for it.
                     let least = fixed_size(elem).unwrap_or(8);
@@ -595,7 +613,7 @@ impl<R: Read + Seek> Reader<R> {
                         self.fits(n.saturating_mul(8), what)?;
                         for _ in 0..n {
                             let len = self.u64(what)?;
-                            capped(&format!("length of {what}"), len, caps::MAX_STRING_LEN)?;
+                            capped_length(what, len, caps::MAX_STRING_LEN)?;
                             self.skip(len, what)?;
                         }
                     }
@@ -739,10 +757,14 @@ mod tests {
 
     #[test]
     fn a_model_read_whole_keeps_its_arrays_and_where_each_value_lies() {
-        let bytes = GgufBuilder::tiny_llama().build();
+        let bytes = GgufBuilder::tiny_llama()
+            .kv_string_array("general.tags", &["a", "b"])
+            .build();
         let path = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(path.path(), &bytes).unwrap();
         let info = read_model(&File::open(path.path()).unwrap()).unwrap();
+        // Arrays the tokenizer does not read are skipped, as `inspect` does.
+        assert_eq!(info.metadata["general.tags"], MetaValue::Array { len: 2 });
         let tokens = info.metadata["tokenizer.ggml.tokens"].as_list().unwrap();
         assert_eq!(tokens.len(), 260);
         assert_eq!(tokens[257].as_str(), Some("<|im_end|>"));
@@ -774,18 +796,20 @@ mod tests {
         for (b, expect) in [
             (
                 GgufBuilder::llama_like()
-                    .raw_kv_array("x", 4, u64::MAX)
+                    .raw_kv_array("tokenizer.ggml.scores", 6, u64::MAX)
                     .clone(),
                 "above the cap",
             ),
             (
                 GgufBuilder::llama_like()
-                    .raw_kv_array("x", 8, 1 << 20)
+                    .raw_kv_array("tokenizer.ggml.tokens", 8, 1 << 20)
                     .clone(),
                 "truncated",
             ),
             (
-                GgufBuilder::llama_like().raw_nested_arrays("x", 3).clone(),
+                GgufBuilder::llama_like()
+                    .raw_nested_arrays("tokenizer.ggml.merges", 3)
+                    .clone(),
                 "nesting",
             ),
         ] {

@@ -70,6 +70,9 @@ struct Planned<'a> {
 
 /// Rows encoded per parallel work item.
 const ROWS_PER_TASK: usize = 64;
+/// Rows read, decoded and encoded at once: memory stays at a few MB per tensor whatever
+/// its size (a 27B model's embedding is 8 GB as f32).
+const ROWS_PER_CHUNK: usize = 1024;
 
 /// Writes `src` quantized to `to` into `dst`.
 pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, EngineError> {
@@ -83,9 +86,8 @@ pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, Engi
         let path = path.to_path_buf();
         move |source| EngineError::Io { path, source }
     };
-    let mut file = File::open(src).map_err(io(src))?;
     // Our own validation (caps, bounds) of everything this function then reads.
-    let info = gguf::read_model(&file).map_err(|source| EngineError::Gguf {
+    let info = gguf::inspect(src).map_err(|source| EngineError::Gguf {
         path: src.to_path_buf(),
         source,
     })?;
@@ -145,6 +147,7 @@ pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, Engi
         });
     }
 
+    let mut file = File::open(src).map_err(io(src))?;
     let out = File::create(dst).map_err(io(dst))?;
     let mut w = BufWriter::with_capacity(1 << 20, out);
     let mut header = Vec::new();
@@ -188,20 +191,45 @@ pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, Engi
         let t = p.info;
         file.seek(SeekFrom::Start(info.data_offset + t.offset))
             .map_err(io(src))?;
-        let mut raw = vec![0u8; t.bytes as usize];
-        file.read_exact(&mut raw).map_err(io(src))?;
-        let data = match (p.to, QType::from_ggml_id(t.ggml_type.id())) {
+        let written = match (p.to, QType::from_ggml_id(t.ggml_type.id())) {
             (Some(to), Some(from)) => {
-                let mut x = vec![0f32; t.elements as usize];
-                quant::dequantize(from, &raw, &mut x);
-                drop(raw);
-                encode(to, &x, t.dims[0] as usize)
-                    .map_err(|e| EngineError::Unsupported(format!("{}: {e}", t.name)))?
+                let row = t.dims.first().copied().unwrap_or(1) as usize;
+                if row == 0 || !row.is_multiple_of(from.block_len()) {
+                    return Err(EngineError::Unsupported(format!(
+                        "tensor '{}': rows of {row} values are not whole {} blocks",
+                        t.name,
+                        from.name()
+                    )));
+                }
+                let rows = t.elements as usize / row;
+                let row_bytes = row / from.block_len() * from.block_bytes();
+                // A chunk of rows at a time: read, decode, encode, write.
+                let chunk = ROWS_PER_CHUNK.min(rows);
+                let mut raw = vec![0u8; chunk * row_bytes];
+                let mut x = vec![0f32; chunk * row];
+                let (mut done, mut written) = (0, 0u64);
+                while done < rows {
+                    let n = chunk.min(rows - done);
+                    file.read_exact(&mut raw[..n * row_bytes])
+                        .map_err(io(src))?;
+                    quant::dequantize(from, &raw[..n * row_bytes], &mut x[..n * row]);
+                    let data = encode(to, &x[..n * row], row)
+                        .map_err(|e| EngineError::Unsupported(format!("{}: {e}", t.name)))?;
+                    w.write_all(&data).map_err(io(dst))?;
+                    written += data.len() as u64;
+                    done += n;
+                }
+                written
             }
-            _ => raw,
+            _ => std::io::copy(&mut (&mut file).take(t.bytes), &mut w).map_err(io(dst))?,
         };
-        w.write_all(&data).map_err(io(dst))?;
-        let pad = (data.len() as u64).next_multiple_of(alignment) - data.len() as u64;
+        if written != p.bytes {
+            return Err(EngineError::Unsupported(format!(
+                "tensor '{}': {written} bytes written where {} were announced",
+                t.name, p.bytes
+            )));
+        }
+        let pad = written.next_multiple_of(alignment) - written;
         w.write_all(&vec![0u8; pad as usize]).map_err(io(dst))?;
     }
     w.flush().map_err(io(dst))?;
@@ -337,6 +365,28 @@ mod tests {
             &mut ours,
         );
         assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn large_tensors_are_encoded_chunk_by_chunk_to_the_same_bytes() {
+        // 2,500 rows: two whole chunks and a partial one.
+        let (row, rows) = (64usize, 2500usize);
+        let x: Vec<f32> = (0..row * rows)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let mut b = GgufBuilder::new("llama");
+        b.tensor_f32("big.weight", &[row as u64, rows as u64], &x);
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("f32.gguf"), dir.path().join("q.gguf"));
+        std::fs::write(&src, b.build()).unwrap();
+        quantize(&src, &dst, "q4_0").unwrap();
+        let info = crate::gguf::inspect(&dst).unwrap();
+        let t = info.tensor("big.weight").unwrap();
+        let bytes = std::fs::read(&dst).unwrap();
+        let start = (info.data_offset + t.offset) as usize;
+        let mut whole = Vec::new();
+        quant::quantize(QType::Q4_0, &x, &mut whole).unwrap();
+        assert_eq!(&bytes[start..start + t.bytes as usize], whole.as_slice());
     }
 
     #[test]
