@@ -10,6 +10,10 @@
 //! | phi3 | NEOX | one fused matrix | – | SiLU, gate\|up fused | – | as is |
 //! | gemma3 | NEOX, base 10,000 locally, `rope.freq_base` on every sixth layer | separate | per head | GELU (tanh) | after attention and MLP | × √hidden |
 //!
+//! Rotations are slowed where the file asks: per frequency by `rope_freqs.weight` (Llama 3.1
+//! and later), all of them by `rope.scaling.factor` when `rope.scaling.type` is `linear`
+//! (Gemma 3's global layers).
+//!
 //! Per layer: RMSNorm → attention (grouped-query, over the preallocated KV cache of `ops`;
 //! Gemma 3's sliding-window layers keep only the last `window` positions) → [norm] →
 //! residual; RMSNorm → gated MLP → [norm] → residual. Then RMSNorm and the output head on the
@@ -187,6 +191,27 @@ impl Decoder {
         let context = max_positions.max(1);
         // Rotary embeddings: one for every layer, or Gemma 3's local and global pair.
         let neox = arch != "llama";
+        // Linear position scaling (`rope.scaling.type = linear`, e.g. Gemma 3 4B and larger,
+        // on their global layers only, as llama.cpp applies it); other scaling types (YaRN,
+        // LongRoPE) are not applied, as they were not with candle.
+        let linear = match md.get("rope.scaling.type").and_then(MetaValue::as_str) {
+            Some("linear") => md
+                .f32("rope.scaling.factor")
+                .filter(|f| *f > 0.0)
+                .unwrap_or(1.0),
+            _ => 1.0,
+        };
+        // Per-frequency divisors (Llama 3.1 and later).
+        let factors = match info.tensor("rope_freqs.weight") {
+            Some(_) => Some(src.vector("rope_freqs.weight", head_dim / 2)?),
+            None => None,
+        };
+        if factors
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|v| v.is_nan() || *v <= 0.0))
+        {
+            bail!("rope_freqs.weight holds a factor that is not a positive number");
+        }
         let (ropes, window) = if gemma {
             let window = md.usize("attention.sliding_window")?;
             if window == 0 {
@@ -198,12 +223,13 @@ impl Decoder {
             let global = md.f32("rope.freq_base").unwrap_or(GEMMA_GLOBAL_ROPE_BASE);
             let ropes = vec![
                 Rope::new(head_dim, local, true),
-                Rope::new(head_dim, global, true),
+                Rope::new(head_dim, global, true).scaled(factors.as_deref(), linear),
             ];
             (ropes, Some(window))
         } else {
             let base = md.f32("rope.freq_base").unwrap_or(DEFAULT_ROPE_BASE);
-            (vec![Rope::new(head_dim, base, neox)], None)
+            let rope = Rope::new(head_dim, base, neox).scaled(factors.as_deref(), linear);
+            (vec![rope], None)
         };
         let vocab = match info.tensor("token_embd.weight").map(|t| t.dims.as_slice()) {
             Some(&[_, v]) => usize::try_from(v).unwrap_or(0),

@@ -51,6 +51,16 @@ impl Rope {
         Self { inv, neox }
     }
 
+    /// Each frequency divided by `factors[i]` where given (llama.cpp's per-frequency
+    /// `rope_freqs` of Llama 3.1 and later), and all of them by `linear` (a
+    /// `rope.scaling.type` of `linear`: positions stretched by that factor).
+    pub fn scaled(mut self, factors: Option<&[f32]>, linear: f32) -> Self {
+        for (i, f) in self.inv.iter_mut().enumerate() {
+            *f /= linear * factors.map_or(1.0, |fs| fs[i]);
+        }
+        self
+    }
+
     /// The (cos, sin) of every rotation angle for positions `pos..pos + len`, row by row.
     pub fn table(&self, pos: usize, len: usize, cs: &mut Vec<(f32, f32)>) {
         cs.clear();
@@ -207,6 +217,22 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scaled_rotations_turn_slower_by_their_factors() {
+        let plain = Rope::new(8, 10_000.0, false);
+        let scaled = Rope::new(8, 10_000.0, false).scaled(Some(&[1.0, 2.0, 4.0, 8.0]), 2.0);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        plain.table(16, 1, &mut a);
+        scaled.table(16, 1, &mut b);
+        // At position 16, pair i of the scaled table turns as pair i of the plain one at
+        // position 16 / (2·factor).
+        for (i, div) in [2.0f32, 4.0, 8.0, 16.0].iter().enumerate() {
+            let want = (16.0 / div) * plain.inv[i];
+            assert!((b[i].0 - want.cos()).abs() < 1e-6 && (b[i].1 - want.sin()).abs() < 1e-6);
+        }
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn sliding_cache_keeps_the_window_across_chunks() {

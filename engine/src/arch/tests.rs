@@ -150,3 +150,62 @@ fn a_model_read_into_memory_computes_what_the_mapped_one_does() {
         in_memory.forward(&prompt, 0).unwrap()
     );
 }
+
+/// Greedy-free logits of a tiny llama built by `edit`, for a prompt of 12 tokens.
+fn llama_logits(edit: impl Fn(&mut GgufBuilder)) -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let mut b = GgufBuilder::tiny("llama");
+    edit(&mut b);
+    std::fs::write(&path, b.build()).unwrap();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let info = crate::gguf::read_model(&file).unwrap();
+    let mut w = Weights::load("llama", &info, &mut file, 64).unwrap();
+    w.forward(
+        &[256, 104, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108],
+        0,
+    )
+    .unwrap()
+}
+
+#[test]
+fn rope_freqs_and_linear_scaling_slow_the_rotations() {
+    // The tiny llama's heads are 16 wide: 8 rotation frequencies.
+    let plain = llama_logits(|_| {});
+    let ones = llama_logits(|b| {
+        b.tensor_f32("rope_freqs.weight", &[8], &[1.0; 8]);
+    });
+    assert_eq!(plain, ones, "factors of 1 change nothing");
+    // Every frequency divided by 4, once per frequency and once as linear scaling: the
+    // same rotations, so the same logits, and not the plain ones.
+    let by_freqs = llama_logits(|b| {
+        b.tensor_f32("rope_freqs.weight", &[8], &[4.0; 8]);
+    });
+    let by_linear = llama_logits(|b| {
+        b.kv_str("llama.rope.scaling.type", "linear");
+        b.kv_f32("llama.rope.scaling.factor", 4.0);
+    });
+    assert_eq!(by_freqs, by_linear);
+    assert!(relative_gap(&by_freqs, &plain) > 1e-3);
+}
+
+#[test]
+fn rope_freqs_of_the_wrong_size_or_not_positive_are_refused() {
+    for (values, expect) in [
+        (vec![1.0; 7], "has 7 values, 8 expected"),
+        (
+            vec![1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+            "not a positive number",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut b = GgufBuilder::tiny("llama");
+        b.tensor_f32("rope_freqs.weight", &[values.len() as u64], &values);
+        std::fs::write(&path, b.build()).unwrap();
+        let mut file = std::fs::File::open(&path).unwrap();
+        let info = crate::gguf::read_model(&file).unwrap();
+        let e = Weights::load("llama", &info, &mut file, 64).err().unwrap();
+        assert!(e.0.contains(expect), "{e}");
+    }
+}
