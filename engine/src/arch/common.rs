@@ -286,17 +286,20 @@ fn rows_matmul(w: &Weight, x: &[f32], out: &mut Vec<f32>) -> Result<()> {
     by_row
         .par_chunks_mut(ROWS_CHUNK * n)
         .enumerate()
-        .for_each_init(
-            || vec![0f32; cols],
-            |row, (c, dst)| {
-                for (i, d) in dst.chunks_exact_mut(n).enumerate() {
-                    w.row_into(c * ROWS_CHUNK + i, row);
-                    for (t, v) in d.iter_mut().enumerate() {
-                        *v = kernels::dot_f32(row, &x[t * cols..(t + 1) * cols]);
-                    }
+        .for_each_init(Vec::new, |tile: &mut Vec<f32>, (c, dst)| {
+            // The work item's rows decoded once into a tile that stays in cache, then each
+            // token's activations read once for all of them.
+            let m = dst.len() / n;
+            tile.resize(m * cols, 0.0);
+            for (i, row) in tile.chunks_exact_mut(cols).enumerate() {
+                w.row_into(c * ROWS_CHUNK + i, row);
+            }
+            for (t, xt) in x.chunks_exact(cols).enumerate() {
+                for (i, row) in tile.chunks_exact(cols).enumerate() {
+                    dst[i * n + t] = kernels::dot_f32(row, xt);
                 }
-            },
-        );
+            }
+        });
     out.resize(n * rows, 0.0);
     for (r, vals) in by_row.chunks_exact(n).enumerate() {
         for (t, v) in vals.iter().enumerate() {
