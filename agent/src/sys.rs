@@ -3,9 +3,8 @@
 
 /// Sets the number of threads inference will use (call before any thread exists).
 ///
-/// The engine's kernels run on rayon's global pool, sized once from `RAYON_NUM_THREADS` the first
-/// time a kernel runs.
-/// The only way to choose the count is to set that variable before then. `main` calls this
+/// The engine's kernels run on rayon's global pool, sized once from `RAYON_NUM_THREADS` the
+/// first time a kernel runs. The only way to choose the count is to set that variable before then. `main` calls this
 /// before any thread is spawned, so no other thread can be reading the environment.
 #[allow(unsafe_code)]
 pub fn set_compute_threads(n: usize) {

@@ -292,8 +292,9 @@ fn encode_each<const B: usize, const N: usize>(
     }
 }
 
+/// The f16 at byte `at` of a block, as f32.
 #[inline]
-fn get_f16(b: &[u8], at: usize) -> f32 {
+pub(crate) fn get_f16(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
@@ -344,7 +345,7 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 
 /// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` of a q4_k/q5_k block.
 #[inline]
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
@@ -1247,6 +1248,19 @@ mod tests {
             dequantize(t, &out, &mut back);
         }
         Ok(())
+    }
+
+    #[test]
+    fn every_type_agrees_with_the_gguf_readers_table() {
+        // `gguf::GgmlType` (validation of every file) and `QType` (decoding) each hold the
+        // sizes; they must not drift apart.
+        for t in ALL {
+            let g = crate::gguf::GgmlType::from_id(t.ggml_id()).unwrap();
+            assert_eq!(
+                (g.name(), g.block_size(), g.block_bytes()),
+                (t.name(), t.block_len() as u64, t.block_bytes() as u64)
+            );
+        }
     }
 
     #[test]

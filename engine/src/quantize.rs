@@ -162,11 +162,13 @@ pub fn quantize(src: &Path, dst: &Path, to: &str) -> Result<QuantizeReport, Engi
     header.extend_from_slice(&(kept_kvs.len() as u64 + 1).to_le_bytes());
     // Every other key/value as the source has it, byte for byte (types included, which
     // llama.cpp checks), then the new file type.
+    // (The key/values lie back to back after the 24-byte preamble: one read for all.)
+    let kv_end = info.kv_spans.last().map_or(24, |(_, r)| r.end);
+    let mut kv_bytes = vec![0u8; (kv_end - 24) as usize];
+    file.seek(SeekFrom::Start(24)).map_err(io(src))?;
+    file.read_exact(&mut kv_bytes).map_err(io(src))?;
     for (_, span) in &kept_kvs {
-        file.seek(SeekFrom::Start(span.start)).map_err(io(src))?;
-        let mut raw = vec![0u8; (span.end - span.start) as usize];
-        file.read_exact(&mut raw).map_err(io(src))?;
-        header.extend_from_slice(&raw);
+        header.extend_from_slice(&kv_bytes[(span.start - 24) as usize..(span.end - 24) as usize]);
     }
     put_string(&mut header, "general.file_type");
     header.extend_from_slice(&4u32.to_le_bytes()); // u32

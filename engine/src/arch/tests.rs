@@ -151,8 +151,8 @@ fn a_model_read_into_memory_computes_what_the_mapped_one_does() {
     );
 }
 
-/// Greedy-free logits of a tiny llama built by `edit`, for a prompt of 12 tokens.
-fn llama_logits(edit: impl Fn(&mut GgufBuilder)) -> Vec<f32> {
+/// A tiny llama built by `edit`, loaded.
+fn load_llama(edit: impl Fn(&mut GgufBuilder)) -> Result<Weights, super::ModelError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     let mut b = GgufBuilder::tiny("llama");
@@ -160,12 +160,18 @@ fn llama_logits(edit: impl Fn(&mut GgufBuilder)) -> Vec<f32> {
     std::fs::write(&path, b.build()).unwrap();
     let mut file = std::fs::File::open(&path).unwrap();
     let info = crate::gguf::read_model(&file).unwrap();
-    let mut w = Weights::load("llama", &info, &mut file, 64).unwrap();
-    w.forward(
-        &[256, 104, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108],
-        0,
-    )
-    .unwrap()
+    Weights::load("llama", &info, &mut file, 64)
+}
+
+/// The logits of a tiny llama built by `edit`, after a prompt of 12 tokens.
+fn llama_logits(edit: impl Fn(&mut GgufBuilder)) -> Vec<f32> {
+    load_llama(edit)
+        .unwrap()
+        .forward(
+            &[256, 104, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108],
+            0,
+        )
+        .unwrap()
 }
 
 #[test]
@@ -198,14 +204,11 @@ fn rope_freqs_of_the_wrong_size_or_not_positive_are_refused() {
             "not a positive number",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
-        let mut b = GgufBuilder::tiny("llama");
-        b.tensor_f32("rope_freqs.weight", &[values.len() as u64], &values);
-        std::fs::write(&path, b.build()).unwrap();
-        let mut file = std::fs::File::open(&path).unwrap();
-        let info = crate::gguf::read_model(&file).unwrap();
-        let e = Weights::load("llama", &info, &mut file, 64).err().unwrap();
+        let e = load_llama(|b| {
+            b.tensor_f32("rope_freqs.weight", &[values.len() as u64], &values);
+        })
+        .err()
+        .unwrap();
         assert!(e.0.contains(expect), "{e}");
     }
 }

@@ -340,16 +340,6 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Whole blocks of type `wt` → f32: `out.len() / wt.block_len()` blocks from the start of `w`.
-pub fn dequantize(wt: WType, w: &[u8], out: &mut [f32]) {
-    let blocks = out.len() / wt.block_len();
-    assert!(
-        out.len().is_multiple_of(wt.block_len()) && w.len() >= blocks * wt.block_bytes(),
-        "dequantizing past the blocks given"
-    );
-    scalar::dequantize(wt, w, out);
-}
-
 /// A file mapped read-only: model weights used in place, shared with the page cache, read
 /// from disk as they are first touched.
 pub struct MappedFile(memmap2::Mmap);

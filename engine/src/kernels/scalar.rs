@@ -5,9 +5,8 @@ use half::f16;
 
 use super::{ActRef, Q8Block, Q8KBlock, WType};
 
-pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
-}
+/// The block layouts' own readers, shared with `quant` (one decoder of the GGUF blocks).
+pub(super) use crate::quant::{get_f16 as f16_at, scale_min_k4};
 
 /// Rounds to the nearest f16 and back (llama.cpp stores Q8_0/Q8_1 activation scales as f16).
 fn via_f16(x: f32) -> f32 {
@@ -60,18 +59,6 @@ pub(super) fn quantize_q8k(x: &[f32], out: &mut Q8KBlock) {
         *s = qs.iter().map(|&q| i16::from(q)).sum();
     }
     out.d = 1.0 / iscale;
-}
-
-/// The 6-bit scale and minimum of sub-block `j` of a Q4_K block's 12 scale bytes.
-pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
 }
 
 /// One row of type `wt` (whole blocks) · one token's activations.
@@ -190,78 +177,4 @@ fn q6k_block_sum(blk: &[u8], a: &[i8; 256]) -> i32 {
         }
     }
     sumi
-}
-
-/// Whole blocks of type `wt` → f32 (`out.len()` values).
-pub(super) fn dequantize(wt: WType, w: &[u8], out: &mut [f32]) {
-    let (bl, bb) = (wt.block_len(), wt.block_bytes());
-    for (blk, y) in w.chunks_exact(bb).zip(out.chunks_exact_mut(bl)) {
-        match wt {
-            WType::Q4_0 | WType::Q4_1 => {
-                let d = f16_at(blk, 0);
-                let (m, off, qs) = if wt == WType::Q4_1 {
-                    (f16_at(blk, 2), 0, &blk[4..20])
-                } else {
-                    (0.0, 8, &blk[2..18])
-                };
-                for j in 0..16 {
-                    y[j] = d * (i32::from(qs[j] & 0xF) - off) as f32 + m;
-                    y[j + 16] = d * (i32::from(qs[j] >> 4) - off) as f32 + m;
-                }
-            }
-            WType::Q5_0 => {
-                let d = f16_at(blk, 0);
-                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                for j in 0..16 {
-                    let q = blk[6 + j];
-                    let lo = i32::from(q & 0xF) | (((qh >> j) & 1) << 4) as i32;
-                    let hi = i32::from(q >> 4) | (((qh >> (j + 16)) & 1) << 4) as i32;
-                    y[j] = d * (lo - 16) as f32;
-                    y[j + 16] = d * (hi - 16) as f32;
-                }
-            }
-            WType::Q8_0 => {
-                let d = f16_at(blk, 0);
-                for j in 0..32 {
-                    y[j] = d * f32::from(blk[2 + j] as i8);
-                }
-            }
-            WType::Q4K => {
-                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-                let (scales, qs) = (&blk[4..16], &blk[16..144]);
-                for j in 0..4 {
-                    let (sc1, m1) = scale_min_k4(2 * j, scales);
-                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-                    for l in 0..32 {
-                        let q = qs[32 * j + l];
-                        y[64 * j + l] =
-                            d * f32::from(sc1) * f32::from(q & 0xF) - dmin * f32::from(m1);
-                        y[64 * j + 32 + l] =
-                            d * f32::from(sc2) * f32::from(q >> 4) - dmin * f32::from(m2);
-                    }
-                }
-            }
-            WType::Q6K => {
-                let d = f16_at(blk, 208);
-                let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
-                for n in 0..2 {
-                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-                    let y = &mut y[128 * n..];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q = [
-                            (ql[l] & 0xF) | ((qh[l] & 3) << 4),
-                            (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                            (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-                        ];
-                        for (i, q) in q.into_iter().enumerate() {
-                            y[l + 32 * i] =
-                                d * f32::from(sc[is + 2 * i] as i8) * (i32::from(q) - 32) as f32;
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

@@ -109,15 +109,8 @@ fn scalar_reference_matches_dequantized_f32_within_activation_error() {
             let k = blocks * wt.block_len();
             let rows = 5;
             let w = random_rows(&mut rng, wt, rows, blocks);
+            // candle's decoding, which `quant`'s tests hold ours equal to.
             let dense = dequantize(wt, &w, rows, k);
-            let mut ours = vec![0f32; rows * k];
-            super::dequantize(wt, &w, &mut ours);
-            for (a, b) in ours.iter().zip(&dense) {
-                assert!(
-                    (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
-                    "{wt:?}: we dequantize to {a}, candle to {b}"
-                );
-            }
             let x: Vec<f32> = (0..k).map(|_| rng.f32() * 3.0).collect();
             let mut acts = Acts::default();
             acts.quantize(wt, &x, k);
