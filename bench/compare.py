@@ -21,11 +21,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 LLAMA_SNIPPET = r"""
-import json, sys, time, statistics, llama_cpp
+import json, resource, sys, time, statistics, llama_cpp
 path, threads, reps, pp_list, tg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 pp_list = [int(x) for x in pp_list.split(",")]
+# The interpreter's own peak before the model (Python, numpy, the library), taken off below.
+base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
 llm = llama_cpp.Llama(model_path=path, n_ctx=max(pp_list + [tg]) + 16, n_batch=512, n_ubatch=512,
                       n_threads=threads, n_threads_batch=threads, verbose=False)
+load_ms = (time.perf_counter() - t0) * 1000
 vocab = llm.n_vocab()
 out = []
 def clear():
@@ -51,7 +55,8 @@ for r in range(reps + 1):
     if r > 0:
         rates.append(tg / (time.perf_counter() - t))
 out.append({"test": f"tg{tg}", "tokens_per_s": statistics.mean(rates)})
-print(json.dumps(out))
+peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"results": out, "load_ms": load_ms, "peak_rss_mib": (peak_kib - base_kib) / 1024}))
 """
 
 
@@ -77,8 +82,8 @@ def main():
     run("models", "import", a.model, "--name", "bench")
     ours = json.loads(run("bench", "--model", "bench", "-p", a.prompt, "-n", str(a.gen),
                           "-t", a.threads, "-r", str(a.reps), "--json"))
-    rows = []
     refs = {}
+    loads = []
     for flavor in ("avx2", "native"):
         py = llama_python(flavor)
         if not py:
@@ -87,10 +92,15 @@ def main():
         for t in a.threads.split(","):
             res = subprocess.run([py, "-c", LLAMA_SNIPPET, a.model, t, str(a.reps), a.prompt, str(a.gen)],
                                  check=True, capture_output=True, text=True).stdout
-            for r in json.loads(res.strip().splitlines()[-1]):
+            got = json.loads(res.strip().splitlines()[-1])
+            for r in got["results"]:
                 refs[(flavor, r["test"], int(t))] = r["tokens_per_s"]
+            loads.append(f"llama.cpp {flavor} {t} thread(s): load {got['load_ms']:.0f} ms, "
+                         f"peak RSS {got['peak_rss_mib']:.0f} MiB above the interpreter's")
     print(f"model: {os.path.basename(a.model)}; outpost load {ours['load_ms']} ms, "
           f"peak RSS {ours['peak_rss_bytes'] / 2**20:.0f} MiB")
+    for line in loads:
+        print(f"  {line}")
     print("| test | threads | outpost t/s | llama.cpp AVX2 t/s | ratio | llama.cpp native t/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in ours["results"]:

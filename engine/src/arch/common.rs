@@ -2,8 +2,11 @@
 //! table ([`Embeddings`]).
 //!
 //! Every tensor is used in place in the memory-mapped GGUF file (read into memory only where
-//! mapping fails): nothing is copied at load, the pages are shared with the page cache, and a
-//! tied output head is the embedding table itself. Matrices of a type our kernels multiply
+//! mapping fails): the pages are shared with the page cache, and a tied output head is the
+//! embedding table itself. The exception, on x86 (`kernels::copies`): the matrices our
+//! kernels multiply are read from the file once at load into memory of their own, Q4_0, Q4_1,
+//! Q5_0 and Q8_0 repacked on the way (`kernels::packs`); a tied embedding table is then read
+//! from the head's copy. Reads, not the mapping: see [`Weight::owned`]. Matrices of a type our kernels multiply
 //! (`kernels::WType`) go through them; other types (f32, f16, bf16, Q5_1, Q8_1, Q2_K, Q3_K,
 //! Q5_K, Q8_K) through [`Linear::Rows`], which decodes each row with `quant` and takes f32 dot
 //! products. Norms and biases, which are small, are decoded to f32 at load. The embedding
@@ -12,6 +15,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
@@ -27,17 +31,33 @@ fn rows_only() -> bool {
     *ONLY.get_or_init(|| std::env::var("OUTPOST_KERNELS").is_ok_and(|v| v == "rows"))
 }
 
-/// The model file's bytes: mapped, or read whole where mapping failed.
+/// The model file's bytes: mapped (with the handle, for reads that bypass the mapping), or
+/// read whole where mapping failed.
 pub enum FileBytes {
-    Mapped(MappedFile),
+    Mapped(MappedFile, File),
     Read(Vec<u8>),
 }
 
 impl FileBytes {
     fn bytes(&self) -> &[u8] {
         match self {
-            Self::Mapped(m) => m.bytes(),
+            Self::Mapped(m, _) => m.bytes(),
             Self::Read(v) => v,
+        }
+    }
+
+    /// `buf.len()` bytes from `offset`, without touching the mapping (so that what is read
+    /// once to be repacked does not stay in this process's resident set).
+    fn read_at(&self, offset: usize, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Self::Mapped(_, f) => f.read_exact_at(buf, offset as u64),
+            Self::Read(v) => {
+                let src = v.get(offset..offset + buf.len()).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "past the model's end")
+                })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
         }
     }
 }
@@ -60,6 +80,9 @@ pub struct Weight {
     qt: QType,
     rows: usize,
     cols: usize,
+    /// The kernels' own copy (`kernels::copies`), packed where `packed`.
+    owned: Option<Arc<Vec<u8>>>,
+    packed: bool,
 }
 
 impl Weight {
@@ -78,14 +101,61 @@ impl Weight {
             wt,
             rows: self.rows,
             cols: self.cols,
-            data: self.data(),
+            data: self.owned.as_ref().map_or_else(|| self.data(), |p| p.as_slice()),
+            packed: self.packed,
         })
+    }
+
+    /// With the kernels' own copy where they want one (`kernels::copies`: on x86), packed
+    /// where the type packs. The matrix is read from the file in chunks of about 1 MiB on
+    /// rayon's pool, not through the mapping: a fault there maps the whole page-cache folio
+    /// around it, pages of matrices that are already copied, which would then stay resident
+    /// beside their copies. Where reading fails, the matrix stays in the mapping.
+    fn owned(mut self) -> Self {
+        let Some(wt) = WType::from_ggml_id(self.qt.ggml_id()) else {
+            return self;
+        };
+        if !kernels::copies() {
+            return self;
+        }
+        let packed = kernels::packs(wt, self.rows);
+        let rb = self.row_bytes();
+        let unit = if packed { kernels::PACK_ROWS * rb } else { rb };
+        let chunk = ((1 << 20) / unit).max(1) * unit;
+        let mut out = vec![0u8; self.rows * rb];
+        let read = out.par_chunks_mut(chunk).enumerate().try_for_each_init(
+            Vec::new,
+            |scratch: &mut Vec<u8>, (i, dst)| {
+                let at = self.start + i * chunk;
+                if packed {
+                    scratch.resize(dst.len(), 0);
+                    self.file.read_at(at, scratch)?;
+                    kernels::pack_groups(wt, self.cols, scratch, dst);
+                    Ok(())
+                } else {
+                    self.file.read_at(at, dst)
+                }
+            },
+        );
+        if read.is_ok() {
+            self.owned = Some(Arc::new(out));
+            self.packed = packed;
+        }
+        self
     }
 
     /// Row `r` decoded into `out` (`cols` values).
     fn row_into(&self, r: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
-        quant::dequantize(self.qt, &self.data()[r * rb..(r + 1) * rb], out);
+        match (&self.owned, WType::from_ggml_id(self.qt.ggml_id())) {
+            (Some(p), Some(wt)) if self.packed => {
+                let mut row = vec![0u8; rb];
+                kernels::unpack_row(wt, self.cols, p, r, &mut row);
+                quant::dequantize(self.qt, &row, out);
+            }
+            (Some(p), _) => quant::dequantize(self.qt, &p[r * rb..(r + 1) * rb], out),
+            _ => quant::dequantize(self.qt, &self.data()[r * rb..(r + 1) * rb], out),
+        }
     }
 }
 
@@ -97,8 +167,9 @@ pub struct Source<'a> {
 
 impl<'a> Source<'a> {
     pub fn new(info: &'a GgufInfo, file: &mut File) -> Result<Self> {
-        let bytes = match MappedFile::map(file) {
-            Ok(m) => FileBytes::Mapped(m),
+        let mapped = MappedFile::map(file).and_then(|m| Ok((m, file.try_clone()?)));
+        let bytes = match mapped {
+            Ok((m, f)) => FileBytes::Mapped(m, f),
             Err(_) => read_whole(file)?,
         };
         Self::with_bytes(info, bytes)
@@ -141,8 +212,14 @@ impl<'a> Source<'a> {
             bail!("tensor {name} has {} values, {len} expected", t.elements);
         }
         let mut out = vec![0.0; len];
-        let bytes = &self.file.bytes()[start..start + t.bytes as usize];
-        quant::dequantize(qt, bytes, &mut out);
+        // Read, not through the mapping: a few KiB that sit between matrices, where a fault
+        // would map the whole page-cache folio around them (megabytes of a packed matrix's
+        // pages, resident beside its copy).
+        let mut bytes = vec![0u8; t.bytes as usize];
+        self.file
+            .read_at(start, &mut bytes)
+            .map_err(|e| ModelError(format!("reading tensor {name}: {e}")))?;
+        quant::dequantize(qt, &bytes, &mut out);
         Ok(out)
     }
 
@@ -171,6 +248,8 @@ impl<'a> Source<'a> {
             qt,
             rows,
             cols,
+            owned: None,
+            packed: false,
         })
     }
 
@@ -188,12 +267,15 @@ impl<'a> Source<'a> {
         hidden: usize,
     ) -> Result<(Embeddings, Linear)> {
         let table = self.weight(name, vocab, hidden)?;
-        let output = if self.has("output.weight") {
-            self.linear("output.weight", vocab, hidden)?
-        } else {
-            Linear::from_weight(table.clone())
-        };
-        Ok((Embeddings { table }, output))
+        if self.has("output.weight") {
+            let output = self.linear("output.weight", vocab, hidden)?;
+            return Ok((Embeddings { table }, output));
+        }
+        // Tied: lookups read the head's own copy where it has one, so the table's pages in
+        // the mapping are never touched (they would be a second copy in memory).
+        let output = Linear::from_weight(table);
+        let (Linear::Own(w) | Linear::Rows(w)) = &output;
+        Ok((Embeddings { table: w.clone() }, output))
     }
 }
 
@@ -208,7 +290,7 @@ pub enum Linear {
 impl Linear {
     fn from_weight(w: Weight) -> Self {
         if w.matrix().is_some() && !rows_only() {
-            Self::Own(w)
+            Self::Own(w.owned())
         } else {
             Self::Rows(w)
         }
@@ -350,6 +432,27 @@ mod tests {
             qt,
             rows,
             cols,
+            owned: None,
+            packed: false,
+        }
+    }
+
+    #[test]
+    fn rows_read_from_a_packed_copy_equal_the_files_rows() {
+        for qt in [QType::Q4_0, QType::Q4_1, QType::Q5_0, QType::Q8_0] {
+            let plain = weight(qt, 24, 96);
+            let packed = plain.clone().owned();
+            if !kernels::packs(packed.matrix().unwrap().wt, 24) {
+                eprintln!("{qt:?} does not pack on this CPU");
+                continue;
+            }
+            assert!(packed.packed && packed.owned.is_some(), "{qt:?} packed");
+            for r in 0..24 {
+                let (mut a, mut b) = (vec![0f32; 96], vec![0f32; 96]);
+                plain.row_into(r, &mut a);
+                packed.row_into(r, &mut b);
+                assert_eq!(a, b, "{qt:?} row {r}");
+            }
         }
     }
 
@@ -361,9 +464,17 @@ mod tests {
             .collect();
         for qt in [QType::Q8_0, QType::Q4_1, QType::Q4K, QType::Q6K] {
             let w = weight(qt, rows, cols);
-            let (mut by_rows, mut by_kernels) = (Vec::new(), Vec::new());
+            let (mut by_rows, mut by_kernels, mut by_packed) = (Vec::new(), Vec::new(), Vec::new());
             Linear::Rows(w.clone()).matmul(&x, &mut by_rows).unwrap();
             Linear::Own(w.clone()).matmul(&x, &mut by_kernels).unwrap();
+            // Packed where this CPU packs the type, else the same plain kernels.
+            let packed = w.clone().owned();
+            assert_eq!(
+                packed.packed,
+                kernels::packs(packed.matrix().unwrap().wt, rows)
+            );
+            assert_eq!(packed.owned.is_some(), kernels::copies());
+            Linear::Own(packed).matmul(&x, &mut by_packed).unwrap();
             // The plain product of the decoded matrix: what `Rows` must give exactly.
             let mut dense = vec![0f32; rows * cols];
             for r in 0..rows {
@@ -384,6 +495,12 @@ mod tests {
                     assert!(
                         (k - exact).abs() < 0.05 * (1.0 + exact.abs()),
                         "{qt:?} [{t},{r}]: kernels {k} vs {exact}"
+                    );
+                    // The same integer sums, packed or not.
+                    let p = by_packed[t * rows + r];
+                    assert!(
+                        (p - k).abs() <= 1e-5 * (1.0 + k.abs()),
+                        "{qt:?} [{t},{r}]: packed {p} vs {k}"
                     );
                 }
             }

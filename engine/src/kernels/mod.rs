@@ -24,10 +24,25 @@
 //! term needs) for the 32-blocks, [`Q8KBlock`] (256 values, f32 scale, sums per 16) for the
 //! K-quants.
 //!
+//! Packed weights (x86 only, where they pay): at load, Q4_0, Q4_1, Q5_0 and Q8_0 matrices
+//! whose row count is a multiple of 8 are copied once into groups of 8 interleaved rows
+//! ([`repack`]). Per block of the group: the 8 rows' `d` (16 bytes); Q4_1's 8 `m` (16 bytes)
+//! or Q5_0's fifth bits (32 bytes); then the quants in 4-byte slices, slice j of rows 0..8
+//! side by side (32 bytes: one vector whose i32 lane r is row r's bytes 4j..4j+4). For the
+//! 4-bit types, vector j's low nibbles are values 4j..4j+4 of each row and its high nibbles
+//! values 16+4j..; call those nibble vectors j and 4+j. Q5_0's fifth bits are stored so that
+//! bit k of each byte belongs to nibble vector k (one shift and one mask put it in place).
+//! One vector load then serves 8 rows, the 8 scales convert in one instruction, and the 8
+//! results land in the lanes of one register (no horizontal sums); each activation slice is
+//! broadcast to all lanes. Offsets (Q4_0's −8, Q5_0's −16, the +128 that makes Q8_0 unsigned
+//! for `vpdpbusd`) come off the integer sums exactly, with the activation block's `sum`. Up
+//! to four tokens share each unpacked weight vector.
+//!
 //! Threads: the matmul splits output rows in chunks over rayon's global pool, whose size the
 //! agent sets from `--threads` (`RAYON_NUM_THREADS`); the activation scratch is a per-thread
 //! buffer reused across calls, so steady-state decoding allocates nothing here.
-//! `OUTPOST_KERNELS=scalar` forces the scalar path (for comparisons).
+//! `OUTPOST_KERNELS=scalar` forces the scalar path, `plain` keeps every matrix in its GGUF
+//! layout (both for comparisons).
 
 #![allow(unsafe_code)]
 
@@ -96,12 +111,15 @@ impl WType {
     }
 }
 
-/// 32 activations quantized to i8: value ≈ d·q; `s` = d·Σq.
+/// 32 activations quantized to i8: value ≈ d·q; `s` = d·Σq rounded through f16 (as
+/// llama.cpp's Q8_1 keeps it, for Q4_1's minimum term); `sum` = Σq exactly (for the packed
+/// kernels' integer offsets).
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C, align(8))]
 pub struct Q8Block {
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
     pub qs: [i8; 32],
 }
 
@@ -360,18 +378,241 @@ impl MappedFile {
     }
 }
 
-/// A weight matrix in its GGUF blocks: `rows` rows of `cols` values.
+/// A weight matrix: `rows` rows of `cols` values, in its GGUF blocks or, where `packed`,
+/// in the interleaved layout [`repack`] makes of them.
 #[derive(Clone, Copy)]
 pub struct QMatrix<'a> {
     pub wt: WType,
     pub rows: usize,
     pub cols: usize,
     pub data: &'a [u8],
+    pub packed: bool,
 }
 
 impl QMatrix<'_> {
     pub fn row_bytes(&self) -> usize {
         self.cols / self.wt.block_len() * self.wt.block_bytes()
+    }
+}
+
+/// Rows per group of the packed layout.
+pub const PACK_ROWS: usize = 8;
+
+/// Whether matrices of `wt` with `rows` rows are worth [`repack`]ing on this CPU: the types
+/// the packed kernels take, on x86 with AVX2 (elsewhere the plain kernels run).
+/// `OUTPOST_KERNELS=plain` packs nothing (for comparisons).
+pub fn packs(wt: WType, rows: usize) -> bool {
+    copies() && packable(wt, rows)
+}
+
+/// Whether the weights these kernels multiply are worth a copy of their own in memory (read
+/// at load, packed where [`packs`]): on x86 with AVX2, unless `OUTPOST_KERNELS=plain` keeps
+/// everything in the mapped file (for comparisons).
+pub fn copies() -> bool {
+    static PLAIN: OnceLock<bool> = OnceLock::new();
+    let plain = *PLAIN.get_or_init(|| std::env::var("OUTPOST_KERNELS").is_ok_and(|v| v == "plain"));
+    !plain && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni)
+}
+
+fn packable(wt: WType, rows: usize) -> bool {
+    matches!(wt, WType::Q4_0 | WType::Q4_1 | WType::Q5_0 | WType::Q8_0)
+        && rows.is_multiple_of(PACK_ROWS)
+}
+
+/// Bytes of a packed block's header: the 8 rows' `d`, then Q4_1's 8 `m` or Q5_0's high
+/// bits (32 bytes, laid out as the module docs say).
+const fn pack_header(wt: WType) -> usize {
+    match wt {
+        WType::Q4_1 => 32,
+        WType::Q5_0 => 48,
+        _ => 16,
+    }
+}
+
+/// `data` (`rows` rows of `cols` values in GGUF blocks) in the packed layout (module docs),
+/// the same size; `None` where the type, the row count or the length does not fit.
+pub fn repack(wt: WType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u8>> {
+    if !packable(wt, rows) || !cols.is_multiple_of(wt.block_len()) {
+        return None;
+    }
+    let rb = cols / wt.block_len() * wt.block_bytes();
+    let total = rows.checked_mul(rb)?;
+    let src = data.get(..total)?;
+    let mut out = vec![0u8; total];
+    pack_groups(wt, cols, src, &mut out);
+    Some(out)
+}
+
+/// Whole groups of 8 rows of `cols` values, `src` in GGUF blocks, packed into `dst` (of the
+/// same length). The caller checks the type packs and the lengths are whole groups.
+pub fn pack_groups(wt: WType, cols: usize, src: &[u8], dst: &mut [u8]) {
+    let rb = cols / wt.block_len() * wt.block_bytes();
+    assert!(
+        packable(wt, PACK_ROWS)
+            && src.len() == dst.len()
+            && src.len().is_multiple_of(PACK_ROWS * rb),
+        "packing other than whole groups of a packed type"
+    );
+    let bb = wt.block_bytes();
+    let hdr = pack_header(wt);
+    let (scales, quants) = gguf_block_parts(wt);
+    for (src, dst) in src
+        .chunks(PACK_ROWS * rb)
+        .zip(dst.chunks_mut(PACK_ROWS * rb))
+    {
+        // `shuffle_group`'s moves, written out for speed (this runs over every weight at
+        // load); the round-trip tests hold the two equal.
+        for (blk, out) in dst.chunks_exact_mut(PACK_ROWS * bb).enumerate() {
+            let (head, qs) = out.split_at_mut(hdr);
+            for r in 0..PACK_ROWS {
+                let row = &src[r * rb + blk * bb..r * rb + (blk + 1) * bb];
+                for h in 0..scales {
+                    head[16 * h + 2 * r..16 * h + 2 * r + 2]
+                        .copy_from_slice(&row[2 * h..2 * h + 2]);
+                }
+                for (j, four) in row[quants..].chunks_exact(4).enumerate() {
+                    qs[32 * j + 4 * r..32 * j + 4 * r + 4].copy_from_slice(four);
+                }
+                if wt == WType::Q5_0 {
+                    let qh = u32::from_le_bytes([row[2], row[3], row[4], row[5]]);
+                    for i in 0..4 {
+                        head[16 + 4 * r + i] = fifth_bits_byte(qh, i);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Two-byte scales per row of a GGUF block (`d`, and Q4_1's `m`), and where its nibbles or
+/// bytes start.
+const fn gguf_block_parts(wt: WType) -> (usize, usize) {
+    match wt {
+        WType::Q4_1 => (2, 4),
+        WType::Q5_0 => (1, 6),
+        _ => (1, 2),
+    }
+}
+
+/// Byte i of a row's packed Q5_0 fifth bits: bit k is bit 4k+i of its `qh`.
+fn fifth_bits_byte(qh: u32, i: usize) -> u8 {
+    (0..8).fold(0u8, |acc, k| acc | (((qh >> (4 * k + i)) & 1) as u8) << k)
+}
+
+/// Row `r` of a packed matrix (`packed`, rows of `cols` values) in its GGUF blocks, into
+/// `out` (one row's bytes).
+pub fn unpack_row(wt: WType, cols: usize, packed: &[u8], r: usize, out: &mut [u8]) {
+    let rb = cols / wt.block_len() * wt.block_bytes();
+    let (g, i) = (r / PACK_ROWS, r % PACK_ROWS);
+    let group = &packed[g * PACK_ROWS * rb..(g + 1) * PACK_ROWS * rb];
+    let mut rows = vec![0u8; PACK_ROWS * rb];
+    shuffle_group(wt, rb, group, &mut rows, false);
+    out.copy_from_slice(&rows[i * rb..(i + 1) * rb]);
+}
+
+/// One group of 8 rows (`rb` bytes each) between the GGUF layout and the packed one: packs
+/// `a` (GGUF) into `b` when `pack`, else unpacks `a` (packed) into `b`.
+fn shuffle_group(wt: WType, rb: usize, a: &[u8], b: &mut [u8], pack: bool) {
+    let bb = wt.block_bytes();
+    let hdr = pack_header(wt);
+    let (scales, quants) = gguf_block_parts(wt);
+    for blk in 0..rb / bb {
+        let packed = blk * PACK_ROWS * bb;
+        for r in 0..PACK_ROWS {
+            let plain = r * rb + blk * bb;
+            let mut moves = |p: usize, q: usize, len: usize| {
+                let (p, q) = (plain + p, packed + q);
+                if pack {
+                    b[q..q + len].copy_from_slice(&a[p..p + len]);
+                } else {
+                    b[p..p + len].copy_from_slice(&a[q..q + len]);
+                }
+            };
+            for h in 0..scales {
+                moves(2 * h, 16 * h + 2 * r, 2);
+            }
+            for j in 0..(bb - quants) / 4 {
+                moves(quants + 4 * j, hdr + 32 * j + 4 * r, 4);
+            }
+            if wt == WType::Q5_0 {
+                // Q5_0's fifth bits: bit k of byte 4r+i of the 32 bytes after the scales is
+                // bit 4k+i of row r's `qh`, so that the bits of the values that nibble vector
+                // k (module docs) holds sit at bit k of the bytes they belong to.
+                let bits = packed + 16 + 4 * r;
+                if pack {
+                    let qh = u32::from_le_bytes([
+                        a[plain + 2],
+                        a[plain + 3],
+                        a[plain + 4],
+                        a[plain + 5],
+                    ]);
+                    for i in 0..4 {
+                        b[bits + i] = fifth_bits_byte(qh, i);
+                    }
+                } else {
+                    let mut qh = 0u32;
+                    for i in 0..4 {
+                        for k in 0..8 {
+                            qh |= u32::from((a[bits + i] >> k) & 1) << (4 * k + i);
+                        }
+                    }
+                    b[plain + 2..plain + 6].copy_from_slice(&qh.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// [`dot_rows`] over packed weights: `out[t·n + r]` = row r · `acts[t]` for the `n` rows
+/// (a multiple of 8) packed in `w`.
+pub fn dot_rows_packed(isa: Isa, wt: WType, w: &[u8], acts: &[ActRef<'_>], out: &mut [f32]) {
+    let Some(ActRef::B(first)) = acts.first() else {
+        return;
+    };
+    let blocks = first.len();
+    assert!(
+        acts.iter()
+            .all(|a| matches!(a, ActRef::B(b) if b.len() == blocks)),
+        "activations quantized for another shape or type"
+    );
+    let row_bytes = blocks * wt.block_bytes();
+    let n = out.len() / acts.len();
+    assert!(
+        packable(wt, n) && w.len() >= row_bytes * n && out.len() == n * acts.len(),
+        "packed weight rows or outputs out of range"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if matches!(detect(), Isa::Avx2 | Isa::Avx512Vnni) => {
+            // SAFETY: the guard checked avx2, fma and f16c on this CPU; the type, lengths
+            // and activations were checked above.
+            unsafe { x86::avx2::dot_rows_packed(wt, w, row_bytes, acts, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if detect() == Isa::Avx512Vnni => {
+            // SAFETY: as above, and the guard checked avx512f/bw/vl/vnni.
+            unsafe { x86::vnni::dot_rows_packed(wt, w, row_bytes, acts, out) }
+        }
+        _ => {
+            // The reference: each group unpacked, then the scalar dots.
+            let group = PACK_ROWS * row_bytes;
+            let mut plain = vec![0u8; group];
+            for g in 0..n / PACK_ROWS {
+                shuffle_group(
+                    wt,
+                    row_bytes,
+                    &w[g * group..(g + 1) * group],
+                    &mut plain,
+                    false,
+                );
+                for (t, act) in acts.iter().enumerate() {
+                    for r in 0..PACK_ROWS {
+                        out[t * n + g * PACK_ROWS + r] =
+                            scalar::dot(wt, &plain[r * row_bytes..(r + 1) * row_bytes], *act);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -436,6 +677,12 @@ pub fn matmul_group(
                 w.wt
             )));
         }
+        if w.packed && !packable(w.wt, w.rows) {
+            return Err(ShapeError(format!(
+                "a packed {:?} matrix of {} rows",
+                w.wt, w.rows
+            )));
+        }
         if w.data.len() < w.rows * w.row_bytes() || out.len() != n * w.rows {
             return Err(ShapeError(format!(
                 "{}×{k} {:?} matrix: {} bytes of weights, {} outputs for {n} tokens",
@@ -472,11 +719,11 @@ fn run(ws: &[QMatrix<'_>], acts: &Acts, n: usize, outs: &mut [&mut [f32]]) {
     let isa = isa();
     let total: usize = ws.iter().map(|w| w.rows).sum();
     let threads = rayon::current_num_threads().max(1);
-    // A few chunks per thread for balance, each a multiple of 4 rows.
+    // A few chunks per thread for balance, each whole packed groups.
     let chunk = total
         .div_ceil(threads * 4)
         .max(ROW_CHUNK_MIN)
-        .next_multiple_of(4);
+        .next_multiple_of(PACK_ROWS);
     let chunks: usize = ws.iter().map(|w| w.rows.div_ceil(chunk)).sum();
     let mut ptrs = [std::ptr::null_mut(); GROUP_MAX];
     for (p, o) in ptrs.iter_mut().zip(outs.iter_mut()) {
@@ -494,23 +741,26 @@ fn run(ws: &[QMatrix<'_>], acts: &Acts, n: usize, outs: &mut [&mut [f32]]) {
         let (rows, rb) = (w.rows, w.row_bytes());
         let r0 = c * chunk;
         let r1 = (r0 + chunk).min(rows);
-        let mut tmp = [0f32; 2 * TILE];
+        // Tokens per pass: each unpacked weight vector serves all of them.
+        let step = if w.packed || w.wt.k_quant() { 4 } else { 2 };
+        let mut tmp = [0f32; 4 * TILE];
         let wslice = &w.data[r0 * rb..r1 * rb];
         let mut t = 0;
         while t < n {
-            let pair = (n - t).min(2);
-            let acts = [acts.token(w.wt, t), acts.token(w.wt, t + pair - 1)];
+            let tn = (n - t).min(step);
+            let acts: [ActRef<'_>; 4] =
+                std::array::from_fn(|j| acts.token(w.wt, t + j.min(tn - 1)));
             let mut r = r0;
             while r < r1 {
                 let m = (r1 - r).min(TILE);
-                dot_rows(
-                    isa,
-                    w.wt,
-                    &wslice[(r - r0) * rb..(r - r0 + m) * rb],
-                    &acts[..pair],
-                    &mut tmp[..pair * m],
-                );
-                for j in 0..pair {
+                let tile = &wslice[(r - r0) * rb..(r - r0 + m) * rb];
+                let res = &mut tmp[..tn * m];
+                if w.packed {
+                    dot_rows_packed(isa, w.wt, tile, &acts[..tn], res);
+                } else {
+                    dot_rows(isa, w.wt, tile, &acts[..tn], res);
+                }
+                for j in 0..tn {
                     // SAFETY: t + j < n and r + m <= rows, so the range lies in output i
                     // (n × rows, checked by `matmul_group`); rows r0..r1 of matrix i belong
                     // to this chunk alone, so no two workers write the same element, and
@@ -522,7 +772,7 @@ fn run(ws: &[QMatrix<'_>], acts: &Acts, n: usize, outs: &mut [&mut [f32]]) {
                 }
                 r += m;
             }
-            t += pair;
+            t += tn;
         }
     };
     if threads == 1 || chunks == 1 {

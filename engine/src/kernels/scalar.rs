@@ -22,7 +22,7 @@ fn round_even(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
-/// 32 values → i8 with one scale; `s` = d·Σq for Q4_1's minimum term.
+/// 32 values → i8 with one scale; `s` = d·Σq for Q4_1's minimum term, `sum` = Σq.
 pub(super) fn quantize_q8(x: &[f32], out: &mut Q8Block) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -36,6 +36,7 @@ pub(super) fn quantize_q8(x: &[f32], out: &mut Q8Block) {
     }
     out.d = via_f16(d);
     out.s = via_f16(d * sum as f32);
+    out.sum = sum;
 }
 
 /// 256 values → i8 with one f32 scale and the sums of each 16 (llama.cpp's Q8_K).

@@ -201,6 +201,7 @@ fn threaded_matmul_equals_row_by_row_dots() {
                 rows,
                 cols: k,
                 data: &w,
+                packed: false,
             };
             let mut out = vec![f32::NAN; rows * tokens];
             let pool = rayon::ThreadPoolBuilder::new()
@@ -237,6 +238,7 @@ fn bad_shapes_are_errors_not_panics() {
         rows: 4,
         cols: 32,
         data: &w,
+        packed: false,
     };
     let mut out = vec![0f32; 4];
     assert!(
@@ -294,18 +296,21 @@ fn grouped_matmul_equals_separate_ones_and_refuses_mixed_groups() {
             rows: 9,
             cols: k,
             data: &w1,
+            packed: false,
         },
         QMatrix {
             wt: WType::Q5_0,
             rows: 20,
             cols: k,
             data: &w2,
+            packed: false,
         },
         QMatrix {
             wt: WType::Q8_0,
             rows: 3,
             cols: k,
             data: &w3,
+            packed: false,
         },
     ];
     let x: Vec<f32> = (0..k * 5).map(|_| rng.f32()).collect();
@@ -323,15 +328,139 @@ fn grouped_matmul_equals_separate_ones_and_refuses_mixed_groups() {
             rows: 2,
             cols: 256,
             data: &wk,
+            packed: false,
         },
         QMatrix {
             wt: WType::Q8_0,
             rows: 1,
             cols: 256,
             data: &w3,
+            packed: false,
         },
     ];
     let x = vec![0f32; 256];
     let (mut o1, mut o2) = (vec![0f32; 2], vec![0f32; 1]);
     assert!(matmul_group(&mixed, &x, &mut [&mut o1, &mut o2]).is_err());
+}
+
+const PACKED: [WType; 4] = [WType::Q4_0, WType::Q4_1, WType::Q5_0, WType::Q8_0];
+
+#[test]
+fn packing_round_trips_and_packed_kernels_match_the_scalar_reference() {
+    let mut rng = Rng(0x9ac_4ed0_0dd5);
+    for wt in PACKED {
+        for blocks in [1, 2, 3, 18] {
+            for rows in [8, 16, 24] {
+                let k = blocks * wt.block_len();
+                let w = random_rows(&mut rng, wt, rows, blocks);
+                let packed = repack(wt, rows, k, &w).expect("whole groups of 8 pack");
+                assert_eq!(packed.len(), w.len());
+                assert_ne!(packed, w, "{wt:?}: the layout changed");
+                let rb = blocks * wt.block_bytes();
+                let mut back = vec![0u8; w.len()];
+                for (src, dst) in packed
+                    .chunks(PACK_ROWS * rb)
+                    .zip(back.chunks_mut(PACK_ROWS * rb))
+                {
+                    shuffle_group(wt, rb, src, dst, false);
+                }
+                assert_eq!(back, w, "{wt:?} rows={rows} blocks={blocks}: unpacked");
+                let dense = dequantize(wt, &w, rows, k);
+                // Six tokens: a pass of four and a pass of two.
+                for tokens in [1, 2, 3, 6] {
+                    let x: Vec<f32> = (0..k * tokens).map(|_| rng.f32() * 2.0).collect();
+                    let mut acts = Acts::default();
+                    acts.quantize(wt, &x, k);
+                    let a: Vec<ActRef<'_>> = (0..tokens).map(|t| acts.token(wt, t)).collect();
+                    let mut want = vec![0f32; rows * tokens];
+                    dot_rows(Isa::Scalar, wt, &w, &a, &mut want);
+                    let mut scalar = vec![f32::NAN; rows * tokens];
+                    dot_rows_packed(Isa::Scalar, wt, &packed, &a, &mut scalar);
+                    assert_eq!(scalar, want, "{wt:?}: the packed reference");
+                    for isa in simd_isas() {
+                        let mut got = vec![f32::NAN; rows * tokens];
+                        dot_rows_packed(isa, wt, &packed, &a, &mut got);
+                        for (i, (g, s)) in got.iter().zip(&want).enumerate() {
+                            let (t, r) = (i / rows, i % rows);
+                            let mag: f32 = dense[r * k..(r + 1) * k]
+                                .iter()
+                                .zip(&x[t * k..(t + 1) * k])
+                                .map(|(a, b)| (a * b).abs())
+                                .sum();
+                            assert!(
+                                (g - s).abs() <= 1e-5 * mag.max(1e-3),
+                                "{isa:?} {wt:?} k={k} rows={rows} tokens={tokens} [{t},{r}]: \
+                                 {g} vs scalar {s}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_matmul_on_threads_equals_the_plain_one_and_odd_shapes_do_not_pack() {
+    let mut rng = Rng(0x5eed);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .expect("a pool of 3");
+    for wt in PACKED {
+        for (rows, tokens) in [(8, 1), (136, 7), (520, 2)] {
+            let blocks = 5;
+            let k = blocks * wt.block_len();
+            let w = random_rows(&mut rng, wt, rows, blocks);
+            let packed = repack(wt, rows, k, &w).expect("packs");
+            let x: Vec<f32> = (0..k * tokens).map(|_| rng.f32()).collect();
+            let plain = QMatrix {
+                wt,
+                rows,
+                cols: k,
+                data: &w,
+                packed: false,
+            };
+            let mut want = vec![f32::NAN; rows * tokens];
+            let mut got = vec![f32::NAN; rows * tokens];
+            pool.install(|| {
+                matmul(plain, &x, &mut want).expect("plain");
+                let m = QMatrix {
+                    data: &packed,
+                    packed: true,
+                    ..plain
+                };
+                matmul(m, &x, &mut got).expect("packed");
+            });
+            for (i, (g, p)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - p).abs() <= 1e-4 * (1.0 + p.abs()),
+                    "{wt:?} {rows}×{k}, {tokens} tokens, output {i}: {g} vs {p}"
+                );
+            }
+        }
+    }
+    let w = random_rows(&mut rng, WType::Q4_0, 9, 1);
+    assert!(repack(WType::Q4_0, 9, 32, &w).is_none(), "9 rows");
+    assert!(
+        repack(WType::Q4_0, 8, 32, &w[..8 * 18 - 1]).is_none(),
+        "short"
+    );
+    let q6 = random_rows(&mut rng, WType::Q6K, 8, 1);
+    assert!(
+        repack(WType::Q6K, 8, 256, &q6).is_none(),
+        "Q6_K has no packed kernel"
+    );
+    assert!(!packs(WType::Q6K, 8) && !packs(WType::Q8_0, 12));
+    let bad = QMatrix {
+        wt: WType::Q4_0,
+        rows: 9,
+        cols: 32,
+        data: &w,
+        packed: true,
+    };
+    assert!(
+        matmul(bad, &[0.0; 32], &mut [0.0; 9]).is_err(),
+        "a ragged packed matrix"
+    );
 }

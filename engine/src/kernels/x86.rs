@@ -49,21 +49,42 @@ macro_rules! kernels {
                     WType::Q5_0 => T_Q5_0,
                     WType::Q8_0 => T_Q8_0,
                     WType::Q4K | WType::Q6K => {
-                        for (ti, act) in acts.iter().enumerate() {
-                            let ActRef::K(a) = act else {
-                                unreachable!("K-quants take Q8_K activations")
-                            };
+                        let kb = |i: usize| match acts[i] {
+                            ActRef::K(a) => a,
+                            ActRef::B(_) => unreachable!("K-quants take Q8_K activations"),
+                        };
+                        // Up to four tokens per pass: each unpacked weight vector serves all.
+                        let mut ti = 0;
+                        while ti < acts.len() {
+                            let tn = (acts.len() - ti).min(4);
+                            let a: [&[Q8KBlock]; 4] =
+                                std::array::from_fn(|j| kb(ti + j.min(tn - 1)));
                             for r in 0..n {
+                                let mut o = [0f32; 4];
                                 // SAFETY: row r lies within `w` (the caller's contract).
                                 unsafe {
                                     let q = p.add(r * row_bytes);
-                                    out[ti * n + r] = if wt == WType::Q4K {
-                                        row_q4k(q, a)
+                                    macro_rules! go {
+                                        ($f:ident) => {
+                                            match tn {
+                                                1 => $f::<1>(q, a, &mut o),
+                                                2 => $f::<2>(q, a, &mut o),
+                                                3 => $f::<3>(q, a, &mut o),
+                                                _ => $f::<4>(q, a, &mut o),
+                                            }
+                                        };
+                                    }
+                                    if wt == WType::Q4K {
+                                        go!(row_q4k)
                                     } else {
-                                        row_q6k(q, a)
-                                    };
+                                        go!(row_q6k)
+                                    }
+                                }
+                                for (j, v) in o.iter().enumerate().take(tn) {
+                                    out[(ti + j) * n + r] = *v;
                                 }
                             }
+                            ti += tn;
                         }
                         return;
                     }
@@ -117,6 +138,210 @@ macro_rules! kernels {
                         r += rows;
                     }
                     ti += if pair { 2 } else { 1 };
+                }
+            }
+
+            /// [`dot_rows`] over packed weights (the module docs of `kernels`): groups of 8
+            /// rows, up to four tokens per pass.
+            ///
+            /// # Safety
+            /// The CPU must support `$features`; `wt` must be Q4_0, Q4_1 or Q8_0, `w` must hold
+            /// `n` packed rows (n a multiple of 8) of `row_bytes`, and every activation must be
+            /// Q8 blocks, `row_bytes` / the type's block size of them.
+            #[target_feature(enable = $features)]
+            pub(in crate::kernels) unsafe fn dot_rows_packed(
+                wt: WType,
+                w: &[u8],
+                row_bytes: usize,
+                acts: &[ActRef<'_>],
+                out: &mut [f32],
+            ) {
+                let n = out.len() / acts.len();
+                let blocks = |i: usize| match acts[i] {
+                    ActRef::B(a) => a,
+                    ActRef::K(_) => unreachable!("32-blocks take Q8 activations"),
+                };
+                let nb = row_bytes / wt.block_bytes();
+                let mut ti = 0;
+                while ti < acts.len() {
+                    let tn = (acts.len() - ti).min(4);
+                    let a: [&[Q8Block]; 4] = std::array::from_fn(|j| blocks(ti + j.min(tn - 1)));
+                    for g in 0..n / 8 {
+                        let mut o = [[0f32; 8]; 4];
+                        // SAFETY: group g (8 rows) lies within `w` (the caller's contract); the
+                        // features are enabled in this function.
+                        unsafe {
+                            let q = w.as_ptr().add(g * 8 * row_bytes);
+                            macro_rules! go {
+                                ($ty:expr) => {
+                                    match tn {
+                                        1 => packed8::<1, { $ty }>(q, nb, a, &mut o),
+                                        2 => packed8::<2, { $ty }>(q, nb, a, &mut o),
+                                        3 => packed8::<3, { $ty }>(q, nb, a, &mut o),
+                                        _ => packed8::<4, { $ty }>(q, nb, a, &mut o),
+                                    }
+                                };
+                            }
+                            match wt {
+                                WType::Q4_0 => go!(T_Q4_0),
+                                WType::Q4_1 => go!(T_Q4_1),
+                                WType::Q5_0 => go!(T_Q5_0),
+                                _ => go!(T_Q8_0),
+                            }
+                        }
+                        for (j, o) in o.iter().enumerate().take(tn) {
+                            out[(ti + j) * n + 8 * g..(ti + j) * n + 8 * g + 8].copy_from_slice(o);
+                        }
+                    }
+                    ti += tn;
+                }
+            }
+
+            /// Activation bytes 4j..4j+4 (j < 8) in every i32 lane.
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn bcast4(a: &Q8Block, j: usize) -> __m256i {
+                assert!(j < 8);
+                // SAFETY: bytes 4j..4j+4 lie inside the 32 of `qs`.
+                _mm256_set1_epi32(unsafe {
+                    a.qs.as_ptr().add(4 * j).cast::<i32>().read_unaligned()
+                })
+            }
+
+            /// 0x10 in each byte whose bit k of `h` is set (k < 8): Q5_0's fifth bits of
+            /// nibble vector k. 16-bit shifts are exact here: a byte's bit k reaches bit 4
+            /// of the same byte for every k < 8, and the mask drops what crossed bytes.
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn fifth_bit(h: __m256i, k: usize) -> __m256i {
+                let moved = match k {
+                    0 => _mm256_slli_epi16(h, 4),
+                    1 => _mm256_slli_epi16(h, 3),
+                    2 => _mm256_slli_epi16(h, 2),
+                    3 => _mm256_slli_epi16(h, 1),
+                    4 => h,
+                    5 => _mm256_srli_epi16(h, 1),
+                    6 => _mm256_srli_epi16(h, 2),
+                    _ => _mm256_srli_epi16(h, 3),
+                };
+                _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
+            }
+
+            /// u8 × i8 products of `x` and `y` summed by four into the i32 lanes of `acc`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn dp_add(acc: __m256i, x: __m256i, y: __m256i) -> __m256i {
+                if $vnni {
+                    #[allow(unused_unsafe)]
+                    // SAFETY: only compiled into the copy whose functions enable avx512vnni and
+                    // avx512vl, which `detect` checked before choosing it.
+                    unsafe {
+                        _mm256_dpbusd_epi32(acc, x, y)
+                    }
+                } else {
+                    _mm256_add_epi32(acc, dot_u8(x, y))
+                }
+            }
+
+            /// One packed group of 8 rows of type `TY` (`nb` blocks) · the first `T` tokens of
+            /// `a`, into `out[t]`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn packed8<const T: usize, const TY: u8>(
+                w: *const u8,
+                nb: usize,
+                a: [&[Q8Block]; 4],
+                out: &mut [[f32; 8]; 4],
+            ) {
+                let (bb, hdr) = match TY {
+                    T_Q4_0 => (8 * 18, 16),
+                    T_Q4_1 => (8 * 20, 32),
+                    T_Q5_0 => (8 * 22, 48),
+                    _ => (8 * 34, 16),
+                };
+                let m4 = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..nb {
+                    // SAFETY: block b of the group (`bb` bytes: header, then quants) is inside
+                    // the rows the caller vouched for.
+                    unsafe {
+                        let p = w.add(b * bb);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(p.cast()));
+                        let q = p.add(hdr);
+                        let mut s = [_mm256_setzero_si256(); T];
+                        if TY == T_Q8_0 {
+                            for j in 0..8 {
+                                let c = _mm256_loadu_si256(q.add(32 * j).cast());
+                                if $vnni {
+                                    // Unsigned as w + 128; the 128·Σa comes off below.
+                                    let cu = _mm256_xor_si256(c, _mm256_set1_epi8(-128));
+                                    for t in 0..T {
+                                        s[t] = dp_add(s[t], cu, bcast4(&a[t][b], j));
+                                    }
+                                } else {
+                                    let ac = _mm256_sign_epi8(c, c);
+                                    for t in 0..T {
+                                        let sa = _mm256_sign_epi8(bcast4(&a[t][b], j), c);
+                                        s[t] = dp_add(s[t], ac, sa);
+                                    }
+                                }
+                            }
+                        } else {
+                            // Q5_0's fifth bits (bit k of each byte for nibble vector k).
+                            let h = if TY == T_Q5_0 {
+                                _mm256_loadu_si256(p.add(16).cast())
+                            } else {
+                                _mm256_setzero_si256()
+                            };
+                            for j in 0..4 {
+                                let c = _mm256_loadu_si256(q.add(32 * j).cast());
+                                let mut lo = _mm256_and_si256(c, m4);
+                                let mut hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
+                                if TY == T_Q5_0 {
+                                    lo = _mm256_or_si256(lo, fifth_bit(h, j));
+                                    hi = _mm256_or_si256(hi, fifth_bit(h, 4 + j));
+                                }
+                                for t in 0..T {
+                                    let ab = &a[t][b];
+                                    if $vnni {
+                                        s[t] = dp_add(s[t], lo, bcast4(ab, j));
+                                        s[t] = dp_add(s[t], hi, bcast4(ab, 4 + j));
+                                    } else {
+                                        // Two pairs of 5-bit·i8 products stay below i16's
+                                        // limit (2·2·31·127), so two `maddubs` add as i16.
+                                        let x = _mm256_add_epi16(
+                                            _mm256_maddubs_epi16(lo, bcast4(ab, j)),
+                                            _mm256_maddubs_epi16(hi, bcast4(ab, 4 + j)),
+                                        );
+                                        s[t] = _mm256_add_epi32(
+                                            s[t],
+                                            _mm256_madd_epi16(x, _mm256_set1_epi16(1)),
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                        for t in 0..T {
+                            let ab = &a[t][b];
+                            let off = match TY {
+                                T_Q4_0 => 8 * ab.sum,
+                                T_Q5_0 => 16 * ab.sum,
+                                T_Q8_0 if $vnni => 128 * ab.sum,
+                                _ => 0,
+                            };
+                            let si = _mm256_sub_epi32(s[t], _mm256_set1_epi32(off));
+                            let dd = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                            acc[t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(si), acc[t]);
+                            if TY == T_Q4_1 {
+                                let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast()));
+                                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(ab.s), acc[t]);
+                            }
+                        }
+                    }
+                }
+                for t in 0..T {
+                    // SAFETY: `out[t]` is 8 floats.
+                    unsafe { _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t]) };
                 }
             }
 
@@ -261,65 +486,86 @@ macro_rules! kernels {
                 }
             }
 
+            /// One Q4_K row · the first `T` tokens of `a`, into `out[t]`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn row_q4k(w: *const u8, a: &[Q8KBlock]) -> f32 {
+            unsafe fn row_q4k<const T: usize>(
+                w: *const u8,
+                a: [&[Q8KBlock]; 4],
+                out: &mut [f32; 4],
+            ) {
                 let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc = _mm256_setzero_ps();
-                let mut mins = 0f32;
-                for (b, ab) in a.iter().enumerate() {
+                let mut acc = [_mm256_setzero_ps(); T];
+                let mut mins = [0f32; T];
+                for b in 0..a[0].len() {
                     // SAFETY: block b (144 bytes) of this row is readable (the caller's contract);
                     // activation loads stay inside `qs` (256 bytes).
                     unsafe {
                         let p = w.add(b * 144);
-                        let d = f16_at(p) * ab.d;
-                        let dmin = f16_at(p.add(2)) * ab.d;
+                        let d = f16_at(p);
+                        let dmin = f16_at(p.add(2));
                         let scales = std::slice::from_raw_parts(p.add(4), 12);
-                        let mut acci = _mm256_setzero_si256();
-                        let mut summ = 0i32;
+                        let mut acci = [_mm256_setzero_si256(); T];
+                        let mut summ = [0i32; T];
                         for j in 0..4 {
                             let (sc1, m1) = scale_min_k4(2 * j, scales);
                             let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-                            let bs = &ab.bsums;
-                            summ +=
-                                i32::from(m1) * (i32::from(bs[4 * j]) + i32::from(bs[4 * j + 1]));
-                            summ += i32::from(m2)
-                                * (i32::from(bs[4 * j + 2]) + i32::from(bs[4 * j + 3]));
                             let q = _mm256_loadu_si256(p.add(16 + 32 * j).cast());
                             let lo = _mm256_and_si256(q, m4);
                             let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                            let alo = _mm256_loadu_si256(ab.qs.as_ptr().add(64 * j).cast());
-                            let ahi = _mm256_loadu_si256(ab.qs.as_ptr().add(64 * j + 32).cast());
-                            let plo = _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(lo, alo),
+                            let (s1, s2) = (
                                 _mm256_set1_epi16(i16::from(sc1)),
-                            );
-                            let phi = _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(hi, ahi),
                                 _mm256_set1_epi16(i16::from(sc2)),
                             );
-                            acci = _mm256_add_epi32(acci, _mm256_add_epi32(plo, phi));
+                            for t in 0..T {
+                                let ab = &a[t][b];
+                                let bs = &ab.bsums;
+                                summ[t] += i32::from(m1)
+                                    * (i32::from(bs[4 * j]) + i32::from(bs[4 * j + 1]))
+                                    + i32::from(m2)
+                                        * (i32::from(bs[4 * j + 2]) + i32::from(bs[4 * j + 3]));
+                                let alo = _mm256_loadu_si256(ab.qs.as_ptr().add(64 * j).cast());
+                                let ahi =
+                                    _mm256_loadu_si256(ab.qs.as_ptr().add(64 * j + 32).cast());
+                                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), s1);
+                                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), s2);
+                                acci[t] = _mm256_add_epi32(acci[t], _mm256_add_epi32(plo, phi));
+                            }
                         }
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(acci), acc);
-                        mins += dmin * summ as f32;
+                        for t in 0..T {
+                            let ad = a[t][b].d;
+                            acc[t] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(d * ad),
+                                _mm256_cvtepi32_ps(acci[t]),
+                                acc[t],
+                            );
+                            mins[t] += dmin * ad * summ[t] as f32;
+                        }
                     }
                 }
-                hsum(acc) - mins
+                for t in 0..T {
+                    out[t] = hsum(acc[t]) - mins[t];
+                }
             }
 
+            /// One Q6_K row · the first `T` tokens of `a`, into `out[t]`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn row_q6k(w: *const u8, a: &[Q8KBlock]) -> f32 {
+            unsafe fn row_q6k<const T: usize>(
+                w: *const u8,
+                a: [&[Q8KBlock]; 4],
+                out: &mut [f32; 4],
+            ) {
                 let m4 = _mm256_set1_epi8(0x0F);
-                let mut acc = _mm256_setzero_ps();
-                for (b, ab) in a.iter().enumerate() {
+                let mut acc = [_mm256_setzero_ps(); T];
+                for b in 0..a[0].len() {
                     // SAFETY: block b (210 bytes) of this row is readable (the caller's contract);
                     // activation loads stay inside `qs` (256 bytes).
                     unsafe {
                         let p = w.add(b * 210);
-                        let d = f16_at(p.add(208)) * ab.d;
+                        let d = f16_at(p.add(208));
                         let sc = std::slice::from_raw_parts(p.add(192).cast::<i8>(), 16);
-                        let mut acci = _mm256_setzero_si256();
+                        let mut acci = [_mm256_setzero_si256(); T];
                         for n in 0..2 {
                             let ql0 = _mm256_loadu_si256(p.add(64 * n).cast());
                             let ql1 = _mm256_loadu_si256(p.add(64 * n + 32).cast());
@@ -341,30 +587,42 @@ macro_rules! kernels {
                                 _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(-64)), 2),
                             );
                             for (i, q) in [q1, q2, q3, q4].into_iter().enumerate() {
-                                let av =
-                                    _mm256_loadu_si256(ab.qs.as_ptr().add(128 * n + 32 * i).cast());
                                 let s0 = i16::from(sc[8 * n + 2 * i]);
                                 let s1 = i16::from(sc[8 * n + 2 * i + 1]);
                                 let scv = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                                acci = _mm256_add_epi32(
-                                    acci,
-                                    _mm256_madd_epi16(_mm256_maddubs_epi16(q, av), scv),
-                                );
+                                for t in 0..T {
+                                    let av = _mm256_loadu_si256(
+                                        a[t][b].qs.as_ptr().add(128 * n + 32 * i).cast(),
+                                    );
+                                    acci[t] = _mm256_add_epi32(
+                                        acci[t],
+                                        _mm256_madd_epi16(_mm256_maddubs_epi16(q, av), scv),
+                                    );
+                                }
                             }
                         }
-                        // The −32 offset: Σₛ scₛ·32·bsumₛ.
-                        let mut off = 0i32;
-                        for s in 0..16 {
-                            off += i32::from(sc[s]) * i32::from(ab.bsums[s]);
+                        for t in 0..T {
+                            let ab = &a[t][b];
+                            // The −32 offset: Σₛ scₛ·32·bsumₛ.
+                            let mut off = 0i32;
+                            for s in 0..16 {
+                                off += i32::from(sc[s]) * i32::from(ab.bsums[s]);
+                            }
+                            let total = _mm256_sub_epi32(
+                                acci[t],
+                                _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0),
+                            );
+                            acc[t] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(d * ab.d),
+                                _mm256_cvtepi32_ps(total),
+                                acc[t],
+                            );
                         }
-                        let total = _mm256_sub_epi32(
-                            acci,
-                            _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0),
-                        );
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(total), acc);
                     }
                 }
-                hsum(acc)
+                for t in 0..T {
+                    out[t] = hsum(acc[t]);
+                }
             }
         }
     };
