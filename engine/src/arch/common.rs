@@ -108,7 +108,7 @@ impl Weight {
     /// The kernels' copy of this matrix, where it has one.
     fn owned_data(&self) -> Option<&[u8]> {
         let (c, at) = self.owned.as_ref()?;
-        Some(&c.bytes[*at..*at + self.rows * self.row_bytes()])
+        Some(&c.bytes.bytes()[*at..*at + self.rows * self.row_bytes()])
     }
 
     /// Row `r` decoded into `out` (`cols` values).
@@ -142,7 +142,7 @@ struct Entry {
 /// there maps the whole page-cache folio around it (megabytes, on a recent kernel, of
 /// matrices that are already copied), which would then stay resident beside the copies.
 struct Copies {
-    bytes: memmap2::Mmap,
+    bytes: kernels::SealedBytes,
     /// Tensor name → (offset in `bytes`, packed).
     at: std::collections::HashMap<String, (usize, bool)>,
 }
@@ -179,14 +179,11 @@ impl Copies {
             return Ok(None);
         }
         // Populated in one call (every page is written next; one fault each costs more).
-        let mut out = memmap2::MmapOptions::new()
-            .len(total)
-            .populate()
-            .map_anon()
+        let mut out = kernels::AnonBytes::new(total)
             .map_err(|e| ModelError(format!("allocating {total} bytes for the weights: {e}")))?;
         // Each job's destination, disjoint (jobs are in increasing offset order).
         let mut dsts = Vec::with_capacity(jobs.len());
-        let (mut rest, mut pos): (&mut [u8], usize) = (&mut out[..], 0);
+        let (mut rest, mut pos): (&mut [u8], usize) = (out.bytes_mut(), 0);
         for &(_, off, n, ..) in &jobs {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - pos);
             let (dst, tail) = tail.split_at_mut(n);
@@ -208,13 +205,11 @@ impl Copies {
             })
             .map_err(|e| ModelError(format!("reading the model's weights: {e}")))?;
         // Filled in ordinary pages, then offered to khugepaged, which merges them into huge
-        // pages in the background (fewer TLB misses: decode 6–25% faster once merged, measured
+        // pages in the background (fewer TLB misses: decode 6–33% faster once merged, measured
         // with huge pages taken at fault). Taking them at fault instead made loads 2–3× slower
-        // on the benchmark VM, where zeroing fresh 2 MiB pages dominated the load. Only advice:
-        // where huge pages are off, nothing changes.
-        let _ = out.advise(memmap2::Advice::HugePage);
+        // on the benchmark VM, where zeroing fresh 2 MiB pages dominated the load.
         let bytes = out
-            .make_read_only()
+            .seal()
             .map_err(|e| ModelError(format!("sealing the weights' copy: {e}")))?;
         Ok(Some(Self { bytes, at }))
     }

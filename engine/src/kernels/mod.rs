@@ -40,7 +40,9 @@
 //!
 //! Threads: the matmul splits output rows in chunks over rayon's global pool, whose size the
 //! agent sets from `--threads` (`RAYON_NUM_THREADS`); the activation scratch is a per-thread
-//! buffer reused across calls, so steady-state decoding allocates nothing here.
+//! buffer reused across calls, so steady-state decoding allocates nothing here. Forward
+//! passes run on the pool's workers, so several (two models, two requests) can nest on one
+//! thread: nothing here stays borrowed across a parallel section.
 //! `OUTPOST_KERNELS=scalar` forces the scalar path, `plain` keeps every matrix in its GGUF
 //! layout (both for comparisons).
 
@@ -378,6 +380,40 @@ impl MappedFile {
     }
 }
 
+/// Anonymous memory for a copy of weights: zeroed, populated in one call, written once,
+/// then sealed read-only ([`AnonBytes::seal`]).
+pub struct AnonBytes(memmap2::MmapMut);
+
+impl AnonBytes {
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        memmap2::MmapOptions::new()
+            .len(len)
+            .populate()
+            .map_anon()
+            .map(Self)
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+
+    /// Read-only from here on, offered to khugepaged for huge pages (only advice: where huge
+    /// pages are off, nothing changes).
+    pub fn seal(self) -> std::io::Result<SealedBytes> {
+        let _ = self.0.advise(memmap2::Advice::HugePage);
+        self.0.make_read_only().map(SealedBytes)
+    }
+}
+
+/// [`AnonBytes`] once written.
+pub struct SealedBytes(memmap2::Mmap);
+
+impl SealedBytes {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A weight matrix: `rows` rows of `cols` values, in its GGUF blocks or, where `packed`,
 /// in the interleaved layout [`repack`] makes of them.
 #[derive(Clone, Copy)]
@@ -693,11 +729,14 @@ pub fn matmul_group(
             )));
         }
     }
-    SCRATCH.with(|s| {
-        let mut acts = s.borrow_mut();
-        acts.quantize(first.wt, x, k);
-        run(ws, &acts, n, outs);
-    });
+    // Taken out of the thread's slot, not borrowed in it, for the parallel section: while
+    // this thread waits in it, rayon may run another forward pass's matmul here (a second
+    // model or request on the same pool), which then takes an empty scratch of its own
+    // instead of finding this one borrowed.
+    let mut acts = SCRATCH.with(RefCell::take);
+    acts.quantize(first.wt, x, k);
+    run(ws, &acts, n, outs);
+    SCRATCH.with(|s| s.replace(acts));
     Ok(())
 }
 

@@ -101,6 +101,31 @@ fn simd_isas() -> Vec<Isa> {
     v
 }
 
+/// SIMD outputs `got` (token-major, `rows` per token) against the scalar `want`, within 1e-5
+/// of each output's magnitude Σ|wᵢ·xᵢ| (`dense`: the decoded rows; `x`: the tokens).
+fn assert_near_scalar(
+    label: &str,
+    got: &[f32],
+    want: &[f32],
+    dense: &[f32],
+    x: &[f32],
+    rows: usize,
+) {
+    let k = dense.len() / rows;
+    for (i, (g, s)) in got.iter().zip(want).enumerate() {
+        let (t, r) = (i / rows, i % rows);
+        let mag: f32 = dense[r * k..(r + 1) * k]
+            .iter()
+            .zip(&x[t * k..(t + 1) * k])
+            .map(|(a, b)| (a * b).abs())
+            .sum();
+        assert!(
+            (g - s).abs() <= 1e-5 * mag.max(1e-3),
+            "{label} token {t} row {r}: {g} vs scalar {s}"
+        );
+    }
+}
+
 #[test]
 fn scalar_reference_matches_dequantized_f32_within_activation_error() {
     let mut rng = Rng(0x1234_5678_9abc_def1);
@@ -169,18 +194,8 @@ fn simd_kernels_match_the_scalar_reference_on_odd_sizes() {
                 for &isa in &isas {
                     let mut got = vec![f32::NAN; rows * tokens];
                     dot_rows(isa, wt, &w, &a, &mut got);
-                    for (i, (g, s)) in got.iter().zip(&want).enumerate() {
-                        let (t, r) = (i / rows, i % rows);
-                        let mag: f32 = dense[r * k..(r + 1) * k]
-                            .iter()
-                            .zip(&x[t * k..(t + 1) * k])
-                            .map(|(a, b)| (a * b).abs())
-                            .sum();
-                        assert!(
-                            (g - s).abs() <= 1e-5 * mag.max(1e-3),
-                            "{isa:?} {wt:?} k={k} rows={rows} token {t} row {r}: {g} vs scalar {s}"
-                        );
-                    }
+                    let label = format!("{isa:?} {wt:?} k={k} rows={rows}");
+                    assert_near_scalar(&label, &got, &want, &dense, &x, rows);
                 }
             }
         }
@@ -380,19 +395,8 @@ fn packing_round_trips_and_packed_kernels_match_the_scalar_reference() {
                     for isa in simd_isas() {
                         let mut got = vec![f32::NAN; rows * tokens];
                         dot_rows_packed(isa, wt, &packed, &a, &mut got);
-                        for (i, (g, s)) in got.iter().zip(&want).enumerate() {
-                            let (t, r) = (i / rows, i % rows);
-                            let mag: f32 = dense[r * k..(r + 1) * k]
-                                .iter()
-                                .zip(&x[t * k..(t + 1) * k])
-                                .map(|(a, b)| (a * b).abs())
-                                .sum();
-                            assert!(
-                                (g - s).abs() <= 1e-5 * mag.max(1e-3),
-                                "{isa:?} {wt:?} k={k} rows={rows} tokens={tokens} [{t},{r}]: \
-                                 {g} vs scalar {s}"
-                            );
-                        }
+                        let label = format!("packed {isa:?} {wt:?} k={k} rows={rows}");
+                        assert_near_scalar(&label, &got, &want, &dense, &x, rows);
                     }
                 }
             }
@@ -463,4 +467,42 @@ fn packed_matmul_on_threads_equals_the_plain_one_and_odd_shapes_do_not_pack() {
         matmul(bad, &[0.0; 32], &mut [0.0; 9]).is_err(),
         "a ragged packed matrix"
     );
+}
+
+#[test]
+fn matmuls_of_concurrent_passes_nest_on_one_pool_and_give_the_same_results() {
+    // Forward passes run on the pool's workers; a worker waiting in one matmul's parallel
+    // section may run another pass's matmul on the same thread. That once found the
+    // activation scratch still borrowed ("RefCell already borrowed", seen with two golden
+    // tests in parallel).
+    let mut rng = Rng(0x0e57);
+    let (rows, k) = (2048, 32 * 32);
+    let w = random_rows(&mut rng, WType::Q8_0, rows, 32);
+    let m = QMatrix {
+        wt: WType::Q8_0,
+        rows,
+        cols: k,
+        data: &w,
+        packed: false,
+    };
+    let x: Vec<f32> = (0..k * 3).map(|_| rng.f32()).collect();
+    let mut want = vec![0f32; rows * 3];
+    matmul(m, &x, &mut want).expect("shapes fit");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a pool of 2");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                pool.install(|| {
+                    for _ in 0..50 {
+                        let mut out = vec![0f32; rows * 3];
+                        matmul(m, &x, &mut out).expect("shapes fit");
+                        assert_eq!(out, want);
+                    }
+                })
+            });
+        }
+    });
 }

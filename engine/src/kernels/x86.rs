@@ -28,7 +28,8 @@ macro_rules! kernels {
 
             /// `out[t·n + r]` = row r · token t's activations, for the `n = out.len() / acts.len()`
             /// rows `row_bytes` apart in `w`. Tokens go two at a time through the 32-block kernels (each
-            /// unpacked weight block serves both), rows four at a time (each activation load serves four).
+            /// unpacked weight block serves both) and four at a time through the K-quant ones, rows four at
+            /// a time in the 32-block kernels (each activation load serves four).
             ///
             /// # Safety
             /// The CPU must support `$features`; `w` must hold `n` rows of `row_bytes`, and
@@ -145,7 +146,7 @@ macro_rules! kernels {
             /// rows, up to four tokens per pass.
             ///
             /// # Safety
-            /// The CPU must support `$features`; `wt` must be Q4_0, Q4_1 or Q8_0, `w` must hold
+            /// The CPU must support `$features`; `wt` must be Q4_0, Q4_1, Q5_0 or Q8_0, `w` must hold
             /// `n` packed rows (n a multiple of 8) of `row_bytes`, and every activation must be
             /// Q8 blocks, `row_bytes` / the type's block size of them.
             #[target_feature(enable = $features)]
