@@ -304,10 +304,13 @@ fn a_hub_hung_inside_a_transaction_holds_its_devices_locks_no_longer_than_the_ti
     let key = KeyPair::generate().unwrap();
     hung.enroll(&enrolled("edge-a", &key, &[])).unwrap();
     let id = dev("edge-a");
-    // Hub 1 takes edge-a's lock and then hangs (it sends nothing more).
+    // Hub 1 takes edge-a's lock and then hangs (it sends nothing more). The clock starts
+    // before the lock is asked for: PostgreSQL's idle timer starts when it answers, which a
+    // slow client (qemu-user) read 1 ms later, so a clock started after the answer saw
+    // 9.9992 s of a 10 s timeout.
     let mut tx = hung.begin_ingest().unwrap();
-    tx.lock_devices(&[&id]).unwrap();
     let started = std::time::Instant::now();
+    tx.lock_devices(&[&id]).unwrap();
     // Hub 2 takes the same device: it waits, and gets it once PostgreSQL has ended hub 1's
     // idle transaction (without the timeout it would wait until hub 1 came back).
     let url = db.url().to_string();
