@@ -26,7 +26,7 @@
 //!
 //! Packed weights (x86 only, where they pay): at load, Q4_0, Q4_1, Q5_0 and Q8_0 matrices
 //! whose row count is a multiple of 8 are copied once into groups of 8 interleaved rows
-//! ([`repack`]). Per block of the group: the 8 rows' `d` (16 bytes); Q4_1's 8 `m` (16 bytes)
+//! ([`pack_groups`]). Per block of the group: the 8 rows' `d` (16 bytes); Q4_1's 8 `m` (16 bytes)
 //! or Q5_0's fifth bits (32 bytes); then the quants in 4-byte slices, slice j of rows 0..8
 //! side by side (32 bytes: one vector whose i32 lane r is row r's bytes 4j..4j+4). For the
 //! 4-bit types, vector j's low nibbles are values 4j..4j+4 of each row and its high nibbles
@@ -415,7 +415,7 @@ impl SealedBytes {
 }
 
 /// A weight matrix: `rows` rows of `cols` values, in its GGUF blocks or, where `packed`,
-/// in the interleaved layout [`repack`] makes of them.
+/// in the interleaved layout [`pack_groups`] makes of them.
 #[derive(Clone, Copy)]
 pub struct QMatrix<'a> {
     pub wt: WType,
@@ -434,7 +434,7 @@ impl QMatrix<'_> {
 /// Rows per group of the packed layout.
 pub const PACK_ROWS: usize = 8;
 
-/// Whether matrices of `wt` with `rows` rows are worth [`repack`]ing on this CPU: the types
+/// Whether matrices of `wt` with `rows` rows are worth packing on this CPU: the types
 /// the packed kernels take, on x86 with AVX2 (elsewhere the plain kernels run).
 /// `OUTPOST_KERNELS=plain` packs nothing (for comparisons).
 pub fn packs(wt: WType, rows: usize) -> bool {
@@ -466,7 +466,9 @@ const fn pack_header(wt: WType) -> usize {
 }
 
 /// `data` (`rows` rows of `cols` values in GGUF blocks) in the packed layout (module docs),
-/// the same size; `None` where the type, the row count or the length does not fit.
+/// the same size; `None` where the type, the row count or the length does not fit. (Loading
+/// packs chunk by chunk with [`pack_groups`]; this whole-matrix form is for tests.)
+#[cfg(test)]
 pub fn repack(wt: WType, rows: usize, cols: usize, data: &[u8]) -> Option<Vec<u8>> {
     if !packable(wt, rows) || !cols.is_multiple_of(wt.block_len()) {
         return None;
@@ -496,8 +498,7 @@ pub fn pack_groups(wt: WType, cols: usize, src: &[u8], dst: &mut [u8]) {
         .chunks(PACK_ROWS * rb)
         .zip(dst.chunks_mut(PACK_ROWS * rb))
     {
-        // `shuffle_group`'s moves, written out for speed (this runs over every weight at
-        // load); the round-trip tests hold the two equal.
+        // The inverse of `unpack_group_row`; the round-trip tests hold the two to each other.
         for (blk, out) in dst.chunks_exact_mut(PACK_ROWS * bb).enumerate() {
             let (head, qs) = out.split_at_mut(hdr);
             for r in 0..PACK_ROWS {
@@ -539,63 +540,45 @@ fn fifth_bits_byte(qh: u32, i: usize) -> u8 {
 /// `out` (one row's bytes).
 pub fn unpack_row(wt: WType, cols: usize, packed: &[u8], r: usize, out: &mut [u8]) {
     let rb = cols / wt.block_len() * wt.block_bytes();
-    let (g, i) = (r / PACK_ROWS, r % PACK_ROWS);
+    let g = r / PACK_ROWS;
     let group = &packed[g * PACK_ROWS * rb..(g + 1) * PACK_ROWS * rb];
-    let mut rows = vec![0u8; PACK_ROWS * rb];
-    shuffle_group(wt, rb, group, &mut rows, false);
-    out.copy_from_slice(&rows[i * rb..(i + 1) * rb]);
+    unpack_group_row(wt, group, r % PACK_ROWS, out);
 }
 
-/// One group of 8 rows (`rb` bytes each) between the GGUF layout and the packed one: packs
-/// `a` (GGUF) into `b` when `pack`, else unpacks `a` (packed) into `b`.
-fn shuffle_group(wt: WType, rb: usize, a: &[u8], b: &mut [u8], pack: bool) {
+/// Row `r` (< 8) of a packed group, in its GGUF blocks, into `out` (one row's bytes): the
+/// inverse of [`pack_groups`]' moves.
+fn unpack_group_row(wt: WType, group: &[u8], r: usize, out: &mut [u8]) {
     let bb = wt.block_bytes();
     let hdr = pack_header(wt);
     let (scales, quants) = gguf_block_parts(wt);
-    for blk in 0..rb / bb {
-        let packed = blk * PACK_ROWS * bb;
-        for r in 0..PACK_ROWS {
-            let plain = r * rb + blk * bb;
-            let mut moves = |p: usize, q: usize, len: usize| {
-                let (p, q) = (plain + p, packed + q);
-                if pack {
-                    b[q..q + len].copy_from_slice(&a[p..p + len]);
-                } else {
-                    b[p..p + len].copy_from_slice(&a[q..q + len]);
-                }
-            };
-            for h in 0..scales {
-                moves(2 * h, 16 * h + 2 * r, 2);
-            }
-            for j in 0..(bb - quants) / 4 {
-                moves(quants + 4 * j, hdr + 32 * j + 4 * r, 4);
-            }
-            if wt == WType::Q5_0 {
-                // Q5_0's fifth bits: bit k of byte 4r+i of the 32 bytes after the scales is
-                // bit 4k+i of row r's `qh`, so that the bits of the values that nibble vector
-                // k (module docs) holds sit at bit k of the bytes they belong to.
-                let bits = packed + 16 + 4 * r;
-                if pack {
-                    let qh = u32::from_le_bytes([
-                        a[plain + 2],
-                        a[plain + 3],
-                        a[plain + 4],
-                        a[plain + 5],
-                    ]);
-                    for i in 0..4 {
-                        b[bits + i] = fifth_bits_byte(qh, i);
-                    }
-                } else {
-                    let mut qh = 0u32;
-                    for i in 0..4 {
-                        for k in 0..8 {
-                            qh |= u32::from((a[bits + i] >> k) & 1) << (4 * k + i);
-                        }
-                    }
-                    b[plain + 2..plain + 6].copy_from_slice(&qh.to_le_bytes());
-                }
-            }
+    for (row, packed) in out
+        .chunks_exact_mut(bb)
+        .zip(group.chunks_exact(PACK_ROWS * bb))
+    {
+        for h in 0..scales {
+            row[2 * h..2 * h + 2].copy_from_slice(&packed[16 * h + 2 * r..16 * h + 2 * r + 2]);
         }
+        for (j, four) in row[quants..].chunks_exact_mut(4).enumerate() {
+            four.copy_from_slice(&packed[hdr + 32 * j + 4 * r..hdr + 32 * j + 4 * r + 4]);
+        }
+        if wt == WType::Q5_0 {
+            // Bit k of byte 4r+i of the fifth bits is bit 4k+i of the row's `qh`.
+            let bits = &packed[16 + 4 * r..16 + 4 * r + 4];
+            let mut qh = 0u32;
+            for (i, byte) in bits.iter().enumerate() {
+                for k in 0..8 {
+                    qh |= u32::from((byte >> k) & 1) << (4 * k + i);
+                }
+            }
+            row[2..6].copy_from_slice(&qh.to_le_bytes());
+        }
+    }
+}
+
+/// A packed group of 8 rows (`rb` bytes each) back in its GGUF blocks, into `plain`.
+fn unpack_group(wt: WType, rb: usize, group: &[u8], plain: &mut [u8]) {
+    for (r, row) in plain.chunks_exact_mut(rb).enumerate() {
+        unpack_group_row(wt, group, r, row);
     }
 }
 
@@ -634,13 +617,7 @@ pub fn dot_rows_packed(isa: Isa, wt: WType, w: &[u8], acts: &[ActRef<'_>], out: 
             let group = PACK_ROWS * row_bytes;
             let mut plain = vec![0u8; group];
             for g in 0..n / PACK_ROWS {
-                shuffle_group(
-                    wt,
-                    row_bytes,
-                    &w[g * group..(g + 1) * group],
-                    &mut plain,
-                    false,
-                );
+                unpack_group(wt, row_bytes, &w[g * group..(g + 1) * group], &mut plain);
                 for (t, act) in acts.iter().enumerate() {
                     for r in 0..PACK_ROWS {
                         out[t * n + g * PACK_ROWS + r] =

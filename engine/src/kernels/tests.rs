@@ -377,7 +377,7 @@ fn packing_round_trips_and_packed_kernels_match_the_scalar_reference() {
                     .chunks(PACK_ROWS * rb)
                     .zip(back.chunks_mut(PACK_ROWS * rb))
                 {
-                    shuffle_group(wt, rb, src, dst, false);
+                    unpack_group(wt, rb, src, dst);
                 }
                 assert_eq!(back, w, "{wt:?} rows={rows} blocks={blocks}: unpacked");
                 let dense = dequantize(wt, &w, rows, k);
