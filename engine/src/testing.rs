@@ -155,13 +155,36 @@ impl GgufBuilder {
         self
     }
 
+    pub fn kv_f32_array(&mut self, key: &str, values: &[f32]) -> &mut Self {
+        self.kv_array(
+            key,
+            6,
+            values.len(),
+            values.iter().flat_map(|x| x.to_le_bytes()),
+        )
+    }
+
     pub fn kv_i32_array(&mut self, key: &str, values: &[i32]) -> &mut Self {
+        self.kv_array(
+            key,
+            5,
+            values.len(),
+            values.iter().flat_map(|x| x.to_le_bytes()),
+        )
+    }
+
+    /// An array of `len` elements of GGUF type `elem`, encoded as `bytes`.
+    fn kv_array(
+        &mut self,
+        key: &str,
+        elem: u32,
+        len: usize,
+        bytes: impl Iterator<Item = u8>,
+    ) -> &mut Self {
         let mut v = 9u32.to_le_bytes().to_vec();
-        v.extend_from_slice(&5u32.to_le_bytes());
-        v.extend_from_slice(&(values.len() as u64).to_le_bytes());
-        for x in values {
-            v.extend_from_slice(&x.to_le_bytes());
-        }
+        v.extend_from_slice(&elem.to_le_bytes());
+        v.extend_from_slice(&(len as u64).to_le_bytes());
+        v.extend(bytes);
         self.set_kv(key, v);
         self
     }
@@ -382,12 +405,7 @@ impl GgufBuilder {
 /// GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are moved
 /// to U+0100 and up.
 pub fn byte_level_char(b: u8) -> char {
-    let printable = |x: u8| (b'!'..=b'~').contains(&x) || (0xA1..=0xAC).contains(&x) || x >= 0xAE;
-    if printable(b) {
-        return char::from(b);
-    }
-    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
-    char::from_u32(256 + rank).unwrap_or('?')
+    crate::tokenizer::byte_chars()[b as usize]
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {

@@ -200,3 +200,51 @@ fn gemma3_matches_llama_cpp_beyond_its_sliding_window() {
         "golden-gemma3-270m-q4_k_m-long.json",
     );
 }
+
+/// Our tokenizer against llama.cpp's on `tokenize-*.json` (made by
+/// `tests/golden/make-tokenize.py`): hand-picked texts (whitespace runs, code, a dozen
+/// scripts, emoji sequences, special tokens whole and cut) and seeded random strings, each
+/// with special tokens parsed and not. Every id must be equal.
+fn check_tokenizer(model_file: &str, golden_file: &str) {
+    let (Some(path), Some(g)) = (demo_model(model_file), golden(golden_file)) else {
+        return;
+    };
+    let file = std::fs::File::open(&path).unwrap();
+    let info = outpost_engine::gguf::read_model(&file).unwrap();
+    let tok = outpost_engine::tokenizer::TextTokenizer::from_metadata(&info.metadata).unwrap();
+    let items = g["items"].as_array().unwrap();
+    assert!(
+        items.len() > 100,
+        "{golden_file} holds {} items",
+        items.len()
+    );
+    let mut failures = Vec::new();
+    for (n, item) in items.iter().enumerate() {
+        let text = item["text"].as_str().unwrap();
+        let special = item["special"].as_bool().unwrap();
+        let want = ids(&item["ids"]);
+        let ours = tok.encode(text, special).unwrap();
+        if ours != want {
+            failures.push(format!(
+                "item {n} (special {special}) {text:?}:\n  ours  {ours:?}\n  llama {want:?}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} differ from llama.cpp:\n{}",
+        failures.len(),
+        items.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn smollm2_tokenizes_like_llama_cpp() {
+    check_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf", "tokenize-smollm2.json");
+}
+
+#[test]
+fn gemma3_tokenizes_like_llama_cpp() {
+    check_tokenizer("gemma-3-270m-q4_k_m.gguf", "tokenize-gemma3.json");
+}
