@@ -197,6 +197,21 @@ impl LoadedModel {
     /// in the context window for at least one token. The one place prompts are checked;
     /// [`generate_with`](Self::generate_with) checks again.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        // Text that cannot fit is refused before it is tokenized (which takes memory and time
+        // in proportion to it).
+        let bytes = match prompt {
+            Prompt::Text(text) => text.len(),
+            Prompt::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+            Prompt::Tokens(_) => 0,
+        };
+        let at_least = self.tokenizer.min_tokens(bytes);
+        if at_least >= self.context_length {
+            return Err(EngineError::PromptTooLarge {
+                bytes,
+                at_least,
+                context: self.context_length,
+            });
+        }
         let ids = match prompt {
             Prompt::Text(text) => self.encode_text(text)?,
             Prompt::Chat(messages) => self.encode_chat(messages)?,
@@ -974,6 +989,28 @@ mod tests {
             assert_eq!(g.finish_reason, FinishReason::Stop);
             assert!(!g.text.contains(c), "{:?} {:?}", g.text, c);
         }
+    }
+
+    #[test]
+    fn a_prompt_too_large_for_the_context_is_refused_before_it_is_tokenized() {
+        let (_d, m) = tiny(&LoadOptions::default(), |_| {}).unwrap();
+        // A megabyte of spaces: tokenizing it ran the pre-tokenizer's backtracking out of
+        // stack ("Max stack size exceeded"), an error that named no limit a user could act on.
+        let spaces = " ".repeat(1 << 20);
+        for prompt in [
+            Prompt::Text(spaces.clone()),
+            Prompt::Chat(vec![crate::chat::Message::new("user", &spaces)]),
+        ] {
+            let err = m.prompt_ids(&prompt).unwrap_err();
+            assert!(
+                matches!(err, EngineError::PromptTooLarge { bytes, context, .. }
+                    if bytes == 1 << 20 && context == m.context_length),
+                "{err}"
+            );
+        }
+        // Below the bound, text is tokenized and counted as before.
+        let fits = "a ".repeat(m.context_length / 4);
+        assert!(m.prompt_ids(&Prompt::Text(fits)).is_ok());
     }
 
     #[test]

@@ -80,6 +80,14 @@ pub enum EngineError {
     Registry(#[from] RegistryError),
     #[error("the prompt is {prompt} tokens, but the context window is {context}")]
     ContextOverflow { prompt: usize, context: usize },
+    #[error(
+        "the prompt is {bytes} bytes, which is at least {at_least} tokens, but the context window is {context}"
+    )]
+    PromptTooLarge {
+        bytes: usize,
+        at_least: usize,
+        context: usize,
+    },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]

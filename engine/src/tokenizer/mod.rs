@@ -9,9 +9,14 @@
 //!   pair is a token. A character that is no token becomes its UTF-8 bytes' `<0xXX>` tokens.
 //!
 //! User-defined (type 4) tokens written in the text are always those tokens; control (type 3)
-//! tokens only when `parse_special` is on, as llama.cpp does for prompts. Chat message contents
-//! are encoded with it off, so a user cannot forge a turn. BOS is added by us, per
-//! `add_bos_token`.
+//! and unknown (type 2) tokens only when `parse_special` is on, as llama.cpp does for prompts.
+//! Chat message contents are encoded with it off, so a user cannot forge a turn. BOS is added
+//! by us, per `add_bos_token`.
+//!
+//! One departure from llama.cpp, on purpose: SentencePiece merges only make normal tokens,
+//! and a single character that is a control token's text is not that token (llama.cpp takes
+//! any type), so text without special parsing can never become a control token. Neither demo
+//! vocabulary tells the two apart.
 //!
 //! Our own code rather than the `tokenizers` crate: that one needs its merges as strings, and
 //! for a SentencePiece vocabulary they had to be derived from the scores (Gemma 3: 513k merges,
@@ -32,6 +37,7 @@ use vocab::Vocab;
 
 /// llama.cpp token types.
 const TYPE_NORMAL: u8 = 1;
+const TYPE_UNKNOWN: u8 = 2;
 const TYPE_CONTROL: u8 = 3;
 const TYPE_USER_DEFINED: u8 = 4;
 const TYPE_BYTE: u8 = 6;
@@ -59,6 +65,10 @@ pub enum TokenizerError {
     BadMerge(String),
     #[error("the vocabulary is too large (4 GiB of text or 2^32 tokens)")]
     TooLarge,
+    #[error("the vocabulary's tokens collide in its index beyond chance (a crafted file?)")]
+    Colliding,
+    #[error("a text of {0} bytes is too long to tokenize")]
+    TextTooLong(usize),
     #[error("building the special-token matcher: {0}")]
     Specials(String),
     #[error("the pre-tokenizer's pattern: {source}")]
@@ -303,6 +313,8 @@ pub struct TextTokenizer {
     pub end_ids: HashSet<u32>,
     pub kind: String,
     pub vocab_size: usize,
+    /// Bytes of the longest token's text: no token stands for more bytes of input.
+    longest: usize,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -342,7 +354,7 @@ impl TextTokenizer {
             .string("tokenizer.ggml.model")
             .ok_or(TokenizerError::Missing)?;
         let vocab = Vocab::new(m.strings("tokenizer.ggml.tokens")?.iter())?;
-        // Types beyond llama.cpp's few are no type we know: normal.
+        // A type that is no u8 is no type we know: normal.
         let types: Vec<u8> = m
             .numbers("tokenizer.ggml.token_type")?
             .into_iter()
@@ -406,16 +418,24 @@ impl TextTokenizer {
                         .map(|s| s as f32)
                         .collect(),
                     byte_ids,
-                    unk: m.u32("tokenizer.ggml.unknown_token_id"),
+                    unk: m
+                        .u32("tokenizer.ggml.unknown_token_id")
+                        .filter(|&id| (id as usize) < vocab.len()),
                     add_space_prefix: m.bool("tokenizer.ggml.add_space_prefix").unwrap_or(true),
                 }
             }
             other => return Err(TokenizerError::UnsupportedType(other.into()).into()),
         };
-        let specials = matcher(&vocab, &types, &[TYPE_CONTROL, TYPE_USER_DEFINED])?;
+        let specials = matcher(
+            &vocab,
+            &types,
+            &[TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED],
+        )?;
         let user_defined = matcher(&vocab, &types, &[TYPE_USER_DEFINED])?;
-        let bos = m.u32("tokenizer.ggml.bos_token_id");
-        let eos = m.u32("tokenizer.ggml.eos_token_id");
+        // Ids outside the vocabulary are no tokens (as llama.cpp drops them).
+        let known = |key: &str| m.u32(key).filter(|&id| (id as usize) < vocab.len());
+        let bos = known("tokenizer.ggml.bos_token_id");
+        let eos = known("tokenizer.ggml.eos_token_id");
         let mut end_ids: HashSet<u32> = eos.into_iter().collect();
         for name in [
             "<|im_end|>",
@@ -430,6 +450,7 @@ impl TextTokenizer {
         }
         Ok(Self {
             vocab_size: vocab.len(),
+            longest: vocab.longest().max(1),
             vocab,
             types,
             model,
@@ -452,37 +473,34 @@ impl TextTokenizer {
     /// Token ids of `text`, without BOS. User-defined tokens written in the text are those
     /// tokens; control tokens too with `parse_special`, plain text without.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, EngineError> {
+        // The merge loop's spans are u32 (and a prompt this long cannot fit a context).
+        if text.len() >= (u32::MAX / 2) as usize {
+            return Err(TokenizerError::TextTooLong(text.len()).into());
+        }
         let mut out = Vec::new();
         let matcher = match parse_special {
             true => self.specials.as_ref(),
             false => self.user_defined.as_ref(),
         };
-        // As llama.cpp: a text fragment at the start or after a special token gets the
-        // SentencePiece space prefix.
-        let mut after_special = true;
         let mut done = 0;
         if let Some((ac, ids)) = matcher {
             for found in ac.find_iter(text) {
                 if found.start() > done {
-                    self.encode_fragment(&text[done..found.start()], after_special, &mut out)?;
+                    self.encode_fragment(&text[done..found.start()], &mut out)?;
                 }
                 out.push(ids[found.pattern().as_usize()]);
-                after_special = true;
                 done = found.end();
             }
         }
         if done < text.len() {
-            self.encode_fragment(&text[done..], after_special, &mut out)?;
+            self.encode_fragment(&text[done..], &mut out)?;
         }
         Ok(out)
     }
 
-    fn encode_fragment(
-        &self,
-        text: &str,
-        after_special: bool,
-        out: &mut Vec<u32>,
-    ) -> Result<(), EngineError> {
+    /// Tokens of a fragment of text: the whole text, or a part that starts it or follows a
+    /// special token.
+    fn encode_fragment(&self, text: &str, out: &mut Vec<u32>) -> Result<(), EngineError> {
         match &self.model {
             Model::Bpe {
                 chars,
@@ -541,7 +559,9 @@ impl TextTokenizer {
                 add_space_prefix,
             } => {
                 let mut escaped = String::with_capacity(text.len() + 3);
-                if *add_space_prefix && after_special {
+                // As llama.cpp: a fragment at the start or after a special token gets the
+                // space prefix (every fragment is one of those).
+                if *add_space_prefix {
                     escaped.push_str(SPACE);
                 }
                 for c in text.chars() {
@@ -638,14 +658,16 @@ impl TextTokenizer {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// The fewest tokens `bytes` of text can encode to: no token stands for more input than
+    /// its own text (a byte-level character or `▁` is one input byte; a special token, its
+    /// text), so a prompt can be refused as too long before it is tokenized.
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        bytes.div_ceil(self.longest)
+    }
+
     /// The text of one token as the vocabulary spells it.
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.vocab.token(id).map(str::to_string)
-    }
-
-    /// Heap bytes the vocabulary holds (its text and index).
-    pub fn vocab_bytes(&self) -> usize {
-        self.vocab.heap_bytes()
     }
 }
 
@@ -844,6 +866,9 @@ mod tests {
             Some(&4),
             "user-defined tokens are always themselves"
         );
+        // `<unk>` (type 2) is special like a control token.
+        assert_eq!(t.encode("<unk>", true).unwrap(), [0]);
+        assert!(!t.encode("<unk>", false).unwrap().contains(&0));
         assert_eq!(t.decode(&plain, true).unwrap(), text);
         // Control tokens are left out of decoded text only when asked.
         assert_eq!(t.decode(&parsed, true).unwrap(), "hello<b>");
@@ -851,6 +876,23 @@ mod tests {
             t.decode(&parsed, false).unwrap(),
             "<start_of_turn> hello<b>"
         );
+    }
+
+    #[test]
+    fn ids_outside_the_vocabulary_are_no_tokens() {
+        let mut b = GgufBuilder::new("gemma3");
+        b.kv_str("tokenizer.ggml.model", "llama");
+        b.kv_string_array("tokenizer.ggml.tokens", &["a", "b"]);
+        b.kv_u32("tokenizer.ggml.bos_token_id", 7);
+        b.kv_u32("tokenizer.ggml.eos_token_id", 1_000_000);
+        b.kv_u32("tokenizer.ggml.unknown_token_id", 9);
+        b.kv_bool("tokenizer.ggml.add_space_prefix", false);
+        let t = from_file(&b);
+        assert_eq!((t.bos, t.eos), (None, None));
+        assert_eq!(t.with_bos(vec![0]), [0]);
+        // A character that is no token, without byte tokens or a valid `<unk>`: left out,
+        // never an id the model would refuse.
+        assert_eq!(t.encode("a€b", false).unwrap(), [0, 1]);
     }
 
     #[test]

@@ -6,10 +6,16 @@ use super::TokenizerError;
 
 const EMPTY: u32 = u32::MAX;
 
-/// FNV-1a over the parts as if concatenated, then a final mix so that the low bits the table
-/// indexes with depend on every byte.
-fn hash(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+/// Longest probe an insert may take. At most half full, a probe is a few slots long; a
+/// vocabulary made to collide (the file comes from outside) is refused instead of taking
+/// quadratic time to index.
+const MAX_PROBE: usize = 4096;
+
+/// FNV-1a over the parts as if concatenated, from a per-vocabulary random `seed` (so that
+/// colliding tokens cannot be chosen in advance), then a final mix so that the low bits the
+/// table indexes with depend on every byte.
+fn hash(seed: u64, parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
     for p in parts {
         for &b in *p {
             h ^= u64::from(b);
@@ -39,11 +45,12 @@ pub(super) struct Vocab {
     ends: Vec<u32>,
     /// Token ids by hash; a power of two long, at most half full.
     slots: Vec<u32>,
+    seed: u64,
 }
 
 impl Vocab {
     /// The vocabulary of `tokens`, token `i` being the `i`-th. Where two tokens have the same
-    /// text, the text finds the later one (as in llama.cpp).
+    /// text, the text finds the later one.
     pub fn new<'a>(tokens: impl ExactSizeIterator<Item = &'a str>) -> Result<Self, TokenizerError> {
         let n = tokens.len();
         if n >= EMPTY as usize {
@@ -59,15 +66,27 @@ impl Vocab {
             text,
             ends,
             slots: vec![EMPTY; (n * 2).next_power_of_two().max(16)],
+            seed: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                n,
+            ),
         };
         for id in 0..n as u32 {
-            v.insert(id);
+            v.insert(id)?;
         }
         Ok(v)
     }
 
     pub fn len(&self) -> usize {
         self.ends.len()
+    }
+
+    /// Bytes of the longest token's text.
+    pub fn longest(&self) -> usize {
+        (0..self.len() as u32)
+            .filter_map(|id| self.span(id).map(|(s, e)| e - s))
+            .max()
+            .unwrap_or(0)
     }
 
     fn span(&self, id: u32) -> Option<(usize, usize)> {
@@ -92,24 +111,26 @@ impl Vocab {
             .unwrap_or_default()
     }
 
-    fn insert(&mut self, id: u32) {
+    fn insert(&mut self, id: u32) -> Result<(), TokenizerError> {
         let mask = self.slots.len() - 1;
         let key = self.bytes(id);
-        let mut i = hash(&[key]) as usize & mask;
-        loop {
+        let mut i = hash(self.seed, &[key]) as usize & mask;
+        for _ in 0..MAX_PROBE {
             let there = self.slots[i];
             if there == EMPTY || self.bytes(there) == key {
                 self.slots[i] = id;
-                return;
+                return Ok(());
             }
             i = (i + 1) & mask;
         }
+        Err(TokenizerError::Colliding)
     }
 
     fn find(&self, parts: &[&[u8]]) -> Option<u32> {
         let mask = self.slots.len() - 1;
-        let mut i = hash(parts) as usize & mask;
-        loop {
+        let mut i = hash(self.seed, parts) as usize & mask;
+        // Every token sits within `MAX_PROBE` slots of its hash's (`insert`).
+        for _ in 0..MAX_PROBE {
             let id = self.slots[i];
             if id == EMPTY {
                 return None;
@@ -119,6 +140,7 @@ impl Vocab {
             }
             i = (i + 1) & mask;
         }
+        None
     }
 
     /// The token whose text is `s`.
@@ -129,11 +151,6 @@ impl Vocab {
     /// The token whose text is `a` followed by `b` (without building the string).
     pub fn id2(&self, a: &str, b: &str) -> Option<u32> {
         self.find(&[a.as_bytes(), b.as_bytes()])
-    }
-
-    /// Heap bytes held.
-    pub fn heap_bytes(&self) -> usize {
-        self.text.capacity() + 4 * (self.ends.capacity() + self.slots.capacity())
     }
 }
 

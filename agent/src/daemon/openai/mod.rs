@@ -361,7 +361,9 @@ async fn run(
 
 fn engine_error(e: &EngineError) -> ApiError {
     match e {
-        EngineError::ContextOverflow { .. } | EngineError::EmptyPrompt => ApiError::new(
+        EngineError::ContextOverflow { .. }
+        | EngineError::PromptTooLarge { .. }
+        | EngineError::EmptyPrompt => ApiError::new(
             StatusCode::BAD_REQUEST,
             "context_length_exceeded",
             e.to_string(),
