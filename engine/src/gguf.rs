@@ -213,6 +213,16 @@ impl StrList {
     }
 }
 
+impl<'a> FromIterator<&'a str> for StrList {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(strings: I) -> Self {
+        let mut list = Self::new();
+        for s in strings {
+            list.push(s);
+        }
+        list
+    }
+}
+
 impl MetaValue {
     pub fn as_u64(&self) -> Option<u64> {
         match *self {

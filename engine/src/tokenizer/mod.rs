@@ -63,7 +63,7 @@ pub enum TokenizerError {
     WrongElement { key: String, expected: &'static str },
     #[error("bad merge '{0}'")]
     BadMerge(String),
-    #[error("the vocabulary is too large (4 GiB of text or 2^32 tokens)")]
+    #[error("the vocabulary is too large (2^32 tokens)")]
     TooLarge,
     #[error("the vocabulary's tokens collide in its index beyond chance (a crafted file?)")]
     Colliding,
@@ -353,13 +353,15 @@ impl TextTokenizer {
         let kind = m
             .string("tokenizer.ggml.model")
             .ok_or(TokenizerError::Missing)?;
-        let vocab = Vocab::new(m.strings("tokenizer.ggml.tokens")?.iter())?;
+        let vocab = Vocab::new(m.strings("tokenizer.ggml.tokens")?.clone())?;
         // A type that is no u8 is no type we know: normal.
         let types: Vec<u8> = m
             .numbers("tokenizer.ggml.token_type")?
             .into_iter()
             .map(|t| u8::try_from(t as i64).unwrap_or(TYPE_NORMAL))
             .collect();
+        // Ids outside the vocabulary are no tokens (as llama.cpp drops them).
+        let known = |key: &str| m.u32(key).filter(|&id| (id as usize) < vocab.len());
         let model = match kind.as_str() {
             "gpt2" => {
                 let chars = byte_chars();
@@ -418,9 +420,7 @@ impl TextTokenizer {
                         .map(|s| s as f32)
                         .collect(),
                     byte_ids,
-                    unk: m
-                        .u32("tokenizer.ggml.unknown_token_id")
-                        .filter(|&id| (id as usize) < vocab.len()),
+                    unk: known("tokenizer.ggml.unknown_token_id"),
                     add_space_prefix: m.bool("tokenizer.ggml.add_space_prefix").unwrap_or(true),
                 }
             }
@@ -432,8 +432,6 @@ impl TextTokenizer {
             &[TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED],
         )?;
         let user_defined = matcher(&vocab, &types, &[TYPE_USER_DEFINED])?;
-        // Ids outside the vocabulary are no tokens (as llama.cpp drops them).
-        let known = |key: &str| m.u32(key).filter(|&id| (id as usize) < vocab.len());
         let bos = known("tokenizer.ggml.bos_token_id");
         let eos = known("tokenizer.ggml.eos_token_id");
         let mut end_ids: HashSet<u32> = eos.into_iter().collect();

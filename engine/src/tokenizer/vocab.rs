@@ -1,8 +1,9 @@
-//! The vocabulary: every token's text in one buffer, found by text through an
-//! open-addressing hash table of ids. Gemma 3's 262k tokens take about 6 MiB this way, where
-//! a map of owned strings took several times that and a heap allocation per token.
+//! The vocabulary: every token's text in one buffer (the GGUF reader's [`StrList`]), found by
+//! text through an open-addressing hash table of ids: no heap allocation per token, where a
+//! map of owned strings took one each.
 
 use super::TokenizerError;
+use crate::gguf::StrList;
 
 const EMPTY: u32 = u32::MAX;
 
@@ -40,9 +41,8 @@ fn equals(token: &[u8], parts: &[&[u8]]) -> bool {
 }
 
 pub(super) struct Vocab {
-    text: String,
-    /// `ends[i]`: where token `i` ends in `text` (it starts where token `i - 1` ends).
-    ends: Vec<u32>,
+    /// Token `i`'s text is the `i`-th string.
+    tokens: StrList,
     /// Token ids by hash; a power of two long, at most half full.
     slots: Vec<u32>,
     seed: u64,
@@ -51,20 +51,13 @@ pub(super) struct Vocab {
 impl Vocab {
     /// The vocabulary of `tokens`, token `i` being the `i`-th. Where two tokens have the same
     /// text, the text finds the later one.
-    pub fn new<'a>(tokens: impl ExactSizeIterator<Item = &'a str>) -> Result<Self, TokenizerError> {
+    pub fn new(tokens: StrList) -> Result<Self, TokenizerError> {
         let n = tokens.len();
         if n >= EMPTY as usize {
             return Err(TokenizerError::TooLarge);
         }
-        let mut text = String::new();
-        let mut ends = Vec::with_capacity(n);
-        for t in tokens {
-            text.push_str(t);
-            ends.push(u32::try_from(text.len()).map_err(|_| TokenizerError::TooLarge)?);
-        }
         let mut v = Self {
-            text,
-            ends,
+            tokens,
             slots: vec![EMPTY; (n * 2).next_power_of_two().max(16)],
             seed: std::hash::BuildHasher::hash_one(
                 &std::collections::hash_map::RandomState::new(),
@@ -78,37 +71,21 @@ impl Vocab {
     }
 
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.tokens.len()
     }
 
     /// Bytes of the longest token's text.
     pub fn longest(&self) -> usize {
-        (0..self.len() as u32)
-            .filter_map(|id| self.span(id).map(|(s, e)| e - s))
-            .max()
-            .unwrap_or(0)
-    }
-
-    fn span(&self, id: u32) -> Option<(usize, usize)> {
-        let i = id as usize;
-        let end = *self.ends.get(i)? as usize;
-        let start = match i {
-            0 => 0,
-            _ => self.ends[i - 1] as usize,
-        };
-        Some((start, end))
+        self.tokens.iter().map(str::len).max().unwrap_or(0)
     }
 
     /// The text of token `id`.
     pub fn token(&self, id: u32) -> Option<&str> {
-        let (start, end) = self.span(id)?;
-        self.text.get(start..end)
+        self.tokens.get(id as usize)
     }
 
     fn bytes(&self, id: u32) -> &[u8] {
-        self.span(id)
-            .and_then(|(s, e)| self.text.as_bytes().get(s..e))
-            .unwrap_or_default()
+        self.token(id).map(str::as_bytes).unwrap_or_default()
     }
 
     fn insert(&mut self, id: u32) -> Result<(), TokenizerError> {
@@ -163,7 +140,7 @@ mod tests {
         let words: Vec<String> = (0..5000).map(|i| format!("w{i}")).collect();
         let mut all: Vec<&str> = words.iter().map(String::as_str).collect();
         all.extend(["", "é", "w7"]);
-        let v = Vocab::new(all.iter().copied()).unwrap();
+        let v = Vocab::new(all.iter().copied().collect()).unwrap();
         assert_eq!(v.len(), 5003);
         for (i, w) in words.iter().enumerate() {
             assert_eq!(v.token(i as u32), Some(w.as_str()));
